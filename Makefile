@@ -1,0 +1,40 @@
+# Set-up is automatic: the first target that needs Python creates .venv and installs requirements.txt into it.
+#   make vae                 train the recommended VAE (ARGS="--epochs 3" passes options, DATA_DIR=... the data root)
+#   make test                the test suite (CPU, a few minutes)
+PYTHON   ?= python3
+VENV     := .venv
+PY       := $(VENV)/bin/python
+DATA_DIR ?= data
+ARGS     ?=
+BETAS    ?= 0.5 1 2 4
+RUN      ?= runs/latest-vae
+
+.PHONY: help vae vae-betas analyze-vae dcgan analyze-gan test clean-venv
+
+help:
+	@sed -n '2,4p' Makefile
+
+# The stamp file is rewritten whenever requirements.txt changes, so edits to it reinstall.
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+vae: $(VENV)/.installed
+	$(PY) vae_train.py --data-dir $(DATA_DIR) $(ARGS)
+
+# One run per beta, each in its own folder; analyze them together with `make analyze-vae RUN="runs/*beta*"`.
+vae-betas: $(VENV)/.installed
+	for beta in $(BETAS); do \
+	  $(PY) vae_train.py --data-dir $(DATA_DIR) --beta $$beta --name vae-beta$$beta $(ARGS) || exit $$?; \
+	done
+
+analyze-vae: $(VENV)/.installed
+	$(PY) analyze_vae.py $(RUN) $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest tests -q $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
