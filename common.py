@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_RUNS_ROOT = REPO_ROOT / "runs"
@@ -63,6 +64,9 @@ def run_main(main, argv=None):
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     sys.exit(code or EXIT_OK)
 
 
@@ -289,25 +293,47 @@ class Run:
 
     def __init__(self, run_dir: Path, args, *, script: str, resuming: bool, metric_columns: list[str],
                  device: torch.device):
-        self.dir = Path(run_dir)
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.is_main = self.rank == 0  # under torchrun only rank 0 writes anything
+        self.dir = Path(broadcast_object(str(run_dir)))  # rank 0's choice (a new folder's name holds the time)
         self.args = args
         self.script = script
         self.metric_columns = metric_columns
         self.ckpt_dir = self.dir / "checkpoints"
         self.samples_dir = self.dir / "samples"
         self.metrics_path = self.dir / "metrics.csv"
-        for d in (self.dir, self.ckpt_dir, self.samples_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        self._lock_file = self._lock()
-        self._log_file = open(self.dir / "log.txt", "a", buffering=1)
-        self.clean_stray_temp_files()
-        self._write_config(device, resuming)
-        self._link_latest()
+        self._log_file = None
+
+        def take_folder():
+            for d in (self.dir, self.ckpt_dir, self.samples_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            self._lock_file = self._lock()
+            self._log_file = open(self.dir / "log.txt", "a", buffering=1)
+            self.clean_stray_temp_files()
+            self._write_config(device, resuming)
+            self._link_latest()
+
+        self._on_main(take_folder)
         self.preempted_by: str | None = None
         self._install_signal_handlers()
         self.last_save = time.monotonic()
-        self.log(f"{'resuming' if resuming else 'new'} {script} run in {self.dir} on {device}")
+        ranks = f" ({self.world_size} processes)" if self.world_size > 1 else ""
+        self.log(f"{'resuming' if resuming else 'new'} {script} run in {self.dir} on {device}{ranks}")
         self.log("config: " + json.dumps(vars(args), sort_keys=True))
+
+    def _on_main(self, fn):
+        """Run `fn` on rank 0 only and hand its result to every rank; a UserError there stops every rank (rather
+        than leaving the others waiting for rank 0 forever)."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except UserError as err:
+                error = str(err)
+        result, error = broadcast_object((result, error))
+        if error:
+            raise UserError(error)
+        return result
 
     # -- ownership ------------------------------------------------------------------------------------------------
     def _lock(self):
@@ -361,13 +387,17 @@ class Run:
 
     # -- output ---------------------------------------------------------------------------------------------------
     def log(self, message: str) -> None:
-        """Print a line and append it to log.txt."""
+        """Print a line and append it to log.txt (rank 0 only)."""
+        if not self.is_main:
+            return
         print(message, flush=True)
-        if getattr(self, "_log_file", None):
+        if self._log_file:
             self._log_file.write(message + "\n")
 
     def rewrite_metrics(self, rows: list[dict]) -> None:
         """Make metrics.csv hold exactly `rows` (those of the checkpoint): a resume never repeats an epoch."""
+        if not self.is_main:
+            return
         with atomic_path(self.metrics_path) as tmp:
             with open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=self.metric_columns)
@@ -375,22 +405,49 @@ class Run:
                 writer.writerows(rows)
 
     def append_metrics(self, row: dict) -> None:
+        if not self.is_main:
+            return
         with open(self.metrics_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.metric_columns).writerow(row)
             f.flush()
             os.fsync(f.fileno())
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
+    # Entries of a checkpoint that differ between processes under torchrun: saved once per rank, and each rank
+    # gets its own back on resume. Everything else (weights, optimiser, metrics) is the same on every rank.
+    PER_RANK_KEYS = ("rng", "epoch_sums")
+
     def load_checkpoint(self) -> dict | None:
-        return load_latest_checkpoint(self.dir, log=self.log)
+        """The newest checkpoint that loads, or None for a fresh run. Rank 0 reads it and sends it to the others."""
+        ckpt = self._on_main(lambda: load_latest_checkpoint(self.dir, log=self.log))
+        if ckpt is None:
+            return None
+        saved_world = ckpt.get("world_size", 1)
+        if saved_world != self.world_size:
+            raise UserError(f"the checkpoint in {self.dir} was written by {saved_world} process(es); resume it with "
+                            f"the same number (torchrun --nproc_per_node {saved_world}, or plain python for 1)")
+        if "per_rank" in ckpt:
+            ckpt.update(ckpt.pop("per_rank")[self.rank])
+        return ckpt
 
     def save_checkpoint(self, state: dict) -> Path:
-        """Write `state` as checkpoints/step-<global_step>.pt atomically, then keep only the newest --keep-ckpts."""
+        """Write `state` as checkpoints/step-<global_step>.pt atomically, then keep only the newest --keep-ckpts.
+
+        Under torchrun every rank calls this at the same step: the per-rank entries are gathered, rank 0 writes,
+        and all ranks agree on whether a signal arrived (so they all stop at the same step).
+        """
         path = self.ckpt_dir / f"step-{state['global_step']:010d}.pt"
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-        for old in list_checkpoints(self.dir)[max(1, self.args.keep_ckpts):]:
-            old.unlink()
+        state = {**state, "world_size": self.world_size}
+        if self.world_size > 1:
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, {k: state.pop(k) for k in self.PER_RANK_KEYS if k in state})
+            state["per_rank"] = gathered
+            self._agree_on_preemption()
+        if self.is_main:
+            with atomic_path(path) as tmp:
+                torch.save(state, tmp)
+            for old in list_checkpoints(self.dir)[max(1, self.args.keep_ckpts):]:
+                old.unlink()
         self.last_save = time.monotonic()
         return path
 
@@ -400,15 +457,24 @@ class Run:
         `make_state` builds the checkpoint dict only when one is written, so the common case costs nothing.
         """
         due = time.monotonic() - self.last_save >= self.args.ckpt_every_min * 60
+        if self.world_size > 1:  # every rank must take the same branch: rank 0's clock decides
+            due = bool(broadcast_object(due))
+            self._agree_on_preemption()
         if self.preempted_by or due:
             path = self.save_checkpoint(make_state())
             if self.preempted_by:
                 self.exit_preempted(path)
 
+    def _agree_on_preemption(self) -> None:
+        flag = torch.tensor([1 if self.preempted_by else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not self.preempted_by:
+            self.preempted_by = "a signal to another rank"
+
     def exit_preempted(self, path: Path) -> None:
         self.log(f"stopped by {self.preempted_by}; checkpoint {path.name} written. "
                  f"Re-run the same command (or --resume {self.dir}) to continue.")
-        sys.exit(EXIT_PREEMPTED)
+        sys.exit(EXIT_PREEMPTED)  # run_main leaves the process group
 
     # -- signals --------------------------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> None:
@@ -450,13 +516,71 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# More than one process (torchrun): data parallel, with gradients averaged across ranks after each backward
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL with one GPU per
+    rank on CUDA, gloo on CPU. A plain `python script.py` is one process and joins nothing."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (unchanged with one process)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over ranks, in place (unchanged with one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def average_gradients(*models: torch.nn.Module) -> None:
+    """What DistributedDataParallel does after backward, done by hand: average each gradient over ranks.
+
+    By hand, because the GAN calls D twice per step (real, then fake) and the VAE's loss goes through encode()
+    and decoder() rather than forward(): DDP's hooks expect one forward per backward. Without bucketing this is
+    slower than DDP for large models, but it cannot silently skip a parameter.
+    """
+    if not dist.is_initialized():
+        return
+    world_size = dist.get_world_size()
+    for model in models:
+        for param in model.parameters():
+            if param.grad is not None:
+                dist.all_reduce(param.grad)
+                param.grad.div_(world_size)
+
+
+def shard(batch_indices: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a global batch: every world_size-th index, starting at its rank."""
+    if not dist.is_initialized():
+        return batch_indices
+    return batch_indices[dist.get_rank()::dist.get_world_size()]
+
+
 class Progress:
     """A tqdm bar on a terminal; otherwise (SLURM, nohup, tests) one plain line every `log_every` steps."""
 
     def __init__(self, total: int, initial: int, desc: str, log_every: int, log):
         self.log, self.log_every, self.total, self.desc = log, log_every, total, desc
         self.bar = None
-        if sys.stdout.isatty():
+        if sys.stdout.isatty() and (not dist.is_initialized() or dist.get_rank() == 0):
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
 

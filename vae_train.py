@@ -182,7 +182,7 @@ def export(model: VAE, path) -> None:
 
 def main(argv=None) -> int:
     args, run_dir, resuming = common.resolve_run(build_parser, argv, script="vae")
-    device = common.pick_device(args.device)
+    rank, world_size, device = common.init_distributed(args.device)  # torchrun: one process per GPU
     train_images, _ = common.load_images(args.dataset, args.data_dir, train=True)
     test_images, _ = common.load_images(args.dataset, args.data_dir, train=False)
     if args.train_limit:
@@ -193,6 +193,8 @@ def main(argv=None) -> int:
     common.seed_everything(args.seed)
     model = VAE(args.arch, args.latent_dim, args.likelihood).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    if world_size > 1:
+        common.seed_everything(args.seed + rank)  # same initial weights on every rank, different noise
     n_params = sum(p.numel() for p in model.parameters())
     run.log(f"{args.arch} VAE, {n_params:,} parameters; {len(train_images):,} training images")
 
@@ -231,11 +233,13 @@ def main(argv=None) -> int:
                                    run.log)
         for step in range(start_step, steps_per_epoch):
             beta = kl_weight(args.beta, args.kl_warmup_epochs, epoch + step / steps_per_epoch)
-            x = to_float(train_images[order[step * args.batch_size:(step + 1) * args.batch_size]])
+            batch = order[step * args.batch_size:(step + 1) * args.batch_size]
+            x = to_float(train_images[common.shard(batch)])  # this rank's part of the global batch
             recon_nll, kl = vae_terms(model, x)
             loss = (recon_nll + beta * kl).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            common.average_gradients(model)
             optimizer.step()
             sums += torch.stack([loss * len(x), recon_nll.sum(), kl.sum()]).detach().to(sums.dtype)
             progress.update(step + 1, {"loss": loss.detach(), "kl": kl.detach().mean()})
@@ -243,10 +247,12 @@ def main(argv=None) -> int:
         progress.close()
 
         beta = kl_weight(args.beta, args.kl_warmup_epochs, epoch + 1)
+        common.all_reduce_sum(sums)
         train_loss, train_recon, train_kl = (sums / len(train_images)).tolist()
         row = {"epoch": epoch + 1, "train_loss": train_loss, "train_recon": train_recon, "train_kl": train_kl,
                **evaluate(model, test_images, beta, args.seed), "beta": beta}
-        save_samples(model, shown_test_images, fixed_z, run.samples_dir, epoch + 1)
+        if run.is_main:
+            save_samples(model, shown_test_images, fixed_z, run.samples_dir, epoch + 1)
         row["epoch_time_s"] = time.monotonic() - epoch_start
         metrics.append(row)
         run.append_metrics(row)
@@ -259,7 +265,7 @@ def main(argv=None) -> int:
             run.exit_preempted(path)
 
     model_path = run.dir / "VAE_model.pth"
-    if not model_path.exists() or start_epoch < args.epochs:
+    if run.is_main and (not model_path.exists() or start_epoch < args.epochs):
         export(model, model_path)
         run.log(f"exported {model_path} (torch.jit.load it; model(x)[0] is the reconstruction)")
     return 0

@@ -10,8 +10,6 @@
 # Python runs in the background with `wait`, because bash defers traps while a foreground child runs.
 # shellcheck shell=bash
 
-EXIT_PREEMPTED=75  # common.EXIT_PREEMPTED
-
 newest_checkpoint() {  # name of the newest checkpoint in run folder $1, or nothing (names sort by step)
   local newest="" path
   for path in "$1"/checkpoints/step-*.pt; do
@@ -35,10 +33,20 @@ launch() {
   before=$(newest_checkpoint "$run_dir")
   echo "[launch] job ${job_id} restart ${restarts} run ${run_dir} (checkpoint at start: ${before:-none})"
 
+  # More than one GPU on the node: torchrun starts one process per GPU (single node). torchrun passes SIGTERM on
+  # to its workers but dies of SIGUSR1, so it gets the warning as SIGTERM; the workers checkpoint either way.
+  local nproc=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}
+  local warning_signal=USR1
+  local command=("${PYTHON:-python}" "$script")
+  if [ "$nproc" -gt 1 ]; then
+    command=("${PYTHON:-python}" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$script")
+    warning_signal=TERM
+  fi
+
   local warned=""
-  "${PYTHON:-python}" "$script" --run-dir "$run_dir" "$@" &
+  "${command[@]}" --run-dir "$run_dir" "$@" &
   local pid=$!
-  trap 'warned=USR1; kill -USR1 "$pid" 2>/dev/null' USR1
+  trap 'warned=USR1; kill -s "$warning_signal" "$pid" 2>/dev/null' USR1
   trap 'warned=TERM; kill -TERM "$pid" 2>/dev/null' TERM
   local code=0
   while true; do
@@ -49,7 +57,9 @@ launch() {
   trap - USR1 TERM
   echo "[launch] ${script} exited with ${code}"
 
-  if [ "$code" -eq "$EXIT_PREEMPTED" ] && [ "$warned" = USR1 ]; then
+  # Requeue after the time-limit warning unless the run finished meanwhile (exit 0). A single process exits 75
+  # after its checkpoint; torchrun reports its workers' 75 as a plain failure, so any non-zero code counts here.
+  if [ "$code" -ne 0 ] && [ "$warned" = USR1 ]; then
     local after
     after=$(newest_checkpoint "$run_dir")
     if [ "$after" = "$before" ]; then

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, script_env
 
@@ -130,3 +131,14 @@ def test_array_tasks_get_their_own_run_folders(fake_slurm, mnist_dir):
     betas = [json.loads((runs_root / f"slurm-77_{task}" / "config.json").read_text())["args"]["beta"]
              for task in (0, 1)]
     assert betas == [0.5, 1.0]
+
+
+def test_two_gpu_job_goes_through_torchrun_and_still_checkpoints_and_requeues(fake_slurm, mnist_dir):
+    """With more than one GPU on the node the script runs torchrun (here: 2 CPU processes with gloo)."""
+    env, calls, runs_root = fake_slurm
+    job = start_job("vae.sh", {**env, "NPROC_PER_NODE": "2"}, *vae_options(mnist_dir, runs_root, 200))
+    output = signal_after(job, "epoch 1/200 step 3/")
+    assert "(2 processes)" in output and "stopped by SIGTERM" in output
+    ckpt = torch.load(common.list_checkpoints(runs_root / "slurm-4242")[0], weights_only=True)
+    assert ckpt["world_size"] == 2
+    assert calls.read_text().split() == ["requeue", "4242"]
