@@ -50,7 +50,7 @@ EXIT_PREEMPTED = 75       # stopped by a signal after writing a checkpoint: re-r
 # experiment (model, optimiser, data, seed) and must match the saved config, or the resumed run would silently
 # be a different experiment.
 RESUMABLE_CHANGES = {"epochs", "device", "data_dir", "resume", "run_dir", "runs_root", "name",
-                     "ckpt_every_min", "keep_ckpts", "log_every"}
+                     "ckpt_every_min", "keep_ckpts", "log_every", "mirror_dir"}
 
 
 class UserError(Exception):
@@ -97,6 +97,9 @@ def add_run_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: in
                    help="minutes between mid-epoch checkpoints (one is always written at each epoch end)")
     g.add_argument("--keep-ckpts", type=int, default=2, help="how many recent checkpoints to keep")
     g.add_argument("--log-every", type=int, default=100, help="steps between progress lines when not on a terminal")
+    g.add_argument("--mirror-dir", default=None,
+                   help="copy the run folder here after every checkpoint, verified (e.g. Google Drive on Colab); "
+                        "a run folder missing locally is restored from it first")
 
 
 def _explicit_flags(build_parser, argv) -> set[str]:
@@ -132,6 +135,8 @@ def resolve_run(build_parser, argv, *, script: str):
         resuming = True
     elif args.run_dir:
         run_dir = Path(args.run_dir).resolve()
+        if args.mirror_dir and not list_checkpoints(run_dir) and list_checkpoints(args.mirror_dir):
+            restore_from_mirror(Path(args.mirror_dir), run_dir)
         resuming = bool(list_checkpoints(run_dir))
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -279,6 +284,45 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A mirror of the run folder on a second file system (Google Drive on Colab, whose FUSE mount can drop writes):
+# the run writes to fast local disk, and each checkpoint is copied over and read back before it counts.
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mirror_run(run_dir: Path, mirror: Path, log=print) -> None:
+    """Copy the run folder's files to `mirror` (checkpoints verified by checksum); drop pruned checkpoints there."""
+    run_dir, mirror = Path(run_dir), Path(mirror)
+    for src in sorted(p for p in run_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        dst = mirror / src.relative_to(run_dir)
+        if dst.exists() and (dst.stat().st_size, dst.stat().st_mtime) == (src.stat().st_size, src.stat().st_mtime):
+            continue  # copied before (copy2 keeps the modification time)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(dst) as tmp:
+            shutil.copy2(src, tmp)
+        if src.suffix == ".pt" and _sha256(dst) != _sha256(src):
+            dst.unlink()
+            log(f"warning: the copy of {src.name} in {mirror} does not match; it will be copied again next time")
+    kept = {p.name for p in list_checkpoints(run_dir)}
+    for old in list_checkpoints(mirror):
+        if old.name not in kept:
+            old.unlink()
+
+
+def restore_from_mirror(mirror: Path, run_dir: Path) -> None:
+    """A new machine (a fresh Colab VM): bring the run folder back from the mirror before resuming it."""
+    print(f"restoring {run_dir} from {mirror}", flush=True)
+    shutil.copytree(mirror, run_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -448,8 +492,14 @@ class Run:
                 torch.save(state, tmp)
             for old in list_checkpoints(self.dir)[max(1, self.args.keep_ckpts):]:
                 old.unlink()
+            self.sync_mirror()
         self.last_save = time.monotonic()
         return path
+
+    def sync_mirror(self) -> None:
+        """Bring the --mirror-dir copy up to date (after each checkpoint, and once more after the export)."""
+        if self.is_main and self.args.mirror_dir:
+            mirror_run(self.dir, Path(self.args.mirror_dir), log=self.log)
 
     def step_boundary(self, make_state) -> None:
         """Call between optimiser steps. Saves when a checkpoint is due; after a signal, saves and exits 75.

@@ -268,6 +268,7 @@ def main(argv=None) -> int:
     if run.is_main and (not model_path.exists() or start_epoch < args.epochs):
         export(model, model_path)
         run.log(f"exported {model_path} (torch.jit.load it; model(x)[0] is the reconstruction)")
+        run.sync_mirror()
     return 0
 
 

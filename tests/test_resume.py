@@ -270,3 +270,19 @@ def test_missing_data_offline_is_one_clear_error(tmp_path):
     assert str(empty / "MNIST" / "raw") in error_lines[0] and "train-images-idx3-ubyte" in error_lines[0]
     assert "Traceback" not in proc.stderr
     assert not runs_root.exists() or not any(runs_root.iterdir()), "no run folder may be left behind"
+
+
+def test_mirror_keeps_a_verified_copy_and_restores_a_lost_run_folder(mnist_dir, tmp_path, reference_run):
+    """Colab: the run lives on local disk, mirrored to Drive; a new VM (local folder gone) continues from Drive."""
+    run_dir, mirror = tmp_path / "local" / "run", tmp_path / "drive" / "run"
+    interrupt(mnist_dir, run_dir, "torch.optim.Adam.step", STEPS_PER_EPOCH + 4, "--mirror-dir", mirror)
+    assert [p.name for p in common.list_checkpoints(mirror)] == [p.name for p in common.list_checkpoints(run_dir)]
+    assert (mirror / "metrics.csv").read_text() == (run_dir / "metrics.csv").read_text()
+
+    import shutil
+    shutil.rmtree(run_dir.parent)  # the VM is gone
+    resumed = run_script("vae_train.py", *vae_args(mnist_dir, run_dir, "--mirror-dir", mirror))
+    assert f"restoring {run_dir} from {mirror}" in resumed.stdout and "resuming vae run" in resumed.stdout
+    assert_same_run(run_dir, reference_run)
+    assert len(common.list_checkpoints(mirror)) == 2  # pruned in step with the local folder
+    assert (mirror / "VAE_model.pth").exists()

@@ -142,3 +142,17 @@ def test_two_gpu_job_goes_through_torchrun_and_still_checkpoints_and_requeues(fa
     ckpt = torch.load(common.list_checkpoints(runs_root / "slurm-4242")[0], weights_only=True)
     assert ckpt["world_size"] == 2
     assert calls.read_text().split() == ["requeue", "4242"]
+
+
+def test_colab_notebook_trains_into_a_mirrored_run_folder():
+    """The notebook is valid nbformat 4 and its training cell uses flags the scripts really have."""
+    import json
+    import vae_train
+
+    notebook = json.loads((REPO / "colab.ipynb").read_text())
+    assert notebook["nbformat"] == 4
+    source = "".join("".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code")
+    train_line = next(line for line in source.splitlines() if line.startswith("!python $SCRIPT"))
+    flags = [word for word in train_line.split() if word.startswith("--")]
+    known = {option for action in vae_train.build_parser()._actions for option in action.option_strings}
+    assert {"--run-dir", "--mirror-dir"} <= set(flags) and set(flags) <= known
