@@ -97,6 +97,11 @@ def add_run_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: in
                    help="minutes between mid-epoch checkpoints (one is always written at each epoch end)")
     g.add_argument("--keep-ckpts", type=int, default=2, help="how many recent checkpoints to keep")
     g.add_argument("--log-every", type=int, default=100, help="steps between progress lines when not on a terminal")
+    speed = parser.add_argument_group("speed (GPU)")
+    speed.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                       help="mixed precision for the training steps; auto: bf16 on a CUDA GPU that has it, else off")
+    speed.add_argument("--channels-last", action="store_true", help="NHWC memory layout for the conv layers")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the training step")
     g.add_argument("--mirror-dir", default=None,
                    help="copy the run folder here after every checkpoint, verified (e.g. Google Drive on Colab); "
                         "a run folder missing locally is restored from it first")
@@ -227,24 +232,33 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(ckpt_dir.glob("step-*.pt"), reverse=True)
 
 
-def load_latest_checkpoint(run_dir: Path, log=print) -> dict | None:
-    """Load the newest checkpoint that reads back; warn about (and set aside) each one that does not.
+def load_latest_checkpoint(run_dir: Path, log=print, set_aside: bool = True) -> dict | None:
+    """Load the newest checkpoint that reads back; warn about each one that does not.
 
+    The training script (which owns the folder) sets bad files aside as *.corrupt so they are never tried again;
+    readers such as the analysis scripts pass set_aside=False and leave the folder as it is. A file that vanishes
+    while we look (a live run pruning its old checkpoints) is skipped.
     Returns None when the run has no checkpoint file at all. Raises UserError when there are checkpoint files but
     none loads: starting from scratch there would silently throw away the run.
     """
-    paths = list_checkpoints(run_dir)
+    paths, vanished = list_checkpoints(run_dir), 0
     for path in paths:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            vanished += 1
+            continue
         except Exception as err:  # truncated, empty or garbage: torch raises several kinds
             bad = path.with_name(path.name + ".corrupt")
             log(f"warning: checkpoint {path} does not load ({type(err).__name__}: {str(err)[:120]}); "
-                f"set aside as {bad.name}, trying the one before")
-            os.replace(path, bad)
+                + (f"set aside as {bad.name}, trying the one before" if set_aside else "trying the one before"))
+            if set_aside:
+                os.replace(path, bad)
+    if paths and vanished == len(paths):  # all pruned under our feet: the newer ones are on disk now
+        return load_latest_checkpoint(run_dir, log, set_aside)
     if paths:
-        raise UserError(f"no checkpoint in {Path(run_dir) / 'checkpoints'} loads (all set aside as *.corrupt); "
-                        f"nothing to resume from. Start a new run, or restore a checkpoint from a backup.")
+        raise UserError(f"no checkpoint in {Path(run_dir) / 'checkpoints'} loads; nothing to resume from. "
+                        f"Start a new run, or restore a checkpoint from a backup.")
     return None
 
 
@@ -622,6 +636,33 @@ def shard(batch_indices: torch.Tensor) -> torch.Tensor:
     if not dist.is_initialized():
         return batch_indices
     return batch_indices[dist.get_rank()::dist.get_world_size()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Speed on GPUs: mixed precision and the optimizer. Off, none of these changes a single number on CPU.
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for --amp, or None for full float32."""
+    if amp == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none. A disabled scaler
+    passes everything straight through (scale() returns the loss, step() calls optimizer.step())."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def adam(params, device: torch.device, **kwargs) -> torch.optim.Adam:
+    """Adam, fused into one kernel on CUDA (same maths, fewer launches); the default implementation elsewhere."""
+    return torch.optim.Adam(params, fused=device.type == "cuda", **kwargs)
 
 
 class Progress:

@@ -34,8 +34,10 @@ def denorm(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
+# Losses per image in nats. train_time_s: the epoch's training steps alone (no evaluation, grids or epoch-end
+# checkpoint), for throughput; epoch_time_s: the whole epoch.
 METRIC_COLUMNS = ["epoch", "train_loss", "train_recon", "train_kl", "test_loss", "test_recon", "test_kl", "beta",
-                  "epoch_time_s"]
+                  "train_time_s", "epoch_time_s"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,9 +112,10 @@ def vae_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor | None = None) -> t
     eps is drawn from the global RNG when not given (training); evaluation passes its own fixed noise.
     """
     mu, logvar = model.encode(x)
+    mu, logvar = mu.float(), logvar.float()  # under autocast: sum the terms in float32, not bf16/fp16
     if eps is None:
         eps = torch.randn_like(mu)
-    logits = model.decoder(mu + eps * torch.exp(0.5 * logvar))
+    logits = model.decoder(mu + eps * torch.exp(0.5 * logvar)).float()
     if model.likelihood == "bernoulli":
         recon_nll = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
     else:
@@ -192,7 +195,12 @@ def main(argv=None) -> int:
     run = common.Run(run_dir, args, script="vae", resuming=resuming, metric_columns=METRIC_COLUMNS, device=device)
     common.seed_everything(args.seed)
     model = VAE(args.arch, args.latent_dim, args.likelihood).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = common.adam(model.parameters(), device, lr=args.lr)
+    amp = common.amp_dtype(args.amp, device)
+    scaler = common.grad_scaler(device, amp)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    train_terms = torch.compile(vae_terms) if args.compile else vae_terms
     if world_size > 1:
         common.seed_everything(args.seed + rank)  # same initial weights on every rank, different noise
     n_params = sum(p.numel() for p in model.parameters())
@@ -212,6 +220,7 @@ def main(argv=None) -> int:
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
         start_epoch, start_step, metrics = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["metrics"]
         sums = ckpt["epoch_sums"].to(device=device, dtype=sums.dtype)
         epoch_elapsed = ckpt["epoch_elapsed_s"]
@@ -221,7 +230,8 @@ def main(argv=None) -> int:
 
     def make_state(epoch: int, step: int, elapsed: float) -> dict:
         return {"epoch": epoch, "step_in_epoch": step, "global_step": epoch * steps_per_epoch + step,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "metrics": metrics,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "metrics": metrics,
                 "epoch_sums": sums.cpu(), "epoch_elapsed_s": elapsed, "rng": common.rng_state()}
 
     if start_epoch >= args.epochs:
@@ -235,16 +245,21 @@ def main(argv=None) -> int:
             beta = kl_weight(args.beta, args.kl_warmup_epochs, epoch + step / steps_per_epoch)
             batch = order[step * args.batch_size:(step + 1) * args.batch_size]
             x = to_float(train_images[common.shard(batch)])  # this rank's part of the global batch
-            recon_nll, kl = vae_terms(model, x)
-            loss = (recon_nll + beta * kl).mean()
+            # The noise is drawn outside the (possibly compiled) loss: compiled code has its own random streams.
+            eps = torch.randn((len(x), args.latent_dim), device=device)
+            with common.autocast(device, amp):
+                recon_nll, kl = train_terms(model, x.contiguous(memory_format=memory_format), eps)
+                loss = (recon_nll + beta * kl).mean()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             common.average_gradients(model)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             sums += torch.stack([loss * len(x), recon_nll.sum(), kl.sum()]).detach().to(sums.dtype)
             progress.update(step + 1, {"loss": loss.detach(), "kl": kl.detach().mean()})
             run.step_boundary(lambda: make_state(epoch, step + 1, time.monotonic() - epoch_start))
         progress.close()
+        train_time = time.monotonic() - epoch_start
 
         beta = kl_weight(args.beta, args.kl_warmup_epochs, epoch + 1)
         common.all_reduce_sum(sums)
@@ -253,7 +268,7 @@ def main(argv=None) -> int:
                **evaluate(model, test_images, beta, args.seed), "beta": beta}
         if run.is_main:
             save_samples(model, shown_test_images, fixed_z, run.samples_dir, epoch + 1)
-        row["epoch_time_s"] = time.monotonic() - epoch_start
+        row["train_time_s"], row["epoch_time_s"] = train_time, time.monotonic() - epoch_start
         metrics.append(row)
         run.append_metrics(row)
         run.log(f"epoch {epoch + 1}/{args.epochs}: " + " ".join(f"{k}={v:.4f}" for k, v in row.items()

@@ -152,7 +152,7 @@ def test_kill_and_sigterm_mid_epoch_then_resume_equals_uninterrupted(cifar_dir, 
     run_script("dcgan_train.py", *args, "--run-dir", resumed)
 
     a, b = final_checkpoint(straight), final_checkpoint(resumed)
-    for key in ("generator", "discriminator", "generator_ema", "opt_g", "opt_d", "rng"):
+    for key in ("generator", "discriminator", "generator_ema", "opt_g", "opt_d", "scaler_g", "scaler_d", "rng"):
         assert_same_tensors(a[key], b[key], key)
     drop_time = [{k: v for k, v in row.items() if k != "epoch_time_s"} for row in read_rows(straight / "metrics.csv")]
     assert drop_time == [{k: v for k, v in row.items() if k != "epoch_time_s"}
@@ -189,8 +189,10 @@ def test_refuses_more_than_25m_parameters(cifar_dir, tmp_path):
 
 def test_mnist_is_padded_to_one_channel_32x32(mnist_dir, tmp_path):
     run_dir = tmp_path / "run"
+    # Also the GPU speed paths, which run on CPU too: bf16 autocast (with float32 losses) and channels-last.
     run_script("dcgan_train.py", "--dataset", "mnist", "--data-dir", mnist_dir, "--run-dir", run_dir,
-               "--epochs", 1, "--train-limit", 64, *TINY)
+               "--epochs", 1, "--train-limit", 64, "--amp", "bf16", "--channels-last", *TINY)
+    assert np.isfinite(float(read_rows(run_dir / "metrics.csv")[0]["loss_g"]))
     generator = torch.jit.load(str(run_dir / "DCGAN_model_G.pth"))
     assert generator(torch.randn(5, 100, 1, 1)).shape == (5, 1, 32, 32)
     args = dcgan_train.build_parser().parse_args(["--dataset", "mnist", "--data-dir", str(mnist_dir)])

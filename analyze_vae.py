@@ -1,0 +1,450 @@
+"""Figures and numbers from one or more VAE runs (made by vae_train.py), from metrics.csv and the latest checkpoint.
+
+    python analyze_vae.py runs/latest-vae                        # figures into runs/<run>/figures/
+    python analyze_vae.py runs/*-beta*                            # also a comparison folder, one line per beta
+    python analyze_vae.py RUN --tsne-points 2000 --iw-images 1000 # quicker on a CPU
+    python analyze_vae.py RUN --interp-classes 4 9                # interpolate between the first 4 and the first 9
+
+Into each RUN_DIR/figures/: loss_curves.png, reconstructions.png, samples.png, tsne.png, interpolation.png and
+summary.json (test ELBO and importance-weighted log-likelihood, nats per image). With several runs, also
+<out>/loss_curves.png (the runs overlaid) and <out>/summary.csv. The run folder is only read, never changed, so
+this works on a run still in progress: it shows the state at the newest checkpoint that loads, and the loss curves
+up to the last finished epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure  # no pyplot: Figure.savefig draws PNGs with Agg and sets no global backend
+from sklearn.manifold import TSNE
+from torchvision.utils import make_grid
+
+import common
+from vae_train import VAE, evaluate, to_float
+
+CLASS_NAMES = {
+    "mnist": [str(d) for d in range(10)],
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],
+}
+LOSS_PANELS = [("loss", "total (recon + beta * KL)"), ("recon", "reconstruction NLL"), ("kl", "KL(q(z|x) || p(z))")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders made by vae_train.py")
+    parser.add_argument("--out", default=None,
+                        help="comparison folder when several runs are given (default: compare-vae-<time> beside "
+                             "the first run)")
+    parser.add_argument("--data-dir", default=None, help="data root (default: the one in each run's config.json)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="auto (the default) picks CUDA, then MPS, then CPU")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for prior samples, IW noise and the t-SNE subset (default: %(default)s)")
+    parser.add_argument("--iw-samples", type=int, default=100,
+                        help="K, importance samples per test image (default: %(default)s)")
+    parser.add_argument("--iw-images", type=int, default=0,
+                        help="estimate log p(x) on the first N test images (default 0: all)")
+    parser.add_argument("--iw-batch-size", type=int, default=5000,
+                        help="decoder passes per batch in the IW estimate (default: %(default)s)")
+    parser.add_argument("--tsne-points", type=int, default=10000,
+                        help="test images in the t-SNE, a seeded random subset (default: %(default)s, all of MNIST's)")
+    parser.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (default: %(default)s)")
+    parser.add_argument("--n-recon", type=int, default=16,
+                        help="test images shown with their reconstructions (default: %(default)s)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--interp-indices", type=int, nargs=2, default=None, metavar=("I", "J"),
+                       help="interpolate between test images I and J (default: 0 1)")
+    group.add_argument("--interp-classes", type=int, nargs=2, default=None, metavar=("A", "B"),
+                       help="interpolate between the first test image of class A and the first of class B")
+    parser.add_argument("--interp-steps", type=int, default=10,
+                        help="decoded points on the line, ends included (default: %(default)s)")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a run
+
+
+def read_run(run_dir: str) -> dict:
+    """config.json args, metrics.csv rows and the newest checkpoint of a VAE run; UserError when it is not one."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise common.UserError(f"{run_dir}: no such run folder")
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise common.UserError(f"{run_dir} has no config.json: not a run folder made by vae_train.py")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise common.UserError(f"{config_path} is not valid JSON ({err})") from None
+    if config.get("script") != "vae" or "args" not in config:
+        raise common.UserError(f"{run_dir} is a {config.get('script')!r} run, not a VAE run (vae_train.py)")
+    ckpt = _load_checkpoint(path)
+    if ckpt is None:
+        raise common.UserError(f"{run_dir} has no checkpoint yet (checkpoints/step-*.pt); one is written at the "
+                               f"end of each epoch, so wait for the first epoch to finish")
+    return {"dir": path.resolve(), "args": config["args"], "metrics": read_metrics(path / "metrics.csv"),
+            "ckpt": ckpt}
+
+
+def _load_checkpoint(run_dir: Path) -> dict | None:
+    # Read-only: a reader never renames another process's files (set_aside=False).
+    return common.load_latest_checkpoint(run_dir, log=lambda msg: print(msg, flush=True), set_aside=False)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.csv rows as floats; a row a live run is still appending (no newline yet, or fields missing) is
+    left out."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    rows = []
+    for row in csv.DictReader(lines):
+        try:
+            rows.append({key: float(value) for key, value in row.items()})
+        except (TypeError, ValueError):
+            continue
+    return rows
+
+
+def load_model(run: dict, device: torch.device) -> VAE:
+    args = run["args"]
+    model = VAE(args["arch"], args["latent_dim"], args.get("likelihood", "bernoulli"))
+    model.load_state_dict(run["ckpt"]["model"])
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numbers
+
+
+def log_importance_weights(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """log p(x|z_k) + log p(z_k) - log q(z_k|x), z_k = mu + sigma * eps_k; x [B, 1, 28, 28], eps [K, B, d] -> [K, B].
+
+    The likelihood is the model's own, as in vae_train.vae_terms (Bernoulli: BCE with logits on grey levels;
+    Gaussian: one learned sigma). Constants 0.5 log(2 pi) of p(z) and q(z|x) cancel and are left out.
+    """
+    n_samples, batch = eps.shape[:2]
+    mu, logvar = model.encode(x)
+    z = mu + eps * torch.exp(0.5 * logvar)                                 # [K, B, d]
+    logits = model.decoder(z.flatten(0, 1)).view(n_samples, batch, *x.shape[1:])
+    target = x.expand_as(logits)
+    if model.likelihood == "bernoulli":
+        log_px_z = -torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    else:
+        log_sigma = model.log_sigma
+        log_px_z = -(0.5 * ((target - torch.sigmoid(logits)) / log_sigma.exp()) ** 2 + log_sigma
+                     + 0.5 * math.log(2 * math.pi))
+    log_pz = -0.5 * z.pow(2).sum(-1)
+    log_qz_x = -0.5 * (eps.pow(2) + logvar).sum(-1)
+    return log_px_z.flatten(2).sum(-1) + log_pz - log_qz_x
+
+
+@torch.no_grad()
+def importance_weighted_ll(model: VAE, images: torch.Tensor, n_samples: int, seed: int,
+                           batch_size: int = 5000) -> tuple[float, float]:
+    """Mean over images of the IW estimate of log p(x) (Burda et al., 2016, "Importance Weighted Autoencoders"):
+
+        log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K,   z_k ~ q(z|x),
+
+    a lower bound on log p(x) that tightens as K grows (K = 1: the ELBO). Also returns the mean of the same log
+    weights, an ELBO estimate from the same samples; the first is >= the second for every image (Jensen).
+    Noise comes from a seeded CPU generator, so the numbers depend only on the weights, the flags and the device.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    images_per_batch = max(1, batch_size // n_samples)
+    iw_sum = elbo_sum = 0.0
+    for start in range(0, len(images), images_per_batch):
+        x = to_float(images[start:start + images_per_batch])
+        eps = torch.randn((n_samples, len(x), model.latent_dim), generator=gen).to(x.device)
+        log_w = log_importance_weights(model, x, eps).double()
+        iw_sum += (torch.logsumexp(log_w, 0) - math.log(n_samples)).sum().item()
+        elbo_sum += log_w.mean(0).sum().item()
+    return iw_sum / len(images), elbo_sum / len(images)
+
+
+@torch.no_grad()
+def latent_means(model: VAE, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    return torch.cat([model.encode(to_float(images[i:i + batch_size]))[0].cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def interpolation_pair(labels: torch.Tensor, indices, classes) -> tuple[int, int]:
+    """Test-set indices of the two interpolation ends, from --interp-indices or --interp-classes."""
+    if classes is not None:
+        picks = []
+        for cls in classes:
+            found = [i for i in torch.nonzero(labels == cls).flatten().tolist() if i not in picks]
+            if not found:
+                raise common.UserError(f"--interp-classes {classes[0]} {classes[1]}: "
+                                       f"no (other) test image of class {cls}")
+            picks.append(found[0])
+        return picks[0], picks[1]
+    i, j = indices if indices is not None else (0, 1)
+    for index in (i, j):
+        if not 0 <= index < len(labels):
+            raise common.UserError(f"--interp-indices {i} {j}: {index} is not a test-set index "
+                                   f"(0 .. {len(labels) - 1})")
+    return i, j
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    with common.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def image_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
+    """[N, 1, H, W] in [0, 1] -> an H x W array for imshow, white lines between images."""
+    return make_grid(images.cpu(), nrow=nrow, padding=2, pad_value=1.0)[0].numpy()
+
+
+def plot_loss_curves(runs: list[dict], labels: list[str], title: str) -> Figure:
+    """Six panels (rows: train, test; columns: total, reconstruction, KL), one line per run."""
+    fig = Figure(figsize=(13, 7), layout="constrained")
+    axes = fig.subplots(2, 3, sharex=True, sharey="col")
+    for run, label in zip(runs, labels):
+        epochs = [row["epoch"] for row in run["metrics"]]
+        for row_index, split in enumerate(("train", "test")):
+            for col, (key, name) in enumerate(LOSS_PANELS):
+                values = [row[f"{split}_{key}"] for row in run["metrics"]]
+                axes[row_index, col].plot(epochs, values, marker="o", markersize=3, label=label)
+    for row_index, split in enumerate(("train", "test")):
+        for col, (_, name) in enumerate(LOSS_PANELS):
+            ax = axes[row_index, col]
+            ax.set_title(f"{split}: {name}")
+            ax.set_ylabel("nats per image")
+            ax.grid(alpha=0.3)
+            if row_index == 1:
+                ax.set_xlabel("epoch")
+    axes[0, 0].xaxis.get_major_locator().set_params(integer=True)
+    if len(runs) > 1:
+        axes[0, 0].legend(fontsize=9)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_reconstructions(x: torch.Tensor, recon: torch.Tensor, epoch: int, per_row: int = 8) -> Figure:
+    """Rows of test images, each followed by a row of their reconstructions."""
+    n_pairs = math.ceil(len(x) / per_row)
+    fig = Figure(figsize=(per_row * 0.9 + 1.5, n_pairs * 2 * 0.95 + 0.6), layout="constrained")
+    axes = fig.subplots(2 * n_pairs, 1, squeeze=False)[:, 0]
+    for pair in range(n_pairs):
+        chunk = slice(pair * per_row, (pair + 1) * per_row)
+        for offset, (images, name) in enumerate(((x[chunk], "test\nimages"), (recon[chunk], "recon-\nstructions"))):
+            ax = axes[2 * pair + offset]
+            ax.imshow(image_grid(images, per_row), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=10)
+    fig.suptitle(f"Test images and their reconstructions (decoder mean at z = mu), epoch {epoch}")
+    return fig
+
+
+def plot_samples(samples: torch.Tensor, epoch: int) -> Figure:
+    fig = Figure(figsize=(7, 7.4), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(image_grid(samples, 8), cmap="gray", vmin=0, vmax=1)
+    ax.axis("off")
+    ax.set_title(f"{len(samples)} samples from the prior z ~ N(0, I) (decoder mean), epoch {epoch}")
+    return fig
+
+
+def plot_tsne(points: np.ndarray, labels: np.ndarray, class_names: list[str], legend_title: str,
+              perplexity: float, latent_dim: int, epoch: int) -> Figure:
+    fig = Figure(figsize=(8.5, 7.5), layout="constrained")
+    ax = fig.subplots()
+    size = 3 if len(points) > 2000 else 12
+    for cls, name in enumerate(class_names):
+        chosen = labels == cls
+        ax.scatter(points[chosen, 0], points[chosen, 1], s=size, alpha=0.7, color=f"C{cls}", label=name,
+                   linewidths=0)
+    ax.legend(title=legend_title, markerscale=8 / size ** 0.5, loc="center left",
+              bbox_to_anchor=(1.0, 0.5), frameon=False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"t-SNE of the {latent_dim}-d latent means of {len(points):,} test images "
+                 f"(perplexity {perplexity:g}), epoch {epoch}")
+    return fig
+
+
+def plot_interpolation(strip: torch.Tensor, ends: tuple[int, int], end_names: tuple[str, str],
+                       ts: torch.Tensor) -> Figure:
+    """strip: [steps + 2, 1, H, W] = test image I, decoded points t = 0 .. 1, test image J."""
+    fig = Figure(figsize=(1.1 * len(strip), 1.9), layout="constrained")
+    axes = fig.subplots(1, len(strip))
+    titles = [f"test #{ends[0]}"] + [f"t={t:.2f}" for t in ts.tolist()] + [f"test #{ends[1]}"]
+    for ax, image, title in zip(axes, strip, titles):
+        ax.imshow(image[0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(title, fontsize=9)
+    for ax in (axes[0], axes[-1]):
+        for spine in ax.spines.values():
+            spine.set_color("tab:red")
+            spine.set_linewidth(2)
+    fig.suptitle(f"Linear interpolation in z between the latent means of test #{ends[0]} ({end_names[0]}) and "
+                 f"test #{ends[1]} ({end_names[1]}); red: the inputs", fontsize=10)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One run, and the comparison of several
+
+
+def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict:
+    """Write RUN_DIR/figures/* and return the summary (also written as figures/summary.json)."""
+    run_args, ckpt = run["args"], run["ckpt"]
+    figures = run["dir"] / "figures"
+    figures.mkdir(exist_ok=True)
+    epoch = ckpt["epoch"]
+    model = load_model(run, device)
+    data_key = (run_args.get("dataset", "mnist"), args.data_dir or run_args["data_dir"])
+    if data_key not in data_cache:
+        data_cache[data_key] = common.load_images(data_key[0], data_key[1], train=False)
+    images, labels = data_cache[data_key]
+    images = images.to(device)
+    class_names = CLASS_NAMES[data_key[0]]
+    legend_title = "digit" if data_key[0] == "mnist" else "class"
+    seconds = {}
+    print(f"{run['dir']}: {run_args['arch']} VAE, latent {run_args['latent_dim']}, beta {run_args['beta']}, "
+          f"checkpoint at epoch {epoch} (+{ckpt.get('step_in_epoch', 0)} steps)", flush=True)
+
+    if run["metrics"]:
+        save_figure(plot_loss_curves([run], [run["dir"].name], f"{run['dir'].name}: losses per epoch "
+                                     f"(beta {run_args['beta']:g})"), figures / "loss_curves.png")
+    else:
+        print("  no finished epoch in metrics.csv yet: loss_curves.png not written", flush=True)
+
+    with torch.no_grad():
+        x = to_float(images[:args.n_recon])
+        save_figure(plot_reconstructions(x, model(x)[0], epoch), figures / "reconstructions.png")
+        z = torch.randn((64, model.latent_dim), generator=torch.Generator().manual_seed(args.seed)).to(device)
+        save_figure(plot_samples(torch.sigmoid(model.decoder(z)), epoch), figures / "samples.png")
+
+        i, j = interpolation_pair(labels, args.interp_indices, args.interp_classes)
+        mu_ends = model.encode(to_float(images[[i, j]]))[0]
+        ts = torch.linspace(0, 1, args.interp_steps, device=device)
+        z_line = (1 - ts[:, None]) * mu_ends[0] + ts[:, None] * mu_ends[1]  # [steps, d]
+        strip = torch.cat([to_float(images[[i]]), torch.sigmoid(model.decoder(z_line)), to_float(images[[j]])])
+        names = tuple(f"{legend_title} {class_names[int(labels[index])]}" for index in (i, j))
+        save_figure(plot_interpolation(strip, (i, j), names, ts), figures / "interpolation.png")
+
+    started = time.monotonic()
+    n_points = min(args.tsne_points, len(images))
+    if args.perplexity >= n_points:
+        raise common.UserError(f"--perplexity {args.perplexity:g} must be below the number of t-SNE points "
+                               f"({n_points}); lower it or raise --tsne-points")
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:n_points]
+    means = latent_means(model, images[chosen.to(device)]).numpy()
+    points = TSNE(n_components=2, perplexity=args.perplexity, init="pca", learning_rate="auto",
+                  random_state=args.seed).fit_transform(means)
+    save_figure(plot_tsne(points, labels[chosen].numpy(), class_names, legend_title, args.perplexity,
+                          model.latent_dim, epoch), figures / "tsne.png")
+    seconds["tsne"] = time.monotonic() - started
+
+    # The true bound (beta = 1), with the noise the training script's evaluation uses: at an epoch-end checkpoint
+    # it equals -(test_recon + test_kl) of that epoch's metrics.csv row.
+    started = time.monotonic()
+    elbo_terms = evaluate(model, images, beta=1.0, seed=run_args["seed"])
+    model.eval()  # evaluate() leaves the model in training mode
+    seconds["elbo"] = time.monotonic() - started
+    started = time.monotonic()
+    iw_images = images[:args.iw_images] if args.iw_images else images
+    iw_ll, iw_elbo = importance_weighted_ll(model, iw_images, args.iw_samples, args.seed, args.iw_batch_size)
+    seconds["iw"] = time.monotonic() - started
+
+    summary = {
+        "run_dir": str(run["dir"]), "arch": run_args["arch"], "latent_dim": run_args["latent_dim"],
+        "beta": run_args["beta"], "likelihood": run_args.get("likelihood", "bernoulli"),
+        "dataset": data_key[0], "epoch": epoch, "step_in_epoch": ckpt.get("step_in_epoch", 0),
+        "test_images": len(images),
+        "test_elbo": -elbo_terms["test_loss"],
+        "test_recon": elbo_terms["test_recon"], "test_kl": elbo_terms["test_kl"],
+        "iw_log_likelihood": iw_ll, "iw_elbo": iw_elbo, "iw_samples": args.iw_samples,
+        "iw_images": len(iw_images), "tsne_points": n_points, "seed": args.seed, "device": str(device),
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+    }
+    common.atomic_write_text(figures / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(f"  test ELBO {summary['test_elbo']:.2f} nats/image (recon {summary['test_recon']:.2f}, "
+          f"KL {summary['test_kl']:.2f}); IW log-likelihood (K={args.iw_samples}, {len(iw_images)} images) "
+          f"{iw_ll:.2f} nats/image", flush=True)
+    print(f"  figures in {figures} (t-SNE {seconds['tsne']:.1f} s, IW {seconds['iw']:.1f} s)", flush=True)
+    return summary
+
+
+def run_labels(runs: list[dict]) -> list[str]:
+    """'beta=4', with the arch (and latent size) when the runs differ in it, and the folder name if still tied."""
+    def differs(key):
+        return len({str(run["args"].get(key)) for run in runs}) > 1
+
+    labels = []
+    for run in runs:
+        label = f"beta={run['args']['beta']:g}"
+        if differs("arch"):
+            label = f"{run['args']['arch']}, {label}"
+        if differs("latent_dim"):
+            label += f", d={run['args']['latent_dim']}"
+        labels.append(label)
+    if len(set(labels)) < len(labels):
+        labels = [f"{label} ({run['dir'].name})" for label, run in zip(labels, runs)]
+    return labels
+
+
+SUMMARY_COLUMNS = ["label", "arch", "latent_dim", "beta", "epoch", "test_elbo", "test_recon", "test_kl",
+                   "iw_log_likelihood", "iw_samples", "run_dir"]
+
+
+def write_comparison(runs: list[dict], summaries: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    labels = run_labels(runs)
+    save_figure(plot_loss_curves(runs, labels, f"Losses per epoch of {len(runs)} VAE runs"), out / "loss_curves.png")
+    rows = [{"label": label, **{key: summary[key] for key in SUMMARY_COLUMNS[1:]}}
+            for label, summary in zip(labels, summaries)]
+    with common.atomic_path(out / "summary.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    common.atomic_write_text(out / "summary.json", json.dumps(rows, indent=2) + "\n")
+    width = max(len(label) for label in labels)
+    print(f"\n{'run':<{width}}  epoch  test ELBO  IW log p(x)   (nats per image)")
+    for row in rows:
+        print(f"{row['label']:<{width}}  {row['epoch']:>5}  {row['test_elbo']:>9.2f}  "
+              f"{row['iw_log_likelihood']:>11.2f}")
+    print(f"comparison in {out}", flush=True)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.iw_samples < 1 or args.tsne_points < 2 or args.interp_steps < 2 or args.n_recon < 1:
+        raise common.UserError("--iw-samples and --n-recon must be at least 1, "
+                               "--tsne-points and --interp-steps at least 2")
+    device = common.pick_device(args.device)
+    runs = [read_run(run_dir) for run_dir in args.run_dirs]  # every folder checked before any slow work
+    print("analyze_vae: " + json.dumps({k: v for k, v in vars(args).items() if k != "run_dirs"}), flush=True)
+    data_cache = {}
+    summaries = [analyze_run(run, args, device, data_cache) for run in runs]
+    if len(runs) > 1:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path(args.out) if args.out else runs[0]["dir"].parent / f"compare-vae-{stamp}"
+        write_comparison(runs, summaries, out)
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_main(main)
