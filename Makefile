@@ -1,13 +1,13 @@
 # Set-up is automatic: the first target that needs Python creates .venv and installs requirements.txt into it.
 #   make vae                 train the recommended VAE (ARGS="--epochs 3" passes options, DATA_DIR=... the data root)
 #   make test                the test suite (CPU, a few minutes)
+#   make dcgan, make vae-betas, make analyze-vae RUN=..., make analyze-gan RUN=...   (see README.md)
 PYTHON   ?= python3
 VENV     := .venv
 PY       := $(VENV)/bin/python
 DATA_DIR ?= data
 ARGS     ?=
 BETAS    ?= 0.5 1 2 4
-RUN      ?= runs/latest-vae
 
 .PHONY: help vae vae-betas analyze-vae dcgan analyze-gan test clean-venv
 
@@ -30,8 +30,16 @@ vae-betas: $(VENV)/.installed
 	  $(PY) vae_train.py --data-dir $(DATA_DIR) --beta $$beta --name vae-beta$$beta $(ARGS) || exit $$?; \
 	done
 
+analyze-vae: RUN ?= runs/latest-vae
 analyze-vae: $(VENV)/.installed
 	$(PY) analyze_vae.py $(RUN) $(ARGS)
+
+dcgan: $(VENV)/.installed
+	$(PY) dcgan_train.py --data-dir $(DATA_DIR) $(ARGS)
+
+analyze-gan: RUN ?= runs/latest-dcgan
+analyze-gan: $(VENV)/.installed
+	$(PY) analyze_gan.py $(RUN) $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests -q $(ARGS)

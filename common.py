@@ -473,7 +473,7 @@ class Run:
     # -- checkpoints ----------------------------------------------------------------------------------------------
     # Entries of a checkpoint that differ between processes under torchrun: saved once per rank, and each rank
     # gets its own back on resume. Everything else (weights, optimiser, metrics) is the same on every rank.
-    PER_RANK_KEYS = ("rng", "epoch_sums")
+    PER_RANK_KEYS = ("rng", "epoch_sums", "window_sums")
 
     def load_checkpoint(self) -> dict | None:
         """The newest checkpoint that loads, or None for a fresh run. Rank 0 reads it and sends it to the others."""
@@ -530,9 +530,7 @@ class Run:
                 self.exit_preempted(path)
 
     def _agree_on_preemption(self) -> None:
-        flag = torch.tensor([1 if self.preempted_by else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not self.preempted_by:
+        if any_rank(bool(self.preempted_by)) and not self.preempted_by:
             self.preempted_by = "a signal to another rank"
 
     def exit_preempted(self, path: Path) -> None:
@@ -612,6 +610,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (a plain bool with one process)."""
+    if not dist.is_initialized():
+        return bool(flag)
+    on_gpu = dist.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+    tensor = torch.tensor([1 if flag else 0], device=torch.cuda.current_device() if on_gpu else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 def average_gradients(*models: torch.nn.Module) -> None:

@@ -16,7 +16,6 @@ import argparse
 import copy
 import csv
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -38,7 +37,9 @@ def denorm(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(-1, 1) + 1) / 2
 
 
-METRIC_COLUMNS = ["epoch", "loss_d", "loss_g", "d_real", "d_fake", "fid", "inception_score", "epoch_time_s"]
+# train_time_s: the epoch's training steps alone (no sample grid, FID or epoch-end checkpoint), for throughput.
+METRIC_COLUMNS = ["epoch", "loss_d", "loss_g", "d_real", "d_fake", "fid", "inception_score", "train_time_s",
+                  "epoch_time_s"]
 STEP_COLUMNS = ["global_step", "epoch", "loss_d", "loss_g", "d_real", "d_fake", "noise_sigma"]
 MAX_PARAMS = 25_000_000
 GRAY_DATASETS = ("mnist", "fashion-mnist")
@@ -424,16 +425,15 @@ def main(argv=None) -> int:
         raise common.UserError(f"G plus D would have {n_params:,} parameters, above the {MAX_PARAMS:,} limit; "
                                f"lower --ngf / --ndf (or --image-size)")
     inception_path = find_inception_weights(args.inception_weights)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise common.UserError("dcgan_train.py trains on one device; start it with python, not torchrun "
-                               "(data parallel is implemented for vae_train.py only)")
-    device = common.pick_device(args.device)
+    rank, world_size, device = common.init_distributed(args.device)  # torchrun: one process per GPU
     train_images = load_training_images(args).to(device)
     channels = train_images.shape[1]
 
     run = common.Run(run_dir, args, script="dcgan", resuming=resuming, metric_columns=METRIC_COLUMNS, device=device)
     common.seed_everything(args.seed)
     generator, discriminator = (m.to(device) for m in build_models(args, channels))
+    if world_size > 1:
+        common.seed_everything(args.seed + rank)  # same initial weights on every rank, different noise
     generator_ema = copy.deepcopy(generator).requires_grad_(False) if args.ema > 0 else None
     opt_g = common.adam(generator.parameters(), device, lr=args.lr_g, betas=(args.beta1, 0.999))
     opt_d = common.adam(discriminator.parameters(), device, lr=args.lr_d, betas=(args.beta1, 0.999))
@@ -451,7 +451,9 @@ def main(argv=None) -> int:
             f"{len(train_images):,} training images")
 
     evaluate_fid = None
-    if inception_path is None:
+    if not run.is_main:
+        pass  # rank 0 alone samples, measures FID and exports
+    elif inception_path is None:
         run.log(f"FID skipped: no Inception weights. To enable it, download {INCEPTION_FILE} (torch-fidelity "
                 f"v0.2.0 release) and pass --inception-weights PATH, or put it in {torch.hub.get_dir()}/checkpoints/")
     else:
@@ -488,7 +490,8 @@ def main(argv=None) -> int:
         common.set_rng_state(ckpt["rng"])
         run.log(f"resumed at epoch {start_epoch + 1}, step {start_step}/{steps_per_epoch}")
     run.rewrite_metrics(metrics)
-    write_csv(steps_path, STEP_COLUMNS, read_step_rows(steps_path, start_epoch * steps_per_epoch + start_step))
+    if run.is_main:
+        write_csv(steps_path, STEP_COLUMNS, read_step_rows(steps_path, start_epoch * steps_per_epoch + start_step))
 
     def make_state(epoch: int, step: int, elapsed: float) -> dict:
         return {"epoch": epoch, "step_in_epoch": step, "global_step": epoch * steps_per_epoch + step,
@@ -515,7 +518,8 @@ def main(argv=None) -> int:
             global_step = epoch * steps_per_epoch + step
             sigma = noise_sigma(args.instance_noise, global_step, total_steps)
 
-            real = to_float(train_images[order[step * args.batch_size:(step + 1) * args.batch_size]])
+            batch = order[step * args.batch_size:(step + 1) * args.batch_size]
+            real = to_float(train_images[common.shard(batch)])  # this rank's part of the global batch
             real = real.contiguous(memory_format=memory_format)
             with common.autocast(device, amp):
                 fake = train_g(torch.randn((len(real), args.nz, 1, 1), device=device))
@@ -526,6 +530,7 @@ def main(argv=None) -> int:
                 loss_d = d_loss(real_logits, fake_logits, args.loss, args.label_smoothing)
             opt_d.zero_grad(set_to_none=True)
             scaler_d.scale(loss_d).backward()
+            common.average_gradients(discriminator)
             scaler_d.step(opt_d)
             scaler_d.update()
             step_sums = [loss_d.detach(), torch.sigmoid(real_logits.detach().float()).mean(),
@@ -537,6 +542,7 @@ def main(argv=None) -> int:
                     loss_g = g_loss(train_d(add_noise(fake, sigma)), args.loss)
                 opt_g.zero_grad(set_to_none=True)
                 scaler_g.scale(loss_g).backward()
+                common.average_gradients(generator)
                 scaler_g.step(opt_g)
                 scaler_g.update()
                 if generator_ema is not None:
@@ -545,7 +551,8 @@ def main(argv=None) -> int:
             else:
                 step_sums += [torch.zeros((), device=device)] * 2
             step_sums = torch.stack(step_sums).to(sum_dtype)
-            if not torch.isfinite(step_sums).all():  # one GPU sync per step; a NaN would poison every later step
+            # One GPU sync per step, but a NaN would poison every later step. All ranks decide together.
+            if common.any_rank(not torch.isfinite(step_sums).all()):
                 raise common.UserError(
                     f"non-finite loss at epoch {epoch + 1}, step {step + 1} (loss_d={step_sums[0].item()}, "
                     f"loss_g={step_sums[4].item()}); stopped without saving, the last good checkpoint in "
@@ -555,19 +562,24 @@ def main(argv=None) -> int:
 
             progress.update(step + 1, {"loss_d": step_sums[0], "d_real": step_sums[1], "d_fake": step_sums[2]})
             if (global_step + 1) % args.log_every == 0:
-                append_csv(steps_path, STEP_COLUMNS, {"global_step": global_step + 1,
-                                                      "epoch": (global_step + 1) / steps_per_epoch,
-                                                      **means(window_sums), "noise_sigma": sigma})
+                common.all_reduce_sum(window_sums)
+                if run.is_main:
+                    append_csv(steps_path, STEP_COLUMNS, {"global_step": global_step + 1,
+                                                          "epoch": (global_step + 1) / steps_per_epoch,
+                                                          **means(window_sums), "noise_sigma": sigma})
                 window_sums.zero_()
             run.step_boundary(lambda: make_state(epoch, step + 1, time.monotonic() - epoch_start))
         progress.close()
+        train_time = time.monotonic() - epoch_start
 
-        save_samples(sampler, fixed_noise, run.samples_dir / f"epoch_{epoch + 1:03d}.png")
+        common.all_reduce_sum(epoch_sums)
+        if run.is_main:
+            save_samples(sampler, fixed_noise, run.samples_dir / f"epoch_{epoch + 1:03d}.png")
         row = {"epoch": epoch + 1, **means(epoch_sums), "fid": "", "inception_score": ""}
         fid_due = (epoch + 1) % args.fid_every == 0 or epoch + 1 == args.epochs
         if evaluate_fid is not None and fid_due:
             row["fid"], row["inception_score"] = evaluate_fid(sampler)
-        row["epoch_time_s"] = time.monotonic() - epoch_start
+        row["train_time_s"], row["epoch_time_s"] = train_time, time.monotonic() - epoch_start
         metrics.append(row)
         run.append_metrics(row)
         run.log(f"epoch {epoch + 1}/{args.epochs}: " + " ".join(
@@ -578,7 +590,7 @@ def main(argv=None) -> int:
         if is_best:
             best_fid = row["fid"]
         state = make_state(epoch + 1, 0, 0.0)
-        if is_best:  # not named step-*.pt, so the rotation of the last --keep-ckpts never removes it
+        if is_best and run.is_main:  # not named step-*.pt, so the rotation of the last --keep-ckpts keeps it
             with common.atomic_path(run.ckpt_dir / "best.pt") as tmp:
                 torch.save(state, tmp)
             run.log(f"best FID so far ({best_fid:.2f}): checkpoints/best.pt")
@@ -587,7 +599,7 @@ def main(argv=None) -> int:
             run.exit_preempted(path)
 
     g_path, d_path = run.dir / "DCGAN_model_G.pth", run.dir / "DCGAN_model_D.pth"
-    if not (g_path.exists() and d_path.exists()) or start_epoch < args.epochs:
+    if run.is_main and (not (g_path.exists() and d_path.exists()) or start_epoch < args.epochs):
         export(sampler, g_path)
         export(discriminator, d_path)
         run.log(f"exported {g_path.name} (G: z [N, {args.nz}, 1, 1] -> images in [-1, 1]; denorm maps to [0, 1]) "

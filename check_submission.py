@@ -1,0 +1,374 @@
+"""Check the three coursework model files as a grader's test cell would, on CPU, before they are packed.
+
+    python check_submission.py runs/latest-vae --gen runs/latest-dcgan/DCGAN_model_G.pth \
+        --disc runs/latest-dcgan/DCGAN_model_D.pth
+    python check_submission.py submission/            # a folder holding all three files
+
+DIR holds VAE_model.pth, DCGAN_model_G.pth and DCGAN_model_D.pth; --vae / --gen / --disc point at files elsewhere.
+Every check prints one PASS / FAIL / SKIP line naming the file and what is wrong; exit code 0 when all pass, 1 when
+any fails (2: a bad command line). What is checked, in the grader's own terms:
+
+- each file loads with torch.jit.load (no project code needed);
+- the VAE has Conv2d layers among its children's children (an MLP-only VAE does not count);
+- vae(x)[0] has the shape of x, values in [0, 1], for a batch of transformed MNIST test images (vae_train.transform;
+  real images from --data-dir when they are there, else uniform [0, 1] noise, said so in the output);
+- G turns torch.randn(100, nz, 1, 1) into (100, 3, 32, 32) in [-1, 1], and dcgan_train.denorm maps that to [0, 1];
+- D gives one value per image for (N, 3, 32, 32) input;
+- G plus D hold at most 25,000,000 parameters (dcgan_train.MAX_PARAMS).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+import common
+
+VAE_FILE, GEN_FILE, DISC_FILE = "VAE_model.pth", "DCGAN_model_G.pth", "DCGAN_model_D.pth"
+CIFAR_SHAPE = (3, 32, 32)   # the coursework's DCGAN works on CIFAR-10: RGB, 32 x 32
+MNIST_SHAPE = (1, 28, 28)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dir", metavar="DIR", help=f"folder holding {VAE_FILE}, {GEN_FILE} and {DISC_FILE}")
+    parser.add_argument("--vae", default=None, help=f"the VAE file (default: DIR/{VAE_FILE})")
+    parser.add_argument("--gen", default=None, help=f"the generator file (default: DIR/{GEN_FILE})")
+    parser.add_argument("--disc", default=None, help=f"the discriminator file (default: DIR/{DISC_FILE})")
+    parser.add_argument("--data-dir", default=str(common.DEFAULT_DATA_DIR),
+                        help="torchvision data root holding MNIST/raw (default: data/ in the repository); "
+                             "without it the VAE is fed uniform [0, 1] noise")
+    parser.add_argument("--nz", type=int, default=None,
+                        help="size of G's noise vector (default: read from G's first layer, else 100)")
+    parser.add_argument("--n-images", type=int, default=100, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--zip", default=None, metavar="ZIP",
+                        help="when every check passes, pack the three files (under their coursework names) and "
+                             "--figures into ZIP, written atomically (make submission: CW2.zip)")
+    parser.add_argument("--figures", default=None, metavar="DIR",
+                        help="the report's figures folder to pack as figures/ into --zip (make report writes "
+                             "report/figures)")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recording results
+
+
+class Checks:
+    """Prints each check's result as it happens and counts the failures."""
+
+    def __init__(self):
+        self.failed = self.passed = self.skipped = 0
+
+    def record(self, ok: bool, path: Path, what: str, detail: str) -> bool:
+        status = "PASS" if ok else "FAIL"
+        self.passed += ok
+        self.failed += not ok
+        print(f"  {status}  {path.name}: {what}: {detail}", flush=True)
+        return ok
+
+    def skip(self, path: Path, what: str, why: str) -> None:
+        self.skipped += 1
+        print(f"  SKIP  {path.name}: {what}: {why}", flush=True)
+
+
+def short_error(err: Exception) -> str:
+    """One line from an exception. TorchScript errors carry a long script traceback; the cause is the last line."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    line = next((l for l in reversed(lines) if "Error:" in l), lines[-1] if len(lines) > 1 else lines[0])
+    return (line if line.startswith(f"{type(err).__name__}:") else f"{type(err).__name__}: {line}")[:300]
+
+
+def shape_str(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def value_range(t: torch.Tensor) -> str:
+    return f"[{t.min().item():.4g}, {t.max().item():.4g}]"
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def load(checks: Checks, path: Path):
+    """torch.jit.load on CPU, as the grader does; None (after a FAIL line) when it does not load."""
+    if not path.exists():
+        made_by = "vae_train.py" if path.name == VAE_FILE else "dcgan_train.py"
+        checks.record(False, path, "torch.jit.load", f"{path} does not exist (the training script, {made_by}, "
+                                                     f"writes it when a run finishes)")
+        return None
+    try:
+        with warnings.catch_warnings():  # TorchScript is deprecated upstream; graders still load with it
+            warnings.simplefilter("ignore", FutureWarning)
+            model = torch.jit.load(str(path), map_location="cpu")
+    except Exception as err:  # garbage, truncated, a state_dict saved with torch.save, ...: torch raises many kinds
+        hint = ""
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+            hint = " (it is a torch.save file, not TorchScript: export with torch.jit.script(model).save(path))"
+        except Exception:
+            pass
+        checks.record(False, path, "torch.jit.load", f"does not load: {short_error(err)}{hint}")
+        return None
+    checks.record(True, path, "torch.jit.load", f"loads ({model.original_name}, {n_params(model):,} parameters)")
+    if model.training:
+        print(f"  note  {path.name}: saved in training mode; a grader's forward pass will use batch statistics "
+              f"(and a VAE samples z): export after model.eval()", flush=True)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The VAE
+
+
+def vae_inputs(data_dir: Path, n: int) -> tuple[torch.Tensor, str]:
+    """n transformed MNIST test images, as the grader's test cell makes them; uniform noise when MNIST is absent."""
+    from vae_train import transform
+    raw = data_dir / "MNIST" / "raw"
+    if (raw / "t10k-images-idx3-ubyte").exists() and (raw / "t10k-labels-idx1-ubyte").exists():
+        from torchvision.datasets import MNIST
+        test_set = MNIST(str(data_dir), train=False, transform=transform, download=False)
+        n = min(n, len(test_set))
+        return torch.stack([test_set[i][0] for i in range(n)]), f"{n} MNIST test images from {data_dir}"
+    generator = torch.Generator().manual_seed(0)
+    return (torch.rand((n, *MNIST_SHAPE), generator=generator),
+            f"{n} SYNTHETIC uniform [0, 1] images (no MNIST test files in {raw}; pass --data-dir)")
+
+
+def check_vae(checks: Checks, path: Path, data_dir: Path, n: int) -> None:
+    vae = load(checks, path)
+    names = ["Conv2d layers in children's children", "vae(x)[0] shape", "vae(x)[0] values in [0, 1]"]
+    if vae is None:
+        for what in names:
+            checks.skip(path, what, "the file did not load")
+        return
+    # The grader's own test: a RecursiveScriptModule two levels down whose original class was nn.Conv2d.
+    convs = [f"{child_name}.{name}" for child_name, child in vae.named_children()
+             for name, grandchild in child.named_children()
+             if isinstance(grandchild, torch.jit.RecursiveScriptModule) and grandchild.original_name == "Conv2d"]
+    checks.record(bool(convs), path, names[0],
+                  f"{len(convs)} found ({', '.join(convs[:4])}{' ...' if len(convs) > 4 else ''})" if convs else
+                  "none found: an MLP-only VAE fails the coursework's test; train with vae_train.py --arch conv")
+
+    x, source = vae_inputs(data_dir, n)
+    print(f"  info  {path.name}: input x: {source}, shape {shape_str(x.shape)}", flush=True)
+    try:
+        with torch.no_grad():
+            out = vae(x)
+        recon = out[0]
+    except Exception as err:
+        checks.record(False, path, names[1], f"vae(x)[0] fails on x of shape {shape_str(x.shape)}: {short_error(err)}")
+        checks.skip(path, names[2], "no output")
+        return
+    if not isinstance(recon, torch.Tensor) or recon.shape != x.shape:
+        got = shape_str(recon.shape) if isinstance(recon, torch.Tensor) else type(recon).__name__
+        hint = " (forward should return a tuple (recon, mu, logvar))" if isinstance(out, torch.Tensor) else ""
+        checks.record(False, path, names[1], f"{got}, expected the shape of x {shape_str(x.shape)}{hint}")
+        checks.skip(path, names[2], "wrong shape")
+        return
+    checks.record(True, path, names[1], f"{shape_str(recon.shape)}, the shape of x")
+    in_range = bool(torch.isfinite(recon).all() and recon.min() >= 0 and recon.max() <= 1)
+    checks.record(in_range, path, names[2], value_range(recon) if in_range else
+                  f"{value_range(recon)} is outside [0, 1] (or not finite): end the decoder with a sigmoid")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DCGAN
+
+
+def first_layer_nz(generator) -> int | None:
+    """The noise size from G's first layer: in_channels of a ConvTranspose2d / Conv2d, in_features of a Linear."""
+    for _, module in generator.named_modules():
+        kind = getattr(module, "original_name", "")
+        weight = getattr(module, "weight", None) if kind in ("ConvTranspose2d", "Conv2d", "Linear") else None
+        if isinstance(weight, torch.Tensor):
+            return int(weight.shape[0] if kind == "ConvTranspose2d" else weight.shape[1])
+    return None
+
+
+def first_conv_in_channels(model) -> int | None:
+    for _, module in model.named_modules():
+        weight = getattr(module, "weight", None) if getattr(module, "original_name", "") == "Conv2d" else None
+        if isinstance(weight, torch.Tensor):
+            return int(weight.shape[1])
+    return None
+
+
+def dataset_hint(folder: Path) -> str:
+    """' (config.json there says --dataset mnist)' when the file sits in a run folder, else ''."""
+    config = folder / "config.json"
+    try:
+        dataset = json.loads(config.read_text())["args"]["dataset"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    return f"; {config} says it was trained with --dataset {dataset}"
+
+
+def check_generator(checks: Checks, path: Path, nz_flag: int | None, n: int) -> tuple[object, torch.Tensor | None]:
+    """Returns (G or None, its images in [-1, 1] or None)."""
+    from dcgan_train import denorm
+    generator = load(checks, path)
+    names = ["G(z) shape", "G(z) values in [-1, 1]", "denorm(G(z)) values in [0, 1]"]
+    if generator is None:
+        for what in names:
+            checks.skip(path, what, "the file did not load")
+        return None, None
+    nz, where = nz_flag, "--nz"
+    if nz is None:
+        nz, where = first_layer_nz(generator), "G's first layer"
+        if nz is None:
+            nz, where = 100, "the default (G's first layer not recognised; pass --nz)"
+    z = torch.randn((n, nz, 1, 1), generator=torch.Generator().manual_seed(0))
+    expected = (n, *CIFAR_SHAPE)
+    try:
+        with torch.no_grad():
+            images = generator(z)
+    except Exception as err:
+        checks.record(False, path, names[0], f"G fails on torch.randn({n}, {nz}, 1, 1) (nz {nz} from {where}): "
+                                             f"{short_error(err)}")
+        for what in names[1:]:
+            checks.skip(path, what, "no output")
+        return generator, None
+    z_text = f"torch.randn({n}, {nz}, 1, 1) (nz from {where})"
+    if not isinstance(images, torch.Tensor) or tuple(images.shape) != expected:
+        got = shape_str(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 1:
+            detail = (f"G makes 1-channel (greyscale) images {got}, but the coursework needs CIFAR-10 RGB images "
+                      f"{shape_str(expected)}: this generator was trained on a one-channel data set (MNIST?)"
+                      f"{dataset_hint(path.parent)}. Retrain with dcgan_train.py --dataset cifar10")
+        else:
+            detail = f"{z_text} gives {got}, expected {shape_str(expected)}"
+        checks.record(False, path, names[0], detail)
+        for what in names[1:]:
+            checks.skip(path, what, "wrong shape")
+        return generator, None
+    checks.record(True, path, names[0], f"{z_text} -> {shape_str(images.shape)}")
+    in_range = bool(torch.isfinite(images).all() and images.min() >= -1 and images.max() <= 1)
+    checks.record(in_range, path, names[1], value_range(images) if in_range else
+                  f"{value_range(images)} is outside [-1, 1] (or not finite): end G with tanh")
+    pixels = denorm(images)
+    ok = bool(pixels.shape == images.shape and pixels.min() >= 0 and pixels.max() <= 1)
+    checks.record(ok, path, names[2], value_range(pixels) if ok else f"{value_range(pixels)}, shape "
+                                                                      f"{shape_str(pixels.shape)}")
+    return generator, images if in_range else None
+
+
+def check_discriminator(checks: Checks, path: Path, fake_images: torch.Tensor | None, n: int):
+    discriminator = load(checks, path)
+    what = "one value per image"
+    if discriminator is None:
+        checks.skip(path, what, "the file did not load")
+        return None
+    # The generator's images when it produced good ones (a grader's cell does D(G(z))), plus an odd batch size
+    # to catch a batch size baked into a reshape.
+    generator = torch.Generator().manual_seed(1)
+    batches = [fake_images if fake_images is not None else torch.rand((n, *CIFAR_SHAPE), generator=generator) * 2 - 1,
+               torch.rand((7, *CIFAR_SHAPE), generator=generator) * 2 - 1]
+    shapes = []
+    for x in batches:
+        try:
+            with torch.no_grad():
+                out = discriminator(x)
+        except Exception as err:
+            in_channels = first_conv_in_channels(discriminator)
+            hint = ""
+            if in_channels is not None and in_channels != CIFAR_SHAPE[0]:
+                hint = (f". D's first layer takes {in_channels}-channel images, but the coursework's D gets CIFAR-10 "
+                        f"RGB images: it was trained on a one-channel data set (MNIST?){dataset_hint(path.parent)}. "
+                        f"Retrain with dcgan_train.py --dataset cifar10")
+            checks.record(False, path, what, f"D fails on input of shape {shape_str(x.shape)}: "
+                                             f"{short_error(err)}{hint}")
+            return discriminator
+        if not isinstance(out, torch.Tensor) or out.numel() != len(x) or out.shape[0] != len(x):
+            got = shape_str(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            checks.record(False, path, what, f"D(x) for x of shape {shape_str(x.shape)} gives {got}, "
+                                             f"expected {len(x)} values (shape ({len(x)},) or ({len(x)}, 1))")
+            return discriminator
+        if not torch.isfinite(out).all():
+            checks.record(False, path, what, f"D(x) is not finite for x of shape {shape_str(x.shape)}")
+            return discriminator
+        shapes.append(f"{shape_str(x.shape)} -> {shape_str(out.shape)}")
+    checks.record(True, path, what, ", ".join(shapes))
+    return discriminator
+
+
+def check_param_budget(checks: Checks, gen_path: Path, generator, discriminator) -> None:
+    from dcgan_train import MAX_PARAMS
+    what = f"G + D parameters at most {MAX_PARAMS:,}"
+    if generator is None or discriminator is None:
+        checks.skip(gen_path, what, "G or D did not load")
+        return
+    n_g, n_d = n_params(generator), n_params(discriminator)
+    total = n_g + n_d
+    checks.record(total <= MAX_PARAMS, gen_path, what,
+                  f"G {n_g:,} + D {n_d:,} = {total:,}" + ("" if total <= MAX_PARAMS else
+                                                          f", {total - MAX_PARAMS:,} too many: lower --ngf / --ndf"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The bundle
+
+
+def pack(zip_path: Path, model_paths: dict[str, Path], figures: Path | None) -> list[str]:
+    """Write ZIP with the model files under their coursework names and figures/*; atomic (temp file, rename)."""
+    import zipfile
+    names = []
+    with common.atomic_path(zip_path) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+            for name, path in model_paths.items():
+                bundle.write(path, name)
+                names.append(name)
+            for path in sorted(figures.rglob("*")) if figures is not None else []:
+                if path.is_file() and not path.name.startswith("."):
+                    name = f"figures/{path.relative_to(figures).as_posix()}"
+                    bundle.write(path, name)
+                    names.append(name)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise common.UserError(f"{folder}: no such folder (give the folder holding {VAE_FILE}, {GEN_FILE} and "
+                               f"{DISC_FILE})")
+    if args.n_images < 1:
+        raise common.UserError("--n-images must be at least 1")
+    figures = Path(args.figures) if args.figures else None
+    if figures is not None and not args.zip:
+        raise common.UserError("--figures is only used with --zip")
+    if figures is not None and not any(figures.glob("*.png")):
+        raise common.UserError(f"--figures {figures}: no PNG figures there; build the report first (make report)")
+    vae_path = Path(args.vae) if args.vae else folder / VAE_FILE
+    gen_path = Path(args.gen) if args.gen else folder / GEN_FILE
+    disc_path = Path(args.disc) if args.disc else folder / DISC_FILE
+    torch.manual_seed(0)
+    checks = Checks()
+    print(f"check_submission: {vae_path}, {gen_path}, {disc_path} (CPU, torch {torch.__version__})", flush=True)
+    check_vae(checks, vae_path, Path(args.data_dir), args.n_images)
+    generator, fake_images = check_generator(checks, gen_path, args.nz, args.n_images)
+    discriminator = check_discriminator(checks, disc_path, fake_images, args.n_images)
+    check_param_budget(checks, gen_path, generator, discriminator)
+    ready = not checks.failed and not checks.skipped
+    print(f"{checks.passed} passed, {checks.failed} failed, {checks.skipped} skipped: "
+          f"{'all checks passed' if ready else 'NOT READY to submit'}", flush=True)
+    if args.zip and not ready:
+        print(f"{args.zip} not written: fix the failures above first", flush=True)
+    elif args.zip:
+        names = pack(Path(args.zip), {VAE_FILE: vae_path, GEN_FILE: gen_path, DISC_FILE: disc_path}, figures)
+        print(f"wrote {args.zip}: {len(names)} files ({', '.join(names[:3])}"
+              f"{f' and {len(names) - 3} figures' if len(names) > 3 else ''})", flush=True)
+    return 0 if ready else 1
+
+
+if __name__ == "__main__":
+    common.run_main(main)
