@@ -9,7 +9,7 @@ DATA_DIR ?= data
 ARGS     ?=
 BETAS    ?= 0.5 1 2 4
 
-.PHONY: help vae vae-betas analyze-vae dcgan analyze-gan test clean-venv
+.PHONY: help vae vae-betas analyze-vae dcgan analyze-gan bench test clean-venv
 
 help:
 	@sed -n '2,4p' Makefile
@@ -40,6 +40,10 @@ dcgan: $(VENV)/.installed
 analyze-gan: RUN ?= runs/latest-dcgan
 analyze-gan: $(VENV)/.installed
 	$(PY) analyze_gan.py $(RUN) $(ARGS)
+
+# Speed and memory on this machine (bench.py): a table and bench.json. Not part of `make test`.
+bench: $(VENV)/.installed
+	$(PY) bench.py $(ARGS)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests -q $(ARGS)
