@@ -2,6 +2,7 @@
 #   make vae                 train the recommended VAE (ARGS="--epochs 3" passes options, DATA_DIR=... the data root)
 #   make test                the test suite (CPU, a few minutes)
 #   make dcgan, make vae-betas, make analyze-vae RUN=..., make analyze-gan RUN=...   (see README.md)
+#   make report, make submission, make bench
 PYTHON   ?= python3
 VENV     := .venv
 PY       := $(VENV)/bin/python
@@ -9,10 +10,10 @@ DATA_DIR ?= data
 ARGS     ?=
 BETAS    ?= 0.5 1 2 4
 
-.PHONY: help vae vae-betas analyze-vae dcgan analyze-gan bench test clean-venv
+.PHONY: help vae vae-betas analyze-vae dcgan analyze-gan report submission bench test clean-venv
 
 help:
-	@sed -n '2,4p' Makefile
+	@sed -n '2,5p' Makefile
 
 # The stamp file is rewritten whenever requirements.txt changes, so edits to it reinstall.
 $(VENV)/.installed: requirements.txt
@@ -40,6 +41,17 @@ dcgan: $(VENV)/.installed
 analyze-gan: RUN ?= runs/latest-dcgan
 analyze-gan: $(VENV)/.installed
 	$(PY) analyze_gan.py $(RUN) $(ARGS)
+
+# The report (report/REPORT.md and .html) from runs/latest-vae, the beta sweep and runs/latest-dcgan.
+report: $(VENV)/.installed
+	$(PY) report.py $(ARGS)
+
+# Checks the three model files as a grader would, then packs CW2.zip (models + report figures); nothing on failure.
+submission: VAE_RUN ?= runs/latest-vae
+submission: GAN_RUN ?= runs/latest-dcgan
+submission: $(VENV)/.installed
+	$(PY) check_submission.py $(VAE_RUN) --gen $(GAN_RUN)/DCGAN_model_G.pth --disc $(GAN_RUN)/DCGAN_model_D.pth \
+	  --data-dir $(DATA_DIR) --figures report/figures --zip CW2.zip
 
 # Speed and memory on this machine (bench.py): a table and bench.json. Not part of `make test`.
 bench: $(VENV)/.installed

@@ -1,8 +1,8 @@
 """Check the three coursework model files as a grader's test cell would, on CPU, before they are packed.
 
-    python check_submission.py runs/latest-vae --gen runs/latest-dcgan/DCGAN_model_G.pth \
-        --disc runs/latest-dcgan/DCGAN_model_D.pth
-    python check_submission.py submission/            # a folder holding all three files
+    python check_submission.py submission/        # a folder holding all three files
+    python check_submission.py runs/latest-vae --gen runs/latest-dcgan/DCGAN_model_G.pth --disc D.pth
+    make submission                               # the latest runs; then packs CW2.zip with report/figures
 
 DIR holds VAE_model.pth, DCGAN_model_G.pth and DCGAN_model_D.pth; --vae / --gen / --disc point at files elsewhere.
 Every check prints one PASS / FAIL / SKIP line naming the file and what is wrong; exit code 0 when all pass, 1 when
@@ -15,6 +15,9 @@ any fails (2: a bad command line). What is checked, in the grader's own terms:
 - G turns torch.randn(100, nz, 1, 1) into (100, 3, 32, 32) in [-1, 1], and dcgan_train.denorm maps that to [0, 1];
 - D gives one value per image for (N, 3, 32, 32) input;
 - G plus D hold at most 25,000,000 parameters (dcgan_train.MAX_PARAMS).
+
+With --zip ZIP (and --figures DIR, which must then hold PNGs), ZIP is written only when every check passes: the
+three files under their coursework names and DIR as figures/, to a temporary file renamed into place.
 """
 from __future__ import annotations
 
@@ -80,12 +83,13 @@ def short_error(err: Exception) -> str:
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     if not lines:
         return type(err).__name__
-    line = next((l for l in reversed(lines) if "Error:" in l), lines[-1] if len(lines) > 1 else lines[0])
+    line = next((text for text in reversed(lines) if "Error:" in text), lines[-1])
+    line = line.split(". ")[0]  # torch's loaders append paragraphs of generic advice after the first sentence
     return (line if line.startswith(f"{type(err).__name__}:") else f"{type(err).__name__}: {line}")[:300]
 
 
 def shape_str(shape) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
+    return str(tuple(shape))
 
 
 def value_range(t: torch.Tensor) -> str:
@@ -94,6 +98,16 @@ def value_range(t: torch.Tensor) -> str:
 
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def is_torch_save_archive(path: Path) -> bool:
+    """A torch.save zip holds <name>/data.pkl; TorchScript adds <name>/code/. Read by name only: never unpickled."""
+    import zipfile
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any(name.endswith("/data.pkl") for name in names) and not any("/code/" in name for name in names)
 
 
 def load(checks: Checks, path: Path):
@@ -108,13 +122,12 @@ def load(checks: Checks, path: Path):
             warnings.simplefilter("ignore", FutureWarning)
             model = torch.jit.load(str(path), map_location="cpu")
     except Exception as err:  # garbage, truncated, a state_dict saved with torch.save, ...: torch raises many kinds
-        hint = ""
-        try:
-            torch.load(path, map_location="cpu", weights_only=True)
-            hint = " (it is a torch.save file, not TorchScript: export with torch.jit.script(model).save(path))"
-        except Exception:
-            pass
-        checks.record(False, path, "torch.jit.load", f"does not load: {short_error(err)}{hint}")
+        if is_torch_save_archive(path):
+            detail = ("it is a torch.save file (a state_dict or a pickled model), not TorchScript: export with "
+                      "torch.jit.script(model).save(path)")
+        else:
+            detail = "not a TorchScript file (corrupted, truncated, or not a model)"
+        checks.record(False, path, "torch.jit.load", f"does not load: {detail} ({short_error(err)})")
         return None
     checks.record(True, path, "torch.jit.load", f"loads ({model.original_name}, {n_params(model):,} parameters)")
     if model.training:
@@ -339,15 +352,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     folder = Path(args.dir)
     if not folder.is_dir():
-        raise common.UserError(f"{folder}: no such folder (give the folder holding {VAE_FILE}, {GEN_FILE} and "
-                               f"{DISC_FILE})")
+        raise common.UserError(f"{folder}: no such folder. Give the folder holding {VAE_FILE}, {GEN_FILE} and "
+                               f"{DISC_FILE} (runs/latest-vae and runs/latest-dcgan appear once a VAE run and a "
+                               f"DCGAN run have started)")
     if args.n_images < 1:
         raise common.UserError("--n-images must be at least 1")
     figures = Path(args.figures) if args.figures else None
     if figures is not None and not args.zip:
         raise common.UserError("--figures is only used with --zip")
-    if figures is not None and not any(figures.glob("*.png")):
-        raise common.UserError(f"--figures {figures}: no PNG figures there; build the report first (make report)")
+
     vae_path = Path(args.vae) if args.vae else folder / VAE_FILE
     gen_path = Path(args.gen) if args.gen else folder / GEN_FILE
     disc_path = Path(args.disc) if args.disc else folder / DISC_FILE
@@ -358,6 +371,10 @@ def main(argv=None) -> int:
     generator, fake_images = check_generator(checks, gen_path, args.nz, args.n_images)
     discriminator = check_discriminator(checks, disc_path, fake_images, args.n_images)
     check_param_budget(checks, gen_path, generator, discriminator)
+    if figures is not None:  # after the model checks, so a missing report does not hide a bad model
+        n_png = len(list(figures.glob("*.png"))) if figures.is_dir() else 0
+        checks.record(n_png > 0, figures, "report figures to pack", f"{n_png} PNG files in {figures}" if n_png else
+                      f"no PNG figures in {figures}; build the report first (make report)")
     ready = not checks.failed and not checks.skipped
     print(f"{checks.passed} passed, {checks.failed} failed, {checks.skipped} skipped: "
           f"{'all checks passed' if ready else 'NOT READY to submit'}", flush=True)
@@ -365,8 +382,8 @@ def main(argv=None) -> int:
         print(f"{args.zip} not written: fix the failures above first", flush=True)
     elif args.zip:
         names = pack(Path(args.zip), {VAE_FILE: vae_path, GEN_FILE: gen_path, DISC_FILE: disc_path}, figures)
-        print(f"wrote {args.zip}: {len(names)} files ({', '.join(names[:3])}"
-              f"{f' and {len(names) - 3} figures' if len(names) > 3 else ''})", flush=True)
+        n_figures = len(names) - 3
+        print(f"wrote {args.zip}: {', '.join(names[:3])} and {n_figures} figure{'s' * (n_figures != 1)}", flush=True)
     return 0 if ready else 1
 
 

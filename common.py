@@ -372,7 +372,8 @@ class Run:
             self._link_latest()
 
         self._on_main(take_folder)
-        self.preempted_by: str | None = None
+        self._signal: str | None = None        # set by the signal handler, at any moment
+        self.preempted_by: str | None = None   # the loop's decision, taken (by all ranks together) at boundaries
         self._install_signal_handlers()
         self.last_save = time.monotonic()
         ranks = f" ({self.world_size} processes)" if self.world_size > 1 else ""
@@ -500,7 +501,7 @@ class Run:
             gathered = [None] * self.world_size
             dist.all_gather_object(gathered, {k: state.pop(k) for k in self.PER_RANK_KEYS if k in state})
             state["per_rank"] = gathered
-            self._agree_on_preemption()
+        self._agree_on_preemption()
         if self.is_main:
             with atomic_path(path) as tmp:
                 torch.save(state, tmp)
@@ -523,15 +524,19 @@ class Run:
         due = time.monotonic() - self.last_save >= self.args.ckpt_every_min * 60
         if self.world_size > 1:  # every rank must take the same branch: rank 0's clock decides
             due = bool(broadcast_object(due))
-            self._agree_on_preemption()
+        self._agree_on_preemption()
         if self.preempted_by or due:
             path = self.save_checkpoint(make_state())
             if self.preempted_by:
                 self.exit_preempted(path)
 
     def _agree_on_preemption(self) -> None:
-        if any_rank(bool(self.preempted_by)) and not self.preempted_by:
-            self.preempted_by = "a signal to another rank"
+        """Turn the handler's flag into the loop's decision. The flag is read once: a signal landing between the
+        ranks' agreement and their `if` would otherwise send one rank to save while the others train on (and
+        wait for each other in different collectives forever). A later signal is seen at the next boundary."""
+        raw = self._signal
+        if any_rank(raw is not None):
+            self.preempted_by = raw or "a signal to another rank"
 
     def exit_preempted(self, path: Path) -> None:
         self.log(f"stopped by {self.preempted_by}; checkpoint {path.name} written. "
@@ -546,7 +551,7 @@ class Run:
         optimiser step, or a torch.save already in progress, and write an inconsistent checkpoint.
         """
         def handler(signum, _frame):
-            self.preempted_by = signal.Signals(signum).name
+            self._signal = signal.Signals(signum).name
 
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, handler)

@@ -138,7 +138,7 @@ def test_two_gpu_job_goes_through_torchrun_and_still_checkpoints_and_requeues(fa
     env, calls, runs_root = fake_slurm
     job = start_job("vae.sh", {**env, "NPROC_PER_NODE": "2"}, *vae_options(mnist_dir, runs_root, 200))
     output = signal_after(job, "epoch 1/200 step 3/")
-    assert "(2 processes)" in output and "stopped by SIGTERM" in output
+    assert "(2 processes)" in output and "stopped by SIGTERM" in output, output
     ckpt = torch.load(common.list_checkpoints(runs_root / "slurm-4242")[0], weights_only=True)
     assert ckpt["world_size"] == 2
     assert calls.read_text().split() == ["requeue", "4242"]
