@@ -69,6 +69,17 @@ def make_cifar10(root: Path, per_batch: int = 40, n_test: int = 40) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: a second thread mostly spins (10x slower in-process here), as the
+    scripts the tests start get OMP_NUM_THREADS=1 from script_env()."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mnist_dir(tmp_path_factory) -> Path:
     return make_mnist(tmp_path_factory.mktemp("mnist-data"))

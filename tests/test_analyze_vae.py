@@ -33,15 +33,6 @@ def runs(mnist_dir, tmp_path_factory):
     return {"dirs": run_dirs, "out": out, "stdout": proc.stdout}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: a second thread mostly spins (10x slower here), as in conftest."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def read_summary(run_dir):
     return json.loads((run_dir / "figures" / "summary.json").read_text())
 

@@ -29,15 +29,6 @@ GAN_TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--epochs", "2", "
 FAKE_FID = {1: 312.5, 2: 287.25}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: a second thread mostly spins (as in test_analyze_vae.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def runs_root(mnist_dir, cifar_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("report") / "runs"
