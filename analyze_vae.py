@@ -28,7 +28,7 @@ from sklearn.manifold import TSNE
 from torchvision.utils import make_grid
 
 import common
-from vae_train import VAE, evaluate, to_float
+from vae_train import VAE, evaluate, pixel_nll, to_float
 
 CLASS_NAMES = {
     "mnist": [str(d) for d in range(10)],
@@ -132,20 +132,14 @@ def load_model(run: dict, device: torch.device) -> VAE:
 def log_importance_weights(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """log p(x|z_k) + log p(z_k) - log q(z_k|x), z_k = mu + sigma * eps_k; x [B, 1, 28, 28], eps [K, B, d] -> [K, B].
 
-    The likelihood is the model's own, as in vae_train.vae_terms (Bernoulli: BCE with logits on grey levels;
+    The likelihood is the model's own, vae_train.pixel_nll, as in training (Bernoulli: BCE with logits on grey levels;
     Gaussian: one learned sigma). Constants 0.5 log(2 pi) of p(z) and q(z|x) cancel and are left out.
     """
     n_samples, batch = eps.shape[:2]
     mu, logvar = model.encode(x)
     z = mu + eps * torch.exp(0.5 * logvar)                                 # [K, B, d]
     logits = model.decoder(z.flatten(0, 1)).view(n_samples, batch, *x.shape[1:])
-    target = x.expand_as(logits)
-    if model.likelihood == "bernoulli":
-        log_px_z = -torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    else:
-        log_sigma = model.log_sigma
-        log_px_z = -(0.5 * ((target - torch.sigmoid(logits)) / log_sigma.exp()) ** 2 + log_sigma
-                     + 0.5 * math.log(2 * math.pi))
+    log_px_z = -pixel_nll(model, logits, x)
     log_pz = -0.5 * z.pow(2).sum(-1)
     log_qz_x = -0.5 * (eps.pow(2) + logvar).sum(-1)
     return log_px_z.flatten(2).sum(-1) + log_pz - log_qz_x
@@ -220,7 +214,7 @@ def plot_loss_curves(runs: list[dict], labels: list[str], title: str) -> Figure:
     for run, label in zip(runs, labels):
         epochs = [row["epoch"] for row in run["metrics"]]
         for row_index, split in enumerate(("train", "test")):
-            for col, (key, name) in enumerate(LOSS_PANELS):
+            for col, (key, _) in enumerate(LOSS_PANELS):
                 values = [row[f"{split}_{key}"] for row in run["metrics"]]
                 axes[row_index, col].plot(epochs, values, marker="o", markersize=3, label=label)
     for row_index, split in enumerate(("train", "test")):

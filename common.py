@@ -3,8 +3,10 @@
 A training script uses it in this order (see vae_train.py for the full loop):
 
     args, run_dir, resuming = resolve_run(build_parser, argv, script="vae")  # which folder, which settings
-    data = load_images(args.dataset, args.data_dir, train=True)             # fails before any folder exists
-    run = Run(run_dir, args, script="vae", resuming=resuming)              # folder, lock, config, log, signals
+    rank, world_size, device = init_distributed(args.device)                 # one process, or torchrun's ranks
+    images, labels = load_images(args.dataset, args.data_dir, train=True)   # fails before any folder exists
+    run = Run(run_dir, args, script="vae", ...)                              # folder, lock, config, log, signals
+    ... build the models (seeded), then
     ckpt = run.load_checkpoint()                                             # None on a fresh start
     ... for each step: run.step_boundary(make_state)  # periodic save; on SIGTERM/SIGUSR1/SIGINT save and exit 75
     ... for each epoch: run.append_metrics(row); run.save_checkpoint(make_state())
@@ -30,7 +32,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -97,14 +98,14 @@ def add_run_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: in
                    help="minutes between mid-epoch checkpoints (one is always written at each epoch end)")
     g.add_argument("--keep-ckpts", type=int, default=2, help="how many recent checkpoints to keep")
     g.add_argument("--log-every", type=int, default=100, help="steps between progress lines when not on a terminal")
+    g.add_argument("--mirror-dir", default=None,
+                   help="copy the run folder here after every checkpoint, verified (e.g. Google Drive on Colab); "
+                        "a run folder missing locally is restored from it first")
     speed = parser.add_argument_group("speed (GPU)")
     speed.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                        help="mixed precision for the training steps; auto: bf16 on a CUDA GPU that has it, else off")
     speed.add_argument("--channels-last", action="store_true", help="NHWC memory layout for the conv layers")
     speed.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    g.add_argument("--mirror-dir", default=None,
-                   help="copy the run folder here after every checkpoint, verified (e.g. Google Drive on Colab); "
-                        "a run folder missing locally is restored from it first")
 
 
 def _explicit_flags(build_parser, argv) -> set[str]:

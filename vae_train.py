@@ -116,15 +116,18 @@ def vae_terms(model: VAE, x: torch.Tensor, eps: torch.Tensor | None = None) -> t
     if eps is None:
         eps = torch.randn_like(mu)
     logits = model.decoder(mu + eps * torch.exp(0.5 * logvar)).float()
-    if model.likelihood == "bernoulli":
-        recon_nll = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
-    else:
-        mean, log_sigma = torch.sigmoid(logits), model.log_sigma
-        nll_per_pixel = 0.5 * ((x - mean) / log_sigma.exp()) ** 2 + log_sigma + 0.5 * math.log(2 * math.pi)
-        recon_nll = nll_per_pixel.flatten(1).sum(1)
+    recon_nll = pixel_nll(model, logits, x).flatten(1).sum(1)
     # KL(N(mu, sigma^2) || N(0, 1)) summed over latent dimensions: Kingma & Welling (2014), Appendix B.
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
     return recon_nll, kl
+
+
+def pixel_nll(model: VAE, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x|z) per pixel (same shape as logits) under the model's likelihood, from the decoder's logits."""
+    if model.likelihood == "bernoulli":
+        return F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
+    mean, log_sigma = torch.sigmoid(logits), model.log_sigma
+    return 0.5 * ((x - mean) / log_sigma.exp()) ** 2 + log_sigma + 0.5 * math.log(2 * math.pi)
 
 
 def kl_weight(beta: float, warmup_epochs: float, epoch_progress: float) -> float:

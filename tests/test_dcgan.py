@@ -18,7 +18,7 @@ from PIL import Image
 import analyze_gan
 import common
 import dcgan_train
-from conftest import REPO, make_cifar10, run_script, script_env, synthetic_digits
+from conftest import REPO, run_script, script_env, synthetic_digits
 
 TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--log-every", "3", "--ckpt-every-min", "1000"]
 

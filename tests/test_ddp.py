@@ -68,6 +68,7 @@ def test_two_process_run_stops_resumes_and_matches_an_uninterrupted_one(script, 
     with open(tmp_path / "reference" / "metrics.csv") as f:
         want = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2"]  # one set of metrics, written once (by rank 0)
+    assert len(rows) == len(want)
     for got_row, want_row in zip(rows, want):
         assert {k: v for k, v in got_row.items() if not k.endswith("_time_s")} == \
             {k: v for k, v in want_row.items() if not k.endswith("_time_s")}

@@ -94,7 +94,7 @@ def test_key_numbers_come_from_the_summaries(built, runs_root):
     n_g, n_d = (sum(p.numel() for p in torch.jit.load(str(runs_root / "latest-dcgan" / name)).parameters())
                 for name in ("DCGAN_model_G.pth", "DCGAN_model_D.pth"))
     expected = [f"{vae['test_elbo']:.2f} nats per image", f"{vae['iw_log_likelihood']:.2f} nats per image",
-                f"K = 4, 20 test images", f"{n_vae:,}", f"G {n_g:,} + D {n_d:,} = {n_g + n_d:,}",
+                "K = 4, 20 test images", f"{n_vae:,}", f"G {n_g:,} + D {n_d:,} = {n_g + n_d:,}",
                 f"{min(FAKE_FID.values()):.2f} (epoch 2)"]
     for text in expected:
         assert text in markdown, text

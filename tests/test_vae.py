@@ -1,4 +1,4 @@
-"""vae_train.py: the loss against values worked out by hand, data loading, and the exported model as a grader uses it."""
+"""vae_train.py: the loss against values worked out by hand, data loading, the exported model as a grader uses it."""
 from __future__ import annotations
 
 import math
