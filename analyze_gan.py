@@ -11,7 +11,6 @@ in --out (default runs/compare-<time>/).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import math
@@ -33,20 +32,6 @@ GRID_PADDING = 2   # torchvision.utils.save_image's default, used by dcgan_train
 GRID_COLUMNS = 8
 PROGRESSION_ROWS = 8  # epochs shown in the fixed-noise progression
 NEIGHBOUR_QUERIES, NEIGHBOURS = 6, 5
-
-
-def read_csv(path: Path) -> list[dict]:
-    """Rows as floats (blank cells: nan). A half-written last line of a live run is skipped."""
-    if not path.exists():
-        return []
-    rows = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                rows.append({k: float(v) if v not in ("", None) else math.nan for k, v in row.items()})
-            except (TypeError, ValueError):
-                continue
-    return rows
 
 
 def column(rows: list[dict], key: str) -> np.ndarray:
@@ -71,13 +56,7 @@ def save_figure(fig, path: Path) -> None:
 
 
 def load_config(run_dir: Path) -> argparse.Namespace:
-    config_path = run_dir / "config.json"
-    if not config_path.exists():
-        raise common.UserError(f"{run_dir} has no config.json: is it a run folder made by dcgan_train.py?")
-    config = json.loads(config_path.read_text())
-    if config.get("script") != "dcgan":
-        raise common.UserError(f"{run_dir} is a {config.get('script')!r} run, not a DCGAN run")
-    return argparse.Namespace(**config["args"])
+    return argparse.Namespace(**common.read_run_config(run_dir, "dcgan")["args"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,7 +197,7 @@ def analyze_run(run_dir: Path, log=print) -> dict:
     args = load_config(run_dir)
     fig_dir = run_dir / "figures"
     fig_dir.mkdir(exist_ok=True)
-    metrics, steps = read_csv(run_dir / "metrics.csv"), read_csv(run_dir / "steps.csv")
+    metrics, steps = common.read_metrics_csv(run_dir / "metrics.csv"), common.read_metrics_csv(run_dir / "steps.csv")
     summary = {"run_dir": str(run_dir), "dataset": args.dataset, "epochs_done": len(metrics),
                "epochs_planned": args.epochs, "figures": [], "skipped": {}}
 
@@ -297,7 +276,7 @@ def analyze_run(run_dir: Path, log=print) -> dict:
 def compare_runs(run_dirs: list[Path], summaries: list[dict], out_dir: Path, log=print) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = [d.name for d in run_dirs]
-    metrics = [read_csv(d / "metrics.csv") for d in run_dirs]
+    metrics = [common.read_metrics_csv(d / "metrics.csv") for d in run_dirs]
 
     def overlay(keys: list[str], ylabel: str, name: str, title: str) -> None:
         fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), squeeze=False)

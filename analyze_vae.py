@@ -77,45 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
 def read_run(run_dir: str) -> dict:
     """config.json args, metrics.csv rows and the newest checkpoint of a VAE run; UserError when it is not one."""
     path = Path(run_dir)
-    if not path.is_dir():
-        raise common.UserError(f"{run_dir}: no such run folder")
-    config_path = path / "config.json"
-    if not config_path.exists():
-        raise common.UserError(f"{run_dir} has no config.json: not a run folder made by vae_train.py")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise common.UserError(f"{config_path} is not valid JSON ({err})") from None
-    if config.get("script") != "vae" or "args" not in config:
-        raise common.UserError(f"{run_dir} is a {config.get('script')!r} run, not a VAE run (vae_train.py)")
+    config = common.read_run_config(path, "vae")
     ckpt = _load_checkpoint(path)
     if ckpt is None:
         raise common.UserError(f"{run_dir} has no checkpoint yet (checkpoints/step-*.pt); one is written at the "
                                f"end of each epoch, so wait for the first epoch to finish")
-    return {"dir": path.resolve(), "args": config["args"], "metrics": read_metrics(path / "metrics.csv"),
+    return {"dir": path.resolve(), "args": config["args"], "metrics": common.read_metrics_csv(path / "metrics.csv"),
             "ckpt": ckpt}
 
 
 def _load_checkpoint(run_dir: Path) -> dict | None:
     # Read-only: a reader never renames another process's files (set_aside=False).
     return common.load_latest_checkpoint(run_dir, log=lambda msg: print(msg, flush=True), set_aside=False)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.csv rows as floats; a row a live run is still appending (no newline yet, or fields missing) is
-    left out."""
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()
-    rows = []
-    for row in csv.DictReader(lines):
-        try:
-            rows.append({key: float(value) for key, value in row.items()})
-        except (TypeError, ValueError):
-            continue
-    return rows
 
 
 def load_model(run: dict, device: torch.device) -> VAE:

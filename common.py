@@ -155,13 +155,7 @@ def resolve_run(build_parser, argv, *, script: str):
 
 
 def _merge_saved_config(args, run_dir: Path, explicit: set[str], script: str):
-    config_path = run_dir / "config.json"
-    if not config_path.exists():
-        raise UserError(f"{run_dir} has checkpoints but no config.json; cannot tell which settings to resume with")
-    config = json.loads(config_path.read_text())
-    if config.get("script") != script:
-        raise UserError(f"{run_dir} is a {config.get('script')!r} run, not a {script!r} run")
-    saved = config["args"]
+    saved = read_run_config(run_dir, script)["args"]
     differing = []
     for key, saved_value in saved.items():
         if key in ("resume", "run_dir") or not hasattr(args, key):
@@ -174,6 +168,46 @@ def _merge_saved_config(args, run_dir: Path, explicit: set[str], script: str):
         raise UserError(f"refusing to resume {run_dir} with different settings ({'; '.join(differing)}). "
                         f"Start a new run for a new experiment, or drop those flags to keep the saved values.")
     return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a run folder (the resume above, and the analysis scripts, which may read a run still in progress)
+
+
+def read_run_config(run_dir, script: str) -> dict:
+    """The config.json of a run folder made by `script` ("vae" or "dcgan"); a UserError says what is wrong."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UserError(f"{run_dir}: no such run folder")
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise UserError(f"{run_dir} has no config.json: not a run folder made by {script}_train.py")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{config_path} is not valid JSON ({err})") from None
+    if config.get("script") != script or "args" not in config:
+        raise UserError(f"{run_dir} is a {config.get('script')!r} run, not a {script.upper()} run "
+                        f"({script}_train.py)")
+    return config
+
+
+def read_metrics_csv(path) -> list[dict]:
+    """The rows of metrics.csv (or steps.csv) as floats, blank cells as nan. A last row that a live run is still
+    appending (no newline yet, or a cell that is not a number) is left out."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    rows = []
+    for row in csv.DictReader(lines):
+        try:
+            rows.append({key: float(value) if value != "" else float("nan") for key, value in row.items()})
+        except (TypeError, ValueError):
+            continue
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -151,8 +151,7 @@ def gan_param_counts(config: dict) -> tuple[int, int]:
 
 
 def training_minutes(run_dir: Path) -> float | None:
-    import analyze_gan  # its read_csv copes with blank cells and a half-written last line
-    times = [row.get("epoch_time_s") for row in analyze_gan.read_csv(run_dir / "metrics.csv")]
+    times = [row.get("epoch_time_s") for row in common.read_metrics_csv(run_dir / "metrics.csv")]
     times = [t for t in times if t is not None and t == t]
     return sum(times) / 60 if times else None
 

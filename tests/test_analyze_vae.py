@@ -179,4 +179,4 @@ def test_metrics_row_being_appended_by_a_live_run_is_skipped(tmp_path):
     path = tmp_path / "metrics.csv"
     for partial_row in ("2,120.0,11", "2,120.0\n"):  # cut mid-number before the newline; a field short
         path.write_text("epoch,train_loss,test_loss\n1,180.5,150.25\n" + partial_row)
-        assert analyze_vae.read_metrics(path) == [{"epoch": 1.0, "train_loss": 180.5, "test_loss": 150.25}]
+        assert common.read_metrics_csv(path) == [{"epoch": 1.0, "train_loss": 180.5, "test_loss": 150.25}]
