@@ -246,6 +246,23 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Replace the CSV at `path` with a header and `rows`, atomically (on resume: the rows up to the checkpoint)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def append_csv(path: Path, columns: list[str], row: dict) -> None:
+    """Append one row and fsync it: a reader, or a resume after a crash, sees either the whole row or none."""
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=columns).writerow(row)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def atomic_symlink(target: str, link: Path) -> None:
     """Point `link` at `target`, replacing any old link in one rename (readers never see it missing)."""
     tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
@@ -490,21 +507,12 @@ class Run:
 
     def rewrite_metrics(self, rows: list[dict]) -> None:
         """Make metrics.csv hold exactly `rows` (those of the checkpoint): a resume never repeats an epoch."""
-        if not self.is_main:
-            return
-        with atomic_path(self.metrics_path) as tmp:
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.metric_columns)
-                writer.writeheader()
-                writer.writerows(rows)
+        if self.is_main:
+            write_csv(self.metrics_path, self.metric_columns, rows)
 
     def append_metrics(self, row: dict) -> None:
-        if not self.is_main:
-            return
-        with open(self.metrics_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.metric_columns).writerow(row)
-            f.flush()
-            os.fsync(f.fileno())
+        if self.is_main:
+            append_csv(self.metrics_path, self.metric_columns, row)
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     # Entries of a checkpoint that differ between processes under torchrun: saved once per rank, and each rank

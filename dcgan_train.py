@@ -397,19 +397,6 @@ def read_step_rows(path: Path, up_to_step: int) -> list[dict]:
                 and int(row["global_step"]) <= up_to_step]
 
 
-def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    with common.atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-
-
-def append_csv(path: Path, columns: list[str], row: dict) -> None:
-    with open(path, "a", newline="") as f:
-        csv.DictWriter(f, fieldnames=columns).writerow(row)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
@@ -491,7 +478,8 @@ def main(argv=None) -> int:
         run.log(f"resumed at epoch {start_epoch + 1}, step {start_step}/{steps_per_epoch}")
     run.rewrite_metrics(metrics)
     if run.is_main:
-        write_csv(steps_path, STEP_COLUMNS, read_step_rows(steps_path, start_epoch * steps_per_epoch + start_step))
+        kept_steps = read_step_rows(steps_path, start_epoch * steps_per_epoch + start_step)
+        common.write_csv(steps_path, STEP_COLUMNS, kept_steps)
 
     def make_state(epoch: int, step: int, elapsed: float) -> dict:
         return {"epoch": epoch, "step_in_epoch": step, "global_step": epoch * steps_per_epoch + step,
@@ -564,9 +552,9 @@ def main(argv=None) -> int:
             if (global_step + 1) % args.log_every == 0:
                 common.all_reduce_sum(window_sums)
                 if run.is_main:
-                    append_csv(steps_path, STEP_COLUMNS, {"global_step": global_step + 1,
-                                                          "epoch": (global_step + 1) / steps_per_epoch,
-                                                          **means(window_sums), "noise_sigma": sigma})
+                    common.append_csv(steps_path, STEP_COLUMNS, {
+                        "global_step": global_step + 1, "epoch": (global_step + 1) / steps_per_epoch,
+                        **means(window_sums), "noise_sigma": sigma})
                 window_sums.zero_()
             run.step_boundary(lambda: make_state(epoch, step + 1, time.monotonic() - epoch_start))
         progress.close()
