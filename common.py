@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import datetime
 import fcntl
@@ -32,6 +33,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +263,17 @@ def append_csv(path: Path, columns: list[str], row: dict) -> None:
         csv.DictWriter(f, fieldnames=columns).writerow(row)
         f.flush()
         os.fsync(f.fileno())
+
+
+def save_torchscript(model: torch.nn.Module, path: Path) -> None:
+    """TorchScript a CPU copy of `model` in eval mode and write it atomically: a grader's torch.jit.load(path)
+    needs none of our code. TorchScript is deprecated upstream, but it is the format the coursework loads."""
+    model = copy.deepcopy(model).to("cpu").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(model)
+    with atomic_path(path) as tmp:
+        scripted.save(str(tmp))
 
 
 def atomic_symlink(target: str, link: Path) -> None:

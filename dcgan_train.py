@@ -376,16 +376,13 @@ def save_samples(generator: nn.Module, fixed_noise: torch.Tensor, path: Path) ->
 
 
 def export(model: nn.Module, path: Path) -> None:
-    """TorchScript a CPU copy in eval mode: torch.jit.load(path) needs none of our code."""
-    model = copy.deepcopy(model).to("cpu").eval()
-    for module in model.modules():  # bake spectral norm into plain weights (TorchScript cannot script it)
+    """TorchScript for torch.jit.load (common.save_torchscript), spectral norm baked into plain weights first:
+    TorchScript cannot script the parametrisation."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
         if nn.utils.parametrize.is_parametrized(module, "weight"):
             nn.utils.parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-    with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format graders load
-        warnings.simplefilter("ignore", FutureWarning)
-        scripted = torch.jit.script(model)
-    with common.atomic_path(path) as tmp:
-        scripted.save(str(tmp))
+    common.save_torchscript(model, path)
 
 
 def read_step_rows(path: Path, up_to_step: int) -> list[dict]:

@@ -12,10 +12,8 @@ with the KL term weighted by beta (Higgins et al., 2017, "beta-VAE").
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import time
-import warnings
 
 import torch
 import torch.nn as nn
@@ -173,15 +171,6 @@ def save_samples(model: VAE, test_images: torch.Tensor, fixed_z: torch.Tensor, s
     model.train()
 
 
-def export(model: VAE, path) -> None:
-    """TorchScript a CPU copy in eval mode: the grader's torch.jit.load(path) needs none of our code."""
-    with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format graders load
-        warnings.simplefilter("ignore", FutureWarning)
-        scripted = torch.jit.script(copy.deepcopy(model).to("cpu").eval())
-    with common.atomic_path(path) as tmp:
-        scripted.save(str(tmp))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
@@ -284,7 +273,7 @@ def main(argv=None) -> int:
 
     model_path = run.dir / "VAE_model.pth"
     if run.is_main and (not model_path.exists() or start_epoch < args.epochs):
-        export(model, model_path)
+        common.save_torchscript(model, model_path)
         run.log(f"exported {model_path} (torch.jit.load it; model(x)[0] is the reconstruction)")
         run.sync_mirror()
     return 0
