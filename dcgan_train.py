@@ -478,7 +478,22 @@ def main(argv=None) -> int:
         kept_steps = read_step_rows(steps_path, start_epoch * steps_per_epoch + start_step)
         common.write_csv(steps_path, STEP_COLUMNS, kept_steps)
 
+    # The global step of the first non-finite loss (-1: none), kept on the device: reading it costs a GPU sync, so
+    # it is read every --log-every steps, at each epoch end and before every checkpoint, never once per step. A NaN
+    # poisons every later step, so the run stops there, and nothing after it is ever saved.
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    def stop_if_non_finite() -> None:
+        bad = int(first_bad_step.item())
+        if common.any_rank(bad >= 0):  # all ranks decide together
+            where = f"epoch {bad // steps_per_epoch + 1}, step {bad % steps_per_epoch + 1}" if bad >= 0 else \
+                "another rank"
+            raise common.UserError(
+                f"non-finite loss at {where}; stopped without saving, the last good checkpoint in {run.ckpt_dir} "
+                f"is untouched. Try lower --lr-d/--lr-g, --d-norm spectral, or another --seed.")
+
     def make_state(epoch: int, step: int, elapsed: float) -> dict:
+        stop_if_non_finite()
         return {"epoch": epoch, "step_in_epoch": step, "global_step": epoch * steps_per_epoch + step,
                 "generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
                 "generator_ema": generator_ema.state_dict() if generator_ema is not None else {},
@@ -536,17 +551,14 @@ def main(argv=None) -> int:
             else:
                 step_sums += [torch.zeros((), device=device)] * 2
             step_sums = torch.stack(step_sums).to(sum_dtype)
-            # One GPU sync per step, but a NaN would poison every later step. All ranks decide together.
-            if common.any_rank(not torch.isfinite(step_sums).all()):
-                raise common.UserError(
-                    f"non-finite loss at epoch {epoch + 1}, step {step + 1} (loss_d={step_sums[0].item()}, "
-                    f"loss_g={step_sums[4].item()}); stopped without saving, the last good checkpoint in "
-                    f"{run.ckpt_dir} is untouched. Try lower --lr-d/--lr-g, --d-norm spectral, or another --seed.")
+            first_bad_step = torch.where(~torch.isfinite(step_sums).all() & (first_bad_step < 0), global_step,
+                                         first_bad_step)
             epoch_sums += step_sums
             window_sums += step_sums
 
             progress.update(step + 1, {"loss_d": step_sums[0], "d_real": step_sums[1], "d_fake": step_sums[2]})
             if (global_step + 1) % args.log_every == 0:
+                stop_if_non_finite()
                 common.all_reduce_sum(window_sums)
                 if run.is_main:
                     common.append_csv(steps_path, STEP_COLUMNS, {
@@ -557,6 +569,7 @@ def main(argv=None) -> int:
         progress.close()
         train_time = time.monotonic() - epoch_start
 
+        stop_if_non_finite()
         common.all_reduce_sum(epoch_sums)
         if run.is_main:
             save_samples(sampler, fixed_noise, run.samples_dir / f"epoch_{epoch + 1:03d}.png")
