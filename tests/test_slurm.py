@@ -155,3 +155,16 @@ def test_colab_notebook_trains_into_a_mirrored_run_folder():
     flags = [word for word in train_line.split() if word.startswith("--")]
     known = {option for action in vae_train.build_parser()._actions for option in action.option_strings}
     assert {"--run-dir", "--mirror-dir"} <= set(flags) and set(flags) <= known
+
+
+def test_sweep_array_task_takes_its_line_of_the_table(fake_slurm, cifar_dir):
+    env, _, runs_root = fake_slurm
+    task_env = {**env, "SLURM_ARRAY_JOB_ID": "88", "SLURM_ARRAY_TASK_ID": "1"}  # line 2: the spectral-norm variant
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "dcgan_sweep.sh"), "--data-dir", str(cifar_dir),
+                           "--runs-root", str(runs_root), "--epochs", "1", "--ngf", "8", "--ndf", "8",
+                           "--batch-size", "32"], capture_output=True, text=True, env=task_env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import json
+    args = json.loads((runs_root / "slurm-88_1" / "config.json").read_text())["args"]
+    assert args["d_norm"] == "spectral" and args["name"] == "dcgan-spectral"
+    assert (runs_root / "slurm-88_1" / "DCGAN_model_G.pth").exists()
