@@ -1,16 +1,17 @@
 """What vae_train.py and dcgan_train.py share: run folders, checkpoints, resume, pre-emption, data, devices.
 
-A training script uses it in this order (see vae_train.py for the full loop):
+A training script uses it in this order (vae_train.main is the shortest example):
 
-    args, run_dir, resuming = resolve_run(build_parser, argv, script="vae")  # which folder, which settings
-    rank, world_size, device = init_distributed(args.device)                 # one process, or torchrun's ranks
-    images, labels = load_images(args.dataset, args.data_dir, train=True)   # fails before any folder exists
-    run = Run(run_dir, args, script="vae", ...)                              # folder, lock, config, log, signals
-    ... build the models (seeded), then
-    ckpt = run.load_checkpoint()                                             # None on a fresh start
-    ... for each step: run.step_boundary(make_state)  # periodic save; on SIGTERM/SIGUSR1/SIGINT save and exit 75
-    ... for each epoch: run.append_metrics(row); run.save_checkpoint(make_state())
+    args = parser.parse_args(argv)                                             # flags, range-checked (exit 2)
+    plan = resolve_run(parser, argv, script="vae")                             # which folder, which settings
+    ... load the data (fails before any folder exists), build a TrainingJob (models, optimisers: its state_dict
+    ... is the one place a checkpoint's contents are listed)
+    with Run(plan, ...) as run:                                                # folder, lock, config, log, signals
+        run.train(job, epochs=..., batch_size=..., seed=...)                   # resume, steps, epoch ends, saves
+        run.export(job)                                                        # the model files, once per step
 
+Run.train raises Preempted (exit 75) after a stop signal and its checkpoint, StoppedAtStartup (exit 76) for a signal
+before the first step, UserError (exit 2) for anything the user can fix; run_main maps them to exit codes.
 Importing this module has no side effects.
 """
 from __future__ import annotations
@@ -20,16 +21,19 @@ import contextlib
 import copy
 import csv
 import datetime
+import errno
 import fcntl
 import gzip
+import hashlib
+import io
 import json
+import math
 import os
-import pickle
 import platform
 import random
 import shutil
-import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -40,33 +44,42 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import stop_signals
+
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_RUNS_ROOT = REPO_ROOT / "runs"
 DEFAULT_DATA_DIR = REPO_ROOT / "data"
 
 # Exit codes a job scheduler or wrapper script can act on. 75 is EX_TEMPFAIL from sysexits.h: "try again later".
 EXIT_OK = 0
-EXIT_USER_ERROR = 2       # bad flags, missing data, refused resume: fix the command, then re-run
-EXIT_PREEMPTED = 75       # stopped by a signal after writing a checkpoint: re-run the same command to continue
-
-# Flags that may differ between the first start of a run and a resume of it. Every other flag is part of the
-# experiment (model, optimiser, data, seed) and must match the saved config, or the resumed run would silently
-# be a different experiment.
-RESUMABLE_CHANGES = {"epochs", "device", "data_dir", "resume", "run_dir", "runs_root", "name",
-                     "ckpt_every_min", "keep_ckpts", "log_every", "mirror_dir"}
+EXIT_USER_ERROR = 2           # bad flags, missing data, refused resume, full disk: fix it, then re-run
+EXIT_PREEMPTED = 75           # stopped by a signal after writing a checkpoint: re-run the same command to continue
+EXIT_STOPPED_AT_STARTUP = 76  # stopped by a signal before the first training step: nothing new to save; re-run
 
 
 class UserError(Exception):
     """A problem the user can fix (a flag, a file, a folder). Printed as one line, no traceback, exit 2."""
 
 
+class Preempted(Exception):
+    """A stop signal was honoured: the checkpoint is written (exit 75)."""
+    exit_code = EXIT_PREEMPTED
+
+
+class StoppedAtStartup(Preempted):
+    """A stop signal arrived before this start trained a single step: nothing new to save (exit 76)."""
+    exit_code = EXIT_STOPPED_AT_STARTUP
+
+
 def run_main(main, argv=None):
-    """Run a script's main(); a UserError becomes one message on stderr and exit code 2."""
+    """Run a script's main() and exit with its code: UserError -> one line on stderr and 2; Preempted -> 75/76."""
     try:
         code = main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
+        code = EXIT_USER_ERROR
+    except Preempted as stop:  # Run has logged what happened and how to continue
+        code = stop.exit_code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -74,64 +87,149 @@ def run_main(main, argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command-line flags shared by both training scripts
+# Command-line flags. Each group says whether its flags may change when a run is resumed: the model, the optimiser
+# and the data define the experiment and are fixed; evaluation, logging, speed and the device may change.
 
 
-def add_run_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, dataset: str,
-                 datasets: list[str]) -> None:
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the defaults shown in --help, errors as one line (exit 2), and groups of flags that say
+    whether they may change on resume (`parser.group(title, resumable=...)`)."""
+
+    class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    def __init__(self, description: str):
+        super().__init__(description=description, formatter_class=self._Formatter)
+        self._resumable_groups = []
+
+    def group(self, title: str, *, resumable: bool):
+        group = self.add_argument_group(f"{title} ({'may change on resume' if resumable else 'fixed for a run'})")
+        if resumable:
+            self._resumable_groups.append(group)
+        return group
+
+    def resumable_flags(self) -> set[str]:
+        return {action.dest for group in self._resumable_groups for action in group._group_actions}
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _checked(kind, ok, rule: str):
+    """An argparse type: `kind(text)`, refused with "must be <rule>" unless ok(value)."""
+    def parse(text: str):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+def at_least(minimum: int):
+    return _checked(int, lambda v: v >= minimum, f"an integer >= {minimum}")
+
+
+positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+non_negative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+unit_interval = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+plain_name = _checked(str, lambda v: v not in ("", ".", "..") and "/" not in v and not v.startswith("."),
+                      "a plain folder name (no '/', not starting with '.')")
+
+
+def add_run_args(parser: ArgumentParser, *, epochs: int, batch_size: int, dataset: str, datasets: list[str]) -> None:
     """Add the flags every training script has. Script-specific defaults come in as keyword arguments."""
-    g = parser.add_argument_group("run")
-    g.add_argument("--epochs", type=int, default=epochs, help="total epochs (raise it on resume to train longer)")
-    g.add_argument("--batch-size", type=int, default=batch_size, help="images per optimiser step")
+    g = parser.group("data and schedule", resumable=False)
+    g.add_argument("--batch-size", type=at_least(1), default=batch_size, help="images per optimiser step")
     g.add_argument("--seed", type=int, default=0, help="seed for weights, data order and noise")
+    g.add_argument("--dataset", default=dataset, choices=datasets, help="training data")
+    g.add_argument("--train-limit", type=at_least(0), default=0, help="train on the first N training images (0: all)")
+
+    g = parser.group("run", resumable=True)
+    g.add_argument("--epochs", type=at_least(1), default=epochs, help="total epochs (raise it on resume to train longer)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto picks CUDA, then MPS, then CPU")
-    g.add_argument("--dataset", default=dataset, choices=datasets, help="training data")
     g.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR),
                    help="root folder of the data sets (torchvision layout; downloaded there when missing)")
-    g.add_argument("--train-limit", type=int, default=0, help="train on the first N training images (0: all)")
-    g.add_argument("--name", default=None, help="suffix of the run folder name (default: the script's name)")
+    g.add_argument("--name", type=plain_name, default=None,
+                   help="suffix of the new run folder's name (default: the script's name)")
+    g.add_argument("--sweep", type=plain_name, default=None,
+                   help="name of the sweep this run belongs to (recorded in config.json; a sweep member never "
+                        "moves runs/latest*, and the analysis and report scripts select sweeps by this name)")
     g.add_argument("--runs-root", default=str(DEFAULT_RUNS_ROOT), help="where new run folders are made")
     g.add_argument("--run-dir", default=None,
                    help="use this run folder; if it holds a checkpoint the run continues from it")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR ('latest': the newest run of this script)")
-    g.add_argument("--ckpt-every-min", type=float, default=10.0,
+    g.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start a NEW run from another run's checkpoint (a .pt file, or a run folder: its newest "
+                        "checkpoint): weights, optimiser state, epoch and metrics so far, with this command's "
+                        "flags (e.g. a lower learning rate after a divergence)")
+    g.add_argument("--restart", action="store_true",
+                   help="start from scratch in a --run-dir whose checkpoints are all damaged (*.corrupt)")
+    g.add_argument("--ckpt-every-min", type=positive_float, default=10.0,
                    help="minutes between mid-epoch checkpoints (one is always written at each epoch end)")
-    g.add_argument("--keep-ckpts", type=int, default=2, help="how many recent checkpoints to keep")
-    g.add_argument("--log-every", type=int, default=100, help="steps between progress lines when not on a terminal")
+    g.add_argument("--keep-ckpts", type=at_least(1), default=2, help="how many recent step-*.pt checkpoints to keep")
+    g.add_argument("--milestone-every", type=at_least(0), default=0,
+                   help="keep checkpoints/epoch-NNN.pt every N epochs and at the last, never rotated "
+                        "(0: about five per run, every max(1, epochs // 5))")
+    g.add_argument("--log-every", type=at_least(1), default=100,
+                   help="steps between progress lines when not on a terminal (also one at least every 30 s)")
     g.add_argument("--mirror-dir", default=None,
                    help="copy the run folder here after every checkpoint, verified (e.g. Google Drive on Colab); "
                         "a run folder missing locally is restored from it first")
-    speed = parser.add_argument_group("speed (GPU)")
+    speed = parser.group("speed (GPU)", resumable=True)
     speed.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                        help="mixed precision for the training steps; auto: bf16 on a CUDA GPU that has it, else off")
     speed.add_argument("--channels-last", action="store_true", help="NHWC memory layout for the conv layers")
     speed.add_argument("--compile", action="store_true", help="torch.compile the training step")
 
 
-def _explicit_flags(build_parser, argv) -> set[str]:
+# ----------------------------------------------------------------------------------------------------------------
+# Which run folder a process works in
+
+
+class RunPlan:
+    """The outcome of resolve_run: the settings, the folder, and whether this start continues a run."""
+
+    def __init__(self, args, run_dir: Path, resuming: bool, new_folder: bool, fingerprint: str, init_from=None):
+        self.args, self.dir, self.resuming, self.new_folder = args, run_dir, resuming, new_folder
+        self.fingerprint = fingerprint  # of the settings that define the experiment (checked on every load)
+        self.init_from = init_from      # another run's checkpoint file to start from (--init-from)
+
+
+def _explicit_flags(parser: ArgumentParser, argv) -> set[str]:
     """The destinations of the flags actually typed on the command line (not left at their defaults)."""
-    parser = build_parser()
+    parser = copy.deepcopy(parser)
     for action in parser._actions:  # argparse offers no public way to ask "was this flag given?"
         action.default = argparse.SUPPRESS
     return set(vars(parser.parse_args(argv)))
 
 
-def resolve_run(build_parser, argv, *, script: str):
+def experiment_fingerprint(args, parser: ArgumentParser) -> str:
+    """A short hash of the flags that define the experiment (every flag not in a resumable group)."""
+    fixed = {k: v for k, v in sorted(vars(args).items()) if k not in parser.resumable_flags()}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resolve_run(parser: ArgumentParser, argv, *, script: str) -> RunPlan:
     """Parse the flags and decide which run folder this process works in.
 
-    Returns (args, run_dir, resuming). When resuming, flags not typed on the command line take the values saved
-    in the run's config.json, so `--resume latest` alone continues a run started with any flags; typed flags that
-    change the experiment are refused with the list of differing keys.
+    When resuming, flags not typed on the command line take the values saved in the run's config.json, so
+    `--resume latest` alone continues a run started with any flags; typed flags that change the experiment are
+    refused with the list of differing keys. Nothing is written here.
     """
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     # Absolute paths in config.json, so a resume from another working directory finds the same folders.
     args.data_dir, args.runs_root = str(Path(args.data_dir).resolve()), str(Path(args.runs_root).resolve())
     if args.resume and args.run_dir and Path(args.resume).resolve() != Path(args.run_dir).resolve():
         raise UserError("--resume and --run-dir name different folders; give one of them")
+    if args.init_from and (args.resume or args.run_dir and list_checkpoints(args.run_dir)):
+        raise UserError("--init-from starts a new run; to continue a run, use --resume (or --run-dir) alone")
     runs_root = Path(args.runs_root)
 
+    new_folder = False
     if args.resume:
         run_dir = runs_root / f"latest-{script}" if args.resume == "latest" else Path(args.resume)
         if not run_dir.exists():
@@ -146,30 +244,87 @@ def resolve_run(build_parser, argv, *, script: str):
         if args.mirror_dir and not list_checkpoints(run_dir) and list_checkpoints(args.mirror_dir):
             restore_from_mirror(Path(args.mirror_dir), run_dir)
         resuming = bool(list_checkpoints(run_dir))
+        if not resuming:
+            _check_fresh_start_allowed(run_dir, args, parser, script)
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = (runs_root / f"{stamp}-{args.name or script}").resolve()
-        resuming = False
+        run_dir, resuming, new_folder = runs_root / f"{stamp}-{args.name or script}", False, True
+        _check_writable(runs_root, "--runs-root")
 
     if resuming:
-        args = _merge_saved_config(args, run_dir, _explicit_flags(build_parser, argv), script)
-    return args, run_dir, resuming
+        _merge_saved_config(args, parser, run_dir, _explicit_flags(parser, argv), script)
+    init_from = None
+    if args.init_from:
+        init_from = _init_checkpoint(args.init_from)
+        _take_source_settings(args, init_from.parent.parent, _explicit_flags(parser, argv), script)
+    return RunPlan(args, run_dir, resuming, new_folder, experiment_fingerprint(args, parser), init_from)
 
 
-def _merge_saved_config(args, run_dir: Path, explicit: set[str], script: str):
+def _check_writable(folder: Path, flag: str) -> None:
+    """Fail now, with one line, if run folders cannot be made in `folder` (a file, read-only, no permission)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{flag} {folder}: cannot create run folders there ({err.strerror or err})") from None
+
+
+def _check_fresh_start_allowed(run_dir: Path, args, parser: ArgumentParser, script: str) -> None:
+    """A --run-dir with nothing to resume may start from scratch only when that loses nothing: never over damaged
+    checkpoints (unless --restart), never in a folder that holds another experiment."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir}: exists and is not a folder")
+    if list((run_dir / "checkpoints").glob("*.corrupt")) and not args.restart:
+        raise UserError(f"{run_dir}: every checkpoint is damaged (set aside as checkpoints/*.corrupt). Restore one "
+                        f"from a backup, or add --restart to train from scratch in this folder")
+    if (run_dir / "config.json").exists():
+        saved = read_run_config(run_dir, script)
+        saved_args = argparse.Namespace(**{**vars(args), **saved["args"]})
+        if experiment_fingerprint(saved_args, parser) != experiment_fingerprint(args, parser) and not args.restart:
+            raise UserError(f"{run_dir} holds another {script} run (config.json, different settings) and no "
+                            f"checkpoint; use a new folder, or add --restart to replace it")
+    _check_writable(run_dir if run_dir.is_dir() else run_dir.parent, "--run-dir")
+
+
+def _merge_saved_config(args, parser: ArgumentParser, run_dir: Path, explicit: set[str], script: str) -> None:
     saved = read_run_config(run_dir, script)["args"]
-    differing = []
+    resumable, differing = parser.resumable_flags(), []
     for key, saved_value in saved.items():
-        if key in ("resume", "run_dir") or not hasattr(args, key):
+        if key in ("resume", "run_dir", "init_from") or not hasattr(args, key):
             continue
         if key not in explicit:
             setattr(args, key, saved_value)
-        elif key not in RESUMABLE_CHANGES and getattr(args, key) != saved_value:
+        elif key not in resumable and getattr(args, key) != saved_value:
             differing.append(f"{key}: saved {saved_value!r}, given {getattr(args, key)!r}")
     if differing:
         raise UserError(f"refusing to resume {run_dir} with different settings ({'; '.join(differing)}). "
-                        f"Start a new run for a new experiment, or drop those flags to keep the saved values.")
-    return args
+                        f"Start a new run for a new experiment (--init-from {run_dir} keeps its weights), "
+                        f"or drop those flags to keep the saved values.")
+
+
+def _take_source_settings(args, source_dir: Path, explicit: set[str], script: str) -> None:
+    """--init-from: flags not typed take the source run's values (its model must match the checkpoint anyway), so
+    `--init-from RUN --lr 1e-4` changes exactly the learning rate. Where the new run lives is this command's."""
+    if not (source_dir / "config.json").exists():
+        return
+    own = {"resume", "run_dir", "init_from", "name", "sweep", "runs_root", "restart", "mirror_dir"}
+    for key, value in read_run_config(source_dir, script)["args"].items():
+        if key not in explicit and key not in own and hasattr(args, key):
+            setattr(args, key, value)
+
+
+def _init_checkpoint(path: str) -> Path:
+    """--init-from: a checkpoint file, or a run folder (its newest checkpoint)."""
+    path = Path(path).resolve()
+    if path.is_dir():
+        if not list_checkpoints(path):
+            raise UserError(f"--init-from {path}: the folder holds no checkpoints/step-*.pt")
+        return list_checkpoints(path)[0]
+    if not path.is_file():
+        raise UserError(f"--init-from {path}: no such checkpoint file or run folder")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,7 +383,7 @@ def fsync_dir(path: Path) -> None:
 def atomic_path(path: Path):
     """Yield a temporary path beside `path`; on success it is fsynced and renamed over `path`.
 
-    The temporary name starts with '.' and contains '.tmp-', so Run.clean_stray_temp_files() can find leftovers.
+    The temporary name starts with '.' and contains '.tmp-', so Run._clean_stray_temp_files() finds leftovers.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -297,33 +452,39 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(ckpt_dir.glob("step-*.pt"), reverse=True)
 
 
-def load_latest_checkpoint(run_dir: Path, log=print, set_aside: bool = True) -> dict | None:
-    """Load the newest checkpoint that reads back; warn about each one that does not.
+def load_latest_checkpoint(run_dir: Path, log=print, set_aside: bool = True, check=None) -> dict | None:
+    """Load the newest checkpoint that reads back and passes `check`; warn about each one that does not.
 
-    The training script (which owns the folder) sets bad files aside as *.corrupt so they are never tried again;
-    readers such as the analysis scripts pass set_aside=False and leave the folder as it is. A file that vanishes
-    while we look (a live run pruning its old checkpoints) is skipped.
+    `check(ckpt)` returns None for a checkpoint this run can continue from, or why not (another script's, another
+    experiment's): such a file is treated exactly like a damaged one. The training script (which owns the folder)
+    sets bad files aside as *.corrupt so they are never tried again; readers such as the analysis scripts pass
+    set_aside=False and leave the folder as it is. A file that vanishes while we look (a live run pruning its old
+    checkpoints) is skipped.
     Returns None when the run has no checkpoint file at all. Raises UserError when there are checkpoint files but
     none loads: starting from scratch there would silently throw away the run.
     """
     paths, vanished = list_checkpoints(run_dir), 0
     for path in paths:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            problem = check(ckpt) if check else None
         except FileNotFoundError:
             vanished += 1
             continue
         except Exception as err:  # truncated, empty or garbage: torch raises several kinds
-            bad = path.with_name(path.name + ".corrupt")
-            log(f"warning: checkpoint {path} does not load ({type(err).__name__}: {str(err)[:120]}); "
-                + (f"set aside as {bad.name}, trying the one before" if set_aside else "trying the one before"))
-            if set_aside:
-                os.replace(path, bad)
+            problem = f"does not load ({type(err).__name__}: {str(err)[:120]})"
+        if problem is None:
+            return ckpt
+        bad = path.with_name(path.name + ".corrupt")
+        log(f"warning: checkpoint {path} {problem}; "
+            + (f"set aside as {bad.name}, trying the one before" if set_aside else "trying the one before"))
+        if set_aside:
+            os.replace(path, bad)
     if paths and vanished == len(paths):  # all pruned under our feet: the newer ones are on disk now
-        return load_latest_checkpoint(run_dir, log, set_aside)
+        return load_latest_checkpoint(run_dir, log, set_aside, check)
     if paths:
         raise UserError(f"no checkpoint in {Path(run_dir) / 'checkpoints'} loads; nothing to resume from. "
-                        f"Start a new run, or restore a checkpoint from a backup.")
+                        f"Restore a checkpoint from a backup, or add --restart to train from scratch in this folder.")
     return None
 
 
@@ -408,42 +569,126 @@ def restore_from_mirror(mirror: Path, run_dir: Path) -> None:
 # The run folder
 
 
-class Run:
-    """One run folder, owned by this process: lock, config.json, log.txt, metrics.csv, checkpoints, signals.
+class TrainingJob:
+    """What a training script hands to Run.train: its models and optimisers, and the steps of its loop.
 
-    Layout:  RUN_DIR/config.json  log.txt  metrics.csv  samples/  checkpoints/step-<global step>.pt  figures/
+    state_dict() / load_state_dict() are the one place where what a checkpoint holds for the script is listed
+    (Run adds the loop's own position, metrics and RNG). The other methods are the named steps of the loop.
+    """
+    n_images: int                 # size of the training set (one epoch)
+    device: torch.device
+    best_column: str | None = None  # a metrics column (lower is better) whose best epoch is kept as best.pt
+    divergence_hint = "a lower learning rate"  # what to change after a non-finite loss
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def on_start(self, run: Run, global_step: int) -> None:
+        """Called once per start, after the checkpoint (if any) is loaded."""
+
+    def train_step(self, batch: torch.Tensor, global_step: int, epoch_progress: float) -> dict:
+        """One optimiser step on the training images at `batch` (indices). Returns the numbers to show, as
+        0-d tensors (only turned into Python numbers, a GPU sync, when shown); a non-finite one stops the run."""
+        raise NotImplementedError
+
+    def log_window(self, run: Run, global_step: int) -> None:
+        """Called every --log-every steps (after the non-finite check): e.g. a row of steps.csv."""
+
+    def end_epoch(self, run: Run, epoch: int) -> dict:
+        """The epoch's own metric columns (means, evaluation), sample grids; resets per-epoch sums."""
+        raise NotImplementedError
+
+    def summary(self, row: dict) -> str:
+        """The short, aligned part of the per-epoch log line (the full row is in metrics.csv)."""
+        raise NotImplementedError
+
+    def export(self, folder: Path) -> list[Path]:
+        """Write the model files a grader loads; returns their paths."""
+        raise NotImplementedError
+
+
+class Run:
+    """One run folder, owned by this process: lock, config.json, log.txt, metrics.csv, checkpoints, signals, and
+    the training loop's bookkeeping (restore, steps, epoch ends, saves, stops).
+
+    Layout:  RUN_DIR/config.json  log.txt  metrics.csv  samples/  figures/  export.json  <model files>
+             RUN_DIR/checkpoints/step-<global step>.pt (the newest --keep-ckpts)  epoch-NNN.pt (milestones)  best.pt
+
+    Use as a context manager: entering takes the folder, leaving closes its files and restores signal handlers.
     """
 
-    def __init__(self, run_dir: Path, args, *, script: str, resuming: bool, metric_columns: list[str],
-                 device: torch.device):
+    # Entries of a checkpoint that differ between processes under torchrun: saved once per rank, and each rank
+    # gets its own back on resume. Everything else (weights, optimiser, metrics) is the same on every rank.
+    PER_RANK_KEYS = ("rng", "epoch_sums", "window_sums")
+
+    def __init__(self, plan: RunPlan, *, script: str, device: torch.device, metric_columns: list[str],
+                 ckpt_every_min: float, keep_ckpts: int, milestone_every: int, log_every: int,
+                 mirror_dir: str | None, config: dict):
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.is_main = self.rank == 0  # under torchrun only rank 0 writes anything
-        self.dir = Path(broadcast_object(str(run_dir)))  # rank 0's choice (a new folder's name holds the time)
-        self.args = args
-        self.script = script
+        self.plan, self.script, self.device, self.config = plan, script, device, config
         self.metric_columns = metric_columns
-        self.ckpt_dir = self.dir / "checkpoints"
-        self.samples_dir = self.dir / "samples"
-        self.metrics_path = self.dir / "metrics.csv"
-        self._log_file = None
+        self.ckpt_every_s, self.keep_ckpts, self.milestone_every = ckpt_every_min * 60, keep_ckpts, milestone_every
+        self.log_every, self.mirror_dir = log_every, Path(mirror_dir) if mirror_dir else None
+        self.dir = plan.dir
+        self._log_file = self._lock_file = None
+        self.preempted_by: str | None = None  # the loop's decision, taken (by all ranks together) at boundaries
+        self.metrics: list[dict] = []
+        self.best_fid = math.inf
+        self.epoch = self.global_step = 0     # where training stands (after train(): where it ended)
 
-        def take_folder():
-            for d in (self.dir, self.ckpt_dir, self.samples_dir):
+    # -- entering and leaving -------------------------------------------------------------------------------------
+    def __enter__(self) -> Run:
+        stop_signals.install()  # the training scripts call it at their first line; here for any other caller
+        self.dir = Path(self._on_main(self._take_folder))  # rank 0's choice (a new folder's name holds the time)
+        self.ckpt_dir, self.samples_dir = self.dir / "checkpoints", self.dir / "samples"
+        self.metrics_path = self.dir / "metrics.csv"
+        self.last_save = time.monotonic()
+        ranks = f" ({self.world_size} processes)" if self.world_size > 1 else ""
+        self.log(f"{'resuming' if self.plan.resuming else 'new'} {self.script} run in {self.dir} on "
+                 f"{self.device}{ranks}")
+        self.log("config: " + json.dumps(self.config, sort_keys=True))
+        return self
+
+    def __exit__(self, *exc_info) -> bool:
+        for f in (self._log_file, self._lock_file):
+            if f:
+                f.close()  # closing the lock file releases the flock
+        self._log_file = self._lock_file = None
+        stop_signals.restore()
+        return False
+
+    def _take_folder(self) -> str:
+        if self.plan.new_folder:
+            self.dir = self._claim_new_folder(self.dir)
+        with self.writing("the run folder", self.dir):
+            for d in (self.dir, self.dir / "checkpoints", self.dir / "samples"):
                 d.mkdir(parents=True, exist_ok=True)
             self._lock_file = self._lock()
             self._log_file = open(self.dir / "log.txt", "a", buffering=1)
-            self.clean_stray_temp_files()
-            self._write_config(device, resuming)
-            self._link_latest()
+            self._clean_stray_temp_files()
+            self._write_config()
+            if not self.config.get("sweep"):  # sweep members never become "the" run of their script
+                self._link_latest()
+        return str(self.dir)
 
-        self._on_main(take_folder)
-        self._signal: str | None = None        # set by the signal handler, at any moment
-        self.preempted_by: str | None = None   # the loop's decision, taken (by all ranks together) at boundaries
-        self._install_signal_handlers()
-        self.last_save = time.monotonic()
-        ranks = f" ({self.world_size} processes)" if self.world_size > 1 else ""
-        self.log(f"{'resuming' if resuming else 'new'} {script} run in {self.dir} on {device}{ranks}")
-        self.log("config: " + json.dumps(vars(args), sort_keys=True))
+    @staticmethod
+    def _claim_new_folder(wanted: Path) -> Path:
+        """Make a folder that did not exist: two runs started in the same second with the same --name get
+        `-2`, `-3`, ... (mkdir is atomic, so two processes can never both claim one name)."""
+        for n in range(1, 1000):
+            candidate = wanted if n == 1 else wanted.with_name(f"{wanted.name}-{n}")
+            try:
+                candidate.mkdir(parents=True)
+                return candidate
+            except FileExistsError:
+                continue
+            except OSError as err:
+                raise UserError(f"cannot create the run folder {candidate} ({err.strerror or err})") from None
+        raise UserError(f"{wanted}-2 .. -999 all exist; choose another --name")
 
     def _on_main(self, fn):
         """Run `fn` on rank 0 only and hand its result to every rank; a UserError there stops every rank (rather
@@ -459,7 +704,6 @@ class Run:
             raise UserError(error)
         return result
 
-    # -- ownership ------------------------------------------------------------------------------------------------
     def _lock(self):
         """Refuse a second process on this folder. flock dies with its process, so a crash leaves no stale lock."""
         lock_file = open(self.dir / ".lock", "a+")
@@ -468,6 +712,7 @@ class Run:
         except BlockingIOError:
             lock_file.seek(0)
             holder = lock_file.read().strip() or "unknown"
+            lock_file.close()
             raise UserError(f"another process (pid {holder}) is already training in {self.dir}; "
                             f"wait for it or stop it first") from None
         lock_file.truncate(0)
@@ -475,35 +720,41 @@ class Run:
         lock_file.flush()
         return lock_file
 
-    def clean_stray_temp_files(self) -> None:
+    def _clean_stray_temp_files(self) -> None:
         """Remove the temporary files of a process killed in the middle of a save (we hold the lock: none is live)."""
-        for folder in (self.dir, self.ckpt_dir, self.samples_dir):
+        for folder in (self.dir, self.dir / "checkpoints", self.dir / "samples"):
             for tmp in folder.glob(".*.tmp-*"):
                 self.log(f"removing {tmp}, left by a process killed while saving")
                 tmp.unlink()
 
-    def _write_config(self, device, resuming: bool) -> None:
+    def _write_config(self) -> None:
         config_path = self.dir / "config.json"
-        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        try:
+            config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        except json.JSONDecodeError as err:
+            if self.plan.resuming:  # its settings were read a moment ago: it cannot be damaged unless replaced
+                raise UserError(f"{config_path} is damaged ({err}); restore it from a backup") from None
+            config = {}  # nothing to resume: its start history is all that is lost, and it is rewritten now
         starts = config.get("starts", [])
         starts.append({"time": datetime.datetime.now().isoformat(timespec="seconds"), "host": socket.gethostname(),
-                       "device": str(device), "resumed": resuming, "pid": os.getpid(),
+                       "device": str(self.device), "resumed": self.plan.resuming, "pid": os.getpid(),
                        "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
         config.update({
             "script": self.script,
-            "args": vars(self.args),
+            "args": self.config,
+            "fingerprint": self.plan.fingerprint,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "git_commit": _git_commit(),
             "host": socket.gethostname(),
-            "device": str(device),
+            "device": str(self.device),
             "starts": starts,
         })
         atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def _link_latest(self) -> None:
         """runs/latest and runs/latest-<script> point at this run (only for runs inside the runs root)."""
-        runs_root = Path(self.args.runs_root).resolve()
+        runs_root = Path(self.config["runs_root"]).resolve()
         if self.dir.parent != runs_root:
             return
         for link in ("latest", f"latest-{self.script}"):
@@ -518,35 +769,196 @@ class Run:
         if self._log_file:
             self._log_file.write(message + "\n")
 
-    def rewrite_metrics(self, rows: list[dict]) -> None:
-        """Make metrics.csv hold exactly `rows` (those of the checkpoint): a resume never repeats an epoch."""
+    @contextlib.contextmanager
+    def writing(self, what: str, path: Path):
+        """Turn a storage fault (disk full, read-only, I/O error) while writing `what` into one line that says
+        what failed, where, and which checkpoint is intact; the next start resumes from that one."""
+        try:
+            yield
+        except OSError as err:
+            kept = list_checkpoints(self.dir)
+            intact = f"the newest checkpoint {kept[0]} is intact" if kept else "no checkpoint was written yet"
+            reason = err.strerror or str(err)
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                reason += " (free some space)"
+            raise UserError(f"could not write {what} ({path}): {reason}; {intact}. Fix that, then re-run the "
+                            f"same command to continue.") from None
+
+    def append_csv(self, path: Path, columns: list[str], row: dict) -> None:
         if self.is_main:
-            write_csv(self.metrics_path, self.metric_columns, rows)
+            with self.writing(path.name, path):
+                append_csv(path, columns, row)
 
-    def append_metrics(self, row: dict) -> None:
-        if self.is_main:
-            append_csv(self.metrics_path, self.metric_columns, row)
+    def sync_mirror(self) -> None:
+        """Bring the --mirror-dir copy up to date (after each checkpoint, and once more after the export)."""
+        if self.is_main and self.mirror_dir:
+            with self.writing("the mirror copy", self.mirror_dir):
+                mirror_run(self.dir, self.mirror_dir, log=self.log)
 
-    # -- checkpoints ----------------------------------------------------------------------------------------------
-    # Entries of a checkpoint that differ between processes under torchrun: saved once per rank, and each rank
-    # gets its own back on resume. Everything else (weights, optimiser, metrics) is the same on every rank.
-    PER_RANK_KEYS = ("rng", "epoch_sums", "window_sums")
+    # -- the training loop ----------------------------------------------------------------------------------------
+    def train(self, job: TrainingJob, *, epochs: int, batch_size: int, seed: int) -> None:
+        """Train `job` up to `epochs`, from the newest checkpoint if there is one. The data order of each epoch is
+        a pure function of (seed, epoch), so a resumed run takes exactly the steps an uninterrupted one would."""
+        self.steps_per_epoch = math.ceil(job.n_images / batch_size)
+        self._first_bad_step = torch.full((), -1, dtype=torch.long, device=job.device)
+        start_epoch, start_step, elapsed = self._restore(job)
+        job.on_start(self, self.global_step)
+        if self._stop_requested():  # a signal while we imported torch, loaded data, built models: nothing to save
+            again = ("Re-run the same command to continue." if self.plan.resuming else
+                     f"Nothing was trained yet: re-run the command (or add --run-dir {self.dir}) to start it.")
+            self.log(f"stopped by {self.preempted_by} during start-up, before any training step; nothing new to "
+                     f"save. {again}")
+            raise StoppedAtStartup()
+        if start_epoch >= epochs:
+            self.log(f"run already finished ({start_epoch} of {epochs} epochs); raise --epochs to train longer")
+        progress = Progress(steps_per_epoch=self.steps_per_epoch, total_steps=epochs * self.steps_per_epoch,
+                            start_step=self.global_step, batch_size=batch_size, log_every=self.log_every,
+                            log=self.log)
+        for epoch in range(start_epoch, epochs):
+            epoch_start = time.monotonic() - elapsed
+            order = epoch_permutation(seed, epoch, job.n_images, job.device)
+            progress.start_epoch(epoch, epochs)
+            for step in range(start_step, self.steps_per_epoch):
+                self.epoch, self.global_step = epoch, epoch * self.steps_per_epoch + step
+                shown = job.train_step(shard(order[step * batch_size:(step + 1) * batch_size]), self.global_step,
+                                       epoch + step / self.steps_per_epoch)
+                self._watch_finite(shown)
+                self.global_step += 1
+                progress.update(self.global_step, shown)
+                if self.global_step % self.log_every == 0:
+                    self._stop_if_non_finite(job)
+                    job.log_window(self, self.global_step)
+                self._step_boundary(lambda: self._state(job, epoch, step + 1, time.monotonic() - epoch_start))
+            progress.end_epoch()
+            self._end_epoch(job, epoch, epochs, train_time=time.monotonic() - epoch_start, epoch_start=epoch_start)
+            start_step, elapsed = 0, 0.0
 
-    def load_checkpoint(self) -> dict | None:
-        """The newest checkpoint that loads, or None for a fresh run. Rank 0 reads it and sends it to the others."""
-        ckpt = self._on_main(lambda: load_latest_checkpoint(self.dir, log=self.log))
+    def _end_epoch(self, job: TrainingJob, epoch: int, epochs: int, train_time: float, epoch_start: float) -> None:
+        """Evaluate, append the metrics row, log one short line, save (a milestone too when due), and stop here if
+        a signal came during the evaluation (the epoch-end checkpoint holds everything)."""
+        self._stop_if_non_finite(job)
+        row = {"epoch": epoch + 1, "images_seen": (epoch + 1) * job.n_images, **job.end_epoch(self, epoch),
+               "train_time_s": train_time, "epoch_time_s": time.monotonic() - epoch_start}
+        self.metrics.append(row)
+        self.append_csv(self.metrics_path, self.metric_columns, row)
+        self.epoch, self.global_step = epoch + 1, (epoch + 1) * self.steps_per_epoch
+        self.log(f"epoch {epoch + 1:>{len(str(epochs))}}/{epochs}  {job.summary(row)}  "
+                 f"({row['epoch_time_s']:.0f} s)")
+        value = row.get(job.best_column) if job.best_column else None
+        is_best = isinstance(value, float) and math.isfinite(value) and value < self.best_fid
+        if is_best:
+            self.best_fid = value
+        every = self.milestone_every or max(1, epochs // 5)
+        path = self._save(self._state(job, epoch + 1, 0, 0.0),
+                          milestone=(epoch + 1) % every == 0 or epoch + 1 == epochs, best=is_best)
+        if is_best:
+            self.log(f"best {job.best_column} so far ({value:.2f}): checkpoints/best.pt")
+        if self.preempted_by:
+            raise self._preempted(path)
+
+    def _state(self, job: TrainingJob, epoch: int, step: int, elapsed: float) -> dict:
+        """The whole checkpoint: the job's state and the loop's position. Never built after a non-finite loss."""
+        self._stop_if_non_finite(job)
+        return {"script": self.script, "fingerprint": self.plan.fingerprint, "epoch": epoch, "step_in_epoch": step,
+                "global_step": epoch * self.steps_per_epoch + step, "metrics": self.metrics, "best_fid": self.best_fid,
+                "epoch_elapsed_s": elapsed, "rng": rng_state(), **job.state_dict()}
+
+    def _restore(self, job: TrainingJob) -> tuple[int, int, float]:
+        """Load the newest usable checkpoint (or --init-from's) into `job` and the loop; (epoch, step, elapsed)."""
+        def check(ckpt, same_experiment=True) -> str | None:
+            if ckpt.get("script", self.script) != self.script:
+                return f"is a {ckpt['script']} checkpoint, not a {self.script} one"
+            if same_experiment and ckpt.get("fingerprint", self.plan.fingerprint) != self.plan.fingerprint:
+                return "belongs to another experiment (its settings differ from config.json)"
+            present = set(ckpt) | set(ckpt["per_rank"][0] if "per_rank" in ckpt else ())
+            missing = sorted(set(job.state_dict()) - present)
+            return f"lacks {', '.join(missing)} (not a {self.script} checkpoint)" if missing else None
+
+        if self.plan.init_from:
+            def load_init():
+                ckpt = torch.load(self.plan.init_from, map_location="cpu", weights_only=True)
+                problem = check(ckpt, same_experiment=False)
+                if problem:
+                    raise UserError(f"--init-from {self.plan.init_from}: the checkpoint {problem}")
+                return ckpt
+            ckpt = self._on_main(lambda: _user_error_on_load(load_init, self.plan.init_from))
+        else:
+            ckpt = self._on_main(lambda: load_latest_checkpoint(self.dir, log=self.log, check=check))
         if ckpt is None:
-            return None
+            if self.is_main:
+                write_csv(self.metrics_path, self.metric_columns, [])
+            return 0, 0, 0.0
         saved_world = ckpt.get("world_size", 1)
         if saved_world != self.world_size:
             raise UserError(f"the checkpoint in {self.dir} was written by {saved_world} process(es); resume it with "
                             f"the same number (torchrun --nproc_per_node {saved_world}, or plain python for 1)")
         if "per_rank" in ckpt:
             ckpt.update(ckpt.pop("per_rank")[self.rank])
-        return ckpt
+        try:
+            job.load_state_dict(ckpt)
+        except RuntimeError as err:  # --init-from a run with another architecture
+            raise UserError(f"the checkpoint does not fit this model: {str(err).splitlines()[0]}") from None
+        self.metrics, self.best_fid = ckpt["metrics"], ckpt.get("best_fid", math.inf)
+        self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
+        set_rng_state(ckpt["rng"])
+        if self.is_main:  # metrics.csv holds exactly the checkpoint's rows: a resume never repeats an epoch
+            write_csv(self.metrics_path, self.metric_columns, self.metrics)
+        source = f" from {self.plan.init_from}" if self.plan.init_from else ""
+        self.log(f"resumed at epoch {ckpt['epoch'] + 1}, step {ckpt['step_in_epoch']}/{self.steps_per_epoch}{source}")
+        return ckpt["epoch"], ckpt["step_in_epoch"], ckpt["epoch_elapsed_s"]
 
-    def save_checkpoint(self, state: dict) -> Path:
-        """Write `state` as checkpoints/step-<global_step>.pt atomically, then keep only the newest --keep-ckpts.
+    # -- non-finite losses ----------------------------------------------------------------------------------------
+    def _watch_finite(self, shown: dict) -> None:
+        """Remember the first step with a non-finite number, on the device: reading it costs a GPU sync, so it
+        is read every --log-every steps, at each epoch end and before every checkpoint, never once per step."""
+        finite = torch.isfinite(torch.stack([v.detach().float() for v in shown.values()])).all()
+        self._first_bad_step = torch.where(~finite & (self._first_bad_step < 0), self.global_step,
+                                           self._first_bad_step)
+
+    def _stop_if_non_finite(self, job: TrainingJob) -> None:
+        """A NaN poisons every later step, so the run stops at the first one, and nothing after it is saved."""
+        bad = int(self._first_bad_step.item())
+        if not any_rank(bad >= 0):  # all ranks decide together
+            return
+        where = (f"epoch {bad // self.steps_per_epoch + 1}, step {bad % self.steps_per_epoch + 1}" if bad >= 0
+                 else "another rank")
+        kept = list_checkpoints(self.dir)
+        if kept:
+            way = (f"the newest good checkpoint, {kept[0]}, is untouched: continue from it in a new run with other "
+                   f"settings, e.g. python {self.script}_train.py --init-from {self.dir} with {job.divergence_hint}")
+        else:
+            way = f"no checkpoint was written before it; start a new run with {job.divergence_hint}"
+        raise UserError(f"non-finite loss at {where}; stopped without saving. {way}.")
+
+    # -- checkpoints and stops ------------------------------------------------------------------------------------
+    def _stop_requested(self) -> bool:
+        """Turn the handler's flag into the loop's decision. The flag is read once: a signal landing between the
+        ranks' agreement and their `if` would otherwise send one rank to save while the others train on (and
+        wait for each other in different collectives forever). A later signal is seen at the next boundary."""
+        raw = stop_signals.received
+        if any_rank(raw is not None):
+            self.preempted_by = raw or "a signal to another rank"
+        return self.preempted_by is not None
+
+    def _step_boundary(self, make_state) -> None:
+        """Between optimiser steps: save when a checkpoint is due; after a signal, save and stop.
+        `make_state` builds the checkpoint only when one is written, so the common case costs nothing."""
+        due = time.monotonic() - self.last_save >= self.ckpt_every_s
+        if self.world_size > 1:  # every rank must take the same branch: rank 0's clock decides
+            due = bool(broadcast_object(due))
+        if self._stop_requested() or due:
+            path = self._save(make_state())
+            if self.preempted_by:
+                raise self._preempted(path)
+
+    def _preempted(self, path: Path) -> Preempted:
+        self.log(f"stopped by {self.preempted_by}; checkpoint {path.name} written. "
+                 f"Re-run the same command (or --resume {self.dir}) to continue.")
+        return Preempted()
+
+    def _save(self, state: dict, milestone: bool = False, best: bool = False) -> Path:
+        """Write `state` as checkpoints/step-<global_step>.pt atomically, keep only the newest --keep-ckpts, and
+        hard-link it as epoch-NNN.pt (milestone) or best.pt: no second copy on disk, and rotation keeps them.
 
         Under torchrun every rank calls this at the same step: the per-rank entries are gathered, rank 0 writes,
         and all ranks agree on whether a signal arrived (so they all stop at the same step).
@@ -557,60 +969,59 @@ class Run:
             gathered = [None] * self.world_size
             dist.all_gather_object(gathered, {k: state.pop(k) for k in self.PER_RANK_KEYS if k in state})
             state["per_rank"] = gathered
-        self._agree_on_preemption()
+        self._stop_requested()
         if self.is_main:
-            with atomic_path(path) as tmp:
-                torch.save(state, tmp)
-            for old in list_checkpoints(self.dir)[max(1, self.args.keep_ckpts):]:
-                old.unlink()
+            buffer = io.BytesIO()  # serialised in memory: a full disk then fails in write(), with a clear errno
+            torch.save(state, buffer)
+            with self.writing("a checkpoint", path):
+                with atomic_path(path) as tmp:
+                    tmp.write_bytes(buffer.getbuffer())
+                links = ([f"epoch-{state['epoch']:03d}.pt"] if milestone else []) + (["best.pt"] if best else [])
+                for name in links:
+                    with atomic_path(self.ckpt_dir / name) as tmp:
+                        os.link(path, tmp)
+                for old in list_checkpoints(self.dir)[self.keep_ckpts:]:
+                    old.unlink()
             self.sync_mirror()
         self.last_save = time.monotonic()
         return path
 
-    def sync_mirror(self) -> None:
-        """Bring the --mirror-dir copy up to date (after each checkpoint, and once more after the export)."""
-        if self.is_main and self.args.mirror_dir:
-            mirror_run(self.dir, Path(self.args.mirror_dir), log=self.log)
+    def export(self, job: TrainingJob) -> None:
+        """Write the model files from the state training ended in (the newest checkpoint's), unless export.json
+        says they already hold exactly that step. A kill during an export, or more --epochs, re-exports."""
+        if not self.is_main:
+            return
+        record = self.dir / "export.json"
+        try:
+            done = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError):
+            done = {}
+        if done.get("global_step") == self.global_step and all((self.dir / f).exists() for f in done["files"]):
+            return
+        with self.writing("the exported model", self.dir):
+            files = job.export(self.dir)
+            atomic_write_text(record, json.dumps({"epoch": self.epoch, "global_step": self.global_step,
+                                                  "files": [f.name for f in files]}, indent=2) + "\n")
+        self.log(f"exported {', '.join(f.name for f in files)} (epoch {self.epoch}, step {self.global_step})")
+        self.sync_mirror()
 
-    def step_boundary(self, make_state) -> None:
-        """Call between optimiser steps. Saves when a checkpoint is due; after a signal, saves and exits 75.
 
-        `make_state` builds the checkpoint dict only when one is written, so the common case costs nothing.
-        """
-        due = time.monotonic() - self.last_save >= self.args.ckpt_every_min * 60
-        if self.world_size > 1:  # every rank must take the same branch: rank 0's clock decides
-            due = bool(broadcast_object(due))
-        self._agree_on_preemption()
-        if self.preempted_by or due:
-            path = self.save_checkpoint(make_state())
-            if self.preempted_by:
-                self.exit_preempted(path)
+def open_run(plan: RunPlan, *, script: str, device: torch.device, metric_columns: list[str]) -> Run:
+    """The Run for a training script's flags (add_run_args): each setting handed over by name, here only."""
+    args = plan.args
+    return Run(plan, script=script, device=device, metric_columns=metric_columns, config=vars(args),
+               ckpt_every_min=args.ckpt_every_min, keep_ckpts=args.keep_ckpts, milestone_every=args.milestone_every,
+               log_every=args.log_every, mirror_dir=args.mirror_dir)
 
-    def _agree_on_preemption(self) -> None:
-        """Turn the handler's flag into the loop's decision. The flag is read once: a signal landing between the
-        ranks' agreement and their `if` would otherwise send one rank to save while the others train on (and
-        wait for each other in different collectives forever). A later signal is seen at the next boundary."""
-        raw = self._signal
-        if any_rank(raw is not None):
-            self.preempted_by = raw or "a signal to another rank"
 
-    def exit_preempted(self, path: Path) -> None:
-        self.log(f"stopped by {self.preempted_by}; checkpoint {path.name} written. "
-                 f"Re-run the same command (or --resume {self.dir}) to continue.")
-        sys.exit(EXIT_PREEMPTED)  # run_main leaves the process group
-
-    # -- signals --------------------------------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
-        """SIGTERM (scheduler), SIGUSR1 (SLURM's warning before the time limit) and SIGINT (Ctrl-C) set a flag.
-
-        The loop checks it at the next step boundary. Saving inside the handler could interrupt a half-finished
-        optimiser step, or a torch.save already in progress, and write an inconsistent checkpoint.
-        """
-        def handler(signum, _frame):
-            self._signal = signal.Signals(signum).name
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(sig, handler)
+def _user_error_on_load(load, path):
+    """torch.load of a file the user named: any failure is the file's fault, said in one line."""
+    try:
+        return load()
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"{path} does not load as a checkpoint ({type(err).__name__}: {str(err)[:120]})") from None
 
 
 def _git_commit() -> str | None:
@@ -734,38 +1145,83 @@ def adam(params, device: torch.device, **kwargs) -> torch.optim.Adam:
     return torch.optim.Adam(params, fused=device.type == "cuda", **kwargs)
 
 
+def _clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 class Progress:
-    """A tqdm bar on a terminal; otherwise (SLURM, nohup, tests) one plain line every `log_every` steps."""
+    """Where the run is and when it will end, counted over the whole run (not just this epoch).
 
-    def __init__(self, total: int, initial: int, desc: str, log_every: int, log):
-        self.log, self.log_every, self.total, self.desc = log, log_every, total, desc
+    On a terminal: a tqdm bar per epoch, with the run's ETA beside the losses. Otherwise (SLURM, nohup, tests):
+    one line every `log_every` steps or every 30 seconds, whichever comes first, with elapsed time, images per
+    second and the ETA of the epoch and of the run. Rates are measured over this start only.
+    """
+
+    PIPED_INTERVAL_S = 30
+
+    def __init__(self, *, steps_per_epoch: int, total_steps: int, start_step: int, batch_size: int, log_every: int,
+                 log):
+        self.steps_per_epoch, self.total_steps, self.batch_size = steps_per_epoch, total_steps, batch_size
+        self.log_every, self.log = log_every, log
+        self.start_step, self.started = start_step, time.monotonic()
+        self.last_line = self.started
+        self.on_terminal = sys.stdout.isatty() and (not dist.is_initialized() or dist.get_rank() == 0)
         self.bar = None
-        if sys.stdout.isatty() and (not dist.is_initialized() or dist.get_rank() == 0):
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
 
-    def update(self, step: int, losses: dict) -> None:
-        """`step` counts from 1; `losses` are only turned into numbers (a GPU sync) when something is shown."""
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        self.desc = f"epoch {epoch + 1}/{epochs}"
+        self.epoch_start_step = epoch * self.steps_per_epoch
+        if self.on_terminal:
+            from tqdm import tqdm
+            done = max(0, self.start_step - self.epoch_start_step)
+            self.bar = tqdm(total=self.steps_per_epoch, initial=min(done, self.steps_per_epoch), desc=self.desc,
+                            dynamic_ncols=True, leave=False)
+
+    def _eta(self, global_step: int) -> tuple[float, float, float]:
+        """(elapsed s, images/s, seconds per step) over this start."""
+        elapsed = time.monotonic() - self.started
+        steps = max(1, global_step - self.start_step)
+        return elapsed, steps * self.batch_size / max(elapsed, 1e-9), elapsed / steps
+
+    def update(self, global_step: int, shown: dict) -> None:
+        """`global_step` counts steps done; `shown` values become numbers (a GPU sync) only when displayed."""
+        step = global_step - self.epoch_start_step
         if self.bar is not None:
             self.bar.update(1)
-            if step % 10 == 0 or step == self.total:
-                self.bar.set_postfix({k: f"{float(v):.4g}" for k, v in losses.items()})
-        elif step % self.log_every == 0:
-            shown = " ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
-            self.log(f"{self.desc} step {step}/{self.total} {shown}")
+            if step % 10 == 0 or step == self.steps_per_epoch:
+                _, _, per_step = self._eta(global_step)
+                self.bar.set_postfix({**{k: f"{float(v):.4g}" for k, v in shown.items()},
+                                      "run ETA": _clock(per_step * (self.total_steps - global_step))})
+            return
+        now = time.monotonic()
+        if step % self.log_every and now - self.last_line < self.PIPED_INTERVAL_S:
+            return
+        self.last_line = now
+        elapsed, rate, per_step = self._eta(global_step)
+        losses = " ".join(f"{k} {float(v):.4g}" for k, v in shown.items())
+        self.log(f"{self.desc} step {step}/{self.steps_per_epoch} | {losses} | {_clock(elapsed)} elapsed, "
+                 f"{rate:,.0f} img/s, epoch ETA {_clock(per_step * (self.steps_per_epoch - step))}, "
+                 f"run ETA {_clock(per_step * (self.total_steps - global_step))}")
 
-    def close(self) -> None:
+    def end_epoch(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: whole data sets as uint8 tensors in memory, batches by index
 
 
+# Spaces the per-epoch seeds of different --seed values apart (a prime larger than any epoch count), so that no
+# (seed, epoch) pair shares its data order with another.
+_EPOCH_SEED_STRIDE = 1_000_003
+
+
 def epoch_permutation(seed: int, epoch: int, n: int, device=None) -> torch.Tensor:
     """The order of the training images in `epoch`: a pure function of (seed, epoch), so resume needs no state."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    gen = torch.Generator().manual_seed(seed * _EPOCH_SEED_STRIDE + epoch)
     return torch.randperm(n, generator=gen).to(device)
 
 
@@ -773,28 +1229,7 @@ FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian p
 
 _MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                 "t10k-labels-idx1-ubyte"]
-
-# Tests build tiny CIFAR-10 batches in the real pickle format; their MD5 sums cannot match the published ones.
-# This is the one place where the check is skipped, and only when the environment asks for it.
-SKIP_CIFAR_MD5_ENV = "GENMODELS_SKIP_CIFAR_MD5"
-
-
-def _cifar10_class():
-    from torchvision.datasets import CIFAR10
-    if os.environ.get(SKIP_CIFAR_MD5_ENV) != "1":
-        return CIFAR10
-
-    class UnverifiedCIFAR10(CIFAR10):
-        def _check_integrity(self):
-            return True
-
-        def _load_meta(self):
-            path = os.path.join(self.root, self.base_folder, self.meta["filename"])
-            with open(path, "rb") as f:
-                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-
-    return UnverifiedCIFAR10
+_RAW_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 
 
 def _copy_system_fashion_mnist(data_dir: Path) -> None:
@@ -810,17 +1245,55 @@ def _copy_system_fashion_mnist(data_dir: Path) -> None:
                 shutil.copyfileobj(fin, fout)
 
 
-def _missing_data_message(dataset: str, data_dir: Path, err: Exception) -> str:
-    where = {
-        "mnist": (data_dir / "MNIST" / "raw", ", ".join(_MNIST_FILES) + " (or the same names with .gz)"),
-        "fashion-mnist": (data_dir / "FashionMNIST" / "raw", ", ".join(_MNIST_FILES) +
-                          " (or: apt-get install dataset-fashion-mnist)"),
-        "cifar10": (data_dir / "cifar-10-batches-py", "data_batch_1 .. data_batch_5, test_batch, batches.meta "
-                    "(unpack cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html)"),
-    }[dataset]
+def _idx_problem(path: Path) -> str | None:
+    """Why an IDX file (MNIST's format: magic 0 0 0x08 ndim, big-endian sizes, bytes) is damaged, or None."""
+    with open(path, "rb") as f:
+        header = f.read(4)
+        if len(header) < 4 or header[:3] != b"\x00\x00\x08" or header[3] not in (1, 3):
+            return "not an IDX file of unsigned bytes (wrong magic number)"
+        dims = f.read(4 * header[3])
+    if len(dims) < 4 * header[3]:
+        return "truncated header"
+    expected = 4 + len(dims) + math.prod(struct.unpack(f">{header[3]}I", dims))
+    size = path.stat().st_size
+    return None if size == expected else f"{size:,} bytes where its header promises {expected:,} (truncated?)"
+
+
+def _raise_if_damaged(dataset: str, data_dir: Path, train: bool, cifar_checksums: bool = False) -> None:
+    """One line naming each data file that is present but damaged (a download would not replace it). The IDX
+    headers are checked before loading; CIFAR-10's MD5 sums (torchvision checks them) only after a failed load."""
+    damaged = []
+    if dataset in _RAW_FOLDER:
+        raw = data_dir / _RAW_FOLDER[dataset] / "raw"
+        for name in _MNIST_FILES[:2] if train else _MNIST_FILES[2:]:
+            if (raw / name).is_file() and (problem := _idx_problem(raw / name)):
+                damaged.append(f"{raw / name} ({problem})")
+    elif dataset == "cifar10" and cifar_checksums:
+        from torchvision.datasets import CIFAR10
+        from torchvision.datasets.utils import check_integrity
+        folder = data_dir / CIFAR10.base_folder
+        for name, md5 in CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]:
+            if (folder / name).is_file() and not check_integrity(str(folder / name), md5):
+                damaged.append(f"{folder / name} (MD5 differs from the published file)")
+    if damaged:
+        raise UserError(f"damaged {dataset} file: {'; '.join(damaged)}. Delete it so it is downloaded again, "
+                        f"or replace it with a good copy.")
+
+
+def _missing_data_message(dataset: str, data_dir: Path, train: bool, err: Exception) -> str:
+    if dataset in _RAW_FOLDER:
+        raw = data_dir / _RAW_FOLDER[dataset] / "raw"
+        needed = _MNIST_FILES[:2] if train else _MNIST_FILES[2:]
+        missing = [name for name in needed if not (raw / name).exists() and not (raw / f"{name}.gz").exists()]
+        hint = " (or: apt-get install dataset-fashion-mnist)" if dataset == "fashion-mnist" else ""
+        what, where = ", ".join(missing or needed) + f" (or the same names with .gz){hint}", raw
+    else:
+        what = ("data_batch_1 .. data_batch_5, test_batch, batches.meta (unpack cifar-10-python.tar.gz from "
+                "https://www.cs.toronto.edu/~kriz/cifar.html)")
+        where = data_dir / "cifar-10-batches-py"
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return (f"{dataset} is not in {data_dir} and could not be downloaded ({first_line}). "
-            f"Put {where[1]} into {where[0]}, or pass --data-dir pointing at a folder that has them.")
+            f"Put {what} into {where}, or pass --data-dir pointing at a folder that has them.")
 
 
 def load_images(dataset: str, data_dir, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -828,28 +1301,32 @@ def load_images(dataset: str, data_dir, train: bool) -> tuple[torch.Tensor, torc
 
     torchvision downloads missing files (download=True) on machines with internet. Holding the set as one uint8
     tensor (47 MB for MNIST, 150 MB for CIFAR-10) lets batches be sliced by index with no per-item PIL work.
+    A file that is present but damaged is named as damaged (a download would not fix it).
     """
     from contextlib import redirect_stdout
     from torchvision import datasets
 
     data_dir = Path(data_dir)
+    if dataset == "fashion-mnist":
+        _copy_system_fashion_mnist(data_dir)
+    _raise_if_damaged(dataset, data_dir, train)
     try:
         with redirect_stdout(sys.stderr):  # torchvision prints download progress; keep stdout for our log
             if dataset == "mnist":
                 ds = datasets.MNIST(data_dir, train=train, download=True)
                 images = ds.data.unsqueeze(1)
             elif dataset == "fashion-mnist":
-                _copy_system_fashion_mnist(data_dir)
                 ds = datasets.FashionMNIST(data_dir, train=train, download=True)
                 images = ds.data.unsqueeze(1)
             elif dataset == "cifar10":
-                ds = _cifar10_class()(data_dir, train=train, download=True)
+                ds = datasets.CIFAR10(data_dir, train=train, download=True)
                 images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW
             else:
                 raise UserError(f"unknown dataset {dataset!r}")
     except UserError:
         raise
-    except Exception as err:  # URLError, RuntimeError("not found"), a bad MD5 ...: all mean "no usable files"
-        raise UserError(_missing_data_message(dataset, data_dir, err)) from None
+    except Exception as err:  # URLError, RuntimeError("not found"), a bad MD5 ...: no usable files
+        _raise_if_damaged(dataset, data_dir, train, cifar_checksums=True)
+        raise UserError(_missing_data_message(dataset, data_dir, train, err)) from None
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
     return images.to(torch.uint8), labels

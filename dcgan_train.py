@@ -12,11 +12,14 @@ DCGAN_model_G.pth and DCGAN_model_D.pth (TorchScript). analyze_gan.py turns a ru
 """
 from __future__ import annotations
 
-import argparse
+import stop_signals
+
+if __name__ == "__main__":
+    stop_signals.install()  # first, before the slow imports: a stop during start-up is honoured, not fatal
+
 import copy
 import csv
 import math
-import time
 import warnings
 from pathlib import Path
 
@@ -38,47 +41,50 @@ def denorm(x: torch.Tensor) -> torch.Tensor:
 
 
 # train_time_s: the epoch's training steps alone (no sample grid, FID or epoch-end checkpoint), for throughput.
-METRIC_COLUMNS = ["epoch", "loss_d", "loss_g", "d_real", "d_fake", "fid", "inception_score", "train_time_s",
-                  "epoch_time_s"]
-STEP_COLUMNS = ["global_step", "epoch", "loss_d", "loss_g", "d_real", "d_fake", "noise_sigma"]
+METRIC_COLUMNS = ["epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", "fid", "inception_score",
+                  "train_time_s", "epoch_time_s"]
+STEP_COLUMNS = ["global_step", "epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", "noise_sigma"]
 MAX_PARAMS = 25_000_000
 GRAY_DATASETS = ("mnist", "fashion-mnist")
 # Where torch-fidelity's download of the FID Inception weights lands (torch.hub's cache); used when present.
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = parser.add_argument_group("model")
-    g.add_argument("--nz", type=int, default=100, help="size of the noise vector z (Radford et al.: 100)")
-    g.add_argument("--ngf", type=int, default=64, help="generator width: channels of its last hidden layer")
-    g.add_argument("--ndf", type=int, default=64, help="discriminator width: channels of its first layer")
+_smoothing_target = common._checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def build_parser() -> common.ArgumentParser:
+    parser = common.ArgumentParser(description=__doc__)
+    g = parser.group("model", resumable=False)
+    g.add_argument("--nz", type=common.at_least(1), default=100, help="size of the noise vector z (Radford et al.: 100)")
+    g.add_argument("--ngf", type=common.at_least(1), default=64, help="generator width: channels of its last hidden layer")
+    g.add_argument("--ndf", type=common.at_least(1), default=64, help="discriminator width: channels of its first layer")
     g.add_argument("--image-size", type=int, default=32, choices=[32, 64], help="side of the generated images")
     g.add_argument("--d-norm", default="batch", choices=["batch", "spectral", "none"],
                    help="normalisation in D: batch norm (DCGAN), spectral norm (Miyato et al., 2018), or none")
     g.add_argument("--g-act", default="relu", choices=["relu", "leaky", "elu"], help="G's hidden activation")
     g.add_argument("--d-act", default="leaky", choices=["relu", "leaky", "elu"],
                    help="D's hidden activation (leaky: LeakyReLU(0.2), as in DCGAN)")
-    g = parser.add_argument_group("loss and optimisation")
+    g = parser.group("loss and optimisation", resumable=False)
     g.add_argument("--loss", default="bce", choices=["bce", "hinge"],
                    help="bce: BCE with logits, non-saturating G loss (Goodfellow et al., 2014); hinge: Lim & Ye, 2017")
-    g.add_argument("--label-smoothing", type=float, default=1.0,
+    g.add_argument("--label-smoothing", type=_smoothing_target, default=1.0,
                    help="target for real images in D's BCE loss (one-sided, e.g. 0.9; Salimans et al., 2016); 1: off")
-    g.add_argument("--instance-noise", type=float, default=0.0,
+    g.add_argument("--instance-noise", type=common.non_negative_float, default=0.0,
                    help="std of Gaussian noise added to D's inputs, annealed linearly to 0 over --epochs "
                         "(Sonderby et al., 2017); 0: off")
-    g.add_argument("--d-steps", type=int, default=1, help="D updates per G update")
-    g.add_argument("--lr-g", type=float, default=2e-4, help="Adam learning rate of G (Radford et al.)")
-    g.add_argument("--lr-d", type=float, default=2e-4, help="Adam learning rate of D (Radford et al.)")
-    g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (Radford et al.: 0.5, not 0.9)")
-    g.add_argument("--ema", type=float, default=0.999,
+    g.add_argument("--d-steps", type=common.at_least(1), default=1, help="D updates per G update")
+    g.add_argument("--lr-g", type=common.positive_float, default=2e-4, help="Adam learning rate of G (Radford et al.)")
+    g.add_argument("--lr-d", type=common.positive_float, default=2e-4, help="Adam learning rate of D (Radford et al.)")
+    g.add_argument("--beta1", type=common.unit_interval, default=0.5, help="Adam beta1 (Radford et al.: 0.5, not 0.9)")
+    g.add_argument("--ema", type=common.unit_interval, default=0.999,
                    help="decay of the moving average of G's weights used for samples, FID and export; 0: off")
-    g = parser.add_argument_group("evaluation")
+    g = parser.group("evaluation", resumable=True)
     g.add_argument("--inception-weights", default=None, metavar="PATH",
                    help=f"FID/IS Inception weights ({INCEPTION_FILE} from torch-fidelity's v0.2.0 release); "
                         f"default: the torch hub cache when it holds them, else FID is skipped")
-    g.add_argument("--fid-every", type=int, default=5, help="epochs between FID evaluations (also after the last)")
-    g.add_argument("--fid-samples", type=int, default=10_000, help="generated and real images per FID evaluation")
+    g.add_argument("--fid-every", type=common.at_least(1), default=5, help="epochs between FID evaluations (also after the last)")
+    g.add_argument("--fid-samples", type=common.at_least(2), default=10_000, help="generated and real images per FID evaluation")
     common.add_run_args(parser, epochs=50, batch_size=128, dataset="cifar10",
                         datasets=["cifar10", "mnist", "fashion-mnist", "folder"])
     return parser
@@ -199,7 +205,14 @@ def load_folder(data_dir, image_size: int) -> torch.Tensor:
     except (FileNotFoundError, OSError) as err:
         raise common.UserError(f"--dataset folder: no images under {data_dir} ({err}). Put them in "
                                f"{data_dir}/<any subfolder>/*.png|jpg and pass --data-dir {data_dir}") from None
-    return torch.stack([image for image, _ in folder])
+    images = []
+    for index in range(len(folder)):
+        try:
+            images.append(folder[index][0])
+        except OSError as err:  # PIL: truncated or not an image
+            raise common.UserError(f"--dataset folder: {folder.samples[index][0]} is damaged ({err}); delete or "
+                                   f"replace it") from None
+    return torch.stack(images)
 
 
 def to_float(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -267,8 +280,12 @@ class _Precomputed(nn.Identity):
         self.num_features = num_features  # torchmetrics would otherwise probe with a random image (global RNG)
 
 
+FID_BATCH = 250          # images per forward pass of the feature extractor
+FID_NOISE_SEED_OFFSET = 1  # FID's noise seed is --seed + 1: apart from the fixed-noise grid's (--seed)
+
+
 @torch.no_grad()
-def extract_features(extractor: nn.Module, images_uint8: torch.Tensor, batch_size: int = 250):
+def extract_features(extractor: nn.Module, images_uint8: torch.Tensor, batch_size: int = FID_BATCH):
     """Run `extractor` over uint8 images [N, C, H, W]; one-channel images are repeated to RGB.
 
     Returns a float64 CPU tensor [N, d], or a tuple of them when the extractor returns several outputs.
@@ -342,7 +359,7 @@ class FIDEvaluator:
         self.n = min(args.fid_samples, len(train_images))
         pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(args.seed))[:self.n]
         self.real_features, _ = extract_features(self.extractor, train_images[pick.to(train_images.device)])
-        self.seed, self.nz, self.batch_size = args.seed, args.nz, 250
+        self.seed, self.nz, self.batch_size = args.seed, args.nz, FID_BATCH
 
     @torch.no_grad()
     def __call__(self, generator: nn.Module) -> tuple[float, float]:
@@ -351,7 +368,7 @@ class FIDEvaluator:
         was_training = generator.training
         generator.eval()
         device = next(generator.parameters()).device
-        noise_gen = torch.Generator().manual_seed(self.seed + 1)
+        noise_gen = torch.Generator().manual_seed(self.seed + FID_NOISE_SEED_OFFSET)
         fakes = []
         for start in range(0, self.n, self.batch_size):
             z = torch.randn((min(self.batch_size, self.n - start), self.nz, 1, 1), generator=noise_gen)
@@ -375,7 +392,7 @@ def save_samples(generator: nn.Module, fixed_noise: torch.Tensor, path: Path) ->
         save_image(images, tmp, nrow=8, format="png")
 
 
-def export(model: nn.Module, path: Path) -> None:
+def export_model(model: nn.Module, path: Path) -> None:
     """TorchScript for torch.jit.load (common.save_torchscript), spectral norm baked into plain weights first:
     TorchScript cannot script the parametrisation."""
     model = copy.deepcopy(model)
@@ -398,211 +415,198 @@ def read_step_rows(path: Path, up_to_step: int) -> list[dict]:
 # Training
 
 
+class DCGANTraining(common.TrainingJob):
+    """G, D, the EMA of G, their optimisers and loss scalers, and the running sums: everything a checkpoint holds
+    for the DCGAN (state_dict is the one list), plus the steps of its loop (common.Run.train calls them)."""
+
+    best_column = "fid"
+    divergence_hint = "lower --lr-d/--lr-g, --d-norm spectral, or another --seed"
+
+    def __init__(self, args, train_images: torch.Tensor, device: torch.device, rank: int, world_size: int):
+        self.args, self.device, self.n_images = args, device, len(train_images)
+        self.train_images = train_images
+        self.steps_per_epoch = math.ceil(self.n_images / args.batch_size)
+        common.seed_everything(args.seed)
+        self.generator, self.discriminator = (m.to(device) for m in build_models(args, train_images.shape[1]))
+        if world_size > 1:
+            common.seed_everything(args.seed + rank)  # same initial weights on every rank, different noise
+        self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False) if args.ema > 0 else None
+        self.opt_g = common.adam(self.generator.parameters(), device, lr=args.lr_g, betas=(args.beta1, 0.999))
+        self.opt_d = common.adam(self.discriminator.parameters(), device, lr=args.lr_d, betas=(args.beta1, 0.999))
+        # GPU speed flags (common.add_run_args); on CPU with the defaults none of them changes a number.
+        self.amp = common.amp_dtype(args.amp, device)
+        self.scaler_g, self.scaler_d = common.grad_scaler(device, self.amp), common.grad_scaler(device, self.amp)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.generator.to(memory_format=self.memory_format)
+        self.discriminator.to(memory_format=self.memory_format)
+        # Compiled views share the parameters; checkpoints and export keep using the plain modules.
+        self.train_g, self.train_d = ((torch.compile(self.generator), torch.compile(self.discriminator))
+                                      if args.compile else (self.generator, self.discriminator))
+        self.sampler = self.generator_ema if self.generator_ema is not None else self.generator  # samples, FID, export
+        # Sums of (loss_d, d_real, d_fake, D updates, loss_g, G updates) over the epoch and over the current
+        # --log-every window; checkpointed, so a resumed epoch reports the same means.
+        sum_dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.epoch_sums = torch.zeros(6, dtype=sum_dtype, device=device)
+        self.window_sums = torch.zeros(6, dtype=sum_dtype, device=device)
+        # 64 noise vectors from their own generator: the same grid positions show the same z all run long.
+        self.fixed_noise = torch.randn((64, args.nz, 1, 1), generator=torch.Generator().manual_seed(args.seed))
+        self.fixed_noise = self.fixed_noise.to(device)
+        self.evaluate_fid = None
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict(),
+                "generator_ema": self.generator_ema.state_dict() if self.generator_ema is not None else {},
+                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+                "scaler_g": self.scaler_g.state_dict(), "scaler_d": self.scaler_d.state_dict(),
+                "epoch_sums": self.epoch_sums.cpu(), "window_sums": self.window_sums.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        if self.generator_ema is not None:
+            self.generator_ema.load_state_dict(state["generator_ema"] or state["generator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.scaler_g.load_state_dict(state["scaler_g"])
+        self.scaler_d.load_state_dict(state["scaler_d"])
+        self.epoch_sums = state["epoch_sums"].to(device=self.device, dtype=self.epoch_sums.dtype)
+        self.window_sums = state["window_sums"].to(device=self.device, dtype=self.window_sums.dtype)
+        for optimizer, lr in ((self.opt_g, self.args.lr_g), (self.opt_d, self.args.lr_d)):
+            for group in optimizer.param_groups:  # --init-from may start from another run with other rates
+                group["lr"] = lr
+
+    def on_start(self, run: common.Run, global_step: int) -> None:
+        """steps.csv keeps the rows up to the checkpoint; rank 0 sets up FID (Inception weights, when present)."""
+        self.steps_path = run.dir / "steps.csv"
+        if not run.is_main:
+            return  # rank 0 alone samples, measures FID and exports
+        common.write_csv(self.steps_path, STEP_COLUMNS, read_step_rows(self.steps_path, global_step))
+        inception_path = find_inception_weights(self.args.inception_weights)
+        if inception_path is None:
+            run.log(f"FID skipped: no Inception weights. To enable it, download {INCEPTION_FILE} (torch-fidelity "
+                    f"v0.2.0 release) and pass --inception-weights PATH, or put it in "
+                    f"{torch.hub.get_dir()}/checkpoints/")
+            return
+        run.log(f"FID and IS every {self.args.fid_every} epochs on {self.args.fid_samples:,} images "
+                f"({inception_path})")
+        with torch.random.fork_rng(devices=[]):  # building Inception draws init weights: keep training's RNG
+            self.evaluate_fid = FIDEvaluator(inception_path, self.train_images, self.args, self.device)
+
+    def train_step(self, batch: torch.Tensor, global_step: int, epoch_progress: float) -> dict:
+        args, device = self.args, self.device
+        sigma = noise_sigma(args.instance_noise, global_step, args.epochs * self.steps_per_epoch)
+        real = to_float(self.train_images[batch]).contiguous(memory_format=self.memory_format)
+        with common.autocast(device, self.amp):
+            fake = self.train_g(torch.randn((len(real), args.nz, 1, 1), device=device))
+            # D step: real images towards 1 (or the smoothed target), G's images towards 0.
+            real_logits = self.train_d(add_noise(real, sigma))
+            fake_logits = self.train_d(add_noise(fake.detach(), sigma))
+            loss_d = d_loss(real_logits, fake_logits, args.loss, args.label_smoothing)
+        self.opt_d.zero_grad(set_to_none=True)
+        self.scaler_d.scale(loss_d).backward()
+        common.average_gradients(self.discriminator)
+        self.scaler_d.step(self.opt_d)
+        self.scaler_d.update()
+        step_sums = [loss_d.detach(), torch.sigmoid(real_logits.detach().float()).mean(),
+                     torch.sigmoid(fake_logits.detach().float()).mean(), torch.ones((), device=device)]
+
+        # G step on the same fakes, once every --d-steps D steps.
+        if (global_step + 1) % args.d_steps == 0:
+            with common.autocast(device, self.amp):
+                loss_g = g_loss(self.train_d(add_noise(fake, sigma)), args.loss)
+            self.opt_g.zero_grad(set_to_none=True)
+            self.scaler_g.scale(loss_g).backward()
+            common.average_gradients(self.generator)
+            self.scaler_g.step(self.opt_g)
+            self.scaler_g.update()
+            if self.generator_ema is not None:
+                update_ema(self.generator_ema, self.generator, ema_decay(args.ema, (global_step + 1) // args.d_steps - 1))
+            step_sums += [loss_g.detach(), torch.ones((), device=device)]
+        else:
+            step_sums += [torch.zeros((), device=device)] * 2
+        step_sums = torch.stack(step_sums).to(self.epoch_sums.dtype)
+        self.epoch_sums += step_sums
+        self.window_sums += step_sums
+        return {"loss_d": step_sums[0], "loss_g": step_sums[4], "d_real": step_sums[1], "d_fake": step_sums[2]}
+
+    def log_window(self, run: common.Run, global_step: int) -> None:
+        """A row of steps.csv: the means over the last --log-every steps."""
+        common.all_reduce_sum(self.window_sums)
+        epochs_done, step = divmod(global_step, self.steps_per_epoch)
+        run.append_csv(self.steps_path, STEP_COLUMNS, {
+            "global_step": global_step, "epoch": global_step / self.steps_per_epoch,
+            "images_seen": epochs_done * self.n_images + min(step * self.args.batch_size, self.n_images),
+            **means(self.window_sums),
+            "noise_sigma": noise_sigma(self.args.instance_noise, global_step - 1,
+                                       self.args.epochs * self.steps_per_epoch)})
+        self.window_sums.zero_()
+
+    def end_epoch(self, run: common.Run, epoch: int) -> dict:
+        common.all_reduce_sum(self.epoch_sums)
+        if run.is_main:
+            save_samples(self.sampler, self.fixed_noise, run.samples_dir / f"epoch_{epoch + 1:03d}.png")
+        row = {**means(self.epoch_sums), "fid": "", "inception_score": ""}
+        self.epoch_sums.zero_()
+        if self.evaluate_fid is not None and ((epoch + 1) % self.args.fid_every == 0 or epoch + 1 == self.args.epochs):
+            row["fid"], row["inception_score"] = self.evaluate_fid(self.sampler)
+        return row
+
+    def summary(self, row: dict) -> str:
+        fid = f"  FID {row['fid']:7.2f}" if row["fid"] != "" else ""
+        return (f"loss D {row['loss_d']:6.3f}  G {row['loss_g']:6.3f}  D(x) {row['d_real']:5.3f}  "
+                f"D(G(z)) {row['d_fake']:5.3f}{fid}")
+
+    def export(self, folder: Path) -> list[Path]:
+        """G: z [N, nz, 1, 1] -> images in [-1, 1] (denorm maps to [0, 1]); D: images -> one logit each."""
+        paths = [folder / "DCGAN_model_G.pth", folder / "DCGAN_model_D.pth"]
+        export_model(self.sampler, paths[0])
+        export_model(self.discriminator, paths[1])
+        return paths
+
+
+def means(sums: torch.Tensor) -> dict:
+    """Per-update means from sums of (loss_d, d_real, d_fake, D updates, loss_g, G updates)."""
+    loss_d, d_real, d_fake, n_d, loss_g, n_g = sums.tolist()
+    return {"loss_d": loss_d / max(n_d, 1), "loss_g": loss_g / n_g if n_g else math.nan,
+            "d_real": d_real / max(n_d, 1), "d_fake": d_fake / max(n_d, 1)}
+
+
+def export_checkpoint(ckpt_path, out_dir) -> tuple[Path, Path]:
+    """DCGAN_model_G.pth and DCGAN_model_D.pth from any checkpoint of a DCGAN run (e.g. a milestone
+    checkpoints/epoch-NNN.pt chosen by its quality): G is the EMA generator when the run used one."""
+    ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
+    config = common.read_run_config(ckpt_path.parent.parent, "dcgan")
+    args = build_parser().parse_args([])
+    vars(args).update(config["args"])
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    generator, discriminator = build_models(args, dataset_channels(args.dataset))
+    generator.load_state_dict(ckpt["generator_ema"] or ckpt["generator"])
+    discriminator.load_state_dict(ckpt["discriminator"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = out_dir / "DCGAN_model_G.pth", out_dir / "DCGAN_model_D.pth"
+    export_model(generator, paths[0])
+    export_model(discriminator, paths[1])
+    return paths
+
+
 def main(argv=None) -> int:
-    args, run_dir, resuming = common.resolve_run(build_parser, argv, script="dcgan")
+    plan = common.resolve_run(build_parser(), argv, script="dcgan")
+    args = plan.args
     if args.loss == "hinge" and args.label_smoothing != 1.0:
         raise common.UserError("--label-smoothing applies to the BCE loss only; drop it or use --loss bce")
-    if args.d_steps < 1 or args.fid_every < 1:
-        raise common.UserError("--d-steps and --fid-every must be at least 1")
     n_params = count_params(args)
     if n_params > MAX_PARAMS:
         raise common.UserError(f"G plus D would have {n_params:,} parameters, above the {MAX_PARAMS:,} limit; "
                                f"lower --ngf / --ndf (or --image-size)")
-    inception_path = find_inception_weights(args.inception_weights)
+    find_inception_weights(args.inception_weights)  # a wrong path fails now, before any folder is made
     rank, world_size, device = common.init_distributed(args.device)  # torchrun: one process per GPU
     train_images = load_training_images(args).to(device)
-    channels = train_images.shape[1]
-
-    run = common.Run(run_dir, args, script="dcgan", resuming=resuming, metric_columns=METRIC_COLUMNS, device=device)
-    common.seed_everything(args.seed)
-    generator, discriminator = (m.to(device) for m in build_models(args, channels))
-    if world_size > 1:
-        common.seed_everything(args.seed + rank)  # same initial weights on every rank, different noise
-    generator_ema = copy.deepcopy(generator).requires_grad_(False) if args.ema > 0 else None
-    opt_g = common.adam(generator.parameters(), device, lr=args.lr_g, betas=(args.beta1, 0.999))
-    opt_d = common.adam(discriminator.parameters(), device, lr=args.lr_d, betas=(args.beta1, 0.999))
-    # GPU speed flags (common.add_run_args); on CPU with the defaults none of them changes a number.
-    amp = common.amp_dtype(args.amp, device)
-    scaler_g, scaler_d = common.grad_scaler(device, amp), common.grad_scaler(device, amp)  # one per optimiser
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    generator.to(memory_format=memory_format)
-    discriminator.to(memory_format=memory_format)
-    # Compiled views share the parameters; checkpoints and export keep using the plain modules.
-    train_g, train_d = (torch.compile(generator), torch.compile(discriminator)) if args.compile else (generator,
-                                                                                                    discriminator)
-    sampler = generator_ema if generator_ema is not None else generator  # what samples, FID and export use
-    run.log(f"DCGAN {args.image_size}x{args.image_size}x{channels}, {n_params:,} parameters (G+D); "
-            f"{len(train_images):,} training images")
-
-    evaluate_fid = None
-    if not run.is_main:
-        pass  # rank 0 alone samples, measures FID and exports
-    elif inception_path is None:
-        run.log(f"FID skipped: no Inception weights. To enable it, download {INCEPTION_FILE} (torch-fidelity "
-                f"v0.2.0 release) and pass --inception-weights PATH, or put it in {torch.hub.get_dir()}/checkpoints/")
-    else:
-        run.log(f"FID and IS every {args.fid_every} epochs on {args.fid_samples:,} images ({inception_path})")
-        with torch.random.fork_rng(devices=[]):  # building Inception draws init weights: keep training's RNG
-            evaluate_fid = FIDEvaluator(inception_path, train_images, args, device)
-
-    # 64 noise vectors from their own generator: the same grid positions show the same z all run long.
-    fixed_noise = torch.randn((64, args.nz, 1, 1), generator=torch.Generator().manual_seed(args.seed)).to(device)
-    steps_per_epoch = math.ceil(len(train_images) / args.batch_size)
-    total_steps = args.epochs * steps_per_epoch
-    steps_path = run.dir / "steps.csv"
-
-    # Sums of (loss_d, d_real, d_fake, D updates, loss_g, G updates) over the epoch and over the current
-    # --log-every window; in the checkpoint, so a resumed epoch reports the same means.
-    sum_dtype = torch.float32 if device.type == "mps" else torch.float64
-    epoch_sums = torch.zeros(6, dtype=sum_dtype, device=device)
-    window_sums = torch.zeros(6, dtype=sum_dtype, device=device)
-    start_epoch, start_step, metrics, best_fid, epoch_elapsed = 0, 0, [], math.inf, 0.0
-    ckpt = run.load_checkpoint()
-    if ckpt is not None:
-        generator.load_state_dict(ckpt["generator"])
-        discriminator.load_state_dict(ckpt["discriminator"])
-        if generator_ema is not None:
-            generator_ema.load_state_dict(ckpt["generator_ema"])
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        scaler_g.load_state_dict(ckpt["scaler_g"])
-        scaler_d.load_state_dict(ckpt["scaler_d"])
-        start_epoch, start_step, metrics = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["metrics"]
-        epoch_sums = ckpt["epoch_sums"].to(device=device, dtype=sum_dtype)
-        window_sums = ckpt["window_sums"].to(device=device, dtype=sum_dtype)
-        best_fid, epoch_elapsed = ckpt["best_fid"], ckpt["epoch_elapsed_s"]
-        common.set_rng_state(ckpt["rng"])
-        run.log(f"resumed at epoch {start_epoch + 1}, step {start_step}/{steps_per_epoch}")
-    run.rewrite_metrics(metrics)
-    if run.is_main:
-        kept_steps = read_step_rows(steps_path, start_epoch * steps_per_epoch + start_step)
-        common.write_csv(steps_path, STEP_COLUMNS, kept_steps)
-
-    # The global step of the first non-finite loss (-1: none), kept on the device: reading it costs a GPU sync, so
-    # it is read every --log-every steps, at each epoch end and before every checkpoint, never once per step. A NaN
-    # poisons every later step, so the run stops there, and nothing after it is ever saved.
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-
-    def stop_if_non_finite() -> None:
-        bad = int(first_bad_step.item())
-        if common.any_rank(bad >= 0):  # all ranks decide together
-            where = f"epoch {bad // steps_per_epoch + 1}, step {bad % steps_per_epoch + 1}" if bad >= 0 else \
-                "another rank"
-            raise common.UserError(
-                f"non-finite loss at {where}; stopped without saving, the last good checkpoint in {run.ckpt_dir} "
-                f"is untouched. Try lower --lr-d/--lr-g, --d-norm spectral, or another --seed.")
-
-    def make_state(epoch: int, step: int, elapsed: float) -> dict:
-        stop_if_non_finite()
-        return {"epoch": epoch, "step_in_epoch": step, "global_step": epoch * steps_per_epoch + step,
-                "generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
-                "generator_ema": generator_ema.state_dict() if generator_ema is not None else {},
-                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "scaler_g": scaler_g.state_dict(),
-                "scaler_d": scaler_d.state_dict(), "metrics": metrics,
-                "epoch_sums": epoch_sums.cpu(), "window_sums": window_sums.cpu(), "best_fid": best_fid,
-                "epoch_elapsed_s": elapsed, "rng": common.rng_state()}
-
-    def means(sums: torch.Tensor) -> dict:
-        loss_d, d_real, d_fake, n_d, loss_g, n_g = sums.tolist()
-        return {"loss_d": loss_d / max(n_d, 1), "loss_g": loss_g / n_g if n_g else math.nan,
-                "d_real": d_real / max(n_d, 1), "d_fake": d_fake / max(n_d, 1)}
-
-    if start_epoch >= args.epochs:
-        run.log(f"run already finished ({start_epoch} of {args.epochs} epochs); raise --epochs to train longer")
-    for epoch in range(start_epoch, args.epochs):
-        epoch_start = time.monotonic() - epoch_elapsed
-        order = common.epoch_permutation(args.seed, epoch, len(train_images), device)
-        progress = common.Progress(steps_per_epoch, start_step, f"epoch {epoch + 1}/{args.epochs}", args.log_every,
-                                   run.log)
-        for step in range(start_step, steps_per_epoch):
-            global_step = epoch * steps_per_epoch + step
-            sigma = noise_sigma(args.instance_noise, global_step, total_steps)
-
-            batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-            real = to_float(train_images[common.shard(batch)])  # this rank's part of the global batch
-            real = real.contiguous(memory_format=memory_format)
-            with common.autocast(device, amp):
-                fake = train_g(torch.randn((len(real), args.nz, 1, 1), device=device))
-
-                # D step: real images towards 1 (or the smoothed target), G's images towards 0.
-                real_logits = train_d(add_noise(real, sigma))
-                fake_logits = train_d(add_noise(fake.detach(), sigma))
-                loss_d = d_loss(real_logits, fake_logits, args.loss, args.label_smoothing)
-            opt_d.zero_grad(set_to_none=True)
-            scaler_d.scale(loss_d).backward()
-            common.average_gradients(discriminator)
-            scaler_d.step(opt_d)
-            scaler_d.update()
-            step_sums = [loss_d.detach(), torch.sigmoid(real_logits.detach().float()).mean(),
-                         torch.sigmoid(fake_logits.detach().float()).mean(), torch.ones((), device=device)]
-
-            # G step on the same fakes, once every --d-steps D steps.
-            if (global_step + 1) % args.d_steps == 0:
-                with common.autocast(device, amp):
-                    loss_g = g_loss(train_d(add_noise(fake, sigma)), args.loss)
-                opt_g.zero_grad(set_to_none=True)
-                scaler_g.scale(loss_g).backward()
-                common.average_gradients(generator)
-                scaler_g.step(opt_g)
-                scaler_g.update()
-                if generator_ema is not None:
-                    update_ema(generator_ema, generator, ema_decay(args.ema, (global_step + 1) // args.d_steps - 1))
-                step_sums += [loss_g.detach(), torch.ones((), device=device)]
-            else:
-                step_sums += [torch.zeros((), device=device)] * 2
-            step_sums = torch.stack(step_sums).to(sum_dtype)
-            first_bad_step = torch.where(~torch.isfinite(step_sums).all() & (first_bad_step < 0), global_step,
-                                         first_bad_step)
-            epoch_sums += step_sums
-            window_sums += step_sums
-
-            progress.update(step + 1, {"loss_d": step_sums[0], "d_real": step_sums[1], "d_fake": step_sums[2]})
-            if (global_step + 1) % args.log_every == 0:
-                stop_if_non_finite()
-                common.all_reduce_sum(window_sums)
-                if run.is_main:
-                    common.append_csv(steps_path, STEP_COLUMNS, {
-                        "global_step": global_step + 1, "epoch": (global_step + 1) / steps_per_epoch,
-                        **means(window_sums), "noise_sigma": sigma})
-                window_sums.zero_()
-            run.step_boundary(lambda: make_state(epoch, step + 1, time.monotonic() - epoch_start))
-        progress.close()
-        train_time = time.monotonic() - epoch_start
-
-        stop_if_non_finite()
-        common.all_reduce_sum(epoch_sums)
-        if run.is_main:
-            save_samples(sampler, fixed_noise, run.samples_dir / f"epoch_{epoch + 1:03d}.png")
-        row = {"epoch": epoch + 1, **means(epoch_sums), "fid": "", "inception_score": ""}
-        fid_due = (epoch + 1) % args.fid_every == 0 or epoch + 1 == args.epochs
-        if evaluate_fid is not None and fid_due:
-            row["fid"], row["inception_score"] = evaluate_fid(sampler)
-        row["train_time_s"], row["epoch_time_s"] = train_time, time.monotonic() - epoch_start
-        metrics.append(row)
-        run.append_metrics(row)
-        run.log(f"epoch {epoch + 1}/{args.epochs}: " + " ".join(
-            f"{k}={v:.4f}" for k, v in row.items() if k != "epoch" and v != ""))
-        start_step, epoch_elapsed = 0, 0.0
-        epoch_sums.zero_()
-        is_best = row["fid"] != "" and row["fid"] < best_fid
-        if is_best:
-            best_fid = row["fid"]
-        state = make_state(epoch + 1, 0, 0.0)
-        if is_best and run.is_main:  # not named step-*.pt, so the rotation of the last --keep-ckpts keeps it
-            with common.atomic_path(run.ckpt_dir / "best.pt") as tmp:
-                torch.save(state, tmp)
-            run.log(f"best FID so far ({best_fid:.2f}): checkpoints/best.pt")
-        path = run.save_checkpoint(state)
-        if run.preempted_by:  # a signal during sampling or FID: the epoch-end checkpoint above holds everything
-            run.exit_preempted(path)
-
-    g_path, d_path = run.dir / "DCGAN_model_G.pth", run.dir / "DCGAN_model_D.pth"
-    if run.is_main and (not (g_path.exists() and d_path.exists()) or start_epoch < args.epochs):
-        export(sampler, g_path)
-        export(discriminator, d_path)
-        run.log(f"exported {g_path.name} (G: z [N, {args.nz}, 1, 1] -> images in [-1, 1]; denorm maps to [0, 1]) "
-                f"and {d_path.name} (D: images -> one logit each)")
-        run.sync_mirror()
+    job = DCGANTraining(args, train_images, device, rank, world_size)
+    with common.open_run(plan, script="dcgan", device=device, metric_columns=METRIC_COLUMNS) as run:
+        run.log(f"DCGAN {args.image_size}x{args.image_size}x{train_images.shape[1]}, {n_params:,} parameters "
+                f"(G+D); {len(train_images):,} training images")
+        run.train(job, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+        run.export(job)
     return 0
 
 

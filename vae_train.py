@@ -11,9 +11,13 @@ with the KL term weighted by beta (Higgins et al., 2017, "beta-VAE").
 """
 from __future__ import annotations
 
-import argparse
+import stop_signals
+
+if __name__ == "__main__":
+    stop_signals.install()  # first, before the slow imports: a stop during start-up is honoured, not fatal
+
 import math
-import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -34,21 +38,21 @@ def denorm(x: torch.Tensor) -> torch.Tensor:
 
 # Losses per image in nats. train_time_s: the epoch's training steps alone (no evaluation, grids or epoch-end
 # checkpoint), for throughput; epoch_time_s: the whole epoch.
-METRIC_COLUMNS = ["epoch", "train_loss", "train_recon", "train_kl", "test_loss", "test_recon", "test_kl", "beta",
-                  "train_time_s", "epoch_time_s"]
+METRIC_COLUMNS = ["epoch", "images_seen", "train_loss", "train_recon", "train_kl", "test_loss", "test_recon",
+                  "test_kl", "beta", "train_time_s", "epoch_time_s"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = parser.add_argument_group("model and loss")
+def build_parser() -> common.ArgumentParser:
+    parser = common.ArgumentParser(description=__doc__)
+    g = parser.group("model and loss", resumable=False)
     g.add_argument("--arch", default="conv", choices=["conv", "mlp"], help="conv VAE, or the MLP baseline")
-    g.add_argument("--latent-dim", type=int, default=16, help="size of z (README: why 16)")
-    g.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (1: the plain ELBO)")
+    g.add_argument("--latent-dim", type=common.at_least(1), default=16, help="size of z (docs/results.md: why 16)")
+    g.add_argument("--beta", type=common.non_negative_float, default=1.0, help="weight of the KL term (1: the ELBO)")
     g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"],
                    help="p(x|z): Bernoulli on grey levels (BCE), or Gaussian with one learned sigma")
-    g.add_argument("--kl-warmup-epochs", type=float, default=0.0,
+    g.add_argument("--kl-warmup-epochs", type=common.non_negative_float, default=0.0,
                    help="ramp the KL weight linearly from 0 to beta over this many epochs (0: off)")
-    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--lr", type=common.positive_float, default=1e-3, help="Adam learning rate")
     common.add_run_args(parser, epochs=10, batch_size=128, dataset="mnist", datasets=["mnist", "fashion-mnist"])
     return parser
 
@@ -175,107 +179,99 @@ def save_samples(model: VAE, test_images: torch.Tensor, fixed_z: torch.Tensor, s
 # Training
 
 
+class VAETraining(common.TrainingJob):
+    """The VAE, its optimiser and loss scaler, and the epoch's running sums: everything a checkpoint holds for it
+    (state_dict is the one list), plus the steps of its loop (common.Run.train calls them)."""
+
+    divergence_hint = "a lower --lr"
+
+    def __init__(self, args, train_images: torch.Tensor, test_images: torch.Tensor, device: torch.device,
+                 rank: int, world_size: int):
+        self.args, self.device, self.n_images = args, device, len(train_images)
+        self.train_images, self.test_images = train_images, test_images
+        common.seed_everything(args.seed)
+        self.model = VAE(args.arch, args.latent_dim, args.likelihood).to(device)
+        self.optimizer = common.adam(self.model.parameters(), device, lr=args.lr)
+        # GPU speed flags (common.add_run_args); on CPU with the defaults none of them changes a number.
+        self.amp = common.amp_dtype(args.amp, device)
+        self.scaler = common.grad_scaler(device, self.amp)
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
+        self.terms = torch.compile(vae_terms) if args.compile else vae_terms
+        if world_size > 1:
+            common.seed_everything(args.seed + rank)  # same initial weights on every rank, different noise
+        # Sums over the epoch so far of (loss, recon, kl) over images; checkpointed, so a resumed epoch reports the
+        # same means as an uninterrupted one. float32 on MPS, which has no float64.
+        self.sums = torch.zeros(3, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+        # Fixed things for the per-epoch image grids: the first 16 test images, and 64 latent codes.
+        self.fixed_z = torch.randn((64, args.latent_dim), generator=torch.Generator().manual_seed(args.seed))
+        self.fixed_z = self.fixed_z.to(device)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch_sums": self.sums.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.sums = state["epoch_sums"].to(device=self.device, dtype=self.sums.dtype)
+        for group in self.optimizer.param_groups:  # --init-from may start from another run with another --lr
+            group["lr"] = self.args.lr
+
+    def train_step(self, batch: torch.Tensor, global_step: int, epoch_progress: float) -> dict:
+        args = self.args
+        beta = kl_weight(args.beta, args.kl_warmup_epochs, epoch_progress)
+        x = to_float(self.train_images[batch]).contiguous(memory_format=self.memory_format)
+        # The noise is drawn outside the (possibly compiled) loss: compiled code has its own random streams.
+        eps = torch.randn((len(x), args.latent_dim), device=self.device)
+        with common.autocast(self.device, self.amp):
+            recon_nll, kl = self.terms(self.model, x, eps)
+            loss = (recon_nll + beta * kl).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        common.average_gradients(self.model)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.sums += torch.stack([loss * len(x), recon_nll.sum(), kl.sum()]).detach().to(self.sums.dtype)
+        return {"loss": loss.detach(), "kl": kl.detach().mean()}
+
+    def end_epoch(self, run: common.Run, epoch: int) -> dict:
+        beta = kl_weight(self.args.beta, self.args.kl_warmup_epochs, epoch + 1)
+        common.all_reduce_sum(self.sums)
+        train_loss, train_recon, train_kl = (self.sums / self.n_images).tolist()
+        self.sums.zero_()
+        row = {"train_loss": train_loss, "train_recon": train_recon, "train_kl": train_kl,
+               **evaluate(self.model, self.test_images, beta, self.args.seed), "beta": beta}
+        if run.is_main:
+            save_samples(self.model, self.test_images[:16], self.fixed_z, run.samples_dir, epoch + 1)
+        return row
+
+    def summary(self, row: dict) -> str:
+        return (f"train {row['train_loss']:8.2f} (recon {row['train_recon']:7.2f}, KL {row['train_kl']:6.2f})  "
+                f"test {row['test_loss']:8.2f}  beta {row['beta']:g}")
+
+    def export(self, folder: Path) -> list[Path]:
+        """VAE_model.pth: torch.jit.load it; model(x)[0] is the reconstruction."""
+        path = folder / "VAE_model.pth"
+        common.save_torchscript(self.model, path)
+        return [path]
+
+
 def main(argv=None) -> int:
-    args, run_dir, resuming = common.resolve_run(build_parser, argv, script="vae")
+    plan = common.resolve_run(build_parser(), argv, script="vae")
+    args = plan.args
     rank, world_size, device = common.init_distributed(args.device)  # torchrun: one process per GPU
     train_images, _ = common.load_images(args.dataset, args.data_dir, train=True)
     test_images, _ = common.load_images(args.dataset, args.data_dir, train=False)
     if args.train_limit:
         train_images = train_images[:args.train_limit]
-    train_images, test_images = train_images.to(device), test_images.to(device)
-
-    run = common.Run(run_dir, args, script="vae", resuming=resuming, metric_columns=METRIC_COLUMNS, device=device)
-    common.seed_everything(args.seed)
-    model = VAE(args.arch, args.latent_dim, args.likelihood).to(device)
-    optimizer = common.adam(model.parameters(), device, lr=args.lr)
-    amp = common.amp_dtype(args.amp, device)
-    scaler = common.grad_scaler(device, amp)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model.to(memory_format=memory_format)
-    train_terms = torch.compile(vae_terms) if args.compile else vae_terms
-    if world_size > 1:
-        common.seed_everything(args.seed + rank)  # same initial weights on every rank, different noise
-    n_params = sum(p.numel() for p in model.parameters())
-    run.log(f"{args.arch} VAE, {n_params:,} parameters; {len(train_images):,} training images")
-
-    # Fixed things for the per-epoch image grids: the first 16 test images, and 64 latent codes.
-    fixed_z = torch.randn((64, args.latent_dim), generator=torch.Generator().manual_seed(args.seed)).to(device)
-    shown_test_images = test_images[:16]
-
-    steps_per_epoch = math.ceil(len(train_images) / args.batch_size)
-    start_epoch, start_step, metrics = 0, 0, []
-    # Running sums over the epoch so far (sum over images of loss, recon, kl); kept in the checkpoint so a resumed
-    # epoch reports the same means as an uninterrupted one. float32 on MPS, which has no float64.
-    sums = torch.zeros(3, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
-    epoch_elapsed = 0.0
-    ckpt = run.load_checkpoint()
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_step, metrics = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["metrics"]
-        sums = ckpt["epoch_sums"].to(device=device, dtype=sums.dtype)
-        epoch_elapsed = ckpt["epoch_elapsed_s"]
-        common.set_rng_state(ckpt["rng"])
-        run.log(f"resumed at epoch {start_epoch + 1}, step {start_step}/{steps_per_epoch}")
-    run.rewrite_metrics(metrics)
-
-    def make_state(epoch: int, step: int, elapsed: float) -> dict:
-        return {"epoch": epoch, "step_in_epoch": step, "global_step": epoch * steps_per_epoch + step,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "metrics": metrics,
-                "epoch_sums": sums.cpu(), "epoch_elapsed_s": elapsed, "rng": common.rng_state()}
-
-    if start_epoch >= args.epochs:
-        run.log(f"run already finished ({start_epoch} of {args.epochs} epochs); raise --epochs to train longer")
-    for epoch in range(start_epoch, args.epochs):
-        epoch_start = time.monotonic() - epoch_elapsed
-        order = common.epoch_permutation(args.seed, epoch, len(train_images), device)
-        progress = common.Progress(steps_per_epoch, start_step, f"epoch {epoch + 1}/{args.epochs}", args.log_every,
-                                   run.log)
-        for step in range(start_step, steps_per_epoch):
-            beta = kl_weight(args.beta, args.kl_warmup_epochs, epoch + step / steps_per_epoch)
-            batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-            x = to_float(train_images[common.shard(batch)])  # this rank's part of the global batch
-            # The noise is drawn outside the (possibly compiled) loss: compiled code has its own random streams.
-            eps = torch.randn((len(x), args.latent_dim), device=device)
-            with common.autocast(device, amp):
-                recon_nll, kl = train_terms(model, x.contiguous(memory_format=memory_format), eps)
-                loss = (recon_nll + beta * kl).mean()
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            common.average_gradients(model)
-            scaler.step(optimizer)
-            scaler.update()
-            sums += torch.stack([loss * len(x), recon_nll.sum(), kl.sum()]).detach().to(sums.dtype)
-            progress.update(step + 1, {"loss": loss.detach(), "kl": kl.detach().mean()})
-            run.step_boundary(lambda: make_state(epoch, step + 1, time.monotonic() - epoch_start))
-        progress.close()
-        train_time = time.monotonic() - epoch_start
-
-        beta = kl_weight(args.beta, args.kl_warmup_epochs, epoch + 1)
-        common.all_reduce_sum(sums)
-        train_loss, train_recon, train_kl = (sums / len(train_images)).tolist()
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_recon": train_recon, "train_kl": train_kl,
-               **evaluate(model, test_images, beta, args.seed), "beta": beta}
-        if run.is_main:
-            save_samples(model, shown_test_images, fixed_z, run.samples_dir, epoch + 1)
-        row["train_time_s"], row["epoch_time_s"] = train_time, time.monotonic() - epoch_start
-        metrics.append(row)
-        run.append_metrics(row)
-        run.log(f"epoch {epoch + 1}/{args.epochs}: " + " ".join(f"{k}={v:.4f}" for k, v in row.items()
-                                                                 if k != "epoch"))
-        start_step, epoch_elapsed = 0, 0.0
-        sums.zero_()
-        path = run.save_checkpoint(make_state(epoch + 1, 0, 0.0))
-        if run.preempted_by:  # a signal during evaluation: the epoch-end checkpoint above already holds everything
-            run.exit_preempted(path)
-
-    model_path = run.dir / "VAE_model.pth"
-    if run.is_main and (not model_path.exists() or start_epoch < args.epochs):
-        common.save_torchscript(model, model_path)
-        run.log(f"exported {model_path} (torch.jit.load it; model(x)[0] is the reconstruction)")
-        run.sync_mirror()
+    job = VAETraining(args, train_images.to(device), test_images.to(device), device, rank, world_size)
+    with common.open_run(plan, script="vae", device=device, metric_columns=METRIC_COLUMNS) as run:
+        n_params = sum(p.numel() for p in job.model.parameters())
+        run.log(f"{args.arch} VAE, {n_params:,} parameters; {len(train_images):,} training images")
+        run.train(job, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+        run.export(job)
     return 0
 
 
