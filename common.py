@@ -80,6 +80,9 @@ def run_main(main, argv=None):
         code = EXIT_USER_ERROR
     except Preempted as stop:  # Run has logged what happened and how to continue
         code = stop.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C (stop_signals): stop now, without a checkpoint
+        print("interrupted", file=sys.stderr, flush=True)
+        code = 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -193,10 +196,10 @@ def add_run_args(parser: ArgumentParser, *, epochs: int, batch_size: int, datase
 class RunPlan:
     """The outcome of resolve_run: the settings, the folder, and whether this start continues a run."""
 
-    def __init__(self, args, run_dir: Path, resuming: bool, new_folder: bool, fingerprint: str, init_from=None):
+    def __init__(self, args, run_dir: Path, resuming: bool, new_folder: bool, experiment: dict, init_from=None):
         self.args, self.dir, self.resuming, self.new_folder = args, run_dir, resuming, new_folder
-        self.fingerprint = fingerprint  # of the settings that define the experiment (checked on every load)
-        self.init_from = init_from      # another run's checkpoint file to start from (--init-from)
+        self.experiment = experiment  # the settings that define the experiment (checked on every load)
+        self.init_from = init_from    # another run's checkpoint file to start from (--init-from)
 
 
 def _explicit_flags(parser: ArgumentParser, argv) -> set[str]:
@@ -207,10 +210,16 @@ def _explicit_flags(parser: ArgumentParser, argv) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
-def experiment_fingerprint(args, parser: ArgumentParser) -> str:
-    """A short hash of the flags that define the experiment (every flag not in a resumable group)."""
-    fixed = {k: v for k, v in sorted(vars(args).items()) if k not in parser.resumable_flags()}
-    return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def experiment_settings(args, parser: ArgumentParser) -> dict:
+    """The flags that define the experiment (every flag not in a resumable group), stored in each checkpoint."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in parser.resumable_flags()}
+
+
+def settings_differ(saved: dict, current: dict) -> list[str]:
+    """The experiment settings that differ, as 'key: saved X, now Y'. A key one side lacks (a flag added to the
+    code since the run started) is not a difference: its default is what the older code did."""
+    return [f"{key}: saved {saved[key]!r}, now {current[key]!r}" for key in sorted(saved.keys() & current.keys())
+            if saved[key] != current[key]]
 
 
 def resolve_run(parser: ArgumentParser, argv, *, script: str) -> RunPlan:
@@ -257,7 +266,7 @@ def resolve_run(parser: ArgumentParser, argv, *, script: str) -> RunPlan:
     if args.init_from:
         init_from = _init_checkpoint(args.init_from)
         _take_source_settings(args, init_from.parent.parent, _explicit_flags(parser, argv), script)
-    return RunPlan(args, run_dir, resuming, new_folder, experiment_fingerprint(args, parser), init_from)
+    return RunPlan(args, run_dir, resuming, new_folder, experiment_settings(args, parser), init_from)
 
 
 def _check_writable(folder: Path, flag: str) -> None:
@@ -279,12 +288,16 @@ def _check_fresh_start_allowed(run_dir: Path, args, parser: ArgumentParser, scri
     if list((run_dir / "checkpoints").glob("*.corrupt")) and not args.restart:
         raise UserError(f"{run_dir}: every checkpoint is damaged (set aside as checkpoints/*.corrupt). Restore one "
                         f"from a backup, or add --restart to train from scratch in this folder")
-    if (run_dir / "config.json").exists():
-        saved = read_run_config(run_dir, script)
-        saved_args = argparse.Namespace(**{**vars(args), **saved["args"]})
-        if experiment_fingerprint(saved_args, parser) != experiment_fingerprint(args, parser) and not args.restart:
-            raise UserError(f"{run_dir} holds another {script} run (config.json, different settings) and no "
-                            f"checkpoint; use a new folder, or add --restart to replace it")
+    if (run_dir / "config.json").exists() and not args.restart:
+        try:
+            saved = read_run_config(run_dir, script)["args"]
+        except UserError as err:
+            raise UserError(f"{err}; add --restart to start this folder afresh") from None
+        fixed = parser.resumable_flags()
+        differing = settings_differ({k: v for k, v in saved.items() if k not in fixed}, experiment_settings(args, parser))
+        if differing:
+            raise UserError(f"{run_dir} holds another {script} run with no checkpoint ({'; '.join(differing)}); "
+                            f"use a new folder, or add --restart to replace it")
     _check_writable(run_dir if run_dir.is_dir() else run_dir.parent, "--run-dir")
 
 
@@ -532,7 +545,6 @@ def seed_everything(seed: int) -> None:
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -665,6 +677,11 @@ class Run:
         if self.plan.new_folder:
             self.dir = self._claim_new_folder(self.dir)
         with self.writing("the run folder", self.dir):
+            old = self.dir / "checkpoints"
+            if self.config.get("restart") and not self.plan.resuming and old.is_dir():
+                aside = self.dir / f"checkpoints.before-restart-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+                old.rename(aside)  # damaged files, milestones and best.pt of the run being replaced
+                print(f"--restart: the old checkpoints are in {aside}", flush=True)
             for d in (self.dir, self.dir / "checkpoints", self.dir / "samples"):
                 d.mkdir(parents=True, exist_ok=True)
             self._lock_file = self._lock()
@@ -742,7 +759,6 @@ class Run:
         config.update({
             "script": self.script,
             "args": self.config,
-            "fingerprint": self.plan.fingerprint,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "git_commit": _git_commit(),
@@ -859,7 +875,7 @@ class Run:
     def _state(self, job: TrainingJob, epoch: int, step: int, elapsed: float) -> dict:
         """The whole checkpoint: the job's state and the loop's position. Never built after a non-finite loss."""
         self._stop_if_non_finite(job)
-        return {"script": self.script, "fingerprint": self.plan.fingerprint, "epoch": epoch, "step_in_epoch": step,
+        return {"script": self.script, "experiment": self.plan.experiment, "epoch": epoch, "step_in_epoch": step,
                 "global_step": epoch * self.steps_per_epoch + step, "metrics": self.metrics, "best_fid": self.best_fid,
                 "epoch_elapsed_s": elapsed, "rng": rng_state(), **job.state_dict()}
 
@@ -868,8 +884,9 @@ class Run:
         def check(ckpt, same_experiment=True) -> str | None:
             if ckpt.get("script", self.script) != self.script:
                 return f"is a {ckpt['script']} checkpoint, not a {self.script} one"
-            if same_experiment and ckpt.get("fingerprint", self.plan.fingerprint) != self.plan.fingerprint:
-                return "belongs to another experiment (its settings differ from config.json)"
+            differing = settings_differ(ckpt.get("experiment", {}), self.plan.experiment) if same_experiment else []
+            if differing:
+                return f"belongs to another experiment ({'; '.join(differing)})"
             present = set(ckpt) | set(ckpt["per_rank"][0] if "per_rank" in ckpt else ())
             missing = sorted(set(job.state_dict()) - present)
             return f"lacks {', '.join(missing)} (not a {self.script} checkpoint)" if missing else None
@@ -924,10 +941,10 @@ class Run:
                  else "another rank")
         kept = list_checkpoints(self.dir)
         if kept:
-            way = (f"the newest good checkpoint, {kept[0]}, is untouched: continue from it in a new run with other "
-                   f"settings, e.g. python {self.script}_train.py --init-from {self.dir} with {job.divergence_hint}")
+            way = (f"The newest good checkpoint, {kept[0]}, is untouched: continue from it in a new run with "
+                   f"other settings: python {self.script}_train.py --init-from {self.dir} plus {job.divergence_hint}")
         else:
-            way = f"no checkpoint was written before it; start a new run with {job.divergence_hint}"
+            way = f"No checkpoint was written before it: start a new run with {job.divergence_hint}"
         raise UserError(f"non-finite loss at {where}; stopped without saving. {way}.")
 
     # -- checkpoints and stops ------------------------------------------------------------------------------------

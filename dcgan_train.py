@@ -420,7 +420,7 @@ class DCGANTraining(common.TrainingJob):
     for the DCGAN (state_dict is the one list), plus the steps of its loop (common.Run.train calls them)."""
 
     best_column = "fid"
-    divergence_hint = "lower --lr-d/--lr-g, --d-norm spectral, or another --seed"
+    divergence_hint = "lower --lr-d/--lr-g (e.g. half), or another --seed"
 
     def __init__(self, args, train_images: torch.Tensor, device: torch.device, rank: int, world_size: int):
         self.args, self.device, self.n_images = args, device, len(train_images)

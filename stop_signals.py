@@ -23,6 +23,8 @@ _previous: dict | None = None  # the handlers install() replaced, put back by re
 
 def _handler(signum, _frame) -> None:
     global received
+    if received and signum == signal.SIGINT:  # Ctrl-C twice: the user wants out now (no checkpoint)
+        raise KeyboardInterrupt
     received = received or signal.Signals(signum).name
 
 

@@ -183,7 +183,7 @@ class VAETraining(common.TrainingJob):
     """The VAE, its optimiser and loss scaler, and the epoch's running sums: everything a checkpoint holds for it
     (state_dict is the one list), plus the steps of its loop (common.Run.train calls them)."""
 
-    divergence_hint = "a lower --lr"
+    divergence_hint = "a lower --lr (e.g. a tenth)"
 
     def __init__(self, args, train_images: torch.Tensor, test_images: torch.Tensor, device: torch.device,
                  rank: int, world_size: int):
