@@ -1,5 +1,12 @@
 #!/usr/bin/env bash
 # sbatch slurm/vae.sh [vae_train.py options]   (submit from the repository root; logs in runs/slurm-<id>.out)
+#
+# Asks for 1 GPU, 4 CPU cores, 16 GB and 2 hours per start (the job requeues itself before the limit); options on
+# the sbatch command line override the #SBATCH lines, e.g. `sbatch --time=30 --mem=8G slurm/vae.sh --epochs 10`.
+# Continue a run that stopped without a requeue (scancel, TIMEOUT, restart cap) in a new job; the job's .out file
+# ends with this command:  sbatch slurm/vae.sh --resume runs/slurm-123   (or: RUN_DIR=runs/slurm-123 sbatch ...)
+# Environment: PYTHON (default .venv/bin/python), RUN_DIR, RUNS_ROOT (default runs), MAX_RESTARTS (default 20).
+# docs/slurm.md explains the rest.
 #SBATCH --job-name=vae
 #SBATCH --gres=gpu:1
 #SBATCH --cpus-per-task=4
@@ -17,6 +24,7 @@ PYTHON=${PYTHON:-.venv/bin/python}
 # ----------------------------------------------------------------------------------------------------------------
 set -uo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}" || exit 1
+CONTINUE_SCRIPT=slurm/vae.sh  # named in the command that continues a stopped run ($0 is SLURM's copy)
 # shellcheck source=slurm/launch.sh
 source slurm/launch.sh
 launch vae_train.py "$@"

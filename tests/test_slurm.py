@@ -1,8 +1,11 @@
-"""The SLURM scripts, end to end under a fake SLURM: job ids in the environment and a stub `scontrol` on PATH."""
+"""The SLURM scripts, end to end under a fake SLURM: job ids in the environment and a stub `scontrol` on PATH.
+(tests/test_slurm_real.py runs them under a real one-node SLURM: `make test-slurm`.)"""
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -29,17 +32,53 @@ def test_shellcheck_is_clean():
     assert proc.returncode == 0, proc.stdout
 
 
+# The fake scontrol: `show job` answers with the restart count in FAKE_RESTARTS (SLURM raises it before the SIGTERM
+# of its own requeue), every other call is recorded.
+FAKE_SCONTROL = """#!/bin/sh
+if [ "$1" = show ]; then echo "JobId=$4 Restarts=${FAKE_RESTARTS:-${SLURM_RESTART_COUNT:-0}}"; exit 0; fi
+echo "$@" >> "%s"
+"""
+
+# A stand-in for `python SCRIPT --run-dir|--resume FOLDER options...` that starts in no time: it prints its
+# arguments, and on a stop signal exits STUB_EXIT (75), after adding a newer checkpoint file if STUB_CHECKPOINT=1.
+STUB_PYTHON = """#!/usr/bin/env bash
+folder=$3
+echo "stub args: $*"
+stop() {
+  if [ "${STUB_CHECKPOINT:-0}" = 1 ]; then
+    mkdir -p "$folder/checkpoints"
+    touch "$folder/checkpoints/step-$(printf %010d $(($(ls "$folder/checkpoints" | wc -l) + 1))).pt"
+  fi
+  exit "${STUB_EXIT:-75}"
+}
+trap stop USR1 TERM
+echo started
+while true; do sleep 0.1; done
+"""
+
+
 @pytest.fixture
 def fake_slurm(tmp_path):
     """An environment like a batch job's: job id set, and an `scontrol` that records its arguments."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "scontrol_calls"
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n')
+    (bin_dir / "scontrol").write_text(FAKE_SCONTROL % calls)
     (bin_dir / "scontrol").chmod(0o755)
     env = {**script_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
            "SLURM_SUBMIT_DIR": str(REPO), "RUNS_ROOT": str(tmp_path / "runs"), "PYTHON": sys.executable}
+    for name in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX",
+                 "SLURM_RESTART_COUNT", "RUN_DIR", "MAX_RESTARTS", "NPROC_PER_NODE", "SLURM_GPUS_ON_NODE"):
+        env.pop(name, None)  # the tests may themselves run inside a SLURM job
     return env, calls, tmp_path / "runs"
+
+
+@pytest.fixture
+def stub_python(tmp_path):
+    stub = tmp_path / "stub-python"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    return str(stub)
 
 
 def start_job(script: str, env: dict, *args) -> subprocess.Popen:
@@ -87,51 +126,149 @@ def test_warning_signal_checkpoints_requeues_and_the_requeued_job_finishes(fake_
     assert calls.read_text().split() == ["requeue", "4242"], "a finished run must not be requeued"
 
 
-def test_scancel_sigterm_checkpoints_but_does_not_requeue(fake_slurm, mnist_dir):
+def continue_command(output: str) -> list[str]:
+    line = next(line for line in output.splitlines() if "to continue the run in a new job:" in line)
+    return shlex.split(line.split("to continue the run in a new job:", 1)[1])
+
+
+def test_scancel_checkpoints_without_requeue_and_the_printed_command_continues_the_run(fake_slurm, mnist_dir):
     env, calls, runs_root = fake_slurm
     job = start_job("vae.sh", env, *vae_options(mnist_dir, runs_root, 200))
     output = signal_after(job, "epoch 1/200 step 3/", signal.SIGTERM)
     assert job.returncode == common.EXIT_PREEMPTED, output
-    assert common.list_checkpoints(runs_root / "slurm-4242")
+    run_dir = runs_root / "slurm-4242"
+    assert common.list_checkpoints(run_dir)
     assert not calls.exists()
+    command = continue_command(output)
+    assert command == ["sbatch", "slurm/vae.sh", "--resume", str(run_dir),
+                       *map(str, vae_options(mnist_dir, runs_root, 200))]
+
+    # The printed command in a new job (another id) continues that folder; here only to the end of epoch 1.
+    proc = subprocess.run(["bash", command[1], *command[2:], "--epochs", "1"], capture_output=True, text=True,
+                          env={**env, "SLURM_JOB_ID": "5000"}, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"[launch] job 5000 restart 0 run {run_dir} (checkpoint at start: step-" in proc.stdout
+    assert not (runs_root / "slurm-5000").exists()
+    with open(run_dir / "metrics.csv") as f:
+        assert [int(row["epoch"]) for row in csv.DictReader(f)] == [1]
 
 
-def test_restart_cap_stops_requeueing(fake_slurm, mnist_dir):
+def test_restart_cap_stops_requeueing(fake_slurm, stub_python):
     env, calls, runs_root = fake_slurm
-    job = start_job("vae.sh", {**env, "SLURM_RESTART_COUNT": "3", "MAX_RESTARTS": "3"},
-                    *vae_options(mnist_dir, runs_root, 200))
-    output = signal_after(job, "epoch 1/200 step 3/")
+    job = start_job("vae.sh", {**env, "PYTHON": stub_python, "STUB_CHECKPOINT": "1", "SLURM_RESTART_COUNT": "3",
+                               "MAX_RESTARTS": "3"})
+    output = signal_after(job, "started")
     assert "restarted 3 times (MAX_RESTARTS=3); not requeueing" in output
+    assert continue_command(output) == ["sbatch", "slurm/vae.sh", "--resume", str(runs_root / "slurm-4242")]
     assert job.returncode != 0 and not calls.exists()
 
 
-def test_no_progress_stops_requeueing(fake_slurm, tmp_path):
+def test_no_progress_stops_requeueing(fake_slurm, stub_python):
     """A job that is warned before it writes any new checkpoint is not requeued forever."""
     env, calls, _ = fake_slurm
-    stub = tmp_path / "stuck-python"
-    stub.write_text("#!/usr/bin/env bash\ntrap 'exit 75' USR1\necho started\nwhile true; do sleep 0.1; done\n")
-    stub.chmod(0o755)
-    job = start_job("vae.sh", {**env, "PYTHON": str(stub)})
+    job = start_job("vae.sh", {**env, "PYTHON": stub_python})
     output = signal_after(job, "started")
     assert "no progress since this start" in output
     assert job.returncode != 0 and not calls.exists()
 
 
+def test_warning_during_start_up_requeues(fake_slurm, stub_python):
+    """Exit 76 (warned before the first step: nothing to save) is not a lack of progress: requeue."""
+    env, calls, _ = fake_slurm
+    job = start_job("vae.sh", {**env, "PYTHON": stub_python, "STUB_EXIT": "76"})
+    output = signal_after(job, "started")
+    assert "stopped during start-up" in output and "no progress" not in output, output
+    assert job.returncode == 76 and calls.read_text().split() == ["requeue", "4242"]
+
+    capped = start_job("vae.sh", {**env, "PYTHON": stub_python, "STUB_EXIT": "76", "SLURM_RESTART_COUNT": "20"})
+    assert "restarted 20 times (MAX_RESTARTS=20)" in signal_after(capped, "started")
+    assert calls.read_text().split() == ["requeue", "4242"]
+
+
+def test_sigterm_of_a_requeue_by_slurm_itself_prints_no_continue_command(fake_slurm, stub_python):
+    """An outside `scontrol requeue` (or pre-emption) raises the restart count before its SIGTERM arrives."""
+    env, calls, runs_root = fake_slurm
+    job = start_job("vae.sh", {**env, "PYTHON": stub_python, "STUB_CHECKPOINT": "1", "FAKE_RESTARTS": "1"})
+    output = signal_after(job, "started", signal.SIGTERM)
+    assert f"SLURM is requeueing job 4242; the next start continues {runs_root / 'slurm-4242'}" in output
+    assert "to continue" not in output and not calls.exists()
+
+
+def test_resume_and_run_dir_name_the_folder_that_the_job_and_its_requeues_follow(fake_slurm, stub_python, tmp_path):
+    env, calls, _ = fake_slurm
+    old_run = tmp_path / "old run"  # a space: the printed command must quote it
+    (old_run / "checkpoints").mkdir(parents=True)
+    (old_run / "checkpoints" / "step-0000000001.pt").touch()
+    job = start_job("dcgan.sh", {**env, "PYTHON": stub_python, "STUB_CHECKPOINT": "1"}, "--resume", old_run,
+                    "--epochs", "9")
+    output = signal_after(job, "started")
+    assert f"run {old_run} (checkpoint at start: step-0000000001.pt)" in output
+    assert f"stub args: dcgan_train.py --resume {old_run} --epochs 9" in output  # no --run-dir beside it
+    assert calls.read_text().split() == ["requeue", "4242"]
+
+    by_env = subprocess.run(["bash", "slurm/vae.sh", "--epochs", "1"], capture_output=True, text=True, cwd=REPO,
+                            env={**env, "PYTHON": "echo", "RUN_DIR": str(old_run)}, timeout=60)
+    assert f"vae_train.py --run-dir {old_run} --epochs 1" in by_env.stdout
+
+
+@pytest.mark.parametrize("options, extra_env, message", [
+    (["--resume", "runs/a"], {"RUN_DIR": "runs/b"}, "name different folders"),
+    (["--resume", "runs/a", "--run-dir", "runs/b"], {}, "name different folders"),
+    (["--resume", "latest"], {}, "--resume latest under SLURM: name the run folder"),
+])
+def test_folder_options_that_cannot_work_stop_before_python(fake_slurm, options, extra_env, message):
+    env, _, _ = fake_slurm
+    proc = subprocess.run(["bash", "slurm/vae.sh", *options], capture_output=True, text=True, cwd=REPO,
+                          env={**env, "PYTHON": "false", **extra_env}, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stdout + proc.stderr
+
+
 def test_array_tasks_get_their_own_run_folders(fake_slurm, mnist_dir):
     env, _, runs_root = fake_slurm
-    for task in (0, 1):
+    for task in (0, 1):  # the first two lines of slurm/betas.txt, an array of 4 tasks as its header asks
         array_env = {**env, "SLURM_JOB_ID": str(900 + task), "SLURM_ARRAY_JOB_ID": "77",
-                     "SLURM_ARRAY_TASK_ID": str(task)}
+                     "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "3"}
         proc = subprocess.run(["bash", str(REPO / "slurm" / "vae_betas.sh"), *map(str, vae_options(
             mnist_dir, runs_root, 1)), "--train-limit", "64"], capture_output=True, text=True, env=array_env,
             cwd=REPO, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-    import json
-    betas = [json.loads((runs_root / f"slurm-77_{task}" / "config.json").read_text())["args"]["beta"]
-             for task in (0, 1)]
-    assert betas == [0.5, 1.0]
+    args = [json.loads((runs_root / f"slurm-77_{task}" / "config.json").read_text())["args"] for task in (0, 1)]
+    assert [(a["beta"], a["name"], a["sweep"]) for a in args] == [(0.5, "vae-beta0.5", "vae-betas"),
+                                                                  (1.0, "vae-beta1", "vae-betas")]
 
 
+def sweep_lines(path) -> int:
+    """What the scripts' headers count: `grep -cvE '^\\s*(#|$)' FILE`."""
+    return sum(1 for line in open(path) if line.strip() and not line.strip().startswith("#"))
+
+
+@pytest.mark.parametrize("script, table", [("vae_betas.sh", "betas.txt"), ("dcgan_sweep.sh", "dcgan_sweep.txt")])
+def test_array_range_must_fit_the_table(fake_slurm, script, table):
+    """The header's --array range fits the table shipped; a range that does not stops every task with exit 2."""
+    header = (REPO / "slurm" / script).read_text()
+    lines = sweep_lines(REPO / "slurm" / table)
+    assert f"#SBATCH --array=0-{lines - 1}\n" in header
+    assert f"--array=0-$(($(grep -cvE '^\\s*(#|$)' slurm/{table})-1)) slurm/{script}" in header
+    env, _, _ = fake_slurm
+    for task_env in ({"SLURM_ARRAY_TASK_MAX": str(lines)}, {}):  # one task too many; not an array job at all
+        proc = subprocess.run(["bash", f"slurm/{script}"], capture_output=True, text=True, cwd=REPO, timeout=60,
+                              env={**env, "PYTHON": "false", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "0",
+                                   **task_env})
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert f"submit with: sbatch --array=0-{lines - 1} slurm/{script}" in proc.stderr
+
+
+def test_a_sweep_line_without_a_name_is_refused(fake_slurm, tmp_path):
+    table = tmp_path / "table.txt"
+    table.write_text("--name ok\n--d-norm spectral\n")
+    env, _, _ = fake_slurm
+    proc = subprocess.run(["bash", "slurm/dcgan_sweep.sh"], capture_output=True, text=True, cwd=REPO, timeout=60,
+                          env={**env, "PYTHON": "false", "SWEEP_TABLE": str(table), "SLURM_ARRAY_JOB_ID": "77",
+                               "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "1"})
+    assert proc.returncode == 2 and f"line 2 of {table} has no --name" in proc.stderr
+
+
+@pytest.mark.slow  # two torchrun processes
 def test_two_gpu_job_goes_through_torchrun_and_still_checkpoints_and_requeues(fake_slurm, mnist_dir):
     """With more than one GPU on the node the script runs torchrun (here: 2 CPU processes with gloo)."""
     env, calls, runs_root = fake_slurm
@@ -144,27 +281,31 @@ def test_two_gpu_job_goes_through_torchrun_and_still_checkpoints_and_requeues(fa
 
 
 def test_colab_notebook_trains_into_a_mirrored_run_folder():
-    """The notebook is valid nbformat 4 and its training cell uses flags the scripts really have."""
-    import json
+    """The notebook is valid nbformat 4 and its train() helper uses flags both training scripts really have
+    (tests/test_notebook.py runs the notebook itself, among the slow tests)."""
+    import re
+
+    import dcgan_train
     import vae_train
 
     notebook = json.loads((REPO / "colab.ipynb").read_text())
     assert notebook["nbformat"] == 4
-    source = "".join("".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code")
-    train_line = next(line for line in source.splitlines() if line.startswith("!python $SCRIPT"))
-    flags = [word for word in train_line.split() if word.startswith("--")]
-    known = {option for action in vae_train.build_parser()._actions for option in action.option_strings}
-    assert {"--run-dir", "--mirror-dir"} <= set(flags) and set(flags) <= known
+    cells = ["".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    train_cell = next(cell for cell in cells if "def train(" in cell)
+    flags = set(re.findall(r"(--[a-z][a-z-]*)", train_cell))
+    known = [{option for action in script.build_parser()._actions for option in action.option_strings}
+             for script in (vae_train, dcgan_train)]
+    assert {"--run-dir", "--mirror-dir"} <= flags and all(flags <= options for options in known), flags
 
 
 def test_sweep_array_task_takes_its_line_of_the_table(fake_slurm, cifar_dir):
     env, _, runs_root = fake_slurm
-    task_env = {**env, "SLURM_ARRAY_JOB_ID": "88", "SLURM_ARRAY_TASK_ID": "1"}  # line 2: the spectral-norm variant
+    task_env = {**env, "SLURM_ARRAY_JOB_ID": "88", "SLURM_ARRAY_TASK_ID": "1",  # line 2: the spectral-norm variant
+                "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "3"}
     proc = subprocess.run(["bash", str(REPO / "slurm" / "dcgan_sweep.sh"), "--data-dir", str(cifar_dir),
                            "--runs-root", str(runs_root), "--epochs", "1", "--ngf", "8", "--ndf", "8",
                            "--batch-size", "32"], capture_output=True, text=True, env=task_env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    import json
     args = json.loads((runs_root / "slurm-88_1" / "config.json").read_text())["args"]
-    assert args["d_norm"] == "spectral" and args["name"] == "dcgan-spectral"
+    assert (args["d_norm"], args["name"], args["sweep"]) == ("spectral", "dcgan-spectral", "dcgan-sweep")
     assert (runs_root / "slurm-88_1" / "DCGAN_model_G.pth").exists()
