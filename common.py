@@ -169,6 +169,8 @@ def add_run_args(parser: ArgumentParser, *, epochs: int, batch_size: int, datase
                    help="start a NEW run from another run's checkpoint (a .pt file, or a run folder: its newest "
                         "checkpoint): weights, optimiser state, epoch and metrics so far, with this command's "
                         "flags (e.g. a lower learning rate after a divergence)")
+    g.add_argument("--new-run", action="store_true",
+                   help="start a new run even if this same command left an unfinished one (which it would continue)")
     g.add_argument("--restart", action="store_true",
                    help="start from scratch in a --run-dir whose checkpoints are all damaged (*.corrupt)")
     g.add_argument("--ckpt-every-min", type=positive_float, default=10.0,
@@ -255,6 +257,10 @@ def resolve_run(parser: ArgumentParser, argv, *, script: str) -> RunPlan:
         resuming = bool(list_checkpoints(run_dir))
         if not resuming:
             _check_fresh_start_allowed(run_dir, args, parser, script)
+    elif not args.new_run and (unfinished := _unfinished_run(runs_root, script, args, parser)):
+        run_dir, resuming = unfinished, True
+        print(f"continuing {run_dir}, the unfinished run this same command started (add --new-run to start "
+              f"another)", flush=True)
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir, resuming, new_folder = runs_root / f"{stamp}-{args.name or script}", False, True
@@ -263,10 +269,53 @@ def resolve_run(parser: ArgumentParser, argv, *, script: str) -> RunPlan:
     if resuming:
         _merge_saved_config(args, parser, run_dir, _explicit_flags(parser, argv), script)
     init_from = None
-    if args.init_from:
+    if args.init_from and not resuming:
         init_from = _init_checkpoint(args.init_from)
         _take_source_settings(args, init_from.parent.parent, _explicit_flags(parser, argv), script)
     return RunPlan(args, run_dir, resuming, new_folder, experiment_settings(args, parser), init_from)
+
+
+def _unfinished_run(runs_root: Path, script: str, args, parser: ArgumentParser) -> Path | None:
+    """The newest run folder that this same command made and did not finish: re-running a command after a crash,
+    Ctrl-C or a lost Colab VM continues that run instead of silently starting over. Same command means: made as a
+    new folder (not --run-dir), by the same script, with the same --name, --sweep, --init-from and experiment
+    settings. A run another process is training (its lock is held) is left alone."""
+    if not runs_root.is_dir():
+        return None
+    mine, resumable = experiment_settings(args, parser), parser.resumable_flags()
+    for folder in sorted((p for p in runs_root.iterdir() if p.is_dir() and not p.is_symlink()), reverse=True):
+        try:
+            config = json.loads((folder / "config.json").read_text())
+            saved = config["args"]
+        except (OSError, ValueError, KeyError):
+            continue
+        same_command = (config.get("script") == script and config.get("origin") == "new-folder"
+                        and all(saved.get(k) == getattr(args, k) for k in ("name", "sweep", "init_from"))
+                        and not settings_differ({k: v for k, v in saved.items() if k not in resumable}, mine))
+        if not same_command or not list_checkpoints(folder) or _finished(folder, saved) or _locked(folder):
+            continue
+        return folder.resolve()
+    return None
+
+
+def _finished(run_dir: Path, saved_args: dict) -> bool:
+    """Trained to its --epochs and exported (export.json, written last, says so)."""
+    try:
+        return json.loads((run_dir / "export.json").read_text())["epoch"] >= saved_args["epochs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _locked(run_dir: Path) -> bool:
+    """Is a process training in `run_dir` now (holding its flock)?"""
+    try:
+        with open(run_dir / ".lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _check_writable(folder: Path, flag: str) -> None:
@@ -354,8 +403,8 @@ def read_run_config(run_dir, script: str) -> dict:
         raise UserError(f"{run_dir} has no config.json: not a run folder made by {script}_train.py")
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{config_path} is not valid JSON ({err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{config_path} is damaged: not valid JSON ({err})") from None
     if config.get("script") != script or "args" not in config:
         raise UserError(f"{run_dir} is a {config.get('script')!r} run, not a {script.upper()} run "
                         f"({script}_train.py)")
@@ -647,6 +696,7 @@ class Run:
         self.log_every, self.mirror_dir = log_every, Path(mirror_dir) if mirror_dir else None
         self.dir = plan.dir
         self._log_file = self._lock_file = None
+        self._remove_folder = False  # a new folder stopped during start-up holds nothing worth keeping
         self.preempted_by: str | None = None  # the loop's decision, taken (by all ranks together) at boundaries
         self.metrics: list[dict] = []
         self.best_fid = math.inf
@@ -671,26 +721,40 @@ class Run:
                 f.close()  # closing the lock file releases the flock
         self._log_file = self._lock_file = None
         stop_signals.restore()
+        if self._remove_folder:
+            shutil.rmtree(self.dir, ignore_errors=True)
         return False
 
     def _take_folder(self) -> str:
         if self.plan.new_folder:
             self.dir = self._claim_new_folder(self.dir)
         with self.writing("the run folder", self.dir):
-            old = self.dir / "checkpoints"
-            if self.config.get("restart") and not self.plan.resuming and old.is_dir():
-                aside = self.dir / f"checkpoints.before-restart-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-                old.rename(aside)  # damaged files, milestones and best.pt of the run being replaced
-                print(f"--restart: the old checkpoints are in {aside}", flush=True)
+            if self.config.get("restart") and not self.plan.resuming:
+                self._set_aside_replaced_run()
             for d in (self.dir, self.dir / "checkpoints", self.dir / "samples"):
                 d.mkdir(parents=True, exist_ok=True)
             self._lock_file = self._lock()
             self._log_file = open(self.dir / "log.txt", "a", buffering=1)
             self._clean_stray_temp_files()
             self._write_config()
-            if not self.config.get("sweep"):  # sweep members never become "the" run of their script
-                self._link_latest()
         return str(self.dir)
+
+    def _set_aside_replaced_run(self) -> None:
+        """--restart: the replaced run's checkpoints (damaged ones, milestones, best.pt), export record and model
+        files go into one folder beside them, so nothing of it is mistaken for the new run's; nothing is deleted."""
+        old = [self.dir / "checkpoints", self.dir / "export.json"]
+        try:  # the model files it exported
+            old += [self.dir / name for name in json.loads((self.dir / "export.json").read_text())["files"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if not any(p.exists() for p in old):
+            return
+        aside = self.dir / f"replaced-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        aside.mkdir()
+        for path in old:
+            if path.exists():
+                path.rename(aside / path.name)
+        print(f"--restart: the replaced run's checkpoints and export record are in {aside}", flush=True)
 
     @staticmethod
     def _claim_new_folder(wanted: Path) -> Path:
@@ -748,7 +812,7 @@ class Run:
         config_path = self.dir / "config.json"
         try:
             config = json.loads(config_path.read_text()) if config_path.exists() else {}
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             if self.plan.resuming:  # its settings were read a moment ago: it cannot be damaged unless replaced
                 raise UserError(f"{config_path} is damaged ({err}); restore it from a backup") from None
             config = {}  # nothing to resume: its start history is all that is lost, and it is rewritten now
@@ -756,6 +820,7 @@ class Run:
         starts.append({"time": datetime.datetime.now().isoformat(timespec="seconds"), "host": socket.gethostname(),
                        "device": str(self.device), "resumed": self.plan.resuming, "pid": os.getpid(),
                        "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
+        config.setdefault("origin", "new-folder" if self.plan.new_folder else "run-dir")  # see _unfinished_run
         config.update({
             "script": self.script,
             "args": self.config,
@@ -820,11 +885,15 @@ class Run:
         start_epoch, start_step, elapsed = self._restore(job)
         job.on_start(self, self.global_step)
         if self._stop_requested():  # a signal while we imported torch, loaded data, built models: nothing to save
-            again = ("Re-run the same command to continue." if self.plan.resuming else
-                     f"Nothing was trained yet: re-run the command (or add --run-dir {self.dir}) to start it.")
+            again = "Re-run the same command to continue."
+            if self.plan.new_folder and self.is_main:  # nothing in it but this start's config and log
+                self._remove_folder = True
+                again = f"Nothing was trained yet, so {self.dir} is removed; re-run the same command to start."
             self.log(f"stopped by {self.preempted_by} during start-up, before any training step; nothing new to "
                      f"save. {again}")
             raise StoppedAtStartup()
+        if self.is_main and not self.config.get("sweep"):  # sweep members never become "the" run of their script
+            self._link_latest()
         if start_epoch >= epochs:
             self.log(f"run already finished ({start_epoch} of {epochs} epochs); raise --epochs to train longer")
         progress = Progress(steps_per_epoch=self.steps_per_epoch, total_steps=epochs * self.steps_per_epoch,
@@ -970,7 +1039,7 @@ class Run:
 
     def _preempted(self, path: Path) -> Preempted:
         self.log(f"stopped by {self.preempted_by}; checkpoint {path.name} written. "
-                 f"Re-run the same command (or --resume {self.dir}) to continue.")
+                 f"Re-run the same command (or use --resume {self.dir}) to continue.")
         return Preempted()
 
     def _save(self, state: dict, milestone: bool = False, best: bool = False) -> Path:

@@ -1,72 +1,28 @@
 """Shared test fixtures: tiny data sets in the real on-disk formats, and a way to run the real scripts.
 
-The data sets are small enough that a whole training run takes seconds on CPU, but they are written exactly as
-torchvision expects them (IDX files for MNIST, pickled batches for CIFAR-10), so the real loaders run.
+The data sets (tiny_data.py) are small enough that a whole training run takes seconds on CPU, but they are written
+exactly as torchvision expects them (IDX files for MNIST, pickled batches for CIFAR-10), so the real loaders run.
 """
 from __future__ import annotations
 
 import os
-import pickle
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+SUPPORT = Path(__file__).resolve().parent / "support"  # sitecustomize.py for the processes the tests start
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(SUPPORT))
+
+import synthetic_cifar10  # noqa: E402  (tests/support: torchvision reads the synthetic CIFAR-10 batches)
+from tiny_data import make_cifar10, make_mnist  # noqa: E402
 
 SHARED_MNIST = REPO.parent / "shared" / "data"  # the real MNIST on the developers' machines; absent elsewhere
 
-
-def synthetic_digits(n: int, size: int, channels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """n images (uint8, [n, size, size, channels]) of a bright square whose position depends on the label."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n)
-    images = rng.integers(0, 40, (n, size, size, channels), dtype=np.uint8)
-    for i, label in enumerate(labels):
-        row, col = divmod(int(label), 5)
-        top, left = 2 + row * size // 2, 1 + col * (size - 4) // 5
-        images[i, top:top + size // 3, left:left + size // 6] = rng.integers(180, 256, dtype=np.uint8)
-    return images, labels.astype(np.uint8)
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """IDX format (LeCun's MNIST files): magic 0x08 (ubyte) + ndim, big-endian sizes, then the raw bytes."""
-    with open(path, "wb") as f:
-        f.write(struct.pack(">BBBB", 0, 0, 0x08, array.ndim))
-        f.write(struct.pack(f">{array.ndim}I", *array.shape))
-        f.write(np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-
-
-def make_mnist(root: Path, folder: str = "MNIST", n_train: int = 300, n_test: int = 100) -> Path:
-    raw = root / folder / "raw"
-    raw.mkdir(parents=True)
-    for prefix, n, seed in (("train", n_train, 1), ("t10k", n_test, 2)):
-        images, labels = synthetic_digits(n, 28, 1, seed)
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", images[..., 0])
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-    return root
-
-
-def make_cifar10(root: Path, per_batch: int = 40, n_test: int = 40) -> Path:
-    """cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}, pickled as the real files are."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    batches = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for seed, name in enumerate(batches):
-        n = n_test if name == "test_batch" else per_batch
-        images, labels = synthetic_digits(n, 32, 3, seed)
-        data = images.transpose(0, 3, 1, 2).reshape(n, 3072)  # rows of R, G, B planes, as in the real files
-        with open(folder / name, "wb") as f:
-            pickle.dump({"batch_label": name, "labels": labels.tolist(), "data": data,
-                         "filenames": [f"{i}.png" for i in range(n)]}, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                                     "ship", "truck"], "num_cases_per_batch": per_batch, "num_vis": 3072}, f)
-    return root
+synthetic_cifar10.install()  # in this process; script_env() does the same in the processes the tests start
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +48,8 @@ def cifar_dir(tmp_path_factory) -> Path:
 
 def script_env() -> dict:
     env = dict(os.environ)
-    env["GENMODELS_SKIP_CIFAR_MD5"] = "1"  # the synthetic CIFAR-10 batches cannot match the published MD5 sums
+    # tests/support/sitecustomize.py: torchvision accepts the synthetic CIFAR-10 batches (no published MD5 sums)
+    env["PYTHONPATH"] = os.pathsep.join([str(SUPPORT), *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only add noise, and tests share 2 cores
     return env

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from conftest import run_script
 
 
+@pytest.mark.slow  # about 30 s: every measurement, each a real training run
 def test_bench_reports_every_measurement(tmp_path, mnist_dir):
     out = tmp_path / "bench.json"
     proc = run_script("bench.py", "--images", 256, "--repeats", 1, "--data-dir", mnist_dir, "--out", out)

@@ -30,6 +30,7 @@ def torchrun(script, *args, wrapper=None) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow  # about 30 s per script: three torchrun launches of two processes each
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_two_process_run_stops_resumes_and_matches_an_uninterrupted_one(script, mnist_dir, cifar_dir, tmp_path):
     script_options, model_keys, signal_at = SCRIPTS[script]

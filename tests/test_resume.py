@@ -90,17 +90,37 @@ def test_sigterm_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path, refer
     assert_same_run(run_dir, reference_run)
 
 
+def wait_for_first_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 120) -> None:
+    """Return once the running `proc` has written a checkpoint in `run_dir` (so it is past start-up, training)."""
+    deadline = time.monotonic() + timeout
+    while not common.list_checkpoints(run_dir):
+        assert proc.poll() is None, f"the run exited ({proc.returncode}) before writing a checkpoint"
+        assert time.monotonic() < deadline, "the run wrote no checkpoint in time"
+        time.sleep(0.02)
+
+
 def test_external_sigterm_at_an_arbitrary_moment(mnist_dir, tmp_path, reference_run):
-    """A signal from outside, landing wherever the loop happens to be, still loses nothing."""
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "vae_train.py"), *map(str, vae_args(mnist_dir, run_dir))]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=script_env())
-    for line in proc.stdout:
-        if "epoch 2/3 step 2/" in line:
+    """A signal from outside, landing wherever the loop happens to be, still loses nothing.
+
+    The run is started with --epochs 1000, so it cannot end on its own before the signal comes; the signal is sent
+    once its first checkpoint exists, i.e. wherever the loop is just after epoch 1. The resume lowers --epochs to
+    the reference's 3 (epochs may change on resume) and must end exactly where the uninterrupted run ends.
+    """
+    run_dir, output = tmp_path / "run", tmp_path / "output.txt"
+    cmd = [sys.executable, str(REPO / "vae_train.py"), *map(str, vae_args(mnist_dir, run_dir, "--epochs", 1000))]
+    with open(output, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=script_env())
+        try:
+            wait_for_first_checkpoint(proc, run_dir)
             proc.send_signal(signal.SIGTERM)
-            break
-    proc.stdout.read()
-    assert proc.wait(timeout=120) == common.EXIT_PREEMPTED
+            assert proc.wait(timeout=120) == common.EXIT_PREEMPTED, output.read_text()[-3000:]
+        finally:
+            proc.kill()
+            proc.wait()
+    assert "stopped by SIGTERM" in output.read_text()  # the handler ran: a checkpoint, then exit 75
+    stopped_at = final_checkpoint(run_dir)["global_step"]
+    assert STEPS_PER_EPOCH <= stopped_at < 3 * STEPS_PER_EPOCH, f"stopped at step {stopped_at}, past the reference"
+
     run_script("vae_train.py", *vae_args(mnist_dir, run_dir))
     assert_same_run(run_dir, reference_run)
 
@@ -209,20 +229,17 @@ def test_only_the_newest_checkpoints_are_kept(reference_run):
 def test_second_process_on_the_same_run_folder_is_refused(mnist_dir, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "vae_train.py"), *map(str, vae_args(mnist_dir, run_dir, "--epochs", 1000))]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=script_env())
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=script_env())
     try:
-        for line in first.stdout:
-            if "step 1/" in line:
-                break
-        started = time.monotonic()
+        wait_for_first_checkpoint(first, run_dir)  # it holds the run folder's lock and is training
+        # Refused at once: a second process that waited for the lock (or trained) would hit the timeout instead.
         second = run_script("vae_train.py", *vae_args(mnist_dir, run_dir, "--epochs", 1000), check=False,
                             timeout=60)
         assert second.returncode == common.EXIT_USER_ERROR
         assert f"another process (pid {first.pid})" in second.stderr
-        assert time.monotonic() - started < 60
+        assert first.poll() is None, "the refused process must leave the running one alone"
     finally:
         first.send_signal(signal.SIGTERM)
-        first.stdout.read()
         assert first.wait(timeout=60) == common.EXIT_PREEMPTED
 
 

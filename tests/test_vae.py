@@ -103,7 +103,6 @@ def test_exported_model_passes_a_graders_checks(finished_run, mnist_dir):
     recon = vae(x)[0]
     assert recon.shape == x.shape
     assert recon.min() >= 0 and recon.max() <= 1
-    assert torch.equal(vae_train.denorm(recon), recon)
 
     # The exported file reconstructs exactly as the trained weights do in eval mode (z = mu).
     model = vae_train.VAE("conv", 16, "bernoulli")
