@@ -1,20 +1,23 @@
 """Figures and numbers from one or more VAE runs (made by vae_train.py), from metrics.csv and the latest checkpoint.
 
     python analyze_vae.py runs/latest-vae                        # figures into runs/<run>/figures/
-    python analyze_vae.py runs/*-beta*                            # also a comparison folder, one line per beta
+    python analyze_vae.py runs/*-vae-beta*                        # also a comparison, one line per beta
     python analyze_vae.py RUN --tsne-points 2000 --iw-images 1000 # quicker on a CPU
     python analyze_vae.py RUN --interp-classes 4 9                # interpolate between the first 4 and the first 9
 
 Into each RUN_DIR/figures/: loss_curves.png, reconstructions.png, samples.png, tsne.png, interpolation.png and
-summary.json (test ELBO and importance-weighted log-likelihood, nats per image). With several runs, also
-<out>/loss_curves.png (the runs overlaid) and <out>/summary.csv. The run folder is only read, never changed, so
-this works on a run still in progress: it shows the state at the newest checkpoint that loads, and the loss curves
-up to the last finished epoch.
+summary.json (test ELBO and importance-weighted log-likelihood, nats per image). With several runs (a shell glob may
+also match folders that are not VAE runs: they are skipped with a note), also into --out (default
+RUNS_ROOT/compare/<sweep name>/), each run labelled by the settings that differ between the runs (`beta=4`):
+loss_curves.png (the test negative ELBO at beta = 1, i.e. recon + KL, and its two terms, against training images
+seen: the beta-weighted objective differs between betas by construction), reconstructions.png (the same test images
+through every run), samples.png (every run's decoder on the same z), summary.csv (also printed) and summary.json.
+The run folder is only read (figures/ aside), so this works on a run still in progress: it shows the state at the
+newest checkpoint that loads, and the loss curves up to the last finished epoch.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import math
@@ -28,6 +31,7 @@ from sklearn.manifold import TSNE
 from torchvision.utils import make_grid
 
 import common
+import experiments
 from vae_train import VAE, evaluate, pixel_nll, to_float
 
 CLASS_NAMES = {
@@ -42,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders made by vae_train.py")
     parser.add_argument("--out", default=None,
-                        help="comparison folder when several runs are given (default: compare-vae-<time> beside "
-                             "the first run)")
+                        help="comparison folder when several runs are given (default: RUNS_ROOT/compare/<sweep "
+                             "name>, or compare/vae-<time> for runs of no one sweep)")
     parser.add_argument("--data-dir", default=None, help="data root (default: the one in each run's config.json)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="auto (the default) picks CUDA, then MPS, then CPU")
@@ -182,7 +186,7 @@ def image_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
 
 def plot_loss_curves(runs: list[dict], labels: list[str], title: str) -> Figure:
     """Six panels (rows: train, test; columns: total, reconstruction, KL), one line per run."""
-    fig = Figure(figsize=(13, 7), layout="constrained")
+    fig = Figure(figsize=(9.5, 6), layout="constrained")
     axes = fig.subplots(2, 3, sharex=True, sharey="col")
     for run, label in zip(runs, labels):
         epochs = [row["epoch"] for row in run["metrics"]]
@@ -205,7 +209,7 @@ def plot_loss_curves(runs: list[dict], labels: list[str], title: str) -> Figure:
     return fig
 
 
-def plot_reconstructions(x: torch.Tensor, recon: torch.Tensor, epoch: int, per_row: int = 8) -> Figure:
+def plot_reconstructions(x: torch.Tensor, recon: torch.Tensor, title: str, per_row: int = 8) -> Figure:
     """Rows of test images, each followed by a row of their reconstructions."""
     n_pairs = math.ceil(len(x) / per_row)
     fig = Figure(figsize=(per_row * 0.9 + 1.5, n_pairs * 2 * 0.95 + 0.6), layout="constrained")
@@ -218,21 +222,21 @@ def plot_reconstructions(x: torch.Tensor, recon: torch.Tensor, epoch: int, per_r
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=10)
-    fig.suptitle(f"Test images and their reconstructions (decoder mean at z = mu), epoch {epoch}")
+    fig.suptitle(title)
     return fig
 
 
-def plot_samples(samples: torch.Tensor, epoch: int) -> Figure:
-    fig = Figure(figsize=(7, 7.4), layout="constrained")
+def plot_samples(samples: torch.Tensor, title: str) -> Figure:
+    fig = Figure(figsize=(7, 7.6), layout="constrained")
     ax = fig.subplots()
     ax.imshow(image_grid(samples, 8), cmap="gray", vmin=0, vmax=1)
     ax.axis("off")
-    ax.set_title(f"{len(samples)} samples from the prior z ~ N(0, I) (decoder mean), epoch {epoch}")
+    ax.set_title(title)
     return fig
 
 
 def plot_tsne(points: np.ndarray, labels: np.ndarray, class_names: list[str], legend_title: str,
-              perplexity: float, latent_dim: int, epoch: int) -> Figure:
+              title: str) -> Figure:
     fig = Figure(figsize=(8.5, 7.5), layout="constrained")
     ax = fig.subplots()
     size = 3 if len(points) > 2000 else 12
@@ -244,28 +248,34 @@ def plot_tsne(points: np.ndarray, labels: np.ndarray, class_names: list[str], le
               bbox_to_anchor=(1.0, 0.5), frameon=False)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(f"t-SNE of the {latent_dim}-d latent means of {len(points):,} test images "
-                 f"(perplexity {perplexity:g}), epoch {epoch}")
+    ax.set_title(title)
     return fig
 
 
+INTERP_PER_ROW = 6  # cells per row of interpolation.png: at a report's width (~16 cm) the labels stay readable
+
+
 def plot_interpolation(strip: torch.Tensor, ends: tuple[int, int], end_names: tuple[str, str],
-                       ts: torch.Tensor) -> Figure:
-    """strip: [steps + 2, 1, H, W] = test image I, decoded points t = 0 .. 1, test image J."""
-    fig = Figure(figsize=(1.1 * len(strip), 1.9), layout="constrained")
-    axes = fig.subplots(1, len(strip))
-    titles = [f"test #{ends[0]}"] + [f"t={t:.2f}" for t in ts.tolist()] + [f"test #{ends[1]}"]
-    for ax, image, title in zip(axes, strip, titles):
+                       ts: torch.Tensor, title: str) -> Figure:
+    """strip: [steps + 2, 1, H, W] = test image I, decoded points t = 0 .. 1, test image J; read left to right,
+    top to bottom, in rows of INTERP_PER_ROW."""
+    n_rows = math.ceil(len(strip) / INTERP_PER_ROW)
+    fig = Figure(figsize=(7, 1.45 * n_rows + 0.8), layout="constrained")
+    axes = fig.subplots(n_rows, INTERP_PER_ROW, squeeze=False).ravel()
+    titles = [f"test #{ends[0]}"] + [f"t = {t:.2f}" for t in ts.tolist()] + [f"test #{ends[1]}"]
+    for ax, image, cell_title in zip(axes, strip, titles):
         ax.imshow(image[0].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(title, fontsize=9)
-    for ax in (axes[0], axes[-1]):
+        ax.set_title(cell_title, fontsize=11)
+    for ax in axes[len(strip):]:
+        ax.set_visible(False)
+    for ax in (axes[0], axes[len(strip) - 1]):
         for spine in ax.spines.values():
             spine.set_color("tab:red")
-            spine.set_linewidth(2)
-    fig.suptitle(f"Linear interpolation in z between the latent means of test #{ends[0]} ({end_names[0]}) and "
-                 f"test #{ends[1]} ({end_names[1]}); red: the inputs", fontsize=10)
+            spine.set_linewidth(2.5)
+    fig.suptitle(f"{title}\nfrom test #{ends[0]} ({end_names[0]}) to test #{ends[1]} ({end_names[1]}); "
+                 f"red frames: the two inputs", fontsize=11)
     return fig
 
 
@@ -291,6 +301,7 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
     print(f"{run['dir']}: {run_args['arch']} VAE, latent {run_args['latent_dim']}, beta {run_args['beta']}, "
           f"checkpoint at epoch {epoch} (+{ckpt.get('step_in_epoch', 0)} steps)", flush=True)
 
+    about = f"{run['dir'].name} (beta {run_args['beta']:g}, epoch {epoch})"
     if run["metrics"]:
         save_figure(plot_loss_curves([run], [run["dir"].name], f"{run['dir'].name}: losses per epoch "
                                      f"(beta {run_args['beta']:g})"), figures / "loss_curves.png")
@@ -299,9 +310,11 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
 
     with torch.no_grad():
         x = to_float(images[:args.n_recon])
-        save_figure(plot_reconstructions(x, model(x)[0], epoch), figures / "reconstructions.png")
-        z = torch.randn((64, model.latent_dim), generator=torch.Generator().manual_seed(args.seed)).to(device)
-        save_figure(plot_samples(torch.sigmoid(model.decoder(z)), epoch), figures / "samples.png")
+        save_figure(plot_reconstructions(x, model(x)[0], f"{about}: test images and their reconstructions "
+                                         f"(decoder mean at z = mu)"), figures / "reconstructions.png")
+        z = prior_noise(64, model.latent_dim, args.seed).to(device)
+        save_figure(plot_samples(torch.sigmoid(model.decoder(z)), f"{about}\n64 samples from the prior "
+                                 f"z ~ N(0, I) (decoder mean)"), figures / "samples.png")
 
         i, j = interpolation_pair(labels, args.interp_indices, args.interp_classes)
         mu_ends = model.encode(to_float(images[[i, j]]))[0]
@@ -309,7 +322,8 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
         z_line = (1 - ts[:, None]) * mu_ends[0] + ts[:, None] * mu_ends[1]  # [steps, d]
         strip = torch.cat([to_float(images[[i]]), torch.sigmoid(model.decoder(z_line)), to_float(images[[j]])])
         names = tuple(f"{legend_title} {class_names[int(labels[index])]}" for index in (i, j))
-        save_figure(plot_interpolation(strip, (i, j), names, ts), figures / "interpolation.png")
+        save_figure(plot_interpolation(strip, (i, j), names, ts, f"{about}: decoded points on the line in z "
+                                       f"between two latent means"), figures / "interpolation.png")
 
     started = time.monotonic()
     n_points = min(args.tsne_points, len(images))
@@ -320,8 +334,9 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
     means = latent_means(model, images[chosen.to(device)]).numpy()
     points = TSNE(n_components=2, perplexity=args.perplexity, init="pca", learning_rate="auto",
                   random_state=args.seed).fit_transform(means)
-    save_figure(plot_tsne(points, labels[chosen].numpy(), class_names, legend_title, args.perplexity,
-                          model.latent_dim, epoch), figures / "tsne.png")
+    save_figure(plot_tsne(points, labels[chosen].numpy(), class_names, legend_title,
+                          f"{about}\nt-SNE of the {model.latent_dim}-d latent means of {n_points:,} test images "
+                          f"(perplexity {args.perplexity:g})"), figures / "tsne.png")
     seconds["tsne"] = time.monotonic() - started
 
     # The true bound (beta = 1), with the noise the training script's evaluation uses: at an epoch-end checkpoint
@@ -354,46 +369,120 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
     return summary
 
 
-def run_labels(runs: list[dict]) -> list[str]:
-    """'beta=4', with the arch (and latent size) when the runs differ in it, and the folder name if still tied."""
-    def differs(key):
-        return len({str(run["args"].get(key)) for run in runs}) > 1
-
-    labels = []
-    for run in runs:
-        label = f"beta={run['args']['beta']:g}"
-        if differs("arch"):
-            label = f"{run['args']['arch']}, {label}"
-        if differs("latent_dim"):
-            label += f", d={run['args']['latent_dim']}"
-        labels.append(label)
-    if len(set(labels)) < len(labels):
-        labels = [f"{label} ({run['dir'].name})" for label, run in zip(labels, runs)]
-    return labels
+COMPARISON_COLUMNS = ["label", "beta", "arch", "latent_dim", "epoch", "images_seen", "test_neg_elbo", "test_recon",
+                      "test_kl", "iw_log_likelihood", "iw_samples", "status", "run_dir"]
+N_COMPARED_IMAGES = 10   # test images in the side-by-side reconstructions
+N_COMPARED_SAMPLES = 16  # prior samples per run in the side-by-side samples (4 x 4)
 
 
-SUMMARY_COLUMNS = ["label", "arch", "latent_dim", "beta", "epoch", "test_elbo", "test_recon", "test_kl",
-                   "iw_log_likelihood", "iw_samples", "run_dir"]
+def prior_noise(n: int, latent_dim: int, seed: int) -> torch.Tensor:
+    """The same z for every run of the same latent size: samples differ only by the decoders."""
+    return torch.randn((n, latent_dim), generator=torch.Generator().manual_seed(seed))
 
 
-def write_comparison(runs: list[dict], summaries: list[dict], out: Path) -> None:
+def plot_comparison_curves(infos: list[experiments.RunInfo], labels: list[str], title: str) -> Figure:
+    """Test negative ELBO at beta = 1 (recon + KL: the bound every run is judged by, whatever beta it was trained
+    with), its reconstruction and KL terms, one line per run, against training images seen."""
+    x_name, xs = experiments.x_axis(infos)
+    panels = [("test -ELBO at beta = 1\n(recon + KL; lower is better)",
+               lambda rows: np.array([r["test_recon"] + r["test_kl"] for r in rows])),
+              ("test reconstruction NLL\n(lower is better)", lambda rows: np.array([r["test_recon"] for r in rows])),
+              ("test KL(q(z|x) || p(z))\n(nats the code carries)", lambda rows: np.array([r["test_kl"] for r in rows]))]
+    fig = Figure(figsize=(9.5, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3, sharex=True)
+    for ax, (name, values) in zip(axes, panels):
+        for i, (info, label, x) in enumerate(zip(infos, labels, xs)):
+            ax.plot(x, values(info.metrics), marker="o", markersize=3, color=f"C{i}", label=label)
+        ax.set(title=name, ylabel="nats per image")
+        experiments.label_x_axis(ax, x_name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    experiments.legend_below(fig, n_columns=4)
+    return fig
+
+
+def plot_comparison_reconstructions(x: torch.Tensor, recons: list[torch.Tensor], labels: list[str],
+                                    title: str) -> Figure:
+    """The same test images (top row), then each run's reconstructions of them, one labelled row per run."""
+    rows = [("test images", x)] + list(zip(labels, recons))
+    fig = Figure(figsize=(len(x) * 0.75 + 1.8, len(rows) * 0.82 + 0.7), layout="constrained")
+    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
+    for ax, (name, images) in zip(axes, rows):
+        ax.imshow(image_grid(images, len(images)), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=11)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_comparison_samples(samples: list[torch.Tensor], labels: list[str], title: str) -> Figure:
+    """Each run's decoder on the same z, one 4 x 4 panel per run, side by side."""
+    fig = Figure(figsize=(2.3 * len(samples) + 0.4, 2.9), layout="constrained")
+    axes = fig.subplots(1, len(samples), squeeze=False)[0]
+    for ax, images, label in zip(axes, samples, labels):
+        ax.imshow(image_grid(images, 4), cmap="gray", vmin=0, vmax=1)
+        ax.axis("off")
+        ax.set_title(label, fontsize=11)
+    fig.suptitle(title)
+    return fig
+
+
+def write_comparison(runs: list[dict], infos: list[experiments.RunInfo], summaries: list[dict], out: Path,
+                     args, device: torch.device, data_cache: dict) -> list[dict]:
+    """The comparison figures, table (summary.csv, summary.json) and printed table in `out`; returns the rows."""
     out.mkdir(parents=True, exist_ok=True)
-    labels = run_labels(runs)
-    save_figure(plot_loss_curves(runs, labels, f"Losses per epoch of {len(runs)} VAE runs"), out / "loss_curves.png")
-    rows = [{"label": label, **{key: summary[key] for key in SUMMARY_COLUMNS[1:]}}
-            for label, summary in zip(labels, summaries)]
-    with common.atomic_path(out / "summary.csv") as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+    labels = experiments.run_labels(infos)
+    sweeps = {info.sweep for info in infos}
+    what = f"sweep {sweeps.pop()}" if len(sweeps) == 1 and None not in sweeps else f"{len(runs)} VAE runs"
+    save_figure(plot_comparison_curves(infos, labels, f"{what}: test bound and its terms"), out / "loss_curves.png")
+
+    data_keys = {(run["args"].get("dataset", "mnist"), args.data_dir or run["args"]["data_dir"]) for run in runs}
+    if len({key[0] for key in data_keys}) == 1:
+        images, _ = data_cache[sorted(data_keys)[0]]
+        with torch.no_grad():
+            x = to_float(images[:N_COMPARED_IMAGES].to(device))
+            recons, samples = [], []
+            for run in runs:
+                model = load_model(run, device)
+                recons.append(model(x)[0])
+                z = prior_noise(N_COMPARED_SAMPLES, model.latent_dim, args.seed).to(device)
+                samples.append(torch.sigmoid(model.decoder(z)))
+        epochs = sorted({summary["epoch"] for summary in summaries})
+        at = f"epoch {epochs[0]}" if len(epochs) == 1 else "each run's newest checkpoint"
+        save_figure(plot_comparison_reconstructions(x, recons, labels, f"{what}: the same test images "
+                                                    f"reconstructed by each run ({at})"), out / "reconstructions.png")
+        save_figure(plot_comparison_samples(samples, labels, f"{what}: samples from the same z ~ N(0, I) ({at})"),
+                    out / "samples.png")
+    else:
+        print("note: the runs were trained on different data sets: no side-by-side reconstructions or samples",
+              flush=True)
+
+    rows = []
+    for label, info, summary in zip(labels, infos, summaries):
+        rows.append({"label": label, "beta": summary["beta"], "arch": summary["arch"],
+                     "latent_dim": summary["latent_dim"], "epoch": summary["epoch"],
+                     "images_seen": int(info.total_images_seen()), "test_neg_elbo": -summary["test_elbo"],
+                     "test_recon": summary["test_recon"], "test_kl": summary["test_kl"],
+                     "iw_log_likelihood": summary["iw_log_likelihood"], "iw_samples": summary["iw_samples"],
+                     "status": info.status(), "run_dir": summary["run_dir"]})
+    common.write_csv(out / "summary.csv", COMPARISON_COLUMNS, rows)
     common.atomic_write_text(out / "summary.json", json.dumps(rows, indent=2) + "\n")
     width = max(len(label) for label in labels)
-    print(f"\n{'run':<{width}}  epoch  test ELBO  IW log p(x)   (nats per image)")
+    print(f"\n{'run':<{width}}  epoch  images seen  test -ELBO  recon    KL     IW log p(x)   (nats per image)")
     for row in rows:
-        print(f"{row['label']:<{width}}  {row['epoch']:>5}  {row['test_elbo']:>9.2f}  "
-              f"{row['iw_log_likelihood']:>11.2f}")
+        print(f"{row['label']:<{width}}  {row['epoch']:>5}  {row['images_seen']:>11,}  {row['test_neg_elbo']:>10.2f}"
+              f"  {row['test_recon']:>6.2f}  {row['test_kl']:>5.2f}  {row['iw_log_likelihood']:>11.2f}")
     print(f"comparison in {out}", flush=True)
+    return rows
+
+
+def default_out(infos: list[experiments.RunInfo]) -> Path:
+    """RUNS_ROOT/compare/<sweep> for one sweep's runs, else RUNS_ROOT/compare/vae-<time>."""
+    sweeps = {info.sweep for info in infos}
+    name = sweeps.pop() if len(sweeps) == 1 and None not in sweeps else \
+        f"vae-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return experiments.compare_dir(infos[0].dir.parent, name)
 
 
 def main(argv=None) -> int:
@@ -402,14 +491,14 @@ def main(argv=None) -> int:
         raise common.UserError("--iw-samples and --n-recon must be at least 1, "
                                "--tsne-points and --interp-steps at least 2")
     device = common.pick_device(args.device)
-    runs = [read_run(run_dir) for run_dir in args.run_dirs]  # every folder checked before any slow work
+    infos = experiments.collect_runs(args.run_dirs, "vae", log=lambda msg: print(msg, flush=True))
+    runs = [read_run(info.dir) for info in infos]  # every folder checked before any slow work
     print("analyze_vae: " + json.dumps({k: v for k, v in vars(args).items() if k != "run_dirs"}), flush=True)
     data_cache = {}
     summaries = [analyze_run(run, args, device, data_cache) for run in runs]
     if len(runs) > 1:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = Path(args.out) if args.out else runs[0]["dir"].parent / f"compare-vae-{stamp}"
-        write_comparison(runs, summaries, out)
+        write_comparison(runs, infos, summaries, Path(args.out) if args.out else default_out(infos), args, device,
+                         data_cache)
     return 0
 
 

@@ -1,23 +1,31 @@
 """Check the three coursework model files as a grader's test cell would, on CPU, before they are packed.
 
+    python check_submission.py                    # the runs that count in runs/ (as make report picks them)
+    python check_submission.py --vae-run runs/A --gan-run runs/B   # these two runs, whatever they are
     python check_submission.py submission/        # a folder holding all three files
-    python check_submission.py runs/latest-vae --gen runs/latest-dcgan/DCGAN_model_G.pth --disc D.pth
-    make submission                               # the latest runs; then packs CW2.zip with report/figures
+    python check_submission.py --gen exports/DCGAN_model_G.pth --disc exports/DCGAN_model_D.pth   # e.g. a milestone
+    make submission                               # the runs that count; then packs CW2.zip with report/figures
 
-DIR holds VAE_model.pth, DCGAN_model_G.pth and DCGAN_model_D.pth; --vae / --gen / --disc point at files elsewhere.
+Without DIR, the files come from the VAE and DCGAN runs that count: the newest finished run of each script that is
+not a sweep member (experiments.counted_run says which and why, and warns about a longer finished run), or the
+runs named by --vae-run / --gan-run. DIR holds VAE_model.pth, DCGAN_model_G.pth and DCGAN_model_D.pth instead;
+--vae / --gen / --disc point at single files and win over both.
 Every check prints one PASS / FAIL / SKIP line naming the file and what is wrong; exit code 0 when all pass, 1 when
 any fails (2: a bad command line). What is checked, in the grader's own terms:
 
 - each file loads with torch.jit.load (no project code needed);
 - the VAE has Conv2d layers among its children's children (an MLP-only VAE does not count);
 - vae(x)[0] has the shape of x, values in [0, 1], for a batch of transformed MNIST test images (vae_train.transform;
-  real images from --data-dir when they are there, else uniform [0, 1] noise, said so in the output);
+  real images from --data-dir, else from the VAE run's own data folder (its config.json), else data/; uniform
+  [0, 1] noise only when none of them holds the MNIST test files, with a WARN line that says where it looked);
 - G turns torch.randn(100, nz, 1, 1) into (100, 3, 32, 32) in [-1, 1], and dcgan_train.denorm maps that to [0, 1];
 - D gives one value per image for (N, 3, 32, 32) input;
 - G plus D hold at most 25,000,000 parameters (dcgan_train.MAX_PARAMS).
 
 With --zip ZIP (and --figures DIR, which must then hold PNGs), ZIP is written only when every check passes: the
-three files under their coursework names and DIR as figures/, to a temporary file renamed into place.
+three files under their coursework names and DIR as figures/, to a temporary file renamed into place (its folder
+is made when missing). When DIR's report (report.py's report.json beside it) shows other runs than the ones
+checked, a WARN line says so: the report's figures would not show the submitted models.
 """
 from __future__ import annotations
 
@@ -37,13 +45,22 @@ MNIST_SHAPE = (1, 28, 28)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dir", metavar="DIR", help=f"folder holding {VAE_FILE}, {GEN_FILE} and {DISC_FILE}")
+    parser.add_argument("dir", metavar="DIR", nargs="?", default=None,
+                        help=f"folder holding {VAE_FILE}, {GEN_FILE} and {DISC_FILE} (default: the run folders "
+                             f"of the VAE and DCGAN runs that count)")
+    parser.add_argument("--vae-run", default=None, metavar="RUN_DIR",
+                        help="the VAE run whose file to check (default: the newest finished VAE run in --runs-root "
+                             "that is not a sweep member)")
+    parser.add_argument("--gan-run", default=None, metavar="RUN_DIR",
+                        help="the DCGAN run whose files to check (default: as --vae-run, for DCGAN runs)")
+    parser.add_argument("--runs-root", default=str(common.DEFAULT_RUNS_ROOT),
+                        help="where to look for the runs that count (default: runs/ in the repository)")
     parser.add_argument("--vae", default=None, help=f"the VAE file (default: DIR/{VAE_FILE})")
     parser.add_argument("--gen", default=None, help=f"the generator file (default: DIR/{GEN_FILE})")
     parser.add_argument("--disc", default=None, help=f"the discriminator file (default: DIR/{DISC_FILE})")
-    parser.add_argument("--data-dir", default=str(common.DEFAULT_DATA_DIR),
-                        help="torchvision data root holding MNIST/raw (default: data/ in the repository); "
-                             "without it the VAE is fed uniform [0, 1] noise")
+    parser.add_argument("--data-dir", default=None,
+                        help="torchvision data root holding MNIST/raw (default: the VAE run's own --data-dir, "
+                             "then data/ in the repository); without MNIST the VAE is fed uniform [0, 1] noise")
     parser.add_argument("--nz", type=int, default=None,
                         help="size of G's noise vector (default: read from G's first layer, else 100)")
     parser.add_argument("--n-images", type=int, default=100, help="images per forward pass (default: %(default)s)")
@@ -140,21 +157,29 @@ def load(checks: Checks, path: Path):
 # The VAE
 
 
-def vae_inputs(data_dir: Path, n: int) -> tuple[torch.Tensor, str]:
-    """n transformed MNIST test images, as the grader's test cell makes them; uniform noise when MNIST is absent."""
+def has_mnist_test_files(data_dir: Path) -> bool:
+    raw = Path(data_dir) / "MNIST" / "raw"
+    return (raw / "t10k-images-idx3-ubyte").exists() and (raw / "t10k-labels-idx1-ubyte").exists()
+
+
+def vae_inputs(data_dirs: list[tuple[Path, str]], n: int) -> tuple[torch.Tensor, str, bool]:
+    """n transformed MNIST test images from the first of `data_dirs` ((folder, where it came from)) that holds
+    them, as the grader's test cell makes them; uniform noise when none does. Returns (x, what x is, real?)."""
     from vae_train import transform
-    raw = data_dir / "MNIST" / "raw"
-    if (raw / "t10k-images-idx3-ubyte").exists() and (raw / "t10k-labels-idx1-ubyte").exists():
-        from torchvision.datasets import MNIST
-        test_set = MNIST(str(data_dir), train=False, transform=transform, download=False)
-        n = min(n, len(test_set))
-        return torch.stack([test_set[i][0] for i in range(n)]), f"{n} MNIST test images from {data_dir}"
+    for data_dir, _ in data_dirs:
+        if has_mnist_test_files(data_dir):
+            from torchvision.datasets import MNIST
+            test_set = MNIST(str(data_dir), train=False, transform=transform, download=False)
+            n = min(n, len(test_set))
+            return torch.stack([test_set[i][0] for i in range(n)]), f"{n} MNIST test images from {data_dir}", True
     generator = torch.Generator().manual_seed(0)
+    looked = "; ".join(f"{d / 'MNIST' / 'raw'} ({why})" for d, why in data_dirs)
     return (torch.rand((n, *MNIST_SHAPE), generator=generator),
-            f"{n} SYNTHETIC uniform [0, 1] images (no MNIST test files in {raw}; pass --data-dir)")
+            f"{n} SYNTHETIC uniform [0, 1] images: no MNIST test files in {looked}. Pass --data-dir "
+            f"(make submission DATA_DIR=...) to check on real digits", False)
 
 
-def check_vae(checks: Checks, path: Path, data_dir: Path, n: int) -> None:
+def check_vae(checks: Checks, path: Path, data_dirs: list[tuple[Path, str]], n: int) -> None:
     vae = load(checks, path)
     names = ["Conv2d layers in children's children", "vae(x)[0] shape", "vae(x)[0] values in [0, 1]"]
     if vae is None:
@@ -169,8 +194,8 @@ def check_vae(checks: Checks, path: Path, data_dir: Path, n: int) -> None:
                   f"{len(convs)} found ({', '.join(convs[:4])}{' ...' if len(convs) > 4 else ''})" if convs else
                   "none found: an MLP-only VAE fails the coursework's test; train with vae_train.py --arch conv")
 
-    x, source = vae_inputs(data_dir, n)
-    print(f"  info  {path.name}: input x: {source}, shape {shape_str(x.shape)}", flush=True)
+    x, source, real = vae_inputs(data_dirs, n)
+    print(f"  {'info' if real else 'WARN'}  {path.name}: input x: {source}, shape {shape_str(x.shape)}", flush=True)
     try:
         with torch.no_grad():
             out = vae(x)
@@ -348,26 +373,86 @@ def pack(zip_path: Path, model_paths: dict[str, Path], figures: Path | None) -> 
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def model_paths(args) -> tuple[Path, Path, Path, list[Path]]:
+    """The three files to check, and the run folders they come from (printed with the reason for each run)."""
+    import experiments
+    folder = Path(args.dir) if args.dir else None
+    if folder is not None and not folder.is_dir():
+        raise common.UserError(f"{folder}: no such folder. Give the folder holding {VAE_FILE}, {GEN_FILE} and "
+                               f"{DISC_FILE}, or leave it out to check the runs that count in {args.runs_root}")
+    runs = {}
+    for script, flag, needed in (("vae", "vae_run", not args.vae), ("dcgan", "gan_run", not (args.gen and args.disc))):
+        explicit = getattr(args, flag)
+        if explicit or (needed and folder is None):
+            how = f"--{flag.replace('_', '-')} RUN_DIR (make submission {flag.upper()}=RUN_DIR)"
+            run, reason = experiments.counted_run(args.runs_root, script, explicit, how,
+                                                  log=lambda msg: print(msg, flush=True))
+            print(f"{'VAE' if script == 'vae' else 'DCGAN'}: {reason}", flush=True)
+            runs[script] = run.dir
+    vae_dir = runs.get("vae", folder)
+    gan_dir = runs.get("dcgan", folder)
+    vae_path = Path(args.vae) if args.vae else vae_dir / VAE_FILE
+    gen_path = Path(args.gen) if args.gen else gan_dir / GEN_FILE
+    disc_path = Path(args.disc) if args.disc else gan_dir / DISC_FILE
+    return vae_path, gen_path, disc_path, [runs.get("vae"), runs.get("dcgan")]
+
+
+def data_dirs_to_try(args, vae_path: Path) -> list[tuple[Path, str]]:
+    """--data-dir alone when given; else the VAE run's own data folder (config.json beside the file), then data/."""
+    if args.data_dir:
+        return [(Path(args.data_dir), "--data-dir")]
+    found = []
+    try:
+        config = json.loads((vae_path.parent / "config.json").read_text())
+        found.append((Path(config["args"]["data_dir"]), f"the run's --data-dir, in {vae_path.parent.name}/config.json"))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if common.DEFAULT_DATA_DIR not in [d for d, _ in found]:
+        found.append((common.DEFAULT_DATA_DIR, "the default data folder"))
+    return found
+
+
+def check_report_shows(figures: Path, run_dirs: list[Path | None]) -> None:
+    """Warn when the report beside `figures` was made from other runs than the ones whose files are checked."""
+    try:
+        made_from = json.loads((figures.parent / "report.json").read_text())
+    except (OSError, ValueError):
+        return
+    for run_dir, key, what in zip(run_dirs, ("vae_run", "gan_run"), ("VAE", "DCGAN")):
+        shown = made_from.get(key)
+        if run_dir is not None and shown and Path(shown).resolve() != Path(run_dir).resolve():
+            print(f"  WARN  {figures.parent.name}: the report shows the {what} run {Path(shown).name}, but the "
+                  f"{what} checked is {Path(run_dir).name}: run make report again (with the same runs)", flush=True)
+
+
+def prepare_zip_folder(zip_path: Path) -> None:
+    """Make the folder --zip writes into, before the slow checks; one clear line when that is impossible."""
+    if zip_path.is_dir():
+        raise common.UserError(f"--zip {zip_path} is a folder; give a file name such as {zip_path / 'CW2.zip'}")
+    if not zip_path.parent.is_dir():
+        try:
+            zip_path.parent.mkdir(parents=True)
+        except OSError as err:
+            raise common.UserError(f"--zip {zip_path}: cannot create the folder {zip_path.parent} "
+                                   f"({err.strerror or err})") from None
+        print(f"made the folder {zip_path.parent} for --zip", flush=True)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    folder = Path(args.dir)
-    if not folder.is_dir():
-        raise common.UserError(f"{folder}: no such folder. Give the folder holding {VAE_FILE}, {GEN_FILE} and "
-                               f"{DISC_FILE} (runs/latest-vae and runs/latest-dcgan appear once a VAE run and a "
-                               f"DCGAN run have started)")
     if args.n_images < 1:
         raise common.UserError("--n-images must be at least 1")
     figures = Path(args.figures) if args.figures else None
     if figures is not None and not args.zip:
         raise common.UserError("--figures is only used with --zip")
+    vae_path, gen_path, disc_path, run_dirs = model_paths(args)
+    if args.zip:
+        prepare_zip_folder(Path(args.zip))
 
-    vae_path = Path(args.vae) if args.vae else folder / VAE_FILE
-    gen_path = Path(args.gen) if args.gen else folder / GEN_FILE
-    disc_path = Path(args.disc) if args.disc else folder / DISC_FILE
     torch.manual_seed(0)
     checks = Checks()
     print(f"check_submission: {vae_path}, {gen_path}, {disc_path} (CPU, torch {torch.__version__})", flush=True)
-    check_vae(checks, vae_path, Path(args.data_dir), args.n_images)
+    check_vae(checks, vae_path, data_dirs_to_try(args, vae_path), args.n_images)
     generator, fake_images = check_generator(checks, gen_path, args.nz, args.n_images)
     discriminator = check_discriminator(checks, disc_path, fake_images, args.n_images)
     check_param_budget(checks, gen_path, generator, discriminator)
@@ -375,13 +460,17 @@ def main(argv=None) -> int:
         n_png = len(list(figures.glob("*.png"))) if figures.is_dir() else 0
         checks.record(n_png > 0, figures, "report figures to pack", f"{n_png} PNG files in {figures}" if n_png else
                       f"no PNG figures in {figures}; build the report first (make report)")
+        check_report_shows(figures, run_dirs)
     ready = not checks.failed and not checks.skipped
     print(f"{checks.passed} passed, {checks.failed} failed, {checks.skipped} skipped: "
           f"{'all checks passed' if ready else 'NOT READY to submit'}", flush=True)
     if args.zip and not ready:
         print(f"{args.zip} not written: fix the failures above first", flush=True)
     elif args.zip:
-        names = pack(Path(args.zip), {VAE_FILE: vae_path, GEN_FILE: gen_path, DISC_FILE: disc_path}, figures)
+        try:
+            names = pack(Path(args.zip), {VAE_FILE: vae_path, GEN_FILE: gen_path, DISC_FILE: disc_path}, figures)
+        except OSError as err:  # a full disk, no permission: the checks passed, but there is no zip
+            raise common.UserError(f"--zip {args.zip}: could not write it ({err.strerror or err})") from None
         n_figures = len(names) - 3
         print(f"wrote {args.zip}: {', '.join(names[:3])} and {n_figures} figure{'s' * (n_figures != 1)}", flush=True)
     return 0 if ready else 1

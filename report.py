@@ -1,17 +1,24 @@
-"""The coursework report: analyse the latest runs, then write report/REPORT.md and report/REPORT.html.
+"""The coursework report: analyse the runs that count and the two sweeps, then write report/REPORT.md and .html.
 
-    python report.py                                        # make report: runs/latest-vae (+ beta sweep), latest-dcgan
+    python report.py                                        # make report
+    python report.py --vae-run runs/A --gan-run runs/B      # these runs (make report VAE_RUN=... GAN_RUN=...)
     python report.py --tsne-points 2000 --iw-images 1000    # quicker VAE analysis on a CPU
     python report.py --no-analysis                          # reuse the figures the analysis scripts already wrote
     python report.py --runs-root /scratch/runs --out /tmp/report
 
-It runs analyze_vae.py on RUNS_ROOT/latest-vae and on every beta-sweep run it finds (VAE runs whose --name starts
-with "vae-beta", as `make vae-betas` and slurm/vae_betas.sh name them; the newest run per beta), and
-analyze_gan.py on RUNS_ROOT/latest-dcgan. It copies their figures into OUT/figures/ and writes the report with,
-in the coursework's order: VAE loss curves and the beta comparison; reconstructions; samples; t-SNE;
-interpolation; the GAN sample grid; the D and G losses; the fixed-noise progression; then the extra GAN
-diagnostics. Each figure has a one-line caption; the key numbers (test ELBO, importance-weighted log-likelihood,
-FID when measured, parameter counts) come from the analysis scripts' summary.json files.
+Which runs it shows, printed with the reason (experiments.counted_run): the VAE is the newest finished
+vae_train.py run in RUNS_ROOT that is not a sweep member, unless --vae-run names one (then anything goes, with a
+warning for a sweep member or an unfinished run); the DCGAN likewise. A longer finished run of the same script
+gets a warning. The sweeps are the runs whose config.json says args.sweep == --vae-sweep (default vae-betas, as
+`make vae-betas` records it) and --gan-sweep (default dcgan-sweep, `make gan-sweep`); their comparisons are written
+to RUNS_ROOT/compare/<sweep>/, which no glob over run folders mistakes for a run (every reader skips it).
+
+The report, in the coursework's order: key numbers; the VAE (loss curves; varying beta: the sweep's test negative
+ELBO at beta 1, reconstruction and KL against training images seen, a table, reconstructions and samples side by
+side; reconstructions; samples; t-SNE; interpolation); the DCGAN (samples, losses, fixed-noise progression, more
+diagnostics, a quality number per milestone checkpoint); the GAN experiments (the sweep side by side: losses, D
+outputs, samples, progression, diversity, quality, a table). Every caption names the run(s) and their settings.
+OUT/report.json records which runs the report shows (check_submission.py warns when it checks other files).
 
 OUT is replaced as a whole (built beside it, then renamed into place), so it never holds a half-written report or
 figures from an older one.
@@ -30,9 +37,8 @@ from pathlib import Path
 import torch
 
 import common
+import experiments
 
-SWEEP_NAME = re.compile(r"^vae-beta")   # --name of the runs `make vae-betas` and slurm/vae_betas.sh start
-COMPARISON_DIR = "compare-vae-betas"   # analyze_vae.py --out for the sweep, in the runs root (as its default)
 DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "folder": "an image folder"}
 
 
@@ -40,8 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-root", default=str(common.DEFAULT_RUNS_ROOT),
                         help="where the runs are (default: runs/ in the repository)")
-    parser.add_argument("--vae-run", default=None, help="the VAE run to report (default: RUNS_ROOT/latest-vae)")
-    parser.add_argument("--gan-run", default=None, help="the DCGAN run to report (default: RUNS_ROOT/latest-dcgan)")
+    parser.add_argument("--vae-run", default=None,
+                        help="the VAE run to report (default: the newest finished VAE run not in a sweep)")
+    parser.add_argument("--gan-run", default=None,
+                        help="the DCGAN run to report (default: the newest finished DCGAN run not in a sweep)")
+    parser.add_argument("--vae-sweep", default="vae-betas",
+                        help="the sweep of the beta section (default: %(default)s, as make vae-betas names it)")
+    parser.add_argument("--gan-sweep", default="dcgan-sweep",
+                        help="the sweep of the GAN-experiments section (default: %(default)s, as make gan-sweep)")
     parser.add_argument("--out", default=str(common.REPO_ROOT / "report"),
                         help="report folder, replaced as a whole (default: report/ in the repository)")
     parser.add_argument("--no-analysis", action="store_true",
@@ -52,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tsne-points", type=int, default=None, help="test images in the t-SNE (default: all 10,000)")
     g.add_argument("--iw-samples", type=int, default=None, help="importance samples per image (default: 100)")
     g.add_argument("--iw-images", type=int, default=None, help="test images for the IW estimate (default: all)")
+    g = parser.add_argument_group("passed on to analyze_gan.py (see its --help)")
+    g.add_argument("--quality", default=None, choices=["auto", "fid", "classifier-fid", "diversity", "off"],
+                   help="the quality number per milestone checkpoint (default: auto)")
+    g.add_argument("--quality-samples", type=int, default=None,
+                   help="generated images per milestone for the FIDs (default: 5000)")
     return parser
 
 
@@ -59,51 +76,37 @@ def build_parser() -> argparse.ArgumentParser:
 # Finding the runs
 
 
-def read_config(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
+def read_config(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "config.json").read_text())
 
 
-def resolve_run(path: str | None, default: Path, script: str, make_target: str, flag: str) -> Path:
-    """The run folder behind a flag or the latest-* link, checked to be a run of `script`."""
-    run_dir = Path(path) if path else default
-    if not run_dir.exists():
-        raise common.UserError(f"no {script} run at {run_dir}: train one first ({make_target}), or pass "
-                               f"{flag} RUN_DIR")
-    config = read_config(run_dir)
-    if config is None or config.get("script") != script:
-        raise common.UserError(f"{run_dir} is not a {script} run folder (no config.json with script {script!r})")
-    return run_dir.resolve()
+def choose_runs(args, runs_root: Path, log=print) -> dict:
+    """The runs the report shows, each printed with the reason; sweeps by name, with notes on runs left out."""
+    notes = []
 
+    def note(message: str) -> None:
+        log(message)
+        notes.append(message.removeprefix("note: "))
 
-def find_beta_sweep(runs_root: Path) -> tuple[list[Path], list[str]]:
-    """The newest run per beta among the sweep runs in runs_root, sorted by beta; and notes on runs left out."""
-    newest, notes = {}, []
-    for run_dir in sorted(p for p in runs_root.iterdir() if p.is_dir() and not p.is_symlink()):
-        config = read_config(run_dir)
-        if not config or config.get("script") != "vae" or not SWEEP_NAME.match(str(config["args"].get("name"))):
-            continue
-        if not common.list_checkpoints(run_dir):
-            notes.append(f"{run_dir.name}: no checkpoint yet, left out")
-            continue
-        beta = float(config["args"]["beta"])
-        started = config.get("starts", [{}])[0].get("time", "")
-        if beta in newest:
-            older, newer = sorted([newest[beta], (started, run_dir.resolve())])
-            notes.append(f"{older[1].name} left out: {newer[1].name} is a newer run with beta {beta:g}")
-            newest[beta] = newer
-        else:
-            newest[beta] = (started, run_dir.resolve())
-    return [newest[beta][1] for beta in sorted(newest)], notes
+    vae, vae_why = experiments.counted_run(runs_root, "vae", args.vae_run, "--vae-run RUN_DIR (make report "
+                                           "VAE_RUN=RUN_DIR)", log=log)
+    gan, gan_why = experiments.counted_run(runs_root, "dcgan", args.gan_run, "--gan-run RUN_DIR (make report "
+                                           "GAN_RUN=RUN_DIR)", log=log)
+    log(f"report: VAE: {vae_why}")
+    log(f"report: DCGAN: {gan_why}")
+    vae_sweep = experiments.sweep_runs(runs_root, "vae", args.vae_sweep, log=note)
+    gan_sweep = experiments.sweep_runs(runs_root, "dcgan", args.gan_sweep, log=note)
+    for name, sweep in ((args.vae_sweep, vae_sweep), (args.gan_sweep, gan_sweep)):
+        log(f"report: sweep {name}: {', '.join(run.name for run in sweep) or 'no runs'}")
+    return {"vae": vae, "vae_why": vae_why, "gan": gan, "gan_why": gan_why, "vae_sweep": vae_sweep,
+            "gan_sweep": gan_sweep, "notes": notes}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Running the analysis scripts (in this process: their main() raises UserError with a message, as on the CLI)
 
 
-def analyse(args, vae_run: Path, sweep: list[Path], gan_run: Path, runs_root: Path) -> None:
+def analyse(args, chosen: dict, runs_root: Path) -> None:
     import analyze_gan
     import analyze_vae
 
@@ -112,14 +115,20 @@ def analyse(args, vae_run: Path, sweep: list[Path], gan_run: Path, runs_root: Pa
                         ("--iw-samples", args.iw_samples), ("--iw-images", args.iw_images)):
         if value is not None:
             vae_flags += [flag, str(value)]
-    if vae_run not in sweep:
-        print(f"report: analyze_vae.py {vae_run}", flush=True)
-        analyze_vae.main([str(vae_run), *vae_flags])
-    if sweep:
-        print(f"report: analyze_vae.py on the beta sweep ({len(sweep)} runs)", flush=True)
-        analyze_vae.main([*map(str, sweep), "--out", str(runs_root / COMPARISON_DIR), *vae_flags])
-    print(f"report: analyze_gan.py {gan_run}", flush=True)
-    analyze_gan.main([str(gan_run)])
+    gan_flags = ["--device", args.device]
+    for flag, value in (("--quality", args.quality), ("--quality-samples", args.quality_samples)):
+        if value is not None:
+            gan_flags += [flag, str(value)]
+    for script, main, flags, run, sweep, sweep_name in (
+            ("analyze_vae.py", analyze_vae.main, vae_flags, chosen["vae"], chosen["vae_sweep"], args.vae_sweep),
+            ("analyze_gan.py", analyze_gan.main, gan_flags, chosen["gan"], chosen["gan_sweep"], args.gan_sweep)):
+        if run.dir not in [member.dir for member in sweep]:
+            print(f"report: {script} {run.dir}", flush=True)
+            main([str(run.dir), *flags])
+        if sweep:
+            print(f"report: {script} on sweep {sweep_name} ({len(sweep)} runs)", flush=True)
+            out = ["--out", str(experiments.compare_dir(runs_root, sweep_name))] if len(sweep) > 1 else []
+            main([*(str(member.dir) for member in sweep), *out, *flags])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,82 +239,113 @@ class Report:
                 f"</title><style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def write_vae_section(report: Report, vae_run: Path, sweep: list[Path], runs_root: Path, notes: list[str]) -> dict:
-    config = read_config(vae_run)
-    run_args, summary = config["args"], read_summary(vae_run)
+def sweep_comparison(runs_root: Path, name: str, sweep: list, kind: str) -> tuple[Path, dict | list]:
+    """The comparison folder of a sweep and its summary.json, checked to be of exactly these runs (a stale one from
+    an older set of runs would mislabel the figures)."""
+    folder = experiments.compare_dir(runs_root, name)
+    path = folder / "summary.json"
+    if not path.exists():
+        raise common.UserError(f"{path} is missing: run the report without --no-analysis")
+    data = json.loads(path.read_text())
+    shown = [row["run_dir"] for row in data] if kind == "vae" else data["runs"]
+    if sorted(map(str, shown)) != sorted(str(run.dir) for run in sweep):
+        raise common.UserError(f"{folder} compares other runs than sweep {name} has now: run the report without "
+                               f"--no-analysis")
+    return folder, data
+
+
+def runs_and_labels(sweep: list, labels: list[str]) -> str:
+    return "; ".join(f"`{run.name}` ({label})" for run, label in zip(sweep, labels))
+
+
+def write_beta_section(report: Report, sweep: list, name: str, runs_root: Path) -> None:
+    report.heading(3, f"Varying beta (sweep `{name}`)")
+    if len(sweep) < 2:
+        found = f"only `{sweep[0].name}`" if sweep else "no runs"
+        report.para(f"Sweep `{name}` has {found} in `{runs_root}`: run `make vae-betas` (or `sbatch "
+                    f"slurm/vae_betas.sh`), then `make report` again, for a comparison across betas.")
+        return
+    folder, rows = sweep_comparison(runs_root, name, sweep, "vae")
+    labels = [row["label"] for row in rows]
+    who = runs_and_labels(sweep, labels)
+    first, last = rows[0], rows[-1]
+    report.figure(folder / "loss_curves.png", "vae_beta_curves.png",
+                  f"Sweep `{name}`, {who}: test negative ELBO at beta = 1 (recon + KL: the bound every run is "
+                  f"judged by, whatever beta it trained with), reconstruction NLL and KL, in nats per image against "
+                  f"training images seen. From {first['label']} to {last['label']} the KL goes from "
+                  f"{first['test_kl']:.2f} to {last['test_kl']:.2f} and the reconstruction NLL from "
+                  f"{first['test_recon']:.2f} to {last['test_recon']:.2f}.")
+    report.table(["run", "folder", "epochs", "images seen", "test -ELBO", "recon", "KL", "IW log p(x)"],
+                 [[row["label"], f"`{Path(row['run_dir']).name}`", f"{row['epoch']}", f"{row['images_seen']:,}",
+                   f"{row['test_neg_elbo']:.2f}", f"{row['test_recon']:.2f}", f"{row['test_kl']:.2f}",
+                   f"{row['iw_log_likelihood']:.2f}"] for row in rows])
+    report.para("Test negative ELBO (beta = 1), reconstruction NLL, KL and importance-weighted log-likelihood in "
+                "nats per image at each run's newest checkpoint.")
+    report.figure(folder / "reconstructions.png", "vae_beta_reconstructions.png",
+                  f"Sweep `{name}`: the same test images (top row) reconstructed by each run ({who}).")
+    report.figure(folder / "samples.png", "vae_beta_samples.png",
+                  f"Sweep `{name}`: 16 samples of each run's decoder from the same z ~ N(0, I) ({who}).")
+
+
+def write_vae_section(report: Report, vae: experiments.RunInfo, why: str, sweep: list, sweep_name: str,
+                      runs_root: Path) -> dict:
+    config = vae.config
+    run_args, summary = config["args"], read_summary(vae.dir)
     n_params = vae_param_count(config)
-    figures = vae_run / "figures"
+    figures = vae.dir / "figures"
     about = (f"{run_args['arch']} VAE, latent {run_args['latent_dim']}, beta {run_args['beta']:g}, "
              f"{run_args.get('likelihood', 'bernoulli')} likelihood, {n_params:,} parameters")
+    run_is = f"Run `{vae.name}` ({about})"
     report.heading(2, f"VAE on {DATASET_NAMES.get(summary['dataset'], summary['dataset'])}")
-    report.para(f"Run `{vae_run.name}`: {about}; checkpoint at epoch {summary['epoch']} of "
-                f"{run_args['epochs']}{fmt_minutes(training_minutes(vae_run))}. Test ELBO "
+    report.para(f"{run_is}: checkpoint at epoch {summary['epoch']} of {run_args['epochs']}"
+                f"{fmt_minutes(training_minutes(vae.dir))}; chosen as {why.split(': ', 1)[-1]}. Test ELBO "
                 f"**{summary['test_elbo']:.2f}** nats per image (reconstruction {summary['test_recon']:.2f}, KL "
                 f"{summary['test_kl']:.2f}); importance-weighted log-likelihood **{summary['iw_log_likelihood']:.2f}**"
                 f" nats per image (K = {summary['iw_samples']}, {summary['iw_images']:,} test images).")
     report.heading(3, "Loss curves")
     report.figure(figures / "loss_curves.png", "vae_loss_curves.png",
-                  f"Train (top) and test (bottom) loss per epoch: total (recon + beta * KL), reconstruction NLL and "
-                  f"KL, nats per image; final test ELBO {summary['test_elbo']:.2f}.")
-
-    report.heading(3, "Beta comparison")
-    sweep_rows, sweep_summaries = [], [read_summary(run_dir) for run_dir in sweep]
-    for run_dir, s in zip(sweep, sweep_summaries):
-        a = read_config(run_dir)["args"]
-        sweep_rows.append([f"{a['beta']:g}", f"`{run_dir.name}`", f"{a['arch']}, latent {a['latent_dim']}",
-                           f"{s['epoch']}", f"{a['train_limit']:,}" if a.get("train_limit") else "all",
-                           f"{s['test_elbo']:.2f}", f"{s['test_recon']:.2f}", f"{s['test_kl']:.2f}",
-                           f"{s['iw_log_likelihood']:.2f}"])
-    if len(sweep) >= 2:
-        first, last = sweep_summaries[0], sweep_summaries[-1]
-        report.figure(runs_root / COMPARISON_DIR / "loss_curves.png", "vae_beta_comparison.png",
-                      f"Loss per epoch of the {len(sweep)} beta-sweep runs overlaid; from beta {first['beta']:g} to "
-                      f"{last['beta']:g} the test KL goes from {first['test_kl']:.2f} to {last['test_kl']:.2f} and the "
-                      f"reconstruction NLL from {first['test_recon']:.2f} to {last['test_recon']:.2f} nats per image.")
-    if sweep:
-        report.table(["beta", "run", "model", "epochs", "training images", "test ELBO", "recon", "KL",
-                      "IW log p(x)"], sweep_rows)
-        report.para("ELBO, reconstruction NLL, KL and IW log-likelihood in nats per image on the test set; the ELBO "
-                    "is the true bound (beta = 1) whatever beta the run was trained with.")
-    else:
-        report.para(f"No beta sweep found in `{runs_root}` (VAE runs named `vae-beta*`): run `make vae-betas` "
-                    f"(or `sbatch slurm/vae_betas.sh`), then `make report` again.")
-    for note in notes:
-        report.para(f"Note: {note}.")
-
+                  f"{run_is}: train (top) and test (bottom) loss per epoch: total (recon + beta * KL), "
+                  f"reconstruction NLL and KL, nats per image; final test ELBO {summary['test_elbo']:.2f}.")
+    write_beta_section(report, sweep, sweep_name, runs_root)
     report.heading(3, "Reconstructions")
     report.figure(figures / "reconstructions.png", "vae_reconstructions.png",
-                  f"Rows of test images, each above the row of their reconstructions (decoder mean at z = mu), epoch "
-                  f"{summary['epoch']}; reconstruction NLL {summary['test_recon']:.2f} nats per image.")
+                  f"{run_is}: rows of test images, each above the row of their reconstructions (decoder mean at "
+                  f"z = mu), epoch {summary['epoch']}; reconstruction NLL {summary['test_recon']:.2f} nats per image.")
     report.heading(3, "Samples")
     report.figure(figures / "samples.png", "vae_samples.png",
-                  "64 images decoded from z ~ N(0, I) (Bernoulli means), the same z for every run.")
+                  f"{run_is}: 64 images decoded from z ~ N(0, I) (Bernoulli means).")
     report.heading(3, "t-SNE of the latent space")
     report.figure(figures / "tsne.png", "vae_tsne.png",
-                  f"t-SNE of the {run_args['latent_dim']}-d latent means of {summary['tsne_points']:,} test images, "
-                  f"coloured by digit.")
+                  f"{run_is}: t-SNE of the {run_args['latent_dim']}-d latent means of {summary['tsne_points']:,} "
+                  f"test images, coloured by class.")
     report.heading(3, "Interpolation")
     report.figure(figures / "interpolation.png", "vae_interpolation.png",
-                  "Decoded points on the straight line between the latent means of two test images (red frames).")
-    return {"run": vae_run.name, "about": about, "params": n_params, **summary}
+                  f"{run_is}: decoded points on the straight line between the latent means of two test images "
+                  f"(red frames).")
+    return {"run": vae.name, "about": about, "params": n_params, **summary}
 
 
-def write_gan_section(report: Report, gan_run: Path) -> dict:
-    config = read_config(gan_run)
-    run_args, summary = config["args"], read_summary(gan_run)
+def gan_settings(run_args: dict) -> str:
+    return (f"{run_args['image_size']}x{run_args['image_size']}, nz {run_args['nz']}, ngf {run_args['ngf']}, "
+            f"ndf {run_args['ndf']}, {run_args['loss']} loss, D norm {run_args['d_norm']}, batch "
+            f"{run_args['batch_size']}")
+
+
+def write_gan_section(report: Report, gan: experiments.RunInfo, why: str) -> dict:
+    config = gan.config
+    run_args, summary = config["args"], read_summary(gan.dir)
     n_g, n_d = gan_param_counts(config)
-    figures = gan_run / "figures"
+    figures = gan.dir / "figures"
     last = summary.get("last_epoch", {})
     best_fid = summary.get("best_fid")
     fid_text = (f"best FID **{best_fid['fid']:.2f}** (epoch {best_fid['epoch']})" if best_fid else
-                "FID not measured (no Inception weights; see `dcgan_train.py --inception-weights`)")
+                "FID not measured during training (no Inception weights)")
     data_name = DATASET_NAMES.get(run_args["dataset"], run_args["dataset"])
+    run_is = f"Run `{gan.name}` ({gan_settings(run_args)})"
     report.heading(2, f"DCGAN on {data_name}")
-    report.para(f"Run `{gan_run.name}`: {run_args['image_size']}x{run_args['image_size']} images, nz "
-                f"{run_args['nz']}, ngf {run_args['ngf']}, ndf {run_args['ndf']}, {run_args['loss']} loss, D norm "
-                f"{run_args['d_norm']}; G {n_g:,} + D {n_d:,} = **{n_g + n_d:,}** parameters (limit 25,000,000); "
+    report.para(f"{run_is}: G {n_g:,} + D {n_d:,} = **{n_g + n_d:,}** parameters (limit 25,000,000); "
                 f"{summary['epochs_done']} of {summary['epochs_planned']} epochs"
-                f"{fmt_minutes(training_minutes(gan_run))}; {fid_text}.")
+                f"{fmt_minutes(training_minutes(gan.dir))}; chosen as {why.split(': ', 1)[-1]}; {fid_text}.")
     if run_args["dataset"] != "cifar10":
         report.para(f"**Warning:** this run was trained on {data_name}, not CIFAR-10: its generator makes "
                     f"{'1-channel' if run_args['dataset'] in ('mnist', 'fashion-mnist') else 'non-CIFAR'} images "
@@ -318,41 +358,107 @@ def write_gan_section(report: Report, gan_run: Path) -> dict:
     checkpoint = summary.get("checkpoint", {})
     report.heading(3, "Samples")
     report.figure(figures / "final_samples.png", "gan_samples.png",
-                  f"100 samples from the (EMA) generator at epoch {checkpoint.get('epoch', '?')}"
-                  f"{'; ' + fid_text.replace('**', '') if best_fid else ''}.")
+                  f"{run_is}: 100 samples from the {'EMA ' if run_args.get('ema', 0) > 0 else ''}generator at "
+                  f"epoch {checkpoint.get('epoch', '?')}{'; ' + fid_text.replace('**', '') if best_fid else ''}.")
     report.heading(3, "Discriminator and generator losses")
     report.figure(figures / "losses.png", "gan_losses.png",
-                  "D and G losses: epoch means (dots) over the per-step curve (faint) and its smoothed trend.")
+                  f"{run_is}: D and G losses: epoch means (dots) over the mean of every {run_args['log_every']} "
+                  f"steps (faint) and its smoothed trend.")
     report.heading(3, "Fixed-noise progression")
     report.figure(figures / "fixed_noise_progression.png", "gan_fixed_noise_progression.png",
-                  "The same 8 noise vectors (columns) decoded at evenly spaced epochs (rows).")
+                  f"{run_is}: the same 8 noise vectors (columns) decoded at evenly spaced epochs (rows).")
 
-    extras = [("d_outputs.png", "gan_d_outputs.png", "Mean D probability on real and generated images per epoch "
-                                                     "(0.5: D cannot tell them apart)."),
-              ("fid.png", "gan_fid.png", f"FID against the training set per evaluation; {fid_text.replace('**', '')}."),
-              ("diversity.png", "gan_diversity.png", "Mean pairwise RMS distance of the fixed-noise samples per "
-                                                     "epoch (a drop means mode collapse), against training images."),
-              ("nearest_neighbours.png", "gan_nearest_neighbours.png", "Samples (left) beside their nearest training "
-                                                                       "images in pixel space: copies would mean "
-                                                                       "memorisation.")]
+    milestones = summary.get("milestones") or {}
+    best = milestones.get("best")
+    best_text = (f"best: epoch {best['epoch']} ({milestones['measure']} {best['value']:.4g}); `python "
+                 f"analyze_gan.py {gan.dir} --export-epoch {best['epoch']}` exports G and D from it"
+                 if best else "no best epoch by this measure")
+    d_caption = ("mean D probability on real and generated images per epoch (0.5: D cannot tell them apart)"
+                 if run_args["loss"] == "bce" else
+                 "mean sigmoid of D's logits on real and generated images per epoch (a hinge D gives no "
+                 "probabilities: read the gap between the lines)")
+    extras = [("d_outputs.png", "gan_d_outputs.png", f"{run_is}: {d_caption}."),
+              ("fid.png", "gan_fid.png", f"{run_is}: FID against the training set per evaluation; "
+                                         f"{fid_text.replace('**', '')}."),
+              ("diversity.png", "gan_diversity.png", f"{run_is}: mean pairwise RMS distance of the fixed-noise "
+                                                     f"samples per epoch (a drop means mode collapse), against "
+                                                     f"training images."),
+              ("nearest_neighbours.png", "gan_nearest_neighbours.png", f"{run_is}: samples (left) beside their "
+                                                                       f"nearest training images in pixel space: "
+                                                                       f"copies would mean memorisation."),
+              ("milestones.png", "gan_milestones.png", f"{run_is}: {milestones.get('measure', '')} of each "
+                                                       f"milestone checkpoint (checkpoints/epoch-NNN.pt); "
+                                                       f"{best_text}.")]
     extras = [extra for extra in extras if extra[0] in summary.get("figures", [])]
     if extras:
         report.heading(3, "More GAN diagnostics")
         for source, name, caption in extras:
             report.figure(figures / source, name, caption)
-    return {"run": gan_run.name, "dataset": run_args["dataset"], "params_g": n_g, "params_d": n_d,
-            "best_fid": best_fid, "epochs_done": summary["epochs_done"]}
+    return {"run": gan.name, "dataset": run_args["dataset"], "params_g": n_g, "params_d": n_d,
+            "best_fid": best_fid, "epochs_done": summary["epochs_done"], "milestones": milestones, "last": last}
 
 
-def build(args, build_dir: Path, vae_run: Path, sweep: list[Path], notes: list[str], gan_run: Path,
-          runs_root: Path) -> None:
+def write_gan_sweep_section(report: Report, sweep: list, name: str, runs_root: Path) -> None:
+    report.heading(2, f"GAN experiments (sweep `{name}`)")
+    if len(sweep) < 2:
+        found = f"only `{sweep[0].name}`" if sweep else "no runs"
+        report.para(f"Sweep `{name}` has {found} in `{runs_root}`: run `make gan-sweep` (the variants of "
+                    f"`slurm/dcgan_sweep.txt`; or `sbatch slurm/dcgan_sweep.sh`), then `make report` again.")
+        return
+    folder, data = sweep_comparison(runs_root, name, sweep, "dcgan")
+    labels, made = data["labels"], data["figures"]
+    who = runs_and_labels(sweep, labels)
+    shared = sweep[0].args
+    report.para(f"{len(sweep)} variants, each labelled by the settings that differ between them: {who}. Shared: "
+                f"{DATASET_NAMES.get(shared['dataset'], shared['dataset'])}, batch {shared['batch_size']}, "
+                f"{shared['epochs']} epochs planned. The x axes count training images seen, so runs of different "
+                f"lengths compare fairly.")
+    quality = next((s["milestones"]["measure"] for s in data["summaries"] if s.get("milestones")), None)
+    figures = [("compare_losses.png", "gan_sweep_losses.png",
+                "D loss (top) and G loss (bottom), epoch means; one column per loss type, since BCE and hinge "
+                "values are not on one scale"),
+               ("compare_d_outputs.png", "gan_sweep_d_outputs.png",
+                "mean D probability on real (left) and generated (right) images, BCE runs only (a hinge D gives no "
+                "probabilities)"),
+               ("compare_samples.png", "gan_sweep_samples.png",
+                "each variant's samples from its fixed noise at its last epoch (the same noise for the same seed)"),
+               ("compare_progression.png", "gan_sweep_progression.png",
+                "the first fixed noise vectors (columns) at evenly spaced epochs (rows), per variant: rows that "
+                "stop changing, or columns that look alike, mean collapse"),
+               ("compare_diversity.png", "gan_sweep_diversity.png",
+                "mean pairwise RMS distance of the 64 fixed-noise samples (a drop means mode collapse); dashed: "
+                "64 training images"),
+               ("compare_quality.png", "gan_sweep_quality.png",
+                f"{quality or 'FID'} per milestone checkpoint" + (" and FID during training" if any(
+                    run.metrics and any(r.get('fid') == r.get('fid') for r in run.metrics) for run in sweep)
+                    else ""))]
+    for source, target, caption in figures:
+        if source in made:
+            report.figure(folder / source, target, f"Sweep `{name}`: {caption}.")
+    columns = ["run", "loss", "epochs", "images seen", "loss_d", "loss_g", "D(x)", "D(G(z))", "diversity",
+               quality or "quality"]
+    rows = [[row["label"], row["loss"], f"{row['epochs']}", f"{row['images_seen']:,}", f"{row['loss_d']:.3f}",
+             f"{row['loss_g']:.3f}", f"{row['d_real']:.3f}", f"{row['d_fake']:.3f}", f"{row['diversity']:.4f}",
+             f"{row['quality']:.4g}" + (f" (best: epoch {row['best_milestone_epoch']})"
+                                        if row["best_milestone_epoch"] != "" else "")]
+            for row in data["table"]]
+    report.table(columns, rows)
+    report.para(f"The last epoch's means per variant; diversity of the last fixed-noise grid; {quality or 'quality'} "
+                f"of the last milestone checkpoint. Also in `{folder / 'summary.csv'}`.")
+
+
+def build(args, build_dir: Path, chosen: dict, runs_root: Path) -> None:
     report = Report(build_dir)
     report.heading(1, "Coursework report: a VAE on MNIST and a DCGAN")
-    key_at = len(report.blocks)  # the key-number table goes here, once both sections have been read
-    vae = write_vae_section(report, vae_run, sweep, runs_root, notes)
-    gan = write_gan_section(report, gan_run)
+    key_at = len(report.blocks)  # the key-number table goes here, once the sections have been read
+    vae = write_vae_section(report, chosen["vae"], chosen["vae_why"], chosen["vae_sweep"], args.vae_sweep,
+                            runs_root)
+    gan = write_gan_section(report, chosen["gan"], chosen["gan_why"])
+    write_gan_sweep_section(report, chosen["gan_sweep"], args.gan_sweep, runs_root)
+    for note in chosen["notes"]:
+        report.para(f"Note: {note}.")
     fid = (f"{gan['best_fid']['fid']:.2f} (epoch {gan['best_fid']['epoch']})" if gan["best_fid"]
-           else "not measured (no Inception weights)")
+           else "not measured during training (no Inception weights)")
     key_rows = [
         ["VAE", f"`{vae['run']}`: {vae['about']}"],
         ["VAE test ELBO", f"{vae['test_elbo']:.2f} nats per image (epoch {vae['epoch']})"],
@@ -362,16 +468,31 @@ def build(args, build_dir: Path, vae_run: Path, sweep: list[Path], notes: list[s
         ["DCGAN", f"`{gan['run']}`: {gan['dataset']}, {gan['epochs_done']} epochs"
                   + ("" if gan["dataset"] == "cifar10" else " (**not CIFAR-10**: not a valid submission)")],
         ["DCGAN FID", fid],
-        ["DCGAN parameters", f"G {gan['params_g']:,} + D {gan['params_d']:,} = {gan['params_g'] + gan['params_d']:,} "
-                             f"(limit 25,000,000)"],
     ]
+    if "cfid" in gan["last"]:  # classifier_fid.py, measured during training on MNIST and Fashion-MNIST
+        last = gan["last"]
+        key_rows.append(["DCGAN classifier FID (last epoch)",
+                         f"{last['cfid']:.1f} at epoch {last['epoch']:.0f}; class shares {last['class_min']:.1%} "
+                         f"to {last['class_max']:.1%} of the samples"])
+    best = (gan["milestones"] or {}).get("best")
+    if best:
+        key_rows.append([f"DCGAN best milestone ({gan['milestones']['measure']})",
+                         f"epoch {best['epoch']}: {best['value']:.4g}"])
+    key_rows.append(["DCGAN parameters", f"G {gan['params_g']:,} + D {gan['params_d']:,} = "
+                                         f"{gan['params_g'] + gan['params_d']:,} (limit 25,000,000)"])
     made = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    report.blocks[key_at:key_at] = [("para", f"Made by `report.py` on {made} from `{runs_root}`. Numbers are per image "
-                                             f"in nats (natural log); higher ELBO and log p(x) are better, lower FID "
-                                             f"is better."),
-                                    ("table", ["key number", "value"], key_rows)]
+    report.blocks[key_at:key_at] = [
+        ("para", f"Made by `report.py` on {made} from `{runs_root}`. Numbers are per image in nats (natural log); "
+                 f"higher ELBO and log p(x) are better, lower FID is better."),
+        ("para", f"Which runs: VAE {chosen['vae_why']}; DCGAN {chosen['gan_why']}."),
+        ("table", ["key number", "value"], key_rows)]
     common.atomic_write_text(build_dir / "REPORT.md", report.markdown())
     common.atomic_write_text(build_dir / "REPORT.html", report.html("Coursework report: VAE and DCGAN"))
+    shown = {"made": made, "runs_root": str(runs_root), "vae_run": str(chosen["vae"].dir),
+             "gan_run": str(chosen["gan"].dir),
+             "vae_sweep": {"name": args.vae_sweep, "runs": [str(run.dir) for run in chosen["vae_sweep"]]},
+             "gan_sweep": {"name": args.gan_sweep, "runs": [str(run.dir) for run in chosen["gan_sweep"]]}}
+    common.atomic_write_text(build_dir / "report.json", json.dumps(shown, indent=2) + "\n")
 
 
 def replace_folder(build_dir: Path, out: Path) -> None:
@@ -394,19 +515,14 @@ def main(argv=None) -> int:
     if out.exists() and any(out.iterdir()) and not (out / "REPORT.md").exists():
         raise common.UserError(f"--out {out} holds files but no REPORT.md; it would be replaced as a whole, so "
                                f"give an empty or new folder")
-    # Every folder checked before any slow analysis.
-    vae_run = resolve_run(args.vae_run, runs_root / "latest-vae", "vae", "make vae", "--vae-run")
-    gan_run = resolve_run(args.gan_run, runs_root / "latest-dcgan", "dcgan", "make dcgan", "--gan-run")
-    sweep, notes = find_beta_sweep(runs_root)
-    print(f"report: VAE {vae_run}; beta sweep: {', '.join(p.name for p in sweep) or 'none'}; DCGAN {gan_run}",
-          flush=True)
+    chosen = choose_runs(args, runs_root, log=lambda msg: print(msg, flush=True))  # before any slow analysis
     if not args.no_analysis:
-        analyse(args, vae_run, sweep, gan_run, runs_root)
+        analyse(args, chosen, runs_root)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     build_dir = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        build(args, build_dir, vae_run, sweep, notes, gan_run, runs_root)
+        build(args, build_dir, chosen, runs_root)
         replace_folder(build_dir, out)
     finally:
         if build_dir.exists():

@@ -1,10 +1,12 @@
-"""analyze_vae.py on two tiny VAE runs (beta 1 and 2) trained on synthetic MNIST IDX files: figures, numbers, errors."""
+"""analyze_vae.py on two tiny VAE runs (beta 1 and 2, sweep vae-betas) on synthetic MNIST IDX files: figures,
+numbers, the comparison of the sweep, errors."""
 from __future__ import annotations
 
 import csv
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import Normal
@@ -13,6 +15,7 @@ from conftest import run_script
 
 import analyze_vae
 import common
+import experiments
 from vae_train import VAE, to_float, vae_terms
 
 FIGURES = ["loss_curves.png", "reconstructions.png", "samples.png", "tsne.png", "interpolation.png"]
@@ -21,16 +24,18 @@ IW_SAMPLES = 20
 
 @pytest.fixture(scope="module")
 def runs(mnist_dir, tmp_path_factory):
-    """Two finished 2-epoch runs differing only in beta, analysed together (so also compared) once."""
+    """Two finished 2-epoch runs of sweep vae-betas differing only in beta, in a runs root that also holds a DCGAN
+    run and a comparison folder; analysed once with every folder of the root given, as `runs/*` would."""
     root = tmp_path_factory.mktemp("vae-runs")
-    run_dirs = [root / "beta1", root / "beta2"]
-    for run_dir, beta in zip(run_dirs, (1, 2)):
-        run_script("vae_train.py", "--data-dir", mnist_dir, "--run-dir", run_dir, "--epochs", 2, "--batch-size", 32,
-                   "--latent-dim", 4, "--beta", beta)
-    out = root / "compare"
-    proc = run_script("analyze_vae.py", *run_dirs, "--out", out, "--iw-samples", IW_SAMPLES,
+    for beta in (1, 2):
+        run_script("vae_train.py", "--data-dir", mnist_dir, "--runs-root", root, "--name", f"vae-beta{beta}",
+                   "--sweep", "vae-betas", "--epochs", 2, "--batch-size", 32, "--latent-dim", 4, "--beta", beta)
+    run_dirs = [next(root.glob(f"*-vae-beta{beta}")) for beta in (1, 2)]
+    (root / "compare" / "older").mkdir(parents=True)
+    (root / "not-a-run").mkdir()
+    proc = run_script("analyze_vae.py", *sorted(root.iterdir()), "--iw-samples", IW_SAMPLES, "--tsne-points", 60,
                       "--interp-classes", 3, 7)
-    return {"dirs": run_dirs, "out": out, "stdout": proc.stdout}
+    return {"dirs": run_dirs, "out": root / "compare" / "vae-betas", "stdout": proc.stdout, "root": root}
 
 
 def read_summary(run_dir):
@@ -74,22 +79,36 @@ def test_summary_holds_the_true_elbo_and_a_tighter_iw_bound(runs, index):
     assert f"{summary['iw_log_likelihood']:.2f}" in runs["stdout"], "the IW estimate is not printed"
 
 
-def test_several_runs_make_a_comparison(runs):
-    assert_png(runs["out"] / "loss_curves.png")
+def test_several_runs_make_a_comparison_in_the_sweeps_folder(runs):
+    """Folders that are not VAE runs are skipped with a note; the comparison goes to RUNS_ROOT/compare/<sweep>."""
+    for name in ("loss_curves.png", "reconstructions.png", "samples.png"):
+        assert_png(runs["out"] / name)
     with open(runs["out"] / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [row["label"] for row in rows] == ["beta=1", "beta=2"]
     for row, run_dir in zip(rows, runs["dirs"]):
-        assert float(row["test_elbo"]) == pytest.approx(read_summary(run_dir)["test_elbo"])
+        assert float(row["test_neg_elbo"]) == pytest.approx(-read_summary(run_dir)["test_elbo"])
+        assert int(row["images_seen"]) == 600  # 2 epochs of the 300 synthetic training images
+    for skipped in ("compare: not a run folder", "not-a-run: not a run folder"):
+        assert skipped in runs["stdout"], skipped
+    assert "beta=2" in runs["stdout"] and "test -ELBO" in runs["stdout"]  # the printed table
 
 
-def test_run_labels_name_the_arch_only_when_it_differs(tmp_path):
-    def run(beta, arch):
-        return {"args": {"beta": beta, "arch": arch, "latent_dim": 4}, "dir": tmp_path / f"{arch}-{beta}"}
-
-    assert analyze_vae.run_labels([run(1, "conv"), run(4, "conv")]) == ["beta=1", "beta=4"]
-    assert analyze_vae.run_labels([run(1, "conv"), run(1, "mlp")]) == ["conv, beta=1", "mlp, beta=1"]
-    assert analyze_vae.run_labels([run(1, "conv"), run(1, "conv")]) == ["beta=1 (conv-1)", "beta=1 (conv-1)"]
+def test_comparison_curves_are_the_bound_at_beta_1_against_images_seen(runs):
+    """Not the beta-weighted objective (test_loss), which differs between betas by construction."""
+    infos = [experiments.read_run(d) for d in runs["dirs"]]
+    fig = analyze_vae.plot_comparison_curves(infos, experiments.run_labels(infos), "t")
+    elbo_axis, recon_axis, kl_axis = fig.axes
+    for i, info in enumerate(infos):
+        recon = [row["test_recon"] for row in info.metrics]
+        kl = [row["test_kl"] for row in info.metrics]
+        line = elbo_axis.get_lines()[i]
+        assert line.get_label() == f"beta={info.args['beta']:g}"
+        assert list(line.get_xdata()) == [300, 600]
+        np.testing.assert_allclose(line.get_ydata(), np.add(recon, kl))
+        np.testing.assert_allclose(recon_axis.get_lines()[i].get_ydata(), recon)
+        np.testing.assert_allclose(kl_axis.get_lines()[i].get_ydata(), kl)
+    assert elbo_axis.get_xlabel() == "training images seen"
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])

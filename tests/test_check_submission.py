@@ -5,6 +5,7 @@ each bad case changes one file and checks the FAIL line names that file and the 
 """
 from __future__ import annotations
 
+import json
 import shutil
 import zipfile
 
@@ -22,18 +23,35 @@ TINY_GAN = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--epochs", "1", "
 
 
 @pytest.fixture(scope="module")
-def good_dir(mnist_dir, cifar_dir, tmp_path_factory):
-    """A folder with the three files from tiny finished runs (conv VAE on synthetic MNIST, DCGAN on CIFAR-10)."""
-    root = tmp_path_factory.mktemp("submission")
-    run_script("vae_train.py", "--data-dir", mnist_dir, "--run-dir", root / "vae", "--epochs", 1, "--batch-size", 64,
+def runs_root(mnist_dir, cifar_dir, tmp_path_factory):
+    """A runs root with tiny finished runs (conv VAE on synthetic MNIST, DCGAN on CIFAR-10), as make vae and make
+    dcgan leave it (latest-vae and latest-dcgan links)."""
+    root = tmp_path_factory.mktemp("submission") / "runs"
+    run_script("vae_train.py", "--data-dir", mnist_dir, "--runs-root", root, "--epochs", 1, "--batch-size", 64,
                "--latent-dim", 4)
-    run_script("dcgan_train.py", "--data-dir", cifar_dir, "--run-dir", root / "gan", *TINY_GAN)
-    folder = root / "files"
+    run_script("dcgan_train.py", "--data-dir", cifar_dir, "--runs-root", root, *TINY_GAN)
+    return root
+
+
+@pytest.fixture(scope="module")
+def good_dir(runs_root):
+    """A folder with the three files of the runs in runs_root."""
+    folder = runs_root.parent / "files"
     folder.mkdir()
-    shutil.copy(root / "vae" / "VAE_model.pth", folder)
+    shutil.copy(runs_root / "latest-vae" / "VAE_model.pth", folder)
     for name in ("DCGAN_model_G.pth", "DCGAN_model_D.pth"):
-        shutil.copy(root / "gan" / name, folder)
+        shutil.copy(runs_root / "latest-dcgan" / name, folder)
     return folder
+
+
+def copy_as_sweep_member(run_dir, target):
+    """A copy of a finished run, recorded as a newer member of sweep vae-betas (what make vae-betas makes)."""
+    shutil.copytree(run_dir, target, symlinks=True)
+    config = json.loads((target / "config.json").read_text())
+    config["args"]["sweep"] = "vae-betas"
+    config["starts"][0]["time"] = "2999-01-01T00:00:00"
+    (target / "config.json").write_text(json.dumps(config))
+    return target
 
 
 @pytest.fixture
@@ -90,7 +108,67 @@ def test_passes_on_files_from_tiny_runs(check, good_dir, mnist_dir, tmp_path):
 def test_without_mnist_says_the_inputs_are_synthetic(check, good_dir):
     proc = check(good_dir)
     assert proc.returncode == 0, proc.stdout
-    assert "SYNTHETIC uniform [0, 1] images" in proc.stdout
+    assert (f"WARN  VAE_model.pth: input x: 100 SYNTHETIC uniform [0, 1] images: no MNIST test files in "
+            f"{good_dir / 'no-data' / 'MNIST' / 'raw'} (--data-dir)") in proc.stdout
+
+
+def test_without_dir_checks_the_runs_that_count_on_their_own_data(runs_root, mnist_dir, tmp_path, capsys):
+    """make submission: no folder, no --data-dir; a newer sweep member does not become the submitted VAE."""
+    main_vae = (runs_root / "latest-vae").resolve()
+    member = copy_as_sweep_member(main_vae, runs_root / "29990101-000000-vae-beta4")
+    try:
+        code = check_submission.main(["--runs-root", str(runs_root), "--n-images", "20"])
+        out = capsys.readouterr().out
+    finally:
+        shutil.rmtree(member)
+    assert code == 0, out
+    assert (f"VAE: {runs_root / 'latest-vae'} -> {main_vae.name}: the newest finished vae run that is not a sweep "
+            f"member") in out
+    assert f"DCGAN: {runs_root / 'latest-dcgan'} -> " in out
+    assert f"check_submission: {main_vae / 'VAE_model.pth'}, " in out
+    assert f"input x: 20 MNIST test images from {mnist_dir}" in out  # the run's own --data-dir, from config.json
+    assert "WARN" not in out
+
+
+def test_a_sweep_member_is_refused_unless_named(runs_root, tmp_path, capsys):
+    root = tmp_path / "runs"
+    root.mkdir()
+    member = copy_as_sweep_member((runs_root / "latest-vae").resolve(), root / "20250101-000000-vae-beta4")
+    shutil.copytree((runs_root / "latest-dcgan").resolve(), root / "20250101-000001-dcgan")
+    with pytest.raises(common.UserError, match="no finished vae run .* not a sweep member.*make submission VAE_RUN="):
+        check_submission.main(["--runs-root", str(root)])
+    code = check_submission.main(["--runs-root", str(root), "--vae-run", str(member), "--n-images", "10"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"VAE: {member} -> {member.name}: named explicitly" in out
+    assert "warning: 20250101-000000-vae-beta4 is a member of sweep 'vae-betas'" in out
+
+
+def test_zip_into_a_missing_folder_makes_it(check, good_dir, tmp_path):
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    (figures / "a.png").write_bytes(b"\x89PNG fake")
+    target = tmp_path / "drive" / "genmodels" / "CW2.zip"
+    proc = check(good_dir, "--zip", target, "--figures", figures)
+    assert proc.returncode == 0, proc.stdout
+    assert f"made the folder {target.parent} for --zip" in proc.stdout and zipfile.is_zipfile(target)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(common.UserError, match="cannot create the folder"):
+        check_submission.main([str(good_dir), "--zip", str(tmp_path / "a-file" / "CW2.zip")])
+
+
+def test_a_report_of_other_runs_gets_a_warning(runs_root, tmp_path, capsys):
+    report_dir = tmp_path / "report"
+    (report_dir / "figures").mkdir(parents=True)
+    (report_dir / "figures" / "a.png").write_bytes(b"\x89PNG fake")
+    (report_dir / "report.json").write_text(json.dumps({"vae_run": str(tmp_path / "20250101-000000-vae"),
+                                                        "gan_run": str((runs_root / "latest-dcgan").resolve())}))
+    check_submission.main(["--runs-root", str(runs_root), "--n-images", "10", "--figures", str(report_dir / "figures"),
+                           "--zip", str(tmp_path / "CW2.zip")])
+    out = capsys.readouterr().out
+    warnings = [line.strip() for line in out.splitlines() if line.strip().startswith("WARN")]
+    assert warnings == [f"WARN  report: the report shows the VAE run 20250101-000000-vae, but the VAE checked is "
+                        f"{(runs_root / 'latest-vae').resolve().name}: run make report again (with the same runs)"]
 
 
 def test_garbage_file_fails_with_its_name(check, bad_dir, tmp_path):

@@ -18,7 +18,8 @@ from PIL import Image
 import analyze_gan
 import common
 import dcgan_train
-from conftest import REPO, run_script, script_env, synthetic_digits
+from conftest import REPO, run_script, script_env
+from tiny_data import synthetic_digits
 
 TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--log-every", "3", "--ckpt-every-min", "1000"]
 
@@ -266,8 +267,7 @@ def test_fid_during_training_with_a_stub_extractor(cifar_dir, tmp_path):
     assert best["best_fid"] == min(float(f) for f in fid[1:])
 
 
-def test_analyze_writes_every_figure(trained_run, cifar_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv(common.SKIP_CIFAR_MD5_ENV, "1")  # as script_env(): synthetic CIFAR-10 for the neighbours
+def test_analyze_writes_every_figure(trained_run, cifar_dir, tmp_path):
     run_dir, _ = trained_run
     other = tmp_path / "hinge"
     run_script("dcgan_train.py", "--data-dir", cifar_dir, "--run-dir", other, "--epochs", 1, "--loss", "hinge",
@@ -276,7 +276,7 @@ def test_analyze_writes_every_figure(trained_run, cifar_dir, tmp_path, monkeypat
     # config.json stores the data folder, so analysis finds the training images for the nearest-neighbour check.
     analyze_gan.main([str(run_dir), str(other), "--out", str(out)])
     expected = ["losses.png", "d_outputs.png", "fixed_noise_progression.png", "final_samples.png", "diversity.png",
-                "nearest_neighbours.png"]
+                "nearest_neighbours.png", "milestones.png"]
     for name in expected:
         path = run_dir / "figures" / name
         assert path.stat().st_size > 1000, name
@@ -289,13 +289,12 @@ def test_analyze_writes_every_figure(trained_run, cifar_dir, tmp_path, monkeypat
     assert not list(run_dir.glob("figures/.*.tmp-*"))
 
 
-def test_analyze_works_on_a_run_in_progress(cifar_dir, tmp_path, monkeypatch):
+def test_analyze_works_on_a_run_in_progress(cifar_dir, tmp_path):
     """Stopped mid-epoch-2 (a live run looks the same on disk): every figure the data allows is written."""
     run_dir = tmp_path / "run"
     proc = run_patched(["--data-dir", cifar_dir, "--run-dir", run_dir, "--epochs", 3, *TINY],
                        hook_call("torch.optim.Adam", "step", 20, SIGTERM))
     assert proc.returncode == common.EXIT_PREEMPTED, proc.stderr[-2000:]
-    monkeypatch.setenv(common.SKIP_CIFAR_MD5_ENV, "1")
     analyze_gan.main([str(run_dir)])
     summary = json.loads((run_dir / "figures" / "summary.json").read_text())
     assert summary["epochs_done"] == 1 and summary["checkpoint"]["global_step"] == 10

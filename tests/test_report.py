@@ -1,14 +1,16 @@
-"""report.py on tiny real runs in a temporary runs root: every figure in order, every image there, the key numbers.
+"""report.py on tiny real runs in a temporary runs root: the runs that count, both sweeps, every figure in order.
 
-The runs root is laid out as the training scripts make it (--runs-root, so latest-vae and latest-dcgan are their
-links): two beta-sweep VAE runs (--name vae-beta<b>), then the main VAE run, then a DCGAN run on synthetic
-CIFAR-10 whose metrics.csv is given an FID column, as a run with Inception weights would have.
+The runs root is laid out as `make vae`, `make vae-betas`, `make dcgan` and `make gan-sweep` leave it (--runs-root):
+the main VAE, then two runs of sweep vae-betas (newer than the main run, as after the README's walk), the main DCGAN
+on synthetic CIFAR-10 (its metrics.csv given an FID column, as a run with Inception weights would have), then two
+runs of sweep dcgan-sweep (BCE and hinge).
 """
 from __future__ import annotations
 
 import csv
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,12 +20,15 @@ from conftest import run_script
 import common
 import report
 
-# The coursework's order (issue 7), then the extra GAN diagnostics analyze_gan.py makes.
-FIGURE_ORDER = ["vae_loss_curves.png", "vae_beta_comparison.png", "vae_reconstructions.png", "vae_samples.png",
-                "vae_tsne.png", "vae_interpolation.png", "gan_samples.png", "gan_losses.png",
-                "gan_fixed_noise_progression.png", "gan_d_outputs.png", "gan_fid.png", "gan_diversity.png",
-                "gan_nearest_neighbours.png"]
-QUICK_ANALYSIS = ["--device", "cpu", "--tsne-points", "40", "--iw-samples", "4", "--iw-images", "20"]
+# The coursework's order, then the extra GAN diagnostics, then the GAN experiments.
+FIGURE_ORDER = ["vae_loss_curves.png", "vae_beta_curves.png", "vae_beta_reconstructions.png", "vae_beta_samples.png",
+                "vae_reconstructions.png", "vae_samples.png", "vae_tsne.png", "vae_interpolation.png",
+                "gan_samples.png", "gan_losses.png", "gan_fixed_noise_progression.png", "gan_d_outputs.png",
+                "gan_fid.png", "gan_diversity.png", "gan_nearest_neighbours.png", "gan_milestones.png",
+                "gan_sweep_losses.png", "gan_sweep_d_outputs.png", "gan_sweep_samples.png",
+                "gan_sweep_progression.png", "gan_sweep_diversity.png", "gan_sweep_quality.png"]
+QUICK_ANALYSIS = ["--device", "cpu", "--tsne-points", "40", "--iw-samples", "4", "--iw-images", "20",
+                  "--quality-samples", "40"]
 VAE_TINY = ["--epochs", "1", "--batch-size", "64", "--latent-dim", "4"]
 GAN_TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--epochs", "2", "--ckpt-every-min", "1000"]
 FAKE_FID = {1: 312.5, 2: 287.25}
@@ -32,31 +37,32 @@ FAKE_FID = {1: 312.5, 2: 287.25}
 @pytest.fixture(scope="module")
 def runs_root(mnist_dir, cifar_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("report") / "runs"
+    run_script("vae_train.py", "--data-dir", mnist_dir, "--runs-root", root, *VAE_TINY)
     for beta in (1, 4):
         run_script("vae_train.py", "--data-dir", mnist_dir, "--runs-root", root, "--name", f"vae-beta{beta}",
-                   "--beta", beta, *VAE_TINY)
-    run_script("vae_train.py", "--data-dir", mnist_dir, "--runs-root", root, "--name", "main", *VAE_TINY)
+                   "--sweep", "vae-betas", "--beta", beta, *VAE_TINY)
     run_script("dcgan_train.py", "--data-dir", cifar_dir, "--runs-root", root, *GAN_TINY)
     metrics = root / "latest-dcgan" / "metrics.csv"
     with open(metrics, newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
         row["fid"] = FAKE_FID[int(row["epoch"])]
-    with open(metrics, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    common.write_csv(metrics, list(rows[0]), rows)
+    for name, extra in (("dcgan-baseline", []), ("dcgan-hinge", ["--loss", "hinge"])):
+        run_script("dcgan_train.py", "--data-dir", cifar_dir, "--runs-root", root, "--name", name, "--sweep",
+                   "dcgan-sweep", *GAN_TINY, *extra)
     return root
 
 
 @pytest.fixture(scope="module")
 def built(runs_root, tmp_path_factory):
-    """report.main on the runs root, once; (out folder, runs root)."""
+    """report.main on the runs root, once; the out folder and what it printed."""
     out = tmp_path_factory.mktemp("out") / "report"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(common.SKIP_CIFAR_MD5_ENV, "1")  # analyze_gan reads the synthetic CIFAR-10 for neighbours
+        lines = []
+        patch.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
         assert report.main(["--runs-root", str(runs_root), "--out", str(out), *QUICK_ANALYSIS]) == 0
-    return out
+    return out, "\n".join(lines)
 
 
 def referenced_images(out) -> tuple[list[str], list[str]]:
@@ -65,29 +71,57 @@ def referenced_images(out) -> tuple[list[str], list[str]]:
     return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown), re.findall(r'<img src="([^"]+)"', page)
 
 
+def captions(out) -> dict[str, str]:
+    markdown = (out / "REPORT.md").read_text()
+    return {name: markdown.split(f"(figures/{name})\n\n", 1)[1].split("\n", 1)[0] for name in FIGURE_ORDER}
+
+
 def test_every_figure_in_order_and_every_image_exists(built):
-    md_images, html_images = referenced_images(built)
+    out, _ = built
+    md_images, html_images = referenced_images(out)
     assert md_images == html_images == [f"figures/{name}" for name in FIGURE_ORDER]
     for relative in md_images:
-        data = (built / relative).read_bytes()  # relative to the report: the folder can be moved or zipped
+        data = (out / relative).read_bytes()  # relative to the report: the folder can be moved or zipped
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, relative
-    assert sorted(p.name for p in (built / "figures").iterdir()) == sorted(FIGURE_ORDER)
-    assert not list(built.parent.glob(".report.*")), "a temporary folder was left behind"
+    assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(FIGURE_ORDER)
+    assert not list(out.parent.glob(".report.*")), "a temporary folder was left behind"
 
 
-def test_each_figure_has_a_one_line_caption(built):
-    markdown = (built / "REPORT.md").read_text()
-    for name in FIGURE_ORDER:
-        after = markdown.split(f"(figures/{name})\n\n", 1)[1]
-        caption = after.split("\n", 1)[0]
-        assert caption.startswith("*") and caption.endswith("*") and len(caption) > 30, (name, caption)
-    page = (built / "REPORT.html").read_text()
+def test_the_report_shows_the_main_runs_not_the_newest_sweep_members(built, runs_root):
+    out, printed = built
+    main_vae = (runs_root / "latest-vae").resolve()
+    assert main_vae.name.endswith("-vae")  # the sweep runs, started later, did not move the link
+    shown = json.loads((out / "report.json").read_text())
+    assert shown["vae_run"] == str(main_vae)
+    assert shown["gan_run"] == str((runs_root / "latest-dcgan").resolve())
+    assert (f"report: VAE: {runs_root / 'latest-vae'} -> {main_vae.name}: the newest finished vae run that is not "
+            f"a sweep member") in printed
+    assert [Path(p).name.split("-", 2)[-1] for p in shown["vae_sweep"]["runs"]] == ["vae-beta1", "vae-beta4"]
+    assert f"Which runs: VAE {runs_root / 'latest-vae'} -> {main_vae.name}" in (out / "REPORT.md").read_text()
+
+
+def test_each_caption_names_the_runs_and_their_settings(built, runs_root):
+    out, _ = built
+    page = (out / "REPORT.html").read_text()
     assert page.count("<figcaption>") == len(FIGURE_ORDER)
+    main_vae, main_gan = (runs_root / "latest-vae").resolve().name, (runs_root / "latest-dcgan").resolve().name
+    for name, caption in captions(out).items():
+        assert caption.startswith("*") and caption.endswith("*") and len(caption) > 30, (name, caption)
+        if name.startswith(("vae_beta", "gan_sweep")):
+            assert "Sweep `" in caption, (name, caption)
+        elif name.startswith("vae_"):
+            assert f"Run `{main_vae}` (conv VAE, latent 4, beta 1" in caption, (name, caption)
+        else:
+            assert f"Run `{main_gan}` (32x32" in caption and "bce loss" in caption, (name, caption)
+    beta_caption = captions(out)["vae_beta_curves.png"]
+    assert "(beta=1)" in beta_caption and "(beta=4)" in beta_caption and "test negative ELBO at beta = 1" in \
+        beta_caption
 
 
 def test_key_numbers_come_from_the_summaries(built, runs_root):
-    markdown = (built / "REPORT.md").read_text()
-    page = (built / "REPORT.html").read_text()
+    out, _ = built
+    markdown = (out / "REPORT.md").read_text()
+    page = (out / "REPORT.html").read_text()
     vae = json.loads((runs_root / "latest-vae" / "figures" / "summary.json").read_text())
     assert vae["iw_images"] == 20 and vae["iw_samples"] == 4  # the quick flags reached analyze_vae.py
     n_vae = sum(p.numel() for p in torch.jit.load(str(runs_root / "latest-vae" / "VAE_model.pth")).parameters())
@@ -95,39 +129,56 @@ def test_key_numbers_come_from_the_summaries(built, runs_root):
                 for name in ("DCGAN_model_G.pth", "DCGAN_model_D.pth"))
     expected = [f"{vae['test_elbo']:.2f} nats per image", f"{vae['iw_log_likelihood']:.2f} nats per image",
                 "K = 4, 20 test images", f"{n_vae:,}", f"G {n_g:,} + D {n_d:,} = {n_g + n_d:,}",
-                f"{min(FAKE_FID.values()):.2f} (epoch 2)"]
+                f"{min(FAKE_FID.values()):.2f} (epoch 2)", "DCGAN best milestone (diversity)"]
     for text in expected:
         assert text in markdown, text
         assert text in page, text
     assert "not CIFAR-10" not in markdown  # a CIFAR-10 run gets no warning
 
 
-def test_beta_sweep_rows_and_not_the_main_run(built, runs_root):
-    markdown = (built / "REPORT.md").read_text()
-    rows = [line for line in markdown.splitlines() if re.match(r"\| [\d.]+ \| `", line)]
-    assert [row.split(" | ")[0] for row in rows] == ["| 1", "| 4"]
+def test_beta_table_lists_the_sweep_by_setting(built, runs_root):
+    out, _ = built
+    markdown = (out / "REPORT.md").read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith("| beta=")]
+    assert [row.split(" | ")[0] for row in rows] == ["| beta=1", "| beta=4"]
     for row, beta in zip(rows, (1, 4)):
         run_dir = next(runs_root.glob(f"*-vae-beta{beta}"))
         summary = json.loads((run_dir / "figures" / "summary.json").read_text())
-        assert f"`{run_dir.name}`" in row and f"{summary['test_elbo']:.2f}" in row
-    assert (runs_root / report.COMPARISON_DIR / "loss_curves.png").exists()
-    assert "-main`" not in "\n".join(rows)
+        assert f"`{run_dir.name}`" in row and f"{-summary['test_elbo']:.2f}" in row
+    assert (runs_root / "compare" / "vae-betas" / "loss_curves.png").exists()
+
+
+def test_gan_experiments_are_labelled_by_setting(built, runs_root):
+    out, _ = built
+    markdown = (out / "REPORT.md").read_text()
+    section = markdown.split("## GAN experiments (sweep `dcgan-sweep`)", 1)[1]
+    assert [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| loss=")] == \
+        ["| loss=bce", "| loss=hinge"]
+    for name in ("dcgan-baseline", "dcgan-hinge"):
+        assert f"`{next(runs_root.glob(f'*-{name}')).name}` (loss=" in section
+
+
+def test_a_glob_over_the_runs_still_works_after_the_report(built, runs_root):
+    """`make analyze-vae RUN="runs/*-vae-beta*"`: the report wrote nothing that such a glob matches."""
+    assert sorted(p.name.split("-", 2)[-1] for p in runs_root.glob("*-vae-beta*")) == ["vae-beta1", "vae-beta4"]
+    assert all((p / "config.json").exists() for p in runs_root.glob("*-vae-beta*"))
 
 
 def test_rebuild_without_analysis_replaces_the_folder(built, runs_root):
-    (built / "figures" / "stale.png").write_bytes(b"old")
+    out, _ = built
+    (out / "figures" / "stale.png").write_bytes(b"old")
     before = (runs_root / "latest-vae" / "figures" / "summary.json").stat().st_mtime_ns
-    assert report.main(["--runs-root", str(runs_root), "--out", str(built), "--no-analysis"]) == 0
-    assert not (built / "figures" / "stale.png").exists()
+    assert report.main(["--runs-root", str(runs_root), "--out", str(out), "--no-analysis"]) == 0
+    assert not (out / "figures" / "stale.png").exists()
     assert (runs_root / "latest-vae" / "figures" / "summary.json").stat().st_mtime_ns == before  # not re-analysed
-    assert referenced_images(built)[0] == [f"figures/{name}" for name in FIGURE_ORDER]
+    assert referenced_images(out)[0] == [f"figures/{name}" for name in FIGURE_ORDER]
 
 
 def test_refuses_what_it_cannot_report(runs_root, tmp_path):
-    with pytest.raises(common.UserError, match="no dcgan run at .*make dcgan"):
+    with pytest.raises(common.UserError, match="no such run folder"):
         report.main(["--runs-root", str(runs_root), "--gan-run", str(tmp_path / "nowhere"), "--out",
                      str(tmp_path / "r")])
-    with pytest.raises(common.UserError, match="is not a dcgan run folder"):
+    with pytest.raises(common.UserError, match="is a 'vae' run, not a DCGAN run"):
         report.main(["--runs-root", str(runs_root), "--gan-run", str(runs_root / "latest-vae"), "--no-analysis",
                      "--out", str(tmp_path / "r")])
     (tmp_path / "mine").mkdir()
@@ -135,3 +186,6 @@ def test_refuses_what_it_cannot_report(runs_root, tmp_path):
     with pytest.raises(common.UserError, match="holds files but no REPORT.md"):
         report.main(["--runs-root", str(runs_root), "--out", str(tmp_path / "mine"), "--no-analysis"])
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "empty-runs").mkdir()
+    with pytest.raises(common.UserError, match="no finished vae run .* that is not a sweep member.*--vae-run"):
+        report.main(["--runs-root", str(tmp_path / "empty-runs"), "--out", str(tmp_path / "r2")])

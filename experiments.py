@@ -1,0 +1,346 @@
+"""Many runs at once: find them by sweep name, label them by the settings that differ, pick the run that counts.
+
+A run folder is one that vae_train.py or dcgan_train.py made: it holds config.json with "script" and "args".
+The analysis scripts, report.py and check_submission.py read runs through this module, so they agree on:
+
+- which folders are runs (anything else, e.g. runs/compare/ or a latest-* link seen twice, is skipped with a note);
+- which runs form a sweep: those whose config.json says args.sweep == NAME (`make vae-betas`, `make gan-sweep`);
+- how a run is labelled in a comparison: by the settings that differ between the runs compared (`beta=4`,
+  `d_norm=spectral, loss=hinge`), never by its folder's time stamp;
+- how far a run got, in training images seen (runs with different --train-limit or data sets compare fairly);
+- which run is "the" VAE or DCGAN of the report and the submission, and why (counted_run).
+
+Importing this module has no side effects.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import math
+from pathlib import Path
+
+import common
+
+SCRIPTS = {"vae": "vae_train.py", "dcgan": "dcgan_train.py"}
+MODEL_FILES = {"vae": ["VAE_model.pth"], "dcgan": ["DCGAN_model_G.pth", "DCGAN_model_D.pth"]}
+# Training images per epoch of each data set, for runs whose metrics.csv has no images_seen column.
+DATASET_SIZES = {"mnist": 60_000, "fashion-mnist": 60_000, "cifar10": 50_000}
+# Flags that say where or how a run was done (folders, logging, checkpoints, evaluation, speed), not what was
+# trained: they never make two runs "different settings" and never appear in a label. The training scripts'
+# parsers know them as the flags that may change on resume (all but --epochs); this list also covers runs made
+# before a flag moved or existed.
+BOOKKEEPING = {"name", "sweep", "run_dir", "runs_root", "resume", "init_from", "restart", "data_dir", "device",
+               "log_every", "ckpt_every_min", "keep_ckpts", "milestone_every", "mirror_dir", "inception_weights",
+               "fid", "fid_every", "fid_samples", "compile", "channels_last", "amp"}
+COMPARE_DIR = "compare"  # RUNS_ROOT/compare/<name>/: comparison figures; not a run, so every reader skips it
+
+
+class RunInfo:
+    """What a reader needs to know about one run folder, read once: config, metrics rows, export.json."""
+
+    def __init__(self, run_dir: Path, config: dict):
+        self.dir = Path(run_dir).resolve()
+        self.config = config
+        self.args: dict = config["args"]
+        self.script: str = config["script"]
+        self.metrics = common.read_metrics_csv(self.dir / "metrics.csv")
+        try:
+            self.export = json.loads((self.dir / "export.json").read_text())
+        except (OSError, ValueError):
+            self.export = None
+
+    def __repr__(self) -> str:
+        return f"RunInfo({self.dir.name})"
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+    @property
+    def sweep(self) -> str | None:
+        return self.args.get("sweep")
+
+    @property
+    def started(self) -> str:
+        """ISO time of the run's first start (the folder name as a tie-breaker), for "newest" comparisons."""
+        starts = self.config.get("starts") or [{}]
+        return f"{starts[0].get('time', '')} {self.name}"
+
+    @property
+    def epochs_done(self) -> int:
+        return int(self.metrics[-1]["epoch"]) if self.metrics else 0
+
+    @property
+    def finished(self) -> bool:
+        """export.json says the model files were written after the last planned epoch, and they are there."""
+        if not self.export or self.export.get("epoch") != self.args.get("epochs"):
+            return False
+        files = self.export.get("files") or MODEL_FILES[self.script]
+        return all((self.dir / Path(name).name).is_file() for name in files)
+
+    def status(self) -> str:
+        """'finished, 10 epochs' or 'unfinished: 3 of 10 epochs'."""
+        planned = self.args.get("epochs")
+        if self.finished:
+            return f"finished, {planned} epochs"
+        return f"unfinished: {self.epochs_done} of {planned} epochs"
+
+    def train_images(self) -> int | None:
+        """Training images per epoch from config.json (None for --dataset folder: the count is not recorded)."""
+        size = DATASET_SIZES.get(self.args.get("dataset", "mnist"))
+        limit = self.args.get("train_limit") or 0
+        if size is None:
+            return None
+        return min(size, limit) if limit else size
+
+    def images_seen(self) -> list[float] | None:
+        """Training images seen at the end of each metrics.csv row: the images_seen column when the run wrote it,
+        else epoch x training images; None when neither is known."""
+        column = [row.get("images_seen", math.nan) for row in self.metrics]
+        if column and all(math.isfinite(v) for v in column):
+            return column
+        per_epoch = self.train_images()
+        return None if per_epoch is None else [row["epoch"] * per_epoch for row in self.metrics]
+
+    def total_images_seen(self) -> float:
+        seen = self.images_seen()
+        return seen[-1] if seen else 0.0
+
+
+def read_run(path, script: str | None = None) -> RunInfo | None:
+    """The run in `path`, or None when it is not a run folder (of `script`, when given)."""
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("script") not in SCRIPTS or not isinstance(config.get("args"), dict):
+        return None
+    if script is not None and config["script"] != script:
+        return None
+    return RunInfo(path, config)
+
+
+def collect_runs(paths: list, script: str, log=print) -> list[RunInfo]:
+    """The runs among command-line paths (a shell glob such as runs/* may also match other folders).
+
+    One path: it must be a run of `script` (common.read_run_config says what is wrong). Several: folders that are
+    not runs of `script` are skipped with a one-line note each, and so is a second path to the same run (a
+    latest-* link); a UserError when none is left.
+    """
+    if len(paths) == 1:
+        config = common.read_run_config(paths[0], script)
+        return [RunInfo(Path(paths[0]), config)]
+    runs, seen = [], {}
+    for path in map(Path, paths):
+        run = read_run(path, script)
+        if run is None:
+            other = read_run(path)
+            why = (f"a {other.script} run, not a {script} run" if other else
+                   "not a run folder (no config.json)" if path.is_dir() else "no such folder")
+            log(f"note: skipping {path}: {why}")
+        elif run.dir in seen:
+            log(f"note: skipping {path}: the same run as {seen[run.dir]}")
+        else:
+            seen[run.dir] = path
+            runs.append(run)
+    if not runs:
+        raise common.UserError(f"none of the {len(paths)} folders given is a {SCRIPTS[script]} run")
+    return runs
+
+
+def find_runs(runs_root, script: str | None = None) -> list[RunInfo]:
+    """Every run folder directly in runs_root (links such as latest-vae left out), oldest first."""
+    runs_root = Path(runs_root)
+    if not runs_root.is_dir():
+        return []
+    runs = [read_run(p, script) for p in runs_root.iterdir() if p.is_dir() and not p.is_symlink()]
+    return sorted((run for run in runs if run is not None), key=lambda run: run.started)
+
+
+def sweep_runs(runs_root, script: str, sweep: str, log=print) -> list[RunInfo]:
+    """The runs of sweep `sweep` in runs_root: the newest run per setting, sorted by label; notes on the others.
+
+    A sweep run again (the same settings twice) keeps its newest run of each setting; a run with no finished
+    epoch yet is left out (nothing to plot); an unfinished one is kept, and a note says so.
+    """
+    members = [run for run in find_runs(runs_root, script) if run.sweep == sweep]
+    newest = {}
+    for run in members:  # oldest first, so a later run of the same settings replaces an earlier one
+        key = settings_key(run)
+        if not run.metrics:
+            log(f"note: sweep {sweep}: {run.name} left out: no finished epoch yet")
+            continue
+        if key in newest:
+            log(f"note: sweep {sweep}: {newest[key].name} left out: {run.name} is a newer run of the same settings")
+        newest[key] = run
+    kept = list(newest.values())
+    for run in kept:
+        if not run.finished:
+            log(f"note: sweep {sweep}: {run.name} is {run.status()}")
+    labels = run_labels(kept)
+    order = sorted(range(len(kept)), key=lambda i: _label_sort_key(kept[i], labels[i]))
+    return [kept[i] for i in order]
+
+
+def _label_sort_key(run: RunInfo, label: str):
+    """Numbers in label order (beta=0.5 before beta=2), else alphabetical."""
+    beta = run.args.get("beta")
+    return (0, float(beta), label) if run.script == "vae" and isinstance(beta, (int, float)) else (1, 0.0, label)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labels from the settings that differ
+
+
+@functools.lru_cache(maxsize=None)
+def script_flags(script: str) -> tuple[dict, frozenset]:
+    """(default of every flag, the flags that are bookkeeping) of a training script's parser."""
+    parser = importlib.import_module(SCRIPTS[script].removesuffix(".py")).build_parser()
+    defaults = {action.dest: action.default for action in parser._actions}
+    resumable = parser.resumable_flags() if hasattr(parser, "resumable_flags") else set()
+    return defaults, frozenset(BOOKKEEPING | (set(resumable) - {"epochs"}))
+
+
+def setting(run: RunInfo, key: str):
+    """A flag's value in a run; the script's default for a flag added after the run was made."""
+    return run.args[key] if key in run.args else script_flags(run.script)[0].get(key)
+
+
+def settings_key(run: RunInfo) -> str:
+    """The experiment's settings (every flag but the bookkeeping ones), as one comparable string."""
+    defaults, ignored = script_flags(run.script)
+    keys = sorted((set(run.args) | set(defaults)) - ignored - {"help"})
+    return json.dumps({k: setting(run, k) for k in keys}, default=str)
+
+
+def differing_keys(runs: list[RunInfo]) -> list[str]:
+    """The flags (bookkeeping left out) whose values are not the same in every run, sorted."""
+    ignored = script_flags(runs[0].script)[1]
+    keys = set().union(*(run.args for run in runs)) - ignored
+    return sorted(k for k in keys if len({json.dumps(setting(run, k), default=str) for run in runs}) > 1)
+
+
+def format_value(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(format_value, value))
+    return str(value)
+
+
+def run_labels(runs: list[RunInfo]) -> list[str]:
+    """A label per run from the flags that differ between the runs: each run names those it sets to something
+    other than the script's default ('loss=hinge'); a run at the defaults of all of them names every one of them
+    ('beta=1'; 'd_norm=batch, loss=bce'), so no label is empty. Folder names are added only to break ties."""
+    if not runs:
+        return []
+    keys = differing_keys(runs)
+    if not keys:
+        return [run.name for run in runs]
+    defaults = script_flags(runs[0].script)[0]
+    labels = []
+    for run in runs:
+        own = [k for k in keys if k not in defaults or setting(run, k) != defaults[k]]
+        labels.append(", ".join(f"{k}={format_value(setting(run, k))}" for k in own or keys))
+    if len(set(labels)) < len(labels):
+        labels = [f"{label} ({run.name})" for label, run in zip(labels, runs)]
+    return labels
+
+
+def x_axis(runs: list[RunInfo]) -> tuple[str, list[list[float]]]:
+    """The common x axis of a comparison: training images seen when known for every run, else the epoch."""
+    seen = [run.images_seen() for run in runs]
+    if all(s is not None for s in seen):
+        return "training images seen", seen
+    return "epoch", [[row["epoch"] for row in run.metrics] for run in runs]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run that counts
+
+
+def counted_run(runs_root, script: str, explicit=None, how_to_name: str = "", log=print) -> tuple[RunInfo, str]:
+    """The run a report or a submission uses, and why (one line, also printed by the caller).
+
+    Named explicitly (`explicit`, a folder): that run, whatever it is; a sweep member or an unfinished run gets a
+    warning. Otherwise: the newest finished run of `script` in runs_root that is not a sweep member, so the last
+    run of a sweep, or a run still training, never becomes the submitted model unnoticed; UserError when there is
+    none. Either way a warning names a finished run of the same script that saw more training images.
+    `how_to_name` is how the user names a run explicitly (e.g. "--vae-run RUN_DIR"), for the messages.
+    """
+    runs_root = Path(runs_root)
+    what = f"{script} run ({SCRIPTS[script]})"
+    link = runs_root / f"latest-{script}"
+    if explicit:
+        run = read_run(explicit, script)
+        if run is None:
+            common.read_run_config(explicit, script)  # raises the UserError that says what is wrong
+        reason = f"{explicit} -> {run.name}: named explicitly"
+        if run.sweep:
+            log(f"warning: {run.name} is a member of sweep {run.sweep!r}, used because it was named explicitly")
+        if not run.finished:
+            log(f"warning: {run.name} is {run.status()} (no export.json for the last epoch)")
+    else:
+        candidates = [r for r in find_runs(runs_root, script) if r.finished and not r.sweep]
+        linked = read_run(link, script) if link.exists() else None
+        if not candidates:
+            about_link = ""
+            if linked is not None:
+                about_link = (f"; {link} -> {linked.name} is " +
+                              (f"a member of sweep {linked.sweep!r}" if linked.sweep else linked.status()))
+            raise common.UserError(f"no finished {what} that is not a sweep member in {runs_root}{about_link}. "
+                                   f"Train one to the end (make {script}; a stopped run continues with "
+                                   f"--resume), or name a run with {how_to_name or 'its folder'}")
+        run = candidates[-1]
+        why = f"the newest finished {script} run that is not a sweep member"
+        if linked is not None and linked.dir == run.dir:
+            reason = f"{link} -> {run.name}: {why}"
+        else:
+            reason = f"{run.name}: {why}"
+            if linked is not None:
+                reason += (f" ({link} -> {linked.name} is " +
+                           (f"a member of sweep {linked.sweep!r})" if linked.sweep else f"{linked.status()})"))
+    longer = [r for r in find_runs(runs_root, script)
+              if r.finished and r.dir != run.dir and r.total_images_seen() > run.total_images_seen()]
+    if longer:
+        best = max(longer, key=RunInfo.total_images_seen)
+        log(f"warning: {best.name} is a longer finished {script} run ({best.total_images_seen():,.0f} training "
+            f"images seen, against {run.total_images_seen():,.0f}); to use it, name it: "
+            f"{how_to_name or 'its folder'} {best.dir}")
+    return run, reason
+
+
+def compare_dir(runs_root, name: str) -> Path:
+    """Where a comparison of several runs goes by default: RUNS_ROOT/compare/<name>/ (skipped by every reader)."""
+    return Path(runs_root) / COMPARE_DIR / name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the comparison figures of both analysis scripts share
+
+
+def label_x_axis(ax, x_name: str) -> None:
+    """The x label, and image counts with thousands separators (600,000, not 6e5) so they read at a glance."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    ax.set_xlabel(x_name)
+    if x_name == "epoch":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+
+
+def legend_below(fig, n_columns: int = 2) -> None:
+    """One legend for the whole figure, under its panels: the runs' labels (often long) cover no curve, and a
+    colour means the same run in every panel."""
+    seen = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=min(n_columns, len(seen)),
+                   fontsize=9, frameon=False)

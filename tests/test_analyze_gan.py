@@ -1,0 +1,135 @@
+"""analyze_gan.py: milestone quality and export, comparisons of variants, the single-run figures' details.
+
+Tiny real runs (--ngf 8 --ndf 8, batch 32) on the 200-image synthetic CIFAR-10 of tiny_data.py: 7 steps per epoch.
+"""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import analyze_gan
+import common
+import experiments
+from conftest import run_script
+
+TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--log-every", "3", "--ckpt-every-min", "1000"]
+QUICK = ["--quality-samples", "40", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def runs(cifar_dir, tmp_path_factory):
+    """Three finished runs: BCE for 2 epochs, the same for 1 epoch, and hinge for 2 epochs (sweep 'variants')."""
+    root = tmp_path_factory.mktemp("gan-runs")
+    dirs = {"bce2": root / "bce2", "bce1": root / "bce1", "hinge2": root / "hinge2"}
+    for key, epochs, extra in (("bce2", 2, []), ("bce1", 1, []), ("hinge2", 2, ["--loss", "hinge"])):
+        run_script("dcgan_train.py", "--data-dir", cifar_dir, "--run-dir", dirs[key], "--epochs", epochs,
+                   "--sweep", "variants" if key != "bce1" else "other", *TINY, *extra)
+    return dirs
+
+
+def jit_state(path) -> dict:
+    return torch.jit.load(str(path), map_location="cpu").state_dict()
+
+
+def test_export_of_a_milestone_equals_the_export_of_a_run_that_stopped_there(runs, tmp_path, capsys):
+    """Epoch 1 of a 2-epoch run, exported afterwards, is bit for bit what a 1-epoch run exports at its end."""
+    out = tmp_path / "epoch-1"
+    assert analyze_gan.main([str(runs["bce2"]), "--export-epoch", "1", "--out", str(out)]) == 0
+    assert "check_submission.py --gen" in capsys.readouterr().out
+    for name in ("DCGAN_model_G.pth", "DCGAN_model_D.pth"):
+        milestone, finished = jit_state(out / name), jit_state(runs["bce1"] / name)
+        assert milestone.keys() == finished.keys() and milestone
+        for key in milestone:
+            assert torch.equal(milestone[key], finished[key]), f"{name}: {key} differs"
+    # and epoch 2 is not epoch 1: the comparison above can fail
+    analyze_gan.main([str(runs["bce2"]), "--export-epoch", "2", "--out", str(tmp_path / "epoch-2")])
+    later = jit_state(tmp_path / "epoch-2" / "DCGAN_model_G.pth")
+    assert any(not torch.equal(later[k], v) for k, v in jit_state(out / "DCGAN_model_G.pth").items())
+
+
+def test_export_of_a_missing_milestone_names_the_ones_there(runs):
+    with pytest.raises(common.UserError, match=r"no checkpoints/epoch-007.pt; milestone epochs there: 1, 2"):
+        analyze_gan.main([str(runs["bce2"]), "--export-epoch", "7"])
+
+
+@pytest.fixture(scope="module")
+def compared(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "variants"
+    decoy = runs["bce2"].parent / "compare"  # a glob over the runs root also matches comparison folders
+    decoy.mkdir(exist_ok=True)
+    analyze_gan.main([str(runs["bce2"]), str(runs["hinge2"]), str(decoy), "--out", str(out), *QUICK])
+    return out
+
+
+def test_milestones_get_a_quality_number_and_a_best_epoch(runs, compared):
+    summary = json.loads((runs["bce2"] / "figures" / "summary.json").read_text())
+    milestones = summary["milestones"]
+    assert [row["epoch"] for row in milestones["rows"]] == [1, 2]
+    assert milestones["kind"] == "diversity"  # CIFAR-10 without Inception weights here
+    reference = milestones["training_images"]
+    closest = min(milestones["rows"], key=lambda row: abs(row["value"] - reference))
+    assert milestones["best"] == closest
+    assert "milestones.png" in summary["figures"]
+    assert (runs["bce2"] / "figures" / "milestones.png").stat().st_size > 2000
+
+
+def test_comparison_table_labels_by_setting(runs, compared):
+    with open(compared / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["label"] for row in rows] == ["loss=bce", "loss=hinge"]
+    assert [int(row["images_seen"]) for row in rows] == [400, 400]  # 2 epochs of 200 images
+    for name in ("compare_losses.png", "compare_d_outputs.png", "compare_samples.png", "compare_progression.png",
+                 "compare_diversity.png", "compare_quality.png"):
+        assert (compared / name).stat().st_size > 2000, name
+
+
+def test_comparison_panels_keep_losses_apart_and_use_images_seen(runs):
+    infos = [experiments.read_run(runs["bce2"]), experiments.read_run(runs["hinge2"])]
+    labels = experiments.run_labels(infos)
+    x_name, xs = experiments.x_axis(infos)
+    assert x_name == "training images seen" and xs == [[200, 400], [200, 400]]
+    fig = analyze_gan.compare_losses(infos, labels, x_name, xs, "t")
+    axes = np.array(fig.axes).reshape(2, 2)
+    for col, label in enumerate(["loss=bce", "loss=hinge"]):  # one column per loss type, one run in each
+        for ax in axes[:, col]:
+            assert [line.get_label() for line in ax.get_lines()] == [label]
+            assert list(ax.get_lines()[0].get_xdata()) == [200, 400]
+    d_fig = analyze_gan.compare_d_outputs(infos, labels, x_name, xs, "t")
+    assert all([line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")] == ["loss=bce"]
+               for ax in d_fig.axes)  # D probabilities for the BCE run only
+    assert analyze_gan.compare_d_outputs(infos[1:], labels[1:], x_name, xs[1:], "t") is None
+
+
+def test_loss_legend_states_the_real_window():
+    metrics = [{"epoch": 1.0, "loss_d": 1.0, "loss_g": 2.0}]
+    steps = [{"epoch": e / 10, "loss_d": 1.0 + e, "loss_g": 2.0} for e in range(1, 11)]
+    args = type("Args", (), {"log_every": 100, "loss": "bce"})()
+    legend = [t.get_text() for t in analyze_gan.plot_losses(metrics, steps, args, "t").legends[0].texts]
+    assert "D loss: mean of each 100 steps" in legend
+    assert "D loss: smoothed (EMA over ~100 steps)" in legend  # 10 rows: a window of 1 row of 100 steps
+    one_row = analyze_gan.plot_losses(metrics, steps[:1], args, "t").legends[0].texts
+    assert not any("smoothed" in t.get_text() for t in one_row)
+
+
+def test_mosaic_leaves_white_gaps_between_cells():
+    cells = np.zeros((2, 4, 4, 3), dtype=np.float32)
+    image = analyze_gan.mosaic([cells, cells], gap=3)
+    assert image.shape == (11, 11, 3)
+    assert (image[:, 4:7] == 1).all() and (image[4:7, :] == 1).all() and (image[:4, :4] == 0).all()
+
+
+def test_classifier_fid_per_milestone_on_mnist(mnist_dir, tmp_path):
+    pytest.importorskip("classifier_fid")
+    run_dir = tmp_path / "mnist-gan"
+    run_script("dcgan_train.py", "--dataset", "mnist", "--data-dir", mnist_dir, "--run-dir", run_dir, "--epochs", 2,
+               *TINY)
+    analyze_gan.main([str(run_dir), *QUICK])
+    milestones = json.loads((run_dir / "figures" / "summary.json").read_text())["milestones"]
+    assert milestones["kind"] == "classifier-fid" and [row["epoch"] for row in milestones["rows"]] == [1, 2]
+    for row in milestones["rows"]:
+        assert row["value"] >= 0 and 0 <= row["class_min"] <= row["class_max"] <= 1
+    assert milestones["best"] == min(milestones["rows"], key=lambda row: row["value"])
