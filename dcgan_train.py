@@ -3,12 +3,19 @@
     python dcgan_train.py                                   # the recommended run: CIFAR-10, 32x32, BCE loss
     python dcgan_train.py --dataset mnist --epochs 5        # one-channel digits, padded to 32x32
     python dcgan_train.py --d-norm spectral --loss hinge    # a common, more stable variant
-    python dcgan_train.py --inception-weights pt_inception-2015-12-05-6726825d.pth   # with FID and IS
+    python dcgan_train.py --inception-weights weights-inception-2015-12-05-6726825d.pth   # FID and IS offline
+    python dcgan_train.py --dataset mnist --fid off         # no quality evaluation at all
     python dcgan_train.py --resume latest                   # continue the newest DCGAN run
 
 Everything lands in runs/<time>-<name>/ (see README.md): metrics.csv (one row per epoch), steps.csv (one row every
 --log-every steps), samples/epoch_NNN.png (the same fixed noise every epoch), checkpoints/, and at the end
 DCGAN_model_G.pth and DCGAN_model_D.pth (TorchScript). analyze_gan.py turns a run into figures.
+
+Quality every --fid-every epochs (--fid auto): Inception FID and IS on CIFAR-10 and image folders (torch-fidelity's
+weights, downloaded into torch's cache on first use), the classifier FID of classifier_fid.py on MNIST and
+Fashion-MNIST (a small CNN trained on the data set's labels; cfid, class_min, class_max in metrics.csv). The
+defaults are the recipe chosen by gan_quality.py (docs/gan-quality.md); the plain DCGAN of Radford et al. is
+    --batch-size 64 --ema 0 --diffaug none
 """
 from __future__ import annotations
 
@@ -17,9 +24,12 @@ import stop_signals
 if __name__ == "__main__":
     stop_signals.install()  # first, before the slow imports: a stop during start-up is honoured, not fatal
 
+import argparse
 import copy
 import csv
+import hashlib
 import math
+import shutil
 import warnings
 from pathlib import Path
 
@@ -41,13 +51,24 @@ def denorm(x: torch.Tensor) -> torch.Tensor:
 
 
 # train_time_s: the epoch's training steps alone (no sample grid, FID or epoch-end checkpoint), for throughput.
-METRIC_COLUMNS = ["epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", "fid", "inception_score",
-                  "train_time_s", "epoch_time_s"]
+# cfid, class_min, class_max: classifier_fid.py's numbers (MNIST, Fashion-MNIST); blank where not measured.
+METRIC_COLUMNS = ["epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", "fid", "inception_score", "cfid",
+                  "class_min", "class_max", "train_time_s", "epoch_time_s"]
 STEP_COLUMNS = ["global_step", "epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", "noise_sigma"]
 MAX_PARAMS = 25_000_000
 GRAY_DATASETS = ("mnist", "fashion-mnist")
-# Where torch-fidelity's download of the FID Inception weights lands (torch.hub's cache); used when present.
+# torch-fidelity's FID Inception weights: looked for (and downloaded to) torch.hub's cache, as torch-fidelity does.
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+DIFFAUG_OPS = ("color", "translation", "cutout")
+
+
+def _diffaug_policy(text: str) -> str:
+    """--diffaug: 'none' or a comma list of DIFFAUG_OPS."""
+    ops = [op for op in text.split(",") if op]
+    if text != "none" and (not ops or any(op not in DIFFAUG_OPS for op in ops)):
+        raise argparse.ArgumentTypeError(f"must be none or a comma list of {', '.join(DIFFAUG_OPS)}, got {text!r}")
+    return text
 
 
 _smoothing_target = common._checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
@@ -74,18 +95,34 @@ def build_parser() -> common.ArgumentParser:
                    help="std of Gaussian noise added to D's inputs, annealed linearly to 0 over --epochs "
                         "(Sonderby et al., 2017); 0: off")
     g.add_argument("--d-steps", type=common.at_least(1), default=1, help="D updates per G update")
-    g.add_argument("--lr-g", type=common.positive_float, default=2e-4, help="Adam learning rate of G (Radford et al.)")
-    g.add_argument("--lr-d", type=common.positive_float, default=2e-4, help="Adam learning rate of D (Radford et al.)")
+    # 4x Radford et al.'s 2e-4 for both: the largest gain of the quality benchmark (docs/gan-quality.md).
+    g.add_argument("--lr-g", type=common.positive_float, default=8e-4,
+                   help="Adam learning rate of G (Radford et al.: 2e-4)")
+    g.add_argument("--lr-d", type=common.positive_float, default=8e-4,
+                   help="Adam learning rate of D (Radford et al.: 2e-4; TTUR, Heusel et al. 2017: set it apart)")
     g.add_argument("--beta1", type=common.unit_interval, default=0.5, help="Adam beta1 (Radford et al.: 0.5, not 0.9)")
     g.add_argument("--ema", type=common.unit_interval, default=0.999,
-                   help="decay of the moving average of G's weights used for samples, FID and export; 0: off")
+                   help="decay of the moving average of G's weights used for samples, FID and export (its batch-norm "
+                        "statistics recomputed from its own outputs at every epoch end); 0: off")
+    g.add_argument("--diffaug", type=_diffaug_policy, default="none",
+                   help="DiffAugment (Zhao et al., 2020): the same random augmentation of real and generated images "
+                        "before every D call, differentiable so G learns through it: none, or a comma list of "
+                        f"{', '.join(DIFFAUG_OPS)}")
     g = parser.group("evaluation", resumable=True)
+    g.add_argument("--fid", default="auto", choices=["auto", "inception", "classifier", "off"],
+                   help="quality every --fid-every epochs. inception: FID and IS with torch-fidelity's Inception "
+                        "weights (downloaded into torch's cache on first use); classifier: classifier_fid.py's FID "
+                        "(MNIST, Fashion-MNIST); auto: classifier on those two (Inception too with "
+                        "--inception-weights), Inception elsewhere, skipped with one line if it cannot be had")
     g.add_argument("--inception-weights", default=None, metavar="PATH",
                    help=f"FID/IS Inception weights ({INCEPTION_FILE} from torch-fidelity's v0.2.0 release); "
-                        f"default: the torch hub cache when it holds them, else FID is skipped")
-    g.add_argument("--fid-every", type=common.at_least(1), default=5, help="epochs between FID evaluations (also after the last)")
-    g.add_argument("--fid-samples", type=common.at_least(2), default=10_000, help="generated and real images per FID evaluation")
-    common.add_run_args(parser, epochs=50, batch_size=128, dataset="cifar10",
+                        f"default: torch's hub cache, downloaded there when missing")
+    g.add_argument("--fid-every", type=common.at_least(1), default=5,
+                   help="epochs between FID evaluations (also after the last)")
+    g.add_argument("--fid-samples", type=common.at_least(2), default=10_000,
+                   help="generated images per FID evaluation (Inception: against as many training images; "
+                        "classifier: against the test set)")
+    common.add_run_args(parser, epochs=50, batch_size=64, dataset="cifar10",
                         datasets=["cifar10", "mnist", "fashion-mnist", "folder"])
     return parser
 
@@ -262,10 +299,70 @@ def ema_decay(decay: float, g_updates: int) -> float:
 
 @torch.no_grad()
 def update_ema(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
+    """Weights only: the live G's batch-norm statistics belong to its own weights, not the average's (copying them
+    gave the EMA G grey backgrounds). standing_stats() computes the EMA G's own before it is used."""
     for p_ema, p in zip(ema_model.parameters(), model.parameters()):
         p_ema.lerp_(p, 1 - decay)
-    for b_ema, b in zip(ema_model.buffers(), model.buffers()):  # batch-norm statistics follow the live G
-        b_ema.copy_(b)
+
+
+STANDING_STATS_IMAGES = 1024   # generated images whose batch statistics make the EMA G's running statistics
+STANDING_STATS_SEED_OFFSET = 2  # their noise: --seed + 2, apart from the fixed grid's (+0) and FID's (+1)
+
+
+@torch.no_grad()
+def standing_stats(generator: nn.Module, batch_size: int, seed: int) -> None:
+    """Recompute G's batch-norm running statistics as the plain average over forward passes in training mode, at
+    the training batch size, of noise from its own generator ("standing statistics", Brock et al., 2019, BigGAN
+    app. C.1). Deterministic in the weights, and the training RNG is never drawn from."""
+    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # None: a cumulative average over the passes, not an exponential one
+    was_training = generator.training
+    generator.train()
+    device, nz = next(generator.parameters()).device, generator.nz
+    noise_gen = torch.Generator().manual_seed(seed)
+    for _ in range(max(1, STANDING_STATS_IMAGES // batch_size)):
+        generator(torch.randn((batch_size, nz, 1, 1), generator=noise_gen).to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    generator.train(was_training)
+
+
+def diff_augment(x: torch.Tensor, policy: str) -> torch.Tensor:
+    """DiffAugment (Zhao et al., 2020, "Differentiable Augmentation for Data-Efficient GAN Training"; their
+    DiffAugment_pytorch.py): a fresh random augmentation per image, applied to real and generated images alike
+    before D, and differentiable, so G's gradient passes through it. x: [N, C, H, W] in [-1, 1].
+    color: brightness +-0.5, contrast x0.5-1.5; translation: up to 1/8 of the side, gaps filled with 0;
+    cutout: a square of half the side set to 0. Draws from the training RNG (checkpointed, so resume is exact)."""
+    if policy == "none":
+        return x
+    n, _, h, w = x.shape
+    device = x.device
+    if "color" in policy:  # saturation, the paper's third colour op, is left out: it is a no-op on grey images
+        x = x + (torch.rand(n, 1, 1, 1, device=device, dtype=x.dtype) - 0.5)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * (torch.rand(n, 1, 1, 1, device=device, dtype=x.dtype) + 0.5) + mean
+    if "translation" in policy:
+        shift_h, shift_w = h // 8, w // 8
+        dy = torch.randint(-shift_h, shift_h + 1, (n, 1, 1), device=device)
+        dx = torch.randint(-shift_w, shift_w + 1, (n, 1, 1), device=device)
+        # Index a copy padded by one pixel of zeros; rows and columns shifted off the image land on the padding.
+        rows = (torch.arange(h, device=device).view(1, h, 1) + dy).clamp(-1, h) + 1
+        cols = (torch.arange(w, device=device).view(1, 1, w) + dx).clamp(-1, w) + 1
+        batch = torch.arange(n, device=device).view(n, 1, 1)
+        x = F.pad(x, (1, 1, 1, 1))[batch, :, rows, cols].permute(0, 3, 1, 2)  # [N, H, W, C] -> [N, C, H, W]
+    if "cutout" in policy:
+        size_h, size_w = h // 2, w // 2
+        top = torch.randint(0, h + 1 - size_h % 2, (n, 1), device=device) - size_h // 2
+        left = torch.randint(0, w + 1 - size_w % 2, (n, 1), device=device) - size_w // 2
+        ys, xs = torch.arange(h, device=device).view(1, h), torch.arange(w, device=device).view(1, w)
+        inside = (((ys >= top) & (ys < top + size_h))[:, :, None] & ((xs >= left) & (xs < left + size_w))[:, None, :])
+        x = x * ~inside[:, None]
+    return x
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,6 +433,52 @@ def find_inception_weights(path: str | None) -> Path | None:
         return Path(path)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     return cached if cached.is_file() else None
+
+
+def download_inception_weights(dest: Path, log=print) -> str | None:
+    """Fetch torch-fidelity's FID Inception weights into `dest` (torch's hub cache), from the URL torch-fidelity
+    itself downloads them from on first use (URL_INCEPTION_V3), but with a timeout and the SHA-256 prefix of the
+    file name checked, written atomically. Returns None when the file is there, else why it is not (offline)."""
+    import urllib.request
+    log(f"downloading the FID Inception weights ({INCEPTION_URL}, about 90 MB) to {dest}")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(INCEPTION_URL, timeout=60) as response, common.atomic_path(dest) as tmp:
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f, 1 << 20)
+            expected = INCEPTION_FILE.rsplit("-", 1)[1].split(".")[0]  # torch.hub's convention: name-<sha256[:8]>.pth
+            with open(tmp, "rb") as f:
+                if not hashlib.sha256(f.read()).hexdigest().startswith(expected):
+                    raise OSError(f"the downloaded file's SHA-256 does not start with {expected}")
+    except OSError as err:  # URLError, timeouts and a failed check are all OSErrors
+        return str(getattr(err, "reason", err))
+    return None
+
+
+def choose_evaluations(args, is_main: bool, log=print) -> tuple[Path | None, bool, str | None]:
+    """Which quality numbers the run computes (--fid): (Inception weights or None, classifier FID or not, a line
+    for the log when FID is skipped). Fails here, before a run folder exists, when the asked-for one cannot be had.
+    Only rank 0 evaluates, so only rank 0 looks for (and downloads) the weights."""
+    if args.fid == "classifier" and args.dataset not in GRAY_DATASETS:
+        raise common.UserError(f"--fid classifier: the classifier FID exists for mnist and fashion-mnist only, not "
+                               f"--dataset {args.dataset}; use --fid inception (or auto)")
+    classifier = args.fid in ("auto", "classifier") and args.dataset in GRAY_DATASETS
+    wants_inception = args.fid == "inception" or (
+        args.fid == "auto" and (args.dataset not in GRAY_DATASETS or args.inception_weights is not None))
+    if not (wants_inception and is_main):
+        return None, classifier, None
+    path = find_inception_weights(args.inception_weights)
+    if path is not None:
+        return path, classifier, None
+    dest = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    why = download_inception_weights(dest, log)
+    if why is None:
+        return dest, classifier, None
+    message = (f"no Inception weights: {dest} is missing and could not be downloaded ({why}). Put "
+               f"{INCEPTION_FILE} (from {INCEPTION_URL}) there, or pass --inception-weights PATH")
+    if args.fid == "inception":
+        raise common.UserError(message)
+    return None, classifier, f"FID skipped: {message}; --fid off silences this"
 
 
 class InceptionFeatures(nn.Module):
@@ -419,7 +562,7 @@ class DCGANTraining(common.TrainingJob):
     """G, D, the EMA of G, their optimisers and loss scalers, and the running sums: everything a checkpoint holds
     for the DCGAN (state_dict is the one list), plus the steps of its loop (common.Run.train calls them)."""
 
-    best_column = "fid"
+    best_column = "fid"  # on_start: "fid" with Inception, "cfid" with the classifier FID alone
     divergence_hint = "lower --lr-d/--lr-g (e.g. half), or another --seed"
 
     def __init__(self, args, train_images: torch.Tensor, device: torch.device, rank: int, world_size: int):
@@ -451,7 +594,8 @@ class DCGANTraining(common.TrainingJob):
         # 64 noise vectors from their own generator: the same grid positions show the same z all run long.
         self.fixed_noise = torch.randn((64, args.nz, 1, 1), generator=torch.Generator().manual_seed(args.seed))
         self.fixed_noise = self.fixed_noise.to(device)
-        self.evaluate_fid = None
+        self.inception_path, self.use_classifier, self.fid_note = None, False, None  # main() sets them
+        self.evaluate_fid = self.evaluate_cfid = None
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict(),
@@ -476,21 +620,27 @@ class DCGANTraining(common.TrainingJob):
                 group["lr"] = lr
 
     def on_start(self, run: common.Run, global_step: int) -> None:
-        """steps.csv keeps the rows up to the checkpoint; rank 0 sets up FID (Inception weights, when present)."""
+        """steps.csv keeps the rows up to the checkpoint; rank 0 sets up the quality evaluations (--fid)."""
         self.steps_path = run.dir / "steps.csv"
+        # best.pt follows Inception's FID when the run has it, else the classifier FID.
+        self.best_column = "fid" if self.inception_path else "cfid" if self.use_classifier else None
         if not run.is_main:
             return  # rank 0 alone samples, measures FID and exports
         common.write_csv(self.steps_path, STEP_COLUMNS, read_step_rows(self.steps_path, global_step))
-        inception_path = find_inception_weights(self.args.inception_weights)
-        if inception_path is None:
-            run.log(f"FID skipped: no Inception weights. To enable it, download {INCEPTION_FILE} (torch-fidelity "
-                    f"v0.2.0 release) and pass --inception-weights PATH, or put it in "
-                    f"{torch.hub.get_dir()}/checkpoints/")
-            return
-        run.log(f"FID and IS every {self.args.fid_every} epochs on {self.args.fid_samples:,} images "
-                f"({inception_path})")
-        with torch.random.fork_rng(devices=[]):  # building Inception draws init weights: keep training's RNG
-            self.evaluate_fid = FIDEvaluator(inception_path, self.train_images, self.args, self.device)
+        if self.fid_note:
+            run.log(self.fid_note)
+        # Building the evaluators draws init weights (Inception) or trains a classifier: keep training's RNG.
+        with torch.random.fork_rng(devices=[]):
+            if self.inception_path is not None:
+                run.log(f"FID and IS every {self.args.fid_every} epochs on {self.args.fid_samples:,} images "
+                        f"({self.inception_path})")
+                self.evaluate_fid = FIDEvaluator(self.inception_path, self.train_images, self.args, self.device)
+            if self.use_classifier:
+                import classifier_fid  # imports this module in turn: here, not at the top
+                self.evaluate_cfid = classifier_fid.ClassifierFID.for_dataset(self.args.dataset, self.args.data_dir,
+                                                                              self.device, log=run.log)
+                run.log(f"classifier FID every {self.args.fid_every} epochs on {self.args.fid_samples:,} samples "
+                        f"against the {self.args.dataset} test set")
 
     def train_step(self, batch: torch.Tensor, global_step: int, epoch_progress: float) -> dict:
         args, device = self.args, self.device
@@ -499,8 +649,8 @@ class DCGANTraining(common.TrainingJob):
         with common.autocast(device, self.amp):
             fake = self.train_g(torch.randn((len(real), args.nz, 1, 1), device=device))
             # D step: real images towards 1 (or the smoothed target), G's images towards 0.
-            real_logits = self.train_d(add_noise(real, sigma))
-            fake_logits = self.train_d(add_noise(fake.detach(), sigma))
+            real_logits = self.train_d(add_noise(diff_augment(real, args.diffaug), sigma))
+            fake_logits = self.train_d(add_noise(diff_augment(fake.detach(), args.diffaug), sigma))
             loss_d = d_loss(real_logits, fake_logits, args.loss, args.label_smoothing)
         self.opt_d.zero_grad(set_to_none=True)
         self.scaler_d.scale(loss_d).backward()
@@ -513,14 +663,15 @@ class DCGANTraining(common.TrainingJob):
         # G step on the same fakes, once every --d-steps D steps.
         if (global_step + 1) % args.d_steps == 0:
             with common.autocast(device, self.amp):
-                loss_g = g_loss(self.train_d(add_noise(fake, sigma)), args.loss)
+                loss_g = g_loss(self.train_d(add_noise(diff_augment(fake, args.diffaug), sigma)), args.loss)
             self.opt_g.zero_grad(set_to_none=True)
             self.scaler_g.scale(loss_g).backward()
             common.average_gradients(self.generator)
             self.scaler_g.step(self.opt_g)
             self.scaler_g.update()
             if self.generator_ema is not None:
-                update_ema(self.generator_ema, self.generator, ema_decay(args.ema, (global_step + 1) // args.d_steps - 1))
+                g_updates = (global_step + 1) // args.d_steps - 1
+                update_ema(self.generator_ema, self.generator, ema_decay(args.ema, g_updates))
             step_sums += [loss_g.detach(), torch.ones((), device=device)]
         else:
             step_sums += [torch.zeros((), device=device)] * 2
@@ -543,16 +694,26 @@ class DCGANTraining(common.TrainingJob):
 
     def end_epoch(self, run: common.Run, epoch: int) -> dict:
         common.all_reduce_sum(self.epoch_sums)
+        if self.generator_ema is not None:  # on every rank, before samples, FID, the checkpoint and the export
+            standing_stats(self.generator_ema, self.args.batch_size, self.args.seed + STANDING_STATS_SEED_OFFSET)
         if run.is_main:
             save_samples(self.sampler, self.fixed_noise, run.samples_dir / f"epoch_{epoch + 1:03d}.png")
-        row = {**means(self.epoch_sums), "fid": "", "inception_score": ""}
+        row = {**means(self.epoch_sums), "fid": "", "inception_score": "", "cfid": "", "class_min": "",
+               "class_max": ""}
         self.epoch_sums.zero_()
-        if self.evaluate_fid is not None and ((epoch + 1) % self.args.fid_every == 0 or epoch + 1 == self.args.epochs):
-            row["fid"], row["inception_score"] = self.evaluate_fid(self.sampler)
+        if (epoch + 1) % self.args.fid_every == 0 or epoch + 1 == self.args.epochs:
+            if self.evaluate_fid is not None:
+                row["fid"], row["inception_score"] = self.evaluate_fid(self.sampler)
+            if self.evaluate_cfid is not None:  # the same noise as Inception's FID: --seed + 1
+                scores = self.evaluate_cfid(self.sampler, self.args.nz, n_samples=self.args.fid_samples,
+                                            seed=self.args.seed + FID_NOISE_SEED_OFFSET)
+                row.update({key: scores[key] for key in ("cfid", "class_min", "class_max")})
         return row
 
     def summary(self, row: dict) -> str:
         fid = f"  FID {row['fid']:7.2f}" if row["fid"] != "" else ""
+        if row["cfid"] != "":
+            fid += f"  cFID {row['cfid']:7.2f} (classes {row['class_min']:.1%}-{row['class_max']:.1%})"
         return (f"loss D {row['loss_d']:6.3f}  G {row['loss_g']:6.3f}  D(x) {row['d_real']:5.3f}  "
                 f"D(G(z)) {row['d_fake']:5.3f}{fid}")
 
@@ -581,6 +742,8 @@ def export_checkpoint(ckpt_path, out_dir) -> tuple[Path, Path]:
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     generator, discriminator = build_models(args, dataset_channels(args.dataset))
     generator.load_state_dict(ckpt["generator_ema"] or ckpt["generator"])
+    if ckpt["generator_ema"] and ckpt["step_in_epoch"]:  # mid-epoch: the EMA G's statistics are the last epoch end's
+        standing_stats(generator, args.batch_size, args.seed + STANDING_STATS_SEED_OFFSET)
     discriminator.load_state_dict(ckpt["discriminator"])
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = out_dir / "DCGAN_model_G.pth", out_dir / "DCGAN_model_D.pth"
@@ -600,8 +763,10 @@ def main(argv=None) -> int:
                                f"lower --ngf / --ndf (or --image-size)")
     find_inception_weights(args.inception_weights)  # a wrong path fails now, before any folder is made
     rank, world_size, device = common.init_distributed(args.device)  # torchrun: one process per GPU
+    evaluations = choose_evaluations(args, is_main=rank == 0)
     train_images = load_training_images(args).to(device)
     job = DCGANTraining(args, train_images, device, rank, world_size)
+    job.inception_path, job.use_classifier, job.fid_note = evaluations
     with common.open_run(plan, script="dcgan", device=device, metric_columns=METRIC_COLUMNS) as run:
         run.log(f"DCGAN {args.image_size}x{args.image_size}x{train_images.shape[1]}, {n_params:,} parameters "
                 f"(G+D); {len(train_images):,} training images")

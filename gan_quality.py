@@ -1,0 +1,293 @@
+"""GAN quality benchmark: the recommended DCGAN defaults against the plain DCGAN recipe, by classifier FID
+(`make gan-quality`; not part of `make test`).
+
+    python gan_quality.py --data-dir DATA                          # both data sets, both budgets, seeds 0 1 2
+    python gan_quality.py --datasets mnist --budgets small --seeds 0
+    python gan_quality.py --variant "bs64=--batch-size 64 --ema 0" # add a candidate recipe (dcgan_train.py flags)
+    python gan_quality.py --quick --data-dir DATA                  # a smoke run in seconds (tiny models)
+
+Each recipe is trained by running dcgan_train.py as a user runs it (one run at a time, each in its own folder
+under OUT/runs/, in sweep gan-quality-<dataset>-<budget>, so runs/latest-dcgan never moves), at the same batch
+size and image budget for every recipe. Then each final generator (the exported DCGAN_model_G.pth, what a grader
+loads) is measured with classifier_fid: the Frechet distance between the features of a classifier trained on the
+data set's labels for --samples generated images and the test set (lower is better), the smallest and largest
+class share among the samples (a class near 0 is a lost mode), and the diversity of the samples (mean pairwise
+RMS pixel distance, as analyze_gan.diversity). A finished run is measured again, not retrained, on a second call.
+
+Writes OUT/gan_quality.csv (one row per run), OUT/gan_quality.json (the rows, the means over seeds, the ratio of
+the recommended defaults to the plain DCGAN, the machine) and OUT/gan_quality_samples.png (64 samples of every
+recipe side by side). These classifier-FID numbers compare runs with each other on one data set, not with
+published (Inception, CIFAR-10) FIDs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import classifier_fid
+import common
+import dcgan_train
+
+# Radford et al. (2015), as pytorch/examples' dcgan trains it: Adam 2e-4 and beta1 0.5 for both nets, batch norm in
+# both, BCE with hard labels, no EMA, no augmentation. Every flag whose default may move is spelled out here.
+PLAIN_FLAGS = ["--ema", "0", "--d-norm", "batch", "--loss", "bce", "--lr-g", "2e-4", "--lr-d", "2e-4",
+               "--beta1", "0.5", "--label-smoothing", "1", "--instance-noise", "0", "--d-steps", "1",
+               "--ngf", "64", "--ndf", "64", "--g-act", "relu", "--d-act", "leaky", "--nz", "100",
+               "--diffaug", "none"]
+RECIPES = {"recommended": [], "plain": PLAIN_FLAGS}
+# name: (epochs, --train-limit); 0: the whole training set
+BUDGETS = {"small": (3, 12_800), "full": (5, 0)}
+QUICK_BUDGETS = {"small": (1, 64)}
+QUICK_FLAGS = ["--ngf", "8", "--ndf", "8"]
+# The goal of issue 11: at the same batch size and images, the defaults' classifier FID at most 0.6x the plain
+# DCGAN's, with every class at least 3% of the samples.
+GOAL_RATIO, GOAL_CLASS_MIN = 0.6, 0.03
+DIVERSITY_SAMPLES = 1000
+EVAL_SEED = 12345  # the same noise for every generator measured
+COLUMNS = ["recipe", "dataset", "budget", "seed", "batch_size", "images", "cfid", "class_min", "class_max",
+           "diversity", "wall_s", "train_s", "run_dir"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(common.DEFAULT_DATA_DIR),
+                        help="data root (MNIST/raw, FashionMNIST/raw); the classifier is cached in it")
+    parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"],
+                        choices=list(classifier_fid.SUPPORTED))
+    parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS),
+                        help="small: 3 epochs of the first 12,800 images; full: 5 epochs of all 60,000")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per recipe and seed")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES),
+                        help="recommended: dcgan_train.py's defaults; plain: Radford et al.'s DCGAN recipe")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                        help="another recipe: the defaults plus these dcgan_train.py flags (repeatable)")
+    parser.add_argument("--batch-size", type=int, default=dcgan_train.build_parser().get_default("batch_size"),
+                        help="the batch size of every recipe (default: dcgan_train.py's)")
+    parser.add_argument("--samples", type=int, default=5000, help="generated images per measurement")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--out", default=str(common.DEFAULT_RUNS_ROOT / "gan-quality"),
+                        help="results and the run folders (OUT/runs/)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke mode: tiny models, 1 epoch of 64 images, 200 samples, the first seed")
+    return parser
+
+
+def recipes_of(args) -> dict[str, list[str]]:
+    recipes = {name: RECIPES[name] for name in args.recipes}
+    for spec in args.variant:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name or name in recipes:
+            raise common.UserError(f"--variant {spec!r}: give NAME=FLAGS with a new name, e.g. "
+                                   f"--variant \"bs64=--batch-size 64\"")
+        recipes[name] = shlex.split(flags)
+    return recipes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training: dcgan_train.py as a subprocess, one run at a time
+
+
+# Flags that say where and how a run is kept or evaluated, not what is trained.
+BOOKKEEPING = {"run_dir", "runs_root", "resume", "restart", "init_from", "name", "sweep", "data_dir", "device",
+               "log_every", "ckpt_every_min", "keep_ckpts", "milestone_every", "mirror_dir", "fid", "fid_every",
+               "fid_samples", "inception_weights", "amp", "compile", "channels_last"}
+
+
+def is_finished(run_dir: Path, flags: list[str]) -> bool:
+    """export.json's epoch equals the configured epochs and the models are there (the training scripts' rule).
+    A folder trained with other settings (say, before the defaults changed) is an error, never silently reused."""
+    if not (run_dir / "config.json").exists():
+        return False
+    saved = common.read_run_config(run_dir, "dcgan")["args"]
+    wanted = vars(dcgan_train.build_parser().parse_args(flags))
+    differing = [f"{key}: {saved.get(key)!r} there, {value!r} now" for key, value in sorted(wanted.items())
+                 if key not in BOOKKEEPING and saved.get(key) != value]
+    if differing:
+        raise common.UserError(f"{run_dir} was trained with other settings ({'; '.join(differing)}); delete it, or "
+                               f"pass another --out")
+    try:
+        export = json.loads((run_dir / "export.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return export.get("epoch") == saved["epochs"] and (run_dir / "DCGAN_model_G.pth").is_file()
+
+
+def train(run_dir: Path, flags: list[str], log_path: Path) -> None:
+    """Run dcgan_train.py into run_dir (continuing it if a checkpoint is there); its output goes to log_path."""
+    cmd = [sys.executable, str(common.REPO_ROOT / "dcgan_train.py"), *flags]
+    print(f"  $ {shlex.join(['python', 'dcgan_train.py', *flags])}", flush=True)
+    with open(log_path, "a") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        tail = log_path.read_text().splitlines()[-5:]
+        raise common.UserError(f"dcgan_train.py exited {proc.returncode} for {run_dir.name} (log: {log_path}): "
+                               + " | ".join(tail))
+
+
+def run_flags(args, recipe_flags, dataset, budget, seed, run_dir: Path) -> list[str]:
+    epochs, limit = (QUICK_BUDGETS if args.quick else BUDGETS)[budget]
+    flags = ["--dataset", dataset, "--data-dir", args.data_dir, "--epochs", str(epochs),
+             "--train-limit", str(limit), "--seed", str(seed), "--batch-size", str(args.batch_size),
+             "--device", args.device, "--fid", "off",  # measured here afterwards, the same way for every run
+             "--sweep", f"gan-quality-{dataset}-{budget}", "--runs-root", str(run_dir.parent),
+             "--run-dir", str(run_dir)]
+    return flags + list(recipe_flags) + (QUICK_FLAGS if args.quick else [])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring
+
+
+def diversity(images_uint8: torch.Tensor) -> float:
+    """analyze_gan.diversity of the first DIVERSITY_SAMPLES images (it takes [n, H, W, C] floats in [0, 1])."""
+    import analyze_gan
+    return analyze_gan.diversity(images_uint8[:DIVERSITY_SAMPLES].permute(0, 2, 3, 1).double().numpy() / 255)
+
+
+def measure_run(evaluator, run_dir: Path, n_samples: int) -> tuple[dict, torch.Tensor]:
+    config = common.read_run_config(run_dir, "dcgan")
+    with warnings.catch_warnings():  # torch.jit.load is deprecated upstream; the coursework's format all the same
+        warnings.simplefilter("ignore", FutureWarning)
+        generator = torch.jit.load(str(run_dir / "DCGAN_model_G.pth"), map_location=evaluator.device)
+    samples = evaluator.sample(generator, config["args"]["nz"], n_samples, seed=EVAL_SEED)
+    scores = evaluator.score_images(samples)
+    metrics = common.read_metrics_csv(run_dir / "metrics.csv")
+    return {"cfid": scores["cfid"], "class_min": scores["class_min"], "class_max": scores["class_max"],
+            "diversity": diversity(samples), "wall_s": sum(row["epoch_time_s"] for row in metrics),
+            "train_s": sum(row["train_time_s"] for row in metrics)}, samples[:64]
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean classifier FID over seeds per (dataset, budget, recipe), the worst class share, and each recipe's
+    ratio to the plain DCGAN at the same budget."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["recipe"] != "real":
+            groups.setdefault((row["dataset"], row["budget"], row["recipe"]), []).append(row)
+    summary = []
+    for (dataset, budget, recipe), members in groups.items():
+        cfids = [m["cfid"] for m in members]
+        mean = sum(cfids) / len(cfids)
+        std = math.sqrt(sum((c - mean) ** 2 for c in cfids) / (len(cfids) - 1)) if len(cfids) > 1 else 0.0
+        summary.append({"dataset": dataset, "budget": budget, "recipe": recipe, "seeds": len(members),
+                        "cfid_mean": mean, "cfid_std": std, "class_min": min(m["class_min"] for m in members),
+                        "class_max": max(m["class_max"] for m in members),
+                        "diversity": sum(m["diversity"] for m in members) / len(members),
+                        "wall_s": sum(m["wall_s"] for m in members) / len(members)})
+    for entry in summary:
+        plain = next((s for s in summary if s["recipe"] == "plain" and s["dataset"] == entry["dataset"]
+                      and s["budget"] == entry["budget"]), None)
+        entry["ratio_to_plain"] = entry["cfid_mean"] / plain["cfid_mean"] if plain else None
+        entry["goal_met"] = (entry["ratio_to_plain"] is not None and entry["ratio_to_plain"] <= GOAL_RATIO
+                             and entry["class_min"] >= GOAL_CLASS_MIN)
+    return summary
+
+
+def print_tables(rows: list[dict], summary: list[dict]) -> None:
+    head = f"{'recipe':<14}{'dataset':<15}{'budget':<7}{'seed':>5}{'cFID':>9}{'min cls':>9}{'max cls':>9}" \
+           f"{'divers.':>9}{'wall s':>8}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        seed = "" if r["seed"] == "" else r["seed"]
+        print(f"{r['recipe']:<14}{r['dataset']:<15}{r['budget']:<7}{seed:>5}{r['cfid']:>9.2f}{r['class_min']:>9.1%}"
+              f"{r['class_max']:>9.1%}{r['diversity']:>9.3f}{r['wall_s']:>8.0f}")
+    head = f"{'recipe':<14}{'dataset':<15}{'budget':<7}{'seeds':>6}{'cFID mean':>11}{'std':>8}{'worst min':>10}" \
+           f"{'x plain':>9}  goal (<= {GOAL_RATIO}x plain, every class >= {GOAL_CLASS_MIN:.0%})"
+    print("\n" + head + "\n" + "-" * len(head))
+    for s in summary:
+        ratio = f"{s['ratio_to_plain']:.2f}" if s["ratio_to_plain"] is not None else "-"
+        goal = "" if s["recipe"] == "plain" else ("met" if s["goal_met"] else "not met")
+        print(f"{s['recipe']:<14}{s['dataset']:<15}{s['budget']:<7}{s['seeds']:>6}{s['cfid_mean']:>11.2f}"
+              f"{s['cfid_std']:>8.2f}{s['class_min']:>10.1%}{ratio:>9}  {goal}")
+
+
+def save_sample_figure(grids: dict[tuple, torch.Tensor], path: Path) -> None:
+    """One row per (dataset, budget), one column per recipe (the first seed), 64 samples each."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+    rows = sorted({key[:2] for key in grids})
+    cols = list(dict.fromkeys(key[2] for key in grids))
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.6 * len(cols), 2.8 * len(rows)), squeeze=False)
+    for i, row in enumerate(rows):
+        for j, col in enumerate(cols):
+            ax = axes[i, j]
+            ax.set_axis_off()
+            if (*row, col) in grids:
+                grid = make_grid(grids[(*row, col)].float() / 255, nrow=8, padding=2, pad_value=1.0)
+                ax.imshow(grid.permute(1, 2, 0).numpy())
+                ax.set_title(f"{col}\n{row[0]}, {row[1]}", fontsize=8)
+    with common.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    args.data_dir = str(Path(args.data_dir).resolve())
+    if args.quick:
+        args.seeds, args.budgets, args.samples = args.seeds[:1], ["small"], min(args.samples, 200)
+    recipes = recipes_of(args)
+    out = Path(args.out).resolve()
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    device = common.pick_device(args.device)
+    rows, grids, classifiers, started = [], {}, {}, time.monotonic()
+    for dataset in args.datasets:
+        evaluator = classifier_fid.ClassifierFID.for_dataset(dataset, args.data_dir, device)
+        classifiers[dataset] = {k: v for k, v in evaluator.info.items() if k != "fingerprint"}
+        train_images, _ = classifier_fid.load_split(dataset, args.data_dir, train=True)
+        real = train_images[:args.samples]  # the floor: real training images against the test set
+        rows.append({"recipe": "real", "dataset": dataset, "budget": "", "seed": "", "batch_size": "",
+                     "images": len(real), **{k: v for k, v in evaluator.score_images(real).items()
+                                             if k in COLUMNS}, "diversity": diversity(real), "wall_s": 0.0,
+                     "train_s": 0.0, "run_dir": ""})
+        for budget in args.budgets:
+            grids[(dataset, budget, "real")] = real[:64]
+            epochs, limit = (QUICK_BUDGETS if args.quick else BUDGETS)[budget]
+            for recipe, recipe_flags in recipes.items():
+                for seed in args.seeds:
+                    run_dir = out / "runs" / f"{recipe}-{dataset}-{budget}-s{seed}"
+                    print(f"{recipe}, {dataset}, {budget} budget, seed {seed}: {run_dir}", flush=True)
+                    flags = run_flags(args, recipe_flags, dataset, budget, seed, run_dir)
+                    if not is_finished(run_dir, flags):
+                        train(run_dir, flags, out / "logs" / f"{run_dir.name}.txt")
+                    measured, samples = measure_run(evaluator, run_dir, args.samples)
+                    config = common.read_run_config(run_dir, "dcgan")["args"]
+                    n_images = min(limit or len(train_images), len(train_images)) * epochs
+                    rows.append({"recipe": recipe, "dataset": dataset, "budget": budget, "seed": seed,
+                                 "batch_size": config["batch_size"], "images": n_images, **measured,
+                                 "run_dir": str(run_dir)})
+                    print(f"  cFID {measured['cfid']:.2f}, classes {measured['class_min']:.1%}.."
+                          f"{measured['class_max']:.1%}, {measured['wall_s']:.0f} s", flush=True)
+                    grids.setdefault((dataset, budget, recipe), samples)
+    summary = summarise(rows)
+    print_tables(rows, summary)
+    common.write_csv(out / "gan_quality.csv", COLUMNS, rows)
+    report = {"rows": rows, "summary": summary, "goal": {"ratio": GOAL_RATIO, "class_min": GOAL_CLASS_MIN},
+              "recipes": {name: flags for name, flags in recipes.items()}, "samples": args.samples,
+              "quick": args.quick, "classifiers": classifiers,
+              "machine": {"host": platform.node(), "cpu_threads": torch.get_num_threads(),
+                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "device": str(device),
+                          "torch": str(torch.__version__)},
+              "total_s": time.monotonic() - started}
+    common.atomic_write_text(out / "gan_quality.json", json.dumps(report, indent=2) + "\n")
+    save_sample_figure(grids, out / "gan_quality_samples.png")
+    print(f"\nwrote {out / 'gan_quality.csv'}, gan_quality.json and gan_quality_samples.png")
+    return 0
+
+
+if __name__ == "__main__":
+    common.run_main(main)
