@@ -15,7 +15,7 @@ Quality every --fid-every epochs (--fid auto): Inception FID and IS on CIFAR-10 
 weights, downloaded into torch's cache on first use), the classifier FID of classifier_fid.py on MNIST and
 Fashion-MNIST (a small CNN trained on the data set's labels; cfid, class_min, class_max in metrics.csv). The
 defaults are the recipe chosen by gan_quality.py (docs/gan-quality.md); the plain DCGAN of Radford et al. is
-    --batch-size 64 --ema 0 --diffaug none
+    --batch-size 128 --lr-g 2e-4 --lr-d 2e-4 --ema 0 --diffaug none
 """
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ RECIPES = {"recommended": [], "plain": PLAIN_FLAGS}
 BUDGETS = {"small": (3, 12_800), "full": (5, 0)}
 QUICK_BUDGETS = {"small": (1, 64)}
 QUICK_FLAGS = ["--ngf", "8", "--ndf", "8"]
-# The goal of issue 11: at the same batch size and images, the defaults' classifier FID at most 0.6x the plain
+# The goal set for the defaults: at the same batch size and images, the defaults' classifier FID at most 0.6x the plain
 # DCGAN's, with every class at least 3% of the samples.
 GOAL_RATIO, GOAL_CLASS_MIN = 0.6, 0.03
 DIVERSITY_SAMPLES = 1000
