@@ -23,7 +23,6 @@ compare_quality.png, summary.csv (also printed) and summary.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import tempfile
@@ -745,14 +744,6 @@ def compare_runs(runs: list[experiments.RunInfo], summaries: list[dict], out_dir
     return made
 
 
-def default_out(runs: list[experiments.RunInfo]) -> Path:
-    """RUNS_ROOT/compare/<sweep> for one sweep's runs, else RUNS_ROOT/compare/dcgan-<time>."""
-    sweeps = {run.sweep for run in runs}
-    name = sweeps.pop() if len(sweeps) == 1 and None not in sweeps else \
-        f"dcgan-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    return experiments.compare_dir(runs[0].dir.parent, name)
-
-
 def main(argv=None) -> int:
     opts = build_parser().parse_args(argv)
     if opts.quality_samples < 2:
@@ -769,7 +760,7 @@ def main(argv=None) -> int:
     device = common.pick_device(opts.device)
     summaries = [analyze_run(run.dir, opts, device) for run in runs]
     if len(runs) > 1:
-        compare_runs(runs, summaries, Path(opts.out) if opts.out else default_out(runs))
+        compare_runs(runs, summaries, Path(opts.out) if opts.out else experiments.default_compare_dir(runs, "dcgan"))
     return 0
 
 

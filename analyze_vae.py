@@ -18,7 +18,6 @@ newest checkpoint that loads, and the loss curves up to the last finished epoch.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import time
@@ -477,14 +476,6 @@ def write_comparison(runs: list[dict], infos: list[experiments.RunInfo], summari
     return rows
 
 
-def default_out(infos: list[experiments.RunInfo]) -> Path:
-    """RUNS_ROOT/compare/<sweep> for one sweep's runs, else RUNS_ROOT/compare/vae-<time>."""
-    sweeps = {info.sweep for info in infos}
-    name = sweeps.pop() if len(sweeps) == 1 and None not in sweeps else \
-        f"vae-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    return experiments.compare_dir(infos[0].dir.parent, name)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.iw_samples < 1 or args.tsne_points < 2 or args.interp_steps < 2 or args.n_recon < 1:
@@ -497,7 +488,7 @@ def main(argv=None) -> int:
     data_cache = {}
     summaries = [analyze_run(run, args, device, data_cache) for run in runs]
     if len(runs) > 1:
-        write_comparison(runs, infos, summaries, Path(args.out) if args.out else default_out(infos), args, device,
+        write_comparison(runs, infos, summaries, Path(args.out) if args.out else experiments.default_compare_dir(infos, "vae"), args, device,
                          data_cache)
     return 0
 

@@ -14,6 +14,7 @@ Importing this module has no side effects.
 """
 from __future__ import annotations
 
+import datetime
 import functools
 import importlib
 import json
@@ -317,6 +318,14 @@ def counted_run(runs_root, script: str, explicit=None, how_to_name: str = "", lo
 def compare_dir(runs_root, name: str) -> Path:
     """Where a comparison of several runs goes by default: RUNS_ROOT/compare/<name>/ (skipped by every reader)."""
     return Path(runs_root) / COMPARE_DIR / name
+
+
+def default_compare_dir(runs: list[RunInfo], script: str) -> Path:
+    """RUNS_ROOT/compare/<sweep> for one sweep's runs, else RUNS_ROOT/compare/<script>-<time>."""
+    sweeps = {run.sweep for run in runs}
+    name = sweeps.pop() if len(sweeps) == 1 and None not in sweeps else \
+        f"{script}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return compare_dir(runs[0].dir.parent, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
