@@ -273,7 +273,8 @@ def plot_interpolation(strip: torch.Tensor, ends: tuple[int, int], end_names: tu
         for spine in ax.spines.values():
             spine.set_color("tab:red")
             spine.set_linewidth(2.5)
-    fig.suptitle(f"{title}\nfrom test #{ends[0]} ({end_names[0]}) to test #{ends[1]} ({end_names[1]}); "
+    # Three short lines: one long line ran past the right edge of the 7-inch figure.
+    fig.suptitle(f"{title}\nfrom test #{ends[0]} ({end_names[0]}) to test #{ends[1]} ({end_names[1]})\n"
                  f"red frames: the two inputs", fontsize=11)
     return fig
 
@@ -321,7 +322,7 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
         z_line = (1 - ts[:, None]) * mu_ends[0] + ts[:, None] * mu_ends[1]  # [steps, d]
         strip = torch.cat([to_float(images[[i]]), torch.sigmoid(model.decoder(z_line)), to_float(images[[j]])])
         names = tuple(f"{legend_title} {class_names[int(labels[index])]}" for index in (i, j))
-        save_figure(plot_interpolation(strip, (i, j), names, ts, f"{about}: decoded points on the line in z "
+        save_figure(plot_interpolation(strip, (i, j), names, ts, f"{about}\ndecoded points on the line in z "
                                        f"between two latent means"), figures / "interpolation.png")
 
     started = time.monotonic()

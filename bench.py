@@ -18,6 +18,7 @@ folder, as torchvision accepts only the published CIFAR-10 files): the speeds ho
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import os
@@ -149,8 +150,10 @@ def bare_dcgan(images_uint8: torch.Tensor, batch_size: int, device: torch.device
     args = dcgan_train.build_parser().parse_args([])
     torch.manual_seed(0)
     generator, discriminator = (m.to(device) for m in dcgan_train.build_models(args, 3))
-    opt_g = common.adam(generator.parameters(), device, lr=2e-4, betas=(0.5, 0.999))
-    opt_d = common.adam(discriminator.parameters(), device, lr=2e-4, betas=(0.5, 0.999))
+    # The script's step at its defaults: Adam for both nets and, after every G update, the EMA of G's weights.
+    generator_ema = copy.deepcopy(generator) if args.ema > 0 else None
+    opt_g = common.adam(generator.parameters(), device, lr=args.lr_g, betas=(args.beta1, 0.999))
+    opt_d = common.adam(discriminator.parameters(), device, lr=args.lr_d, betas=(args.beta1, 0.999))
     batches = float_batches(images_uint8, batch_size, dcgan_train.to_float, device)
     n_images = len(images_uint8)
 
@@ -164,6 +167,8 @@ def bare_dcgan(images_uint8: torch.Tensor, batch_size: int, device: torch.device
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
+        if generator_ema is not None:
+            dcgan_train.update_ema(generator_ema, generator, args.ema)
 
     best = min(timed_steps(step, batches, device) for _ in range(repeats))
     return {"images_per_s": n_images / best, **cuda_peak(device)}

@@ -14,8 +14,10 @@ DCGAN_model_G.pth and DCGAN_model_D.pth (TorchScript). analyze_gan.py turns a ru
 Quality every --fid-every epochs (--fid auto): Inception FID and IS on CIFAR-10 and image folders (torch-fidelity's
 weights, downloaded into torch's cache on first use), the classifier FID of classifier_fid.py on MNIST and
 Fashion-MNIST (a small CNN trained on the data set's labels; cfid, class_min, class_max in metrics.csv). The
-defaults are the recipe chosen by gan_quality.py (docs/gan-quality.md); the plain DCGAN of Radford et al. is
-    --batch-size 128 --lr-g 2e-4 --lr-d 2e-4 --ema 0 --diffaug none
+defaults are the recipe chosen by gan_quality.py (docs/gan-quality.md): batch 64, Adam lr 1.6e-3 for G and 8e-4
+for D, an EMA of G with its own batch-norm statistics. The plain DCGAN of Radford et al. (the paper's batch of 128;
+gan_quality.py compares both recipes at the default batch of 64) is
+    python dcgan_train.py --batch-size 128 --lr-g 2e-4 --lr-d 2e-4 --ema 0 --diffaug none
 """
 from __future__ import annotations
 
@@ -27,9 +29,7 @@ if __name__ == "__main__":
 import argparse
 import copy
 import csv
-import hashlib
 import math
-import shutil
 import warnings
 from pathlib import Path
 
@@ -57,9 +57,12 @@ METRIC_COLUMNS = ["epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake"
 STEP_COLUMNS = ["global_step", "epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", "noise_sigma"]
 MAX_PARAMS = 25_000_000
 GRAY_DATASETS = ("mnist", "fashion-mnist")
-# torch-fidelity's FID Inception weights: looked for (and downloaded to) torch.hub's cache, as torch-fidelity does.
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+# torch-fidelity's FID Inception weights (its URL_INCEPTION_V3, spelled out so that importing this script does not
+# import torch-fidelity): looked for (and downloaded to) torch.hub's cache, as torch-fidelity does.
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
+DOWNLOAD_TIMEOUT_S = 60
 DIFFAUG_OPS = ("color", "translation", "cutout")
 
 
@@ -95,11 +98,12 @@ def build_parser() -> common.ArgumentParser:
                    help="std of Gaussian noise added to D's inputs, annealed linearly to 0 over --epochs "
                         "(Sonderby et al., 2017); 0: off")
     g.add_argument("--d-steps", type=common.at_least(1), default=1, help="D updates per G update")
-    # 4x Radford et al.'s 2e-4 for both: the largest gain of the quality benchmark (docs/gan-quality.md).
-    g.add_argument("--lr-g", type=common.positive_float, default=8e-4,
+    # Two time-scales (Heusel et al., 2017), G the faster: 8x and 4x Radford et al.'s 2e-4, the largest gain of the
+    # quality benchmark (docs/gan-quality.md); D the faster (SAGAN's 4e-4 / 1e-4) collapsed there.
+    g.add_argument("--lr-g", type=common.positive_float, default=1.6e-3,
                    help="Adam learning rate of G (Radford et al.: 2e-4)")
     g.add_argument("--lr-d", type=common.positive_float, default=8e-4,
-                   help="Adam learning rate of D (Radford et al.: 2e-4; TTUR, Heusel et al. 2017: set it apart)")
+                   help="Adam learning rate of D (Radford et al.: 2e-4)")
     g.add_argument("--beta1", type=common.unit_interval, default=0.5, help="Adam beta1 (Radford et al.: 0.5, not 0.9)")
     g.add_argument("--ema", type=common.unit_interval, default=0.999,
                    help="decay of the moving average of G's weights used for samples, FID and export (its batch-norm "
@@ -436,22 +440,23 @@ def find_inception_weights(path: str | None) -> Path | None:
 
 
 def download_inception_weights(dest: Path, log=print) -> str | None:
-    """Fetch torch-fidelity's FID Inception weights into `dest` (torch's hub cache), from the URL torch-fidelity
-    itself downloads them from on first use (URL_INCEPTION_V3), but with a timeout and the SHA-256 prefix of the
-    file name checked, written atomically. Returns None when the file is there, else why it is not (offline)."""
-    import urllib.request
+    """Fetch torch-fidelity's FID Inception weights into `dest` (torch's hub cache) with torch.hub's downloader, as
+    torch-fidelity itself does on first use (it checks the SHA-256 prefix in the file name and writes through a
+    temporary file), but under a socket timeout: offline, urlopen would otherwise wait for ever. Returns None when
+    the file is there, else why it is not."""
+    import socket
     log(f"downloading the FID Inception weights ({INCEPTION_URL}, about 90 MB) to {dest}")
+    hash_prefix = torch.hub.HASH_REGEX.search(dest.name)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(INCEPTION_URL, timeout=60) as response, common.atomic_path(dest) as tmp:
-            with open(tmp, "wb") as f:
-                shutil.copyfileobj(response, f, 1 << 20)
-            expected = INCEPTION_FILE.rsplit("-", 1)[1].split(".")[0]  # torch.hub's convention: name-<sha256[:8]>.pth
-            with open(tmp, "rb") as f:
-                if not hashlib.sha256(f.read()).hexdigest().startswith(expected):
-                    raise OSError(f"the downloaded file's SHA-256 does not start with {expected}")
-    except OSError as err:  # URLError, timeouts and a failed check are all OSErrors
+        torch.hub.download_url_to_file(INCEPTION_URL, str(dest), hash_prefix=hash_prefix and hash_prefix.group(1),
+                                       progress=False)
+    except (OSError, RuntimeError) as err:  # URLError and timeouts are OSErrors; a wrong hash is a RuntimeError
         return str(getattr(err, "reason", err))
+    finally:
+        socket.setdefaulttimeout(previous)
     return None
 
 

@@ -235,8 +235,9 @@ def format_value(value) -> str:
 
 def run_labels(runs: list[RunInfo]) -> list[str]:
     """A label per run from the flags that differ between the runs: each run names those it sets to something
-    other than the script's default ('loss=hinge'); a run at the defaults of all of them names every one of them
-    ('beta=1'; 'd_norm=batch, loss=bce'), so no label is empty. Folder names are added only to break ties."""
+    other than the script's default ('loss=hinge'). A run at the defaults of all of them is 'defaults', or names
+    the one flag when only one differs ('beta=1'), so no label is empty. Folder names are added only to break
+    ties."""
     if not runs:
         return []
     keys = differing_keys(runs)
@@ -246,7 +247,10 @@ def run_labels(runs: list[RunInfo]) -> list[str]:
     labels = []
     for run in runs:
         own = [k for k in keys if k not in defaults or setting(run, k) != defaults[k]]
-        labels.append(", ".join(f"{k}={format_value(setting(run, k))}" for k in own or keys))
+        if not own and len(keys) > 1:
+            labels.append("defaults")
+        else:
+            labels.append(", ".join(f"{k}={format_value(setting(run, k))}" for k in own or keys))
     if len(set(labels)) < len(labels):
         labels = [f"{label} ({run.name})" for label, run in zip(labels, runs)]
     return labels

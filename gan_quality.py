@@ -98,21 +98,18 @@ def recipes_of(args) -> dict[str, list[str]]:
 # Training: dcgan_train.py as a subprocess, one run at a time
 
 
-# Flags that say where and how a run is kept or evaluated, not what is trained.
-BOOKKEEPING = {"run_dir", "runs_root", "resume", "restart", "init_from", "name", "sweep", "data_dir", "device",
-               "log_every", "ckpt_every_min", "keep_ckpts", "milestone_every", "mirror_dir", "fid", "fid_every",
-               "fid_samples", "inception_weights", "amp", "compile", "channels_last"}
-
-
 def is_finished(run_dir: Path, flags: list[str]) -> bool:
     """export.json's epoch equals the configured epochs and the models are there (the training scripts' rule).
-    A folder trained with other settings (say, before the defaults changed) is an error, never silently reused."""
+    A folder trained with other settings (say, before the defaults changed) is an error, never silently reused:
+    the settings compared are those that define a run (common.experiment_settings) and its length."""
     if not (run_dir / "config.json").exists():
         return False
     saved = common.read_run_config(run_dir, "dcgan")["args"]
-    wanted = vars(dcgan_train.build_parser().parse_args(flags))
-    differing = [f"{key}: {saved.get(key)!r} there, {value!r} now" for key, value in sorted(wanted.items())
-                 if key not in BOOKKEEPING and saved.get(key) != value]
+    parser = dcgan_train.build_parser()
+    wanted = parser.parse_args(flags)
+    differing = [f"{key}: {saved.get(key)!r} there, {getattr(wanted, key)!r} now"
+                 for key in [*common.experiment_settings(wanted, parser), "epochs"]
+                 if saved.get(key) != getattr(wanted, key)]
     if differing:
         raise common.UserError(f"{run_dir} was trained with other settings ({'; '.join(differing)}); delete it, or "
                                f"pass another --out")

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import io
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
@@ -124,32 +121,40 @@ def fid_args(**overrides) -> argparse.Namespace:
 def test_inception_weights_are_downloaded_once_or_one_line_says_where_to_put_them(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     lines = []
-
-    def offline(url, timeout):
-        raise urllib.error.URLError("Name or service not known")
-
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    # Offline: nothing listens on port 9 of this machine, so torch.hub's urlopen fails as it does without a network.
+    monkeypatch.setattr(dcgan_train, "INCEPTION_URL", "http://127.0.0.1:9/" + dcgan_train.INCEPTION_FILE)
     path, classifier, note = dcgan_train.choose_evaluations(fid_args(), is_main=True, log=lines.append)
     assert path is None and not classifier
     assert dcgan_train.INCEPTION_FILE in note and str(tmp_path / "hub" / "checkpoints") in note
     assert "--inception-weights" in note and "\n" not in note
-    with pytest.raises(common.UserError, match="Name or service not known"):
+    with pytest.raises(common.UserError, match="no Inception weights.*refused"):
         dcgan_train.choose_evaluations(fid_args(fid="inception"), is_main=True, log=lines.append)
     assert dcgan_train.choose_evaluations(fid_args(fid="off"), is_main=True) == (None, False, None)
     assert dcgan_train.choose_evaluations(fid_args(dataset="mnist"), is_main=True) == (None, True, None)
     with pytest.raises(common.UserError, match="mnist and fashion-mnist only"):
         dcgan_train.choose_evaluations(fid_args(fid="classifier"), is_main=True)
 
-    # Online: the file lands in torch's hub cache, once, checked against the hash in its name.
+    # Online (a file:// URL, which torch.hub's urlopen reads as it reads https): the file lands in torch's hub cache,
+    # once, checked against the hash in its name.
     payload = b"not really inception"
     name = f"weights-inception-2015-12-05-{hashlib.sha256(payload).hexdigest()[:8]}.pth"
+    (tmp_path / "release").mkdir()
+    (tmp_path / "release" / name).write_bytes(payload)
     monkeypatch.setattr(dcgan_train, "INCEPTION_FILE", name)
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))
+    monkeypatch.setattr(dcgan_train, "INCEPTION_URL", (tmp_path / "release" / name).as_uri())
     path, _, note = dcgan_train.choose_evaluations(fid_args(), is_main=True, log=lines.append)
     assert path == tmp_path / "hub" / "checkpoints" / name and path.read_bytes() == payload and note is None
-    monkeypatch.setattr(urllib.request, "urlopen", offline)  # found in the cache now: no second download
+    (tmp_path / "release" / name).unlink()  # found in the cache now: no second download
     assert dcgan_train.choose_evaluations(fid_args(), is_main=True)[0] == path
-    monkeypatch.setattr(dcgan_train, "INCEPTION_FILE", "weights-inception-2015-12-05-00000000.pth")
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))
+    # A file whose SHA-256 does not match its name is not kept.
+    wrong = "weights-inception-2015-12-05-00000000.pth"
+    (tmp_path / "release" / wrong).write_bytes(payload)
+    monkeypatch.setattr(dcgan_train, "INCEPTION_FILE", wrong)
+    monkeypatch.setattr(dcgan_train, "INCEPTION_URL", (tmp_path / "release" / wrong).as_uri())
     _, _, note = dcgan_train.choose_evaluations(fid_args(), is_main=True, log=lines.append)
-    assert "SHA-256" in note and not list((tmp_path / "hub" / "checkpoints").glob("*00000000*"))
+    assert "invalid hash value" in note and not list((tmp_path / "hub" / "checkpoints").glob("*00000000*"))
+
+
+def test_the_inception_url_is_torch_fidelitys():
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    assert dcgan_train.INCEPTION_URL == URL_INCEPTION_V3

@@ -60,7 +60,7 @@ def test_the_walk_gives_a_report_of_the_main_runs_with_settings_as_labels(tmp_pa
     shown = json.loads((repo / "report" / "report.json").read_text())
     assert shown["vae_run"] == str(main_vae) and shown["gan_run"] == str(main_gan)
     markdown = (repo / "report" / "REPORT.md").read_text()
-    for label in ("| beta=1 |", "| beta=4 |", "(d_norm=batch, instance_noise=0, label_smoothing=1, loss=bce)",
+    for label in ("| beta=1 |", "| beta=4 |", "(defaults)",
                   "(d_norm=spectral)", "(instance_noise=0.1, label_smoothing=0.9)", "(loss=hinge)"):
         assert label in markdown, label
     assert f"Run `{main_vae.name}` (conv VAE, latent 4, beta 1" in markdown
