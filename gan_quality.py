@@ -225,7 +225,8 @@ def save_sample_figure(grids: dict[tuple, torch.Tensor], path: Path) -> None:
             if (*row, col) in grids:
                 grid = make_grid(grids[(*row, col)].float() / 255, nrow=8, padding=2, pad_value=1.0)
                 ax.imshow(grid.permute(1, 2, 0).numpy())
-                ax.set_title(f"{col}\n{row[0]}, {row[1]}", fontsize=8)
+                ax.set_title(f"{col}\n{row[0]}, {row[1]} budget", fontsize=8)
+    fig.suptitle("64 samples of each recipe's exported G (its first seed); real: training images", fontsize=9)
     with common.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)

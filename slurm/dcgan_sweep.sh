@@ -28,7 +28,7 @@ CONTINUE_SCRIPT=slurm/dcgan.sh  # a stopped task continues as a plain job ($0 is
 source slurm/launch.sh
 table=${SWEEP_TABLE:-slurm/dcgan_sweep.txt}
 mapfile -t variants < <(grep -vE '^[[:space:]]*(#|$)' "$table")
-check_array_range slurm/dcgan_sweep.sh "$table" "${#variants[@]}" || exit 2
+check_array_range slurm/dcgan_sweep.sh "$table" "${#variants[@]}" "${SWEEP_TABLE:+SWEEP_TABLE=$SWEEP_TABLE }" || exit 2
 read -r -a options <<< "${variants[$SLURM_ARRAY_TASK_ID]}"
 case " ${options[*]} " in
   *" --name "*) ;;

@@ -34,11 +34,12 @@ requeued_by_slurm() {
   [ -n "$restarts" ] && [ "$restarts" -gt "${SLURM_RESTART_COUNT:-0}" ]
 }
 
-# check_array_range SWEEP_SCRIPT TABLE COUNT: this array job has exactly one task per line of TABLE (COUNT lines),
-# so an edited list cannot silently leave lines out, or start tasks that have no line.
+# check_array_range SWEEP_SCRIPT TABLE COUNT [ENV_PREFIX]: this array job has exactly one task per line of TABLE
+# (COUNT lines), so an edited list cannot silently leave lines out, or start tasks that have no line. ENV_PREFIX
+# ("BETAS_FILE=x ") repeats an overridden table in the command it suggests: sbatch passes the environment on.
 check_array_range() {
-  local sweep_script=$1 table=$2 count=$3
-  local fix="submit with: sbatch --array=0-$((count - 1)) ${sweep_script}"
+  local sweep_script=$1 table=$2 count=$3 env_prefix=${4:-}
+  local fix="submit with: ${env_prefix}sbatch --array=0-$((count - 1)) ${sweep_script}"
   if [ "$count" -eq 0 ]; then
     echo "error: ${table} lists nothing to train (blank lines and # comments are skipped)" >&2
   elif [ -z "${SLURM_ARRAY_TASK_ID:-}" ] || [ -z "${SLURM_ARRAY_TASK_MAX:-}" ]; then

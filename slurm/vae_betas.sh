@@ -28,6 +28,6 @@ CONTINUE_SCRIPT=slurm/vae.sh  # a stopped task continues as a plain job ($0 is S
 source slurm/launch.sh
 table=${BETAS_FILE:-slurm/betas.txt}
 mapfile -t betas < <(grep -vE '^[[:space:]]*(#|$)' "$table")
-check_array_range slurm/vae_betas.sh "$table" "${#betas[@]}" || exit 2
+check_array_range slurm/vae_betas.sh "$table" "${#betas[@]}" "${BETAS_FILE:+BETAS_FILE=$BETAS_FILE }" || exit 2
 read -r beta _ <<< "${betas[$SLURM_ARRAY_TASK_ID]}"
 launch vae_train.py --beta "$beta" --name "vae-beta${beta}" --sweep vae-betas "$@"

@@ -242,8 +242,11 @@ def sweep_lines(path) -> int:
     return sum(1 for line in open(path) if line.strip() and not line.strip().startswith("#"))
 
 
-@pytest.mark.parametrize("script, table", [("vae_betas.sh", "betas.txt"), ("dcgan_sweep.sh", "dcgan_sweep.txt")])
-def test_array_range_must_fit_the_table(fake_slurm, script, table):
+SWEEPS = [("vae_betas.sh", "betas.txt", "BETAS_FILE"), ("dcgan_sweep.sh", "dcgan_sweep.txt", "SWEEP_TABLE")]
+
+
+@pytest.mark.parametrize("script, table, _", SWEEPS)
+def test_array_range_must_fit_the_table(fake_slurm, script, table, _):
     """The header's --array range fits the table shipped; a range that does not stops every task with exit 2."""
     header = (REPO / "slurm" / script).read_text()
     lines = sweep_lines(REPO / "slurm" / table)
@@ -256,6 +259,22 @@ def test_array_range_must_fit_the_table(fake_slurm, script, table):
                                    **task_env})
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert f"submit with: sbatch --array=0-{lines - 1} slurm/{script}" in proc.stderr
+
+
+@pytest.mark.parametrize("script, table, variable", SWEEPS)
+def test_the_array_range_hint_keeps_an_overridden_table(fake_slurm, tmp_path, script, table, variable):
+    """With the table named by an environment variable, the suggested command names it too (sbatch passes the
+    environment on to the job), so typing it submits the table that was counted."""
+    own = tmp_path / table
+    own.write_text((REPO / "slurm" / table).read_text().rstrip("\n").rsplit("\n", 1)[0] + "\n")  # one line fewer
+    lines = sweep_lines(own)
+    env, _, _ = fake_slurm
+    proc = subprocess.run(["bash", f"slurm/{script}"], capture_output=True, text=True, cwd=REPO, timeout=60,
+                          env={**env, "PYTHON": "false", variable: str(own), "SLURM_ARRAY_JOB_ID": "77",
+                               "SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_MIN": "0",
+                               "SLURM_ARRAY_TASK_MAX": str(lines)})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"submit with: {variable}={own} sbatch --array=0-{lines - 1} slurm/{script}" in proc.stderr
 
 
 def test_a_sweep_line_without_a_name_is_refused(fake_slurm, tmp_path):
