@@ -22,8 +22,10 @@ def test_quick_benchmark_trains_both_recipes_measures_them_and_reuses_finished_r
     with open(out / "gan_quality.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [row["recipe"] for row in rows] == ["real", "recommended", "plain"]
+    assert float(rows[1]["cfid_draw_sd"]) > 0  # three draws of other noise give three FIDs
     for row in rows:
         assert math.isfinite(float(row["cfid"])) and float(row["cfid"]) >= -1e-6
+        assert float(row["cfid_draw_sd"]) >= 0
         assert 0 <= float(row["class_min"]) <= 0.1 <= float(row["class_max"]) <= 1
     trained = rows[1:]
     assert trained[0]["batch_size"] == trained[1]["batch_size"]  # the same batch size and images for both
