@@ -376,7 +376,7 @@ def test_array_tasks_train_their_line_of_the_table_in_their_own_folders(cluster,
     wrong = cluster.sbatch("--array=0-2", "slurm/vae_betas.sh", env_extra=env, array=True)
     for record in cluster.wait_until_done(wrong):
         assert record["JobState"] == "FAILED" and record["ExitCode"] == "2:0", record
-    assert "submit with: sbatch --array=0-1 slurm/vae_betas.sh" in cluster.out_text(f"{wrong}_2")
+    assert f"submit with: BETAS_FILE={betas} sbatch --array=0-1 slurm/vae_betas.sh" in cluster.out_text(f"{wrong}_2")
 
     records = cluster.wait_until_done(array)
     assert [record["JobState"] for record in records] == ["COMPLETED", "COMPLETED"], cluster.out_text(f"{array}_0")
