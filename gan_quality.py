@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +39,7 @@ import torch
 import classifier_fid
 import common
 import dcgan_train
+import experiments
 
 # Radford et al. (2015), as pytorch/examples' dcgan trains it: Adam 2e-4 and beta1 0.5 for both nets, batch norm in
 # both, BCE with hard labels, no EMA, no augmentation. Every flag whose default may move is spelled out here.
@@ -102,8 +103,8 @@ def recipes_of(args) -> dict[str, list[str]]:
 
 
 def is_finished(run_dir: Path, flags: list[str]) -> bool:
-    """export.json's epoch equals the configured epochs and the models are there (the training scripts' rule).
-    A folder trained with other settings (say, before the defaults changed) is an error, never silently reused:
+    """Finished as experiments.RunInfo.finished has it (export.json says the last planned epoch was exported, and the
+    model files are there). A folder trained with other settings (say, before the defaults changed) is an error, never silently reused:
     the settings compared are those that define a run (common.experiment_settings) and its length."""
     if not (run_dir / "config.json").exists():
         return False
@@ -116,11 +117,7 @@ def is_finished(run_dir: Path, flags: list[str]) -> bool:
     if differing:
         raise common.UserError(f"{run_dir} was trained with other settings ({'; '.join(differing)}); delete it, or "
                                f"pass another --out")
-    try:
-        export = json.loads((run_dir / "export.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return export.get("epoch") == saved["epochs"] and (run_dir / "DCGAN_model_G.pth").is_file()
+    return experiments.read_run(run_dir, "dcgan").finished
 
 
 def train(run_dir: Path, flags: list[str], log_path: Path) -> None:
@@ -159,9 +156,9 @@ def score_draws(evaluator, draws: list[torch.Tensor]) -> dict:
     """The classifier FID of each draw of images, as their mean and standard deviation; the class shares of all the
     draws' images together (the smallest share is the mode-collapse number, so it gets every sample there is)."""
     scores = [evaluator.score_images(images) for images in draws]
-    cfids = torch.tensor([score["cfid"] for score in scores], dtype=torch.float64)
+    cfids = [score["cfid"] for score in scores]
     shares = torch.tensor([score["class_shares"] for score in scores], dtype=torch.float64).mean(0)
-    return {"cfid": float(cfids.mean()), "cfid_draw_sd": float(cfids.std()) if len(cfids) > 1 else 0.0,
+    return {"cfid": statistics.mean(cfids), "cfid_draw_sd": statistics.stdev(cfids) if len(cfids) > 1 else 0.0,
             "class_min": float(shares.min()), "class_max": float(shares.max())}
 
 
@@ -187,8 +184,8 @@ def summarise(rows: list[dict]) -> list[dict]:
     summary = []
     for (dataset, budget, recipe), members in groups.items():
         cfids = [m["cfid"] for m in members]
-        mean = sum(cfids) / len(cfids)
-        std = math.sqrt(sum((c - mean) ** 2 for c in cfids) / (len(cfids) - 1)) if len(cfids) > 1 else 0.0
+        mean = statistics.mean(cfids)
+        std = statistics.stdev(cfids) if len(cfids) > 1 else 0.0
         summary.append({"dataset": dataset, "budget": budget, "recipe": recipe, "seeds": len(members),
                         "cfid_mean": mean, "cfid_std": std, "class_min": min(m["class_min"] for m in members),
                         "class_max": max(m["class_max"] for m in members),
