@@ -65,14 +65,14 @@ submission: $(VENV)/.installed
 	$(PY) check_submission.py $(if $(VAE_RUN),--vae-run $(VAE_RUN)) $(if $(GAN_RUN),--gan-run $(GAN_RUN)) \
 	  $(if $(filter-out file,$(origin DATA_DIR)),--data-dir $(DATA_DIR)) --figures report/figures --zip CW2.zip $(ARGS)
 
-# Speed and memory on this machine (bench.py): a table and bench.json. Not part of `make test`.
+# Speed and memory on this machine (tools/bench.py): a table and bench.json. Not part of `make test`.
 bench: $(VENV)/.installed
-	$(PY) bench.py $(ARGS)
+	$(PY) tools/bench.py $(ARGS)
 
-# The recommended DCGAN defaults against the plain DCGAN by classifier FID on MNIST and Fashion-MNIST (gan_quality.py;
+# The recommended DCGAN defaults against the plain DCGAN by classifier FID on MNIST and Fashion-MNIST (tools/gan_quality.py;
 # docs/gan-quality.md): a table, runs/gan-quality/. Hours on a CPU; ARGS="--budgets small --seeds 0" is quicker.
 gan-quality: $(VENV)/.installed
-	$(PY) gan_quality.py --data-dir $(DATA_DIR) $(ARGS)
+	$(PY) tools/gan_quality.py --data-dir $(DATA_DIR) $(ARGS)
 
 # The quick tests; `make test-all` also runs those marked slow (bench, --compile, torchrun, the SIGKILL soak).
 test: $(VENV)/.installed

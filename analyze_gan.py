@@ -8,7 +8,7 @@
 Per run, into RUN_DIR/figures/: losses.png, d_outputs.png, fixed_noise_progression.png, final_samples.png,
 diversity.png, nearest_neighbours.png, fid.png (when the run measured FID), milestones.png (a quality number per
 milestone checkpoint, checkpoints/epoch-NNN.pt) and summary.json. The quality number is, by --quality auto: the
-Inception FID when its weights are in torch's cache; else the classifier FID (classifier_fid.py) for MNIST and
+Inception FID when its weights are in torch's cache; else the classifier FID (gan_metrics.py) for MNIST and
 Fashion-MNIST; else the diversity of the samples. The best milestone is printed with the command that exports it:
 --export-epoch E writes DCGAN_model_G.pth and DCGAN_model_D.pth from checkpoints/epoch-EEE.pt (into --out, default
 RUN_DIR/exports/epoch-EEE/), exactly as the run's own export at that epoch would have.
@@ -39,7 +39,7 @@ from torchvision.utils import make_grid
 
 import common
 import dcgan_train
-import experiments
+from common import experiments
 
 GRID_PADDING = 2      # torchvision.utils.save_image's default, used by dcgan_train.save_samples
 GRID_COLUMNS = 8      # ... with nrow=8
@@ -334,10 +334,10 @@ class QualityMeasure:
 
     def _classifier_fid(self, args):
         try:
-            import classifier_fid
+            from common import gan_metrics
         except ImportError:  # the module is optional: diversity stands in
             return None
-        return classifier_fid.ClassifierFID.for_dataset(args.dataset, args.data_dir, self.device, log=self.log)
+        return gan_metrics.ClassifierFID.for_dataset(args.dataset, args.data_dir, self.device, log=self.log)
 
     @torch.no_grad()
     def __call__(self, generator) -> dict:

@@ -30,7 +30,7 @@ from sklearn.manifold import TSNE
 from torchvision.utils import make_grid
 
 import common
-import experiments
+from common import experiments
 from vae_train import VAE, evaluate, pixel_nll, to_float
 
 CLASS_NAMES = {

@@ -375,7 +375,7 @@ def pack(zip_path: Path, model_paths: dict[str, Path], figures: Path | None) -> 
 
 def model_paths(args) -> tuple[Path, Path, Path, list[Path]]:
     """The three files to check, and the run folders they come from (printed with the reason for each run)."""
-    import experiments
+    from common import experiments
     folder = Path(args.dir) if args.dir else None
     if folder is not None and not folder.is_dir():
         raise common.UserError(f"{folder}: no such folder. Give the folder holding {VAE_FILE}, {GEN_FILE} and "

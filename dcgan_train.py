@@ -12,7 +12,7 @@ Everything lands in runs/<time>-<name>/ (see README.md): metrics.csv (one row pe
 DCGAN_model_G.pth and DCGAN_model_D.pth (TorchScript). analyze_gan.py turns a run into figures.
 
 Quality every --fid-every epochs (--fid auto): Inception FID and IS on CIFAR-10 and image folders (torch-fidelity's
-weights, downloaded into torch's cache on first use), the classifier FID of classifier_fid.py on MNIST and
+weights, downloaded into torch's cache on first use), the classifier FID of gan_metrics.py on MNIST and
 Fashion-MNIST (a small CNN trained on the data set's labels; cfid, class_min, class_max in metrics.csv). The
 defaults are the recipe chosen by gan_quality.py (docs/gan-quality.md): batch 64, Adam lr 1.6e-3 for G and 8e-4
 for D, an EMA of G with its own batch-norm statistics. The plain DCGAN of Radford et al. (the paper's batch of 128;
@@ -21,7 +21,7 @@ gan_quality.py compares both recipes at the default batch of 64) is
 """
 from __future__ import annotations
 
-import stop_signals
+from common import stop_signals
 
 if __name__ == "__main__":
     stop_signals.install()  # first, before the slow imports: a stop during start-up is honoured, not fatal
@@ -51,7 +51,7 @@ def denorm(x: torch.Tensor) -> torch.Tensor:
 
 
 # train_time_s: the epoch's training steps alone (no sample grid, FID or epoch-end checkpoint), for throughput.
-# cfid, class_min, class_max: classifier_fid.py's numbers (MNIST, Fashion-MNIST); blank where not measured.
+# cfid, class_min, class_max: gan_metrics.py's numbers (MNIST, Fashion-MNIST); blank where not measured.
 METRIC_COLUMNS = ["epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", "fid", "inception_score", "cfid",
                   "class_min", "class_max", "train_time_s", "epoch_time_s"]
 STEP_COLUMNS = ["global_step", "epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", "noise_sigma"]
@@ -115,7 +115,7 @@ def build_parser() -> common.ArgumentParser:
     g = parser.group("evaluation", resumable=True)
     g.add_argument("--fid", default="auto", choices=["auto", "inception", "classifier", "off"],
                    help="quality every --fid-every epochs. inception: FID and IS with torch-fidelity's Inception "
-                        "weights (downloaded into torch's cache on first use); classifier: classifier_fid.py's FID "
+                        "weights (downloaded into torch's cache on first use); classifier: gan_metrics.py's FID "
                         "(MNIST, Fashion-MNIST); auto: classifier on those two (Inception too with "
                         "--inception-weights), Inception elsewhere, skipped with one line if it cannot be had")
     g.add_argument("--inception-weights", default=None, metavar="PATH",
@@ -641,8 +641,8 @@ class DCGANTraining(common.TrainingJob):
                         f"({self.inception_path})")
                 self.evaluate_fid = FIDEvaluator(self.inception_path, self.train_images, self.args, self.device)
             if self.use_classifier:
-                import classifier_fid  # imports this module in turn: here, not at the top
-                self.evaluate_cfid = classifier_fid.ClassifierFID.for_dataset(self.args.dataset, self.args.data_dir,
+                from common import gan_metrics  # imports this module in turn: here, not at the top
+                self.evaluate_cfid = gan_metrics.ClassifierFID.for_dataset(self.args.dataset, self.args.data_dir,
                                                                               self.device, log=run.log)
                 run.log(f"classifier FID every {self.args.fid_every} epochs on {self.args.fid_samples:,} samples "
                         f"against the {self.args.dataset} test set")

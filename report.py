@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 import common
-import experiments
+from common import experiments
 
 DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "folder": "an image folder"}
 
@@ -469,7 +469,7 @@ def build(args, build_dir: Path, chosen: dict, runs_root: Path) -> None:
                   + ("" if gan["dataset"] == "cifar10" else " (**not CIFAR-10**: not a valid submission)")],
         ["DCGAN FID", fid],
     ]
-    if "cfid" in gan["last"]:  # classifier_fid.py, measured during training on MNIST and Fashion-MNIST
+    if "cfid" in gan["last"]:  # gan_metrics.py, measured during training on MNIST and Fashion-MNIST
         last = gan["last"]
         key_rows.append(["DCGAN classifier FID (last epoch)",
                          f"{last['cfid']:.1f} at epoch {last['epoch']:.0f}; class shares {last['class_min']:.1%} "

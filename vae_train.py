@@ -11,7 +11,7 @@ with the KL term weighted by beta (Higgins et al., 2017, "beta-VAE").
 """
 from __future__ import annotations
 
-import stop_signals
+from common import stop_signals
 
 if __name__ == "__main__":
     stop_signals.install()  # first, before the slow imports: a stop during start-up is honoured, not fatal

@@ -13,7 +13,7 @@ import torch
 
 import analyze_gan
 import common
-import experiments
+from common import experiments
 from conftest import run_script
 
 TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--log-every", "3", "--ckpt-every-min", "1000"]
@@ -123,7 +123,7 @@ def test_mosaic_leaves_white_gaps_between_cells():
 
 
 def test_classifier_fid_per_milestone_on_mnist(mnist_dir, tmp_path):
-    pytest.importorskip("classifier_fid")
+    pytest.importorskip("common.gan_metrics")
     run_dir = tmp_path / "mnist-gan"
     run_script("dcgan_train.py", "--dataset", "mnist", "--data-dir", mnist_dir, "--run-dir", run_dir, "--epochs", 2,
                *TINY)

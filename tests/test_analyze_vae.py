@@ -15,7 +15,7 @@ from conftest import run_script
 
 import analyze_vae
 import common
-import experiments
+from common import experiments
 from vae_train import VAE, to_float, vae_terms
 
 FIGURES = ["loss_curves.png", "reconstructions.png", "samples.png", "tsne.png", "interpolation.png"]

@@ -13,7 +13,7 @@ from conftest import run_script
 @pytest.mark.slow  # about 30 s: every measurement, each a real training run
 def test_bench_reports_every_measurement(tmp_path, mnist_dir):
     out = tmp_path / "bench.json"
-    proc = run_script("bench.py", "--images", 256, "--repeats", 1, "--data-dir", mnist_dir, "--out", out)
+    proc = run_script("tools/bench.py", "--images", 256, "--repeats", 1, "--data-dir", mnist_dir, "--out", out)
     results = json.loads(out.read_text())
     for name in ("vae_conv", "vae_mlp", "dcgan"):
         assert results[name]["script"]["images_per_s"] > 0 and results[name]["bare"]["images_per_s"] > 0

@@ -8,7 +8,7 @@ import os
 import pytest
 
 import common
-import experiments
+from common import experiments
 
 VAE_ARGS = {"arch": "conv", "latent_dim": 16, "beta": 1.0, "likelihood": "bernoulli", "lr": 1e-3, "epochs": 2,
             "batch_size": 128, "seed": 0, "dataset": "mnist", "train_limit": 0, "data_dir": "/data", "name": None,

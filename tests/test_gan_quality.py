@@ -9,7 +9,7 @@ import math
 import pytest
 
 import common
-import gan_quality
+from tools import gan_quality
 from conftest import make_mnist, run_script
 
 
@@ -18,7 +18,7 @@ def test_quick_benchmark_trains_both_recipes_measures_them_and_reuses_finished_r
     data = make_mnist(tmp_path / "data", n_train=200, n_test=300)
     out = tmp_path / "out"
     args = ["--quick", "--datasets", "mnist", "--data-dir", data, "--out", out, "--device", "cpu"]
-    first = run_script("gan_quality.py", *args)
+    first = run_script("tools/gan_quality.py", *args)
     with open(out / "gan_quality.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [row["recipe"] for row in rows] == ["real", "recommended", "plain"]
@@ -39,12 +39,12 @@ def test_quick_benchmark_trains_both_recipes_measures_them_and_reuses_finished_r
     assert report["classifiers"]["mnist"]["test_accuracy"] > 0.5
     assert (out / "gan_quality_samples.png").stat().st_size > 0
 
-    second = run_script("gan_quality.py", *args)
+    second = run_script("tools/gan_quality.py", *args)
     assert "$ python dcgan_train.py" in first.stdout and "$ python dcgan_train.py" not in second.stdout
     with open(out / "gan_quality.csv", newline="") as f:
         assert [row["cfid"] for row in csv.DictReader(f)] == [row["cfid"] for row in rows]
     # Other settings for the same folders (say, after the defaults changed) are refused, not silently reused.
-    changed = run_script("gan_quality.py", *args, "--batch-size", "16", check=False)
+    changed = run_script("tools/gan_quality.py", *args, "--batch-size", "16", check=False)
     assert changed.returncode == 2 and "trained with other settings (batch_size" in changed.stderr
 
 

@@ -32,10 +32,15 @@ from pathlib import Path
 
 import torch
 
+if __package__ in (None, ""):  # `python tools/X.py` puts tools/ on the path, not the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import common
 import dcgan_train
-import tiny_data
 import vae_train
+
+sys.path.insert(0, str(common.REPO_ROOT / "tests" / "support"))  # the stand-in data sets are the tests' own
+import tiny_data  # noqa: E402
 
 SHARED_MNIST = common.REPO_ROOT.parent / "shared" / "data"
 

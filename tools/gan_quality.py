@@ -36,10 +36,12 @@ from pathlib import Path
 
 import torch
 
-import classifier_fid
+if __package__ in (None, ""):  # `python tools/X.py` puts tools/ on the path, not the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import common
 import dcgan_train
-import experiments
+from common import experiments, gan_metrics
 
 # Radford et al. (2015), as pytorch/examples' dcgan trains it: Adam 2e-4 and beta1 0.5 for both nets, batch norm in
 # both, BCE with hard labels, no EMA, no augmentation. Every flag whose default may move is spelled out here.
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=str(common.DEFAULT_DATA_DIR),
                         help="data root (MNIST/raw, FashionMNIST/raw); the classifier is cached in it")
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"],
-                        choices=list(classifier_fid.SUPPORTED))
+                        choices=list(gan_metrics.SUPPORTED))
     parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS),
                         help="small: 3 epochs of the first 12,800 images; full: 5 epochs of all 60,000")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per recipe and seed")
@@ -254,9 +256,9 @@ def main(argv=None) -> int:
     device = common.pick_device(args.device)
     rows, grids, classifiers, started = [], {}, {}, time.monotonic()
     for dataset in args.datasets:
-        evaluator = classifier_fid.ClassifierFID.for_dataset(dataset, args.data_dir, device)
+        evaluator = gan_metrics.ClassifierFID.for_dataset(dataset, args.data_dir, device)
         classifiers[dataset] = {k: v for k, v in evaluator.info.items() if k != "fingerprint"}
-        train_images, _ = classifier_fid.load_split(dataset, args.data_dir, train=True)
+        train_images, _ = gan_metrics.load_split(dataset, args.data_dir, train=True)
         # The floor: as many draws of real training images as of samples, scored against the test set.
         real = [train_images[d * args.samples:(d + 1) * args.samples] for d in range(args.draws)]
         real = [draw for draw in real if len(draw) == args.samples] or [train_images[:args.samples]]

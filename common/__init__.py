@@ -44,9 +44,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import stop_signals
+from common import stop_signals
 
-REPO_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUNS_ROOT = REPO_ROOT / "runs"
 DEFAULT_DATA_DIR = REPO_ROOT / "data"
 
