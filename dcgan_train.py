@@ -74,7 +74,7 @@ def _diffaug_policy(text: str) -> str:
     return text
 
 
-_smoothing_target = common._checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+_smoothing_target = common.checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def build_parser() -> common.ArgumentParser:

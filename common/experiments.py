@@ -21,7 +21,8 @@ import json
 import math
 from pathlib import Path
 
-import common
+from . import readers
+from .errors import UserError
 
 SCRIPTS = {"vae": "vae_train.py", "dcgan": "dcgan_train.py"}
 MODEL_FILES = {"vae": ["VAE_model.pth"], "dcgan": ["DCGAN_model_G.pth", "DCGAN_model_D.pth"]}
@@ -45,7 +46,7 @@ class RunInfo:
         self.config = config
         self.args: dict = config["args"]
         self.script: str = config["script"]
-        self.metrics = common.read_metrics_csv(self.dir / "metrics.csv")
+        self.metrics = readers.read_metrics_csv(self.dir / "metrics.csv")
         try:
             self.export = json.loads((self.dir / "export.json").read_text())
         except (OSError, ValueError):
@@ -126,12 +127,12 @@ def read_run(path, script: str | None = None) -> RunInfo | None:
 def collect_runs(paths: list, script: str, log=print) -> list[RunInfo]:
     """The runs among command-line paths (a shell glob such as runs/* may also match other folders).
 
-    One path: it must be a run of `script` (common.read_run_config says what is wrong). Several: folders that are
+    One path: it must be a run of `script` (readers.read_run_config says what is wrong). Several: folders that are
     not runs of `script` are skipped with a one-line note each, and so is a second path to the same run (a
     latest-* link); a UserError when none is left.
     """
     if len(paths) == 1:
-        config = common.read_run_config(paths[0], script)
+        config = readers.read_run_config(paths[0], script)
         return [RunInfo(Path(paths[0]), config)]
     runs, seen = [], {}
     for path in map(Path, paths):
@@ -147,7 +148,7 @@ def collect_runs(paths: list, script: str, log=print) -> list[RunInfo]:
             seen[run.dir] = path
             runs.append(run)
     if not runs:
-        raise common.UserError(f"none of the {len(paths)} folders given is a {SCRIPTS[script]} run")
+        raise UserError(f"none of the {len(paths)} folders given is a {SCRIPTS[script]} run")
     return runs
 
 
@@ -283,7 +284,7 @@ def counted_run(runs_root, script: str, explicit=None, how_to_name: str = "", lo
     if explicit:
         run = read_run(explicit, script)
         if run is None:
-            common.read_run_config(explicit, script)  # raises the UserError that says what is wrong
+            readers.read_run_config(explicit, script)  # raises the UserError that says what is wrong
         reason = f"{explicit} -> {run.name}: named explicitly"
         if run.sweep:
             log(f"warning: {run.name} is a member of sweep {run.sweep!r}, used because it was named explicitly")
@@ -297,7 +298,7 @@ def counted_run(runs_root, script: str, explicit=None, how_to_name: str = "", lo
             if linked is not None:
                 about_link = (f"; {link} -> {linked.name} is " +
                               (f"a member of sweep {linked.sweep!r}" if linked.sweep else linked.status()))
-            raise common.UserError(f"no finished {what} that is not a sweep member in {runs_root}{about_link}. "
+            raise UserError(f"no finished {what} that is not a sweep member in {runs_root}{about_link}. "
                                    f"Train one to the end (make {script}; a stopped run continues with "
                                    f"--resume), or name a run with {how_to_name or 'its folder'}")
         run = candidates[-1]

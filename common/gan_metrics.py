@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
+from .data import load_images
+from .files import atomic_path
 
 SUPPORTED = ("mnist", "fashion-mnist")
 VERSION = 1            # bump when the architecture or the training recipe changes: old caches are then ignored
@@ -71,7 +72,7 @@ class _OnUint8(nn.Module):
 
 def load_split(dataset: str, data_dir, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images [N, 1, 32, 32] (padded from 28 with black, as dcgan_train.load_training_images) and labels."""
-    images, labels = common.load_images(dataset, data_dir, train=train)
+    images, labels = load_images(dataset, data_dir, train=train)
     return F.pad(images, (2, 2, 2, 2)), labels
 
 
@@ -158,7 +159,7 @@ def load_or_train(dataset: str, data_dir, log=print) -> tuple[Classifier, dict, 
         f"{info['test_accuracy']:.2%}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with common.atomic_path(path) as tmp:
+        with atomic_path(path) as tmp:
             torch.save({**info, "state_dict": model.state_dict()}, tmp)
         log(f"classifier FID: cached at {path}")
     except OSError as err:  # a read-only data folder: the numbers are the same, it is only retrained next time

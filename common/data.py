@@ -1,0 +1,135 @@
+"""Data: whole data sets as uint8 tensors in memory, read by torchvision's own classes; batches by index."""
+from __future__ import annotations
+
+import gzip
+import math
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .files import atomic_path
+
+
+# Spaces the per-epoch seeds of different --seed values apart (a prime larger than any epoch count), so that no
+# (seed, epoch) pair shares its data order with another.
+_EPOCH_SEED_STRIDE = 1_000_003
+
+
+def epoch_permutation(seed: int, epoch: int, n: int, device=None) -> torch.Tensor:
+    """The order of the training images in `epoch`: a pure function of (seed, epoch), so resume needs no state."""
+    gen = torch.Generator().manual_seed(seed * _EPOCH_SEED_STRIDE + epoch)
+    return torch.randperm(n, generator=gen).to(device)
+
+
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+
+
+_MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte"]
+
+
+_RAW_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
+def _copy_system_fashion_mnist(data_dir: Path) -> None:
+    """Unpack Debian's Fashion-MNIST .gz files into torchvision's layout, once, so FashionMNIST reads them."""
+    raw = data_dir / "FashionMNIST" / "raw"
+    if all((raw / name).exists() for name in _MNIST_FILES) or not FASHION_MNIST_SYSTEM_DIR.is_dir():
+        return
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in _MNIST_FILES:
+        src = FASHION_MNIST_SYSTEM_DIR / f"{name}.gz"
+        if src.exists() and not (raw / name).exists():
+            with gzip.open(src, "rb") as fin, atomic_path(raw / name) as tmp, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+
+
+def _idx_problem(path: Path) -> str | None:
+    """Why an IDX file (MNIST's format: magic 0 0 0x08 ndim, big-endian sizes, bytes) is damaged, or None."""
+    with open(path, "rb") as f:
+        header = f.read(4)
+        if len(header) < 4 or header[:3] != b"\x00\x00\x08" or header[3] not in (1, 3):
+            return "not an IDX file of unsigned bytes (wrong magic number)"
+        dims = f.read(4 * header[3])
+    if len(dims) < 4 * header[3]:
+        return "truncated header"
+    expected = 4 + len(dims) + math.prod(struct.unpack(f">{header[3]}I", dims))
+    size = path.stat().st_size
+    return None if size == expected else f"{size:,} bytes where its header promises {expected:,} (truncated?)"
+
+
+def _raise_if_damaged(dataset: str, data_dir: Path, train: bool, cifar_checksums: bool = False) -> None:
+    """One line naming each data file that is present but damaged (a download would not replace it). The IDX
+    headers are checked before loading; CIFAR-10's MD5 sums (torchvision checks them) only after a failed load."""
+    damaged = []
+    if dataset in _RAW_FOLDER:
+        raw = data_dir / _RAW_FOLDER[dataset] / "raw"
+        for name in _MNIST_FILES[:2] if train else _MNIST_FILES[2:]:
+            if (raw / name).is_file() and (problem := _idx_problem(raw / name)):
+                damaged.append(f"{raw / name} ({problem})")
+    elif dataset == "cifar10" and cifar_checksums:
+        from torchvision.datasets import CIFAR10
+        from torchvision.datasets.utils import check_integrity
+        folder = data_dir / CIFAR10.base_folder
+        for name, md5 in CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]:
+            if (folder / name).is_file() and not check_integrity(str(folder / name), md5):
+                damaged.append(f"{folder / name} (MD5 differs from the published file)")
+    if damaged:
+        raise UserError(f"damaged {dataset} file: {'; '.join(damaged)}. Delete it so it is downloaded again, "
+                        f"or replace it with a good copy.")
+
+
+def _missing_data_message(dataset: str, data_dir: Path, train: bool, err: Exception) -> str:
+    if dataset in _RAW_FOLDER:
+        raw = data_dir / _RAW_FOLDER[dataset] / "raw"
+        needed = _MNIST_FILES[:2] if train else _MNIST_FILES[2:]
+        missing = [name for name in needed if not (raw / name).exists() and not (raw / f"{name}.gz").exists()]
+        hint = " (or: apt-get install dataset-fashion-mnist)" if dataset == "fashion-mnist" else ""
+        what, where = ", ".join(missing or needed) + f" (or the same names with .gz){hint}", raw
+    else:
+        what = ("data_batch_1 .. data_batch_5, test_batch, batches.meta (unpack cifar-10-python.tar.gz from "
+                "https://www.cs.toronto.edu/~kriz/cifar.html)")
+        where = data_dir / "cifar-10-batches-py"
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"{dataset} is not in {data_dir} and could not be downloaded ({first_line}). "
+            f"Put {what} into {where}, or pass --data-dir pointing at a folder that has them.")
+
+
+def load_images(dataset: str, data_dir, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole data set as (images uint8 [N, C, H, W], labels int64 [N]), read once by torchvision's own classes.
+
+    torchvision downloads missing files (download=True) on machines with internet. Holding the set as one uint8
+    tensor (47 MB for MNIST, 150 MB for CIFAR-10) lets batches be sliced by index with no per-item PIL work.
+    A file that is present but damaged is named as damaged (a download would not fix it).
+    """
+    from contextlib import redirect_stdout
+    from torchvision import datasets
+
+    data_dir = Path(data_dir)
+    if dataset == "fashion-mnist":
+        _copy_system_fashion_mnist(data_dir)
+    _raise_if_damaged(dataset, data_dir, train)
+    try:
+        with redirect_stdout(sys.stderr):  # torchvision prints download progress; keep stdout for our log
+            if dataset == "mnist":
+                ds = datasets.MNIST(data_dir, train=train, download=True)
+                images = ds.data.unsqueeze(1)
+            elif dataset == "fashion-mnist":
+                ds = datasets.FashionMNIST(data_dir, train=train, download=True)
+                images = ds.data.unsqueeze(1)
+            elif dataset == "cifar10":
+                ds = datasets.CIFAR10(data_dir, train=train, download=True)
+                images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW
+            else:
+                raise UserError(f"unknown dataset {dataset!r}")
+    except UserError:
+        raise
+    except Exception as err:  # URLError, RuntimeError("not found"), a bad MD5 ...: no usable files
+        _raise_if_damaged(dataset, data_dir, train, cifar_checksums=True)
+        raise UserError(_missing_data_message(dataset, data_dir, train, err)) from None
+    labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+    return images.to(torch.uint8), labels

@@ -1,0 +1,125 @@
+"""Command-line flags shared by the training scripts, and argparse types that range-check them.
+
+Each group of flags says whether its flags may change when a run is resumed: the model, the optimiser and the data
+define the experiment and are fixed; evaluation, logging, speed and the device may change. Imports no torch.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from .errors import EXIT_USER_ERROR
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+DEFAULT_RUNS_ROOT = REPO_ROOT / "runs"
+
+
+DEFAULT_DATA_DIR = REPO_ROOT / "data"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the defaults shown in --help, errors as one line (exit 2), and groups of flags that say
+    whether they may change on resume (`parser.group(title, resumable=...)`)."""
+
+    class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    def __init__(self, description: str):
+        super().__init__(description=description, formatter_class=self._Formatter)
+        self._resumable_groups = []
+
+    def group(self, title: str, *, resumable: bool):
+        group = self.add_argument_group(f"{title} ({'may change on resume' if resumable else 'fixed for a run'})")
+        if resumable:
+            self._resumable_groups.append(group)
+        return group
+
+    def resumable_flags(self) -> set[str]:
+        return {action.dest for group in self._resumable_groups for action in group._group_actions}
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def checked(kind, ok, rule: str):
+    """An argparse type: `kind(text)`, refused with "must be <rule>" unless ok(value)."""
+    def parse(text: str):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+def at_least(minimum: int):
+    return checked(int, lambda v: v >= minimum, f"an integer >= {minimum}")
+
+
+positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+non_negative_float = checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+
+unit_interval = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+plain_name = checked(str, lambda v: v not in ("", ".", "..") and "/" not in v and not v.startswith("."),
+                      "a plain folder name (no '/', not starting with '.')")
+
+
+def add_run_args(parser: ArgumentParser, *, epochs: int, batch_size: int, dataset: str, datasets: list[str]) -> None:
+    """Add the flags every training script has. Script-specific defaults come in as keyword arguments."""
+    g = parser.group("data and schedule", resumable=False)
+    g.add_argument("--batch-size", type=at_least(1), default=batch_size, help="images per optimiser step")
+    g.add_argument("--seed", type=int, default=0, help="seed for weights, data order and noise")
+    g.add_argument("--dataset", default=dataset, choices=datasets, help="training data")
+    g.add_argument("--train-limit", type=at_least(0), default=0, help="train on the first N training images (0: all)")
+
+    g = parser.group("run", resumable=True)
+    g.add_argument("--epochs", type=at_least(1), default=epochs, help="total epochs (raise it on resume to train longer)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="auto picks CUDA, then MPS, then CPU")
+    g.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR),
+                   help="root folder of the data sets (torchvision layout; downloaded there when missing)")
+    g.add_argument("--name", type=plain_name, default=None,
+                   help="suffix of the new run folder's name (default: the script's name)")
+    g.add_argument("--sweep", type=plain_name, default=None,
+                   help="name of the sweep this run belongs to (recorded in config.json; a sweep member never "
+                        "moves runs/latest*, and the analysis and report scripts select sweeps by this name)")
+    g.add_argument("--runs-root", default=str(DEFAULT_RUNS_ROOT), help="where new run folders are made")
+    g.add_argument("--run-dir", default=None,
+                   help="use this run folder; if it holds a checkpoint the run continues from it")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR ('latest': the newest run of this script)")
+    g.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start a NEW run from another run's checkpoint (a .pt file, or a run folder: its newest "
+                        "checkpoint): weights, optimiser state, epoch and metrics so far, with this command's "
+                        "flags (e.g. a lower learning rate after a divergence)")
+    g.add_argument("--new-run", action="store_true",
+                   help="start a new run even if this same command left an unfinished one (which it would continue)")
+    g.add_argument("--restart", action="store_true",
+                   help="start from scratch in a --run-dir whose checkpoints are all damaged (*.corrupt)")
+    g.add_argument("--ckpt-every-min", type=positive_float, default=10.0,
+                   help="minutes between mid-epoch checkpoints (one is always written at each epoch end)")
+    g.add_argument("--keep-ckpts", type=at_least(1), default=2, help="how many recent step-*.pt checkpoints to keep")
+    g.add_argument("--milestone-every", type=at_least(0), default=0,
+                   help="keep checkpoints/epoch-NNN.pt every N epochs and at the last, never rotated "
+                        "(0: about five per run, every max(1, epochs // 5))")
+    g.add_argument("--log-every", type=at_least(1), default=100,
+                   help="steps between progress lines when not on a terminal (also one at least every 30 s)")
+    g.add_argument("--mirror-dir", default=None,
+                   help="copy the run folder here after every checkpoint, verified (e.g. Google Drive on Colab); "
+                        "a run folder missing locally is restored from it first")
+    speed = parser.group("speed (GPU)", resumable=True)
+    speed.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                       help="mixed precision for the training steps; auto: bf16 on a CUDA GPU that has it, else off")
+    speed.add_argument("--channels-last", action="store_true", help="NHWC memory layout for the conv layers")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the training step")

@@ -1,0 +1,315 @@
+"""The training loop: a script's TrainingJob (its models, optimisers and steps) run by Run, which restores the
+newest checkpoint, takes the steps, ends the epochs, saves, and stops cleanly on a signal.
+
+Run.train raises Preempted (exit 75) after a stop signal and its checkpoint, StoppedAtStartup (exit 76) for a
+signal before the first step, UserError (exit 2) for anything the user can fix; errors.run_main maps them to exit
+codes.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import stop_signals
+from .checkpoints import _user_error_on_load, load_latest_checkpoint, rng_state, set_rng_state
+from .data import epoch_permutation
+from .devices import any_rank, broadcast_object, shard
+from .errors import Preempted, StoppedAtStartup, UserError
+from .files import atomic_path, atomic_write_text, write_csv
+from .folder import RunFolder
+from .progress import Progress
+from .readers import list_checkpoints
+from .runs import RunPlan, settings_differ
+
+
+class TrainingJob:
+    """What a training script hands to Run.train: its models and optimisers, and the steps of its loop.
+
+    state_dict() / load_state_dict() are the one place where what a checkpoint holds for the script is listed
+    (Run adds the loop's own position, metrics and RNG). The other methods are the named steps of the loop.
+    """
+    n_images: int                 # size of the training set (one epoch)
+    device: torch.device
+    best_column: str | None = None  # a metrics column (lower is better) whose best epoch is kept as best.pt
+    divergence_hint = "a lower learning rate"  # what to change after a non-finite loss
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def on_start(self, run: Run, global_step: int) -> None:
+        """Called once per start, after the checkpoint (if any) is loaded."""
+
+    def train_step(self, batch: torch.Tensor, global_step: int, epoch_progress: float) -> dict:
+        """One optimiser step on the training images at `batch` (indices). Returns the numbers to show, as
+        0-d tensors (only turned into Python numbers, a GPU sync, when shown); a non-finite one stops the run."""
+        raise NotImplementedError
+
+    def log_window(self, run: Run, global_step: int) -> None:
+        """Called every --log-every steps (after the non-finite check): e.g. a row of steps.csv."""
+
+    def end_epoch(self, run: Run, epoch: int) -> dict:
+        """The epoch's own metric columns (means, evaluation), sample grids; resets per-epoch sums."""
+        raise NotImplementedError
+
+    def summary(self, row: dict) -> str:
+        """The short, aligned part of the per-epoch log line (the full row is in metrics.csv)."""
+        raise NotImplementedError
+
+    def export(self, folder: Path) -> list[Path]:
+        """Write the model files a grader loads; returns their paths."""
+        raise NotImplementedError
+
+
+class Run(RunFolder):
+    """A run folder (RunFolder) and the training loop's bookkeeping: restore, steps, epoch ends, saves, stops."""
+
+    # Entries of a checkpoint that differ between processes under torchrun: saved once per rank, and each rank
+    # gets its own back on resume. Everything else (weights, optimiser, metrics) is the same on every rank.
+    PER_RANK_KEYS = ("rng", "epoch_sums", "window_sums")
+
+    def __init__(self, plan: RunPlan, *, script: str, device: torch.device, metric_columns: list[str],
+                 ckpt_every_min: float, keep_ckpts: int, milestone_every: int, log_every: int,
+                 mirror_dir: str | None, config: dict):
+        super().__init__(plan, script=script, device=device, config=config, mirror_dir=mirror_dir)
+        self.metric_columns = metric_columns
+        self.ckpt_every_s, self.keep_ckpts, self.milestone_every = ckpt_every_min * 60, keep_ckpts, milestone_every
+        self.log_every = log_every
+        self.preempted_by: str | None = None  # the loop's decision, taken (by all ranks together) at boundaries
+        self.metrics: list[dict] = []
+        self.best_fid = math.inf
+        self.epoch = self.global_step = 0     # where training stands (after train(): where it ended)
+        self.steps_per_epoch = 0              # set by train() from the data set and the batch size
+        self._first_bad_step: torch.Tensor | None = None  # see _watch_finite
+
+    # -- the training loop ----------------------------------------------------------------------------------------
+    def train(self, job: TrainingJob, *, epochs: int, batch_size: int, seed: int) -> None:
+        """Train `job` up to `epochs`, from the newest checkpoint if there is one. The data order of each epoch is
+        a pure function of (seed, epoch), so a resumed run takes exactly the steps an uninterrupted one would."""
+        self.steps_per_epoch = math.ceil(job.n_images / batch_size)
+        self._first_bad_step = torch.full((), -1, dtype=torch.long, device=job.device)
+        start_epoch, start_step, elapsed = self._restore(job)
+        job.on_start(self, self.global_step)
+        if self._stop_requested():  # a signal while we imported torch, loaded data, built models: nothing to save
+            again = "Re-run the same command to continue."
+            if self.plan.new_folder and self.is_main:  # nothing in it but this start's config and log
+                self._remove_folder = True
+                again = f"Nothing was trained yet, so {self.dir} is removed; re-run the same command to start."
+            self.log(f"stopped by {self.preempted_by} during start-up, before any training step; nothing new to "
+                     f"save. {again}")
+            raise StoppedAtStartup()
+        if self.is_main and not self.config.get("sweep"):  # sweep members never become "the" run of their script
+            self._link_latest()
+        if start_epoch >= epochs:
+            self.log(f"run already finished ({start_epoch} of {epochs} epochs); raise --epochs to train longer")
+        progress = Progress(steps_per_epoch=self.steps_per_epoch, total_steps=epochs * self.steps_per_epoch,
+                            start_step=self.global_step, batch_size=batch_size, log_every=self.log_every,
+                            log=self.log)
+        for epoch in range(start_epoch, epochs):
+            epoch_start = time.monotonic() - elapsed
+            order = epoch_permutation(seed, epoch, job.n_images, job.device)
+            progress.start_epoch(epoch, epochs)
+            for step in range(start_step, self.steps_per_epoch):
+                self.epoch, self.global_step = epoch, epoch * self.steps_per_epoch + step
+                shown = job.train_step(shard(order[step * batch_size:(step + 1) * batch_size]), self.global_step,
+                                       epoch + step / self.steps_per_epoch)
+                self._watch_finite(shown)
+                self.global_step += 1
+                progress.update(self.global_step, shown)
+                if self.global_step % self.log_every == 0:
+                    self._stop_if_non_finite(job)
+                    job.log_window(self, self.global_step)
+                self._step_boundary(lambda: self._state(job, epoch, step + 1, time.monotonic() - epoch_start))
+            progress.end_epoch()
+            self._end_epoch(job, epoch, epochs, train_time=time.monotonic() - epoch_start, epoch_start=epoch_start)
+            start_step, elapsed = 0, 0.0
+
+    def _end_epoch(self, job: TrainingJob, epoch: int, epochs: int, train_time: float, epoch_start: float) -> None:
+        """Evaluate, append the metrics row, log one short line, save (a milestone too when due), and stop here if
+        a signal came during the evaluation (the epoch-end checkpoint holds everything)."""
+        self._stop_if_non_finite(job)
+        row = {"epoch": epoch + 1, "images_seen": (epoch + 1) * job.n_images, **job.end_epoch(self, epoch),
+               "train_time_s": train_time, "epoch_time_s": time.monotonic() - epoch_start}
+        self.metrics.append(row)
+        self.append_csv(self.metrics_path, self.metric_columns, row)
+        self.epoch, self.global_step = epoch + 1, (epoch + 1) * self.steps_per_epoch
+        self.log(f"epoch {epoch + 1:>{len(str(epochs))}}/{epochs}  {job.summary(row)}  "
+                 f"({row['epoch_time_s']:.0f} s)")
+        value = row.get(job.best_column) if job.best_column else None
+        is_best = isinstance(value, float) and math.isfinite(value) and value < self.best_fid
+        if is_best:
+            self.best_fid = value
+        every = self.milestone_every or max(1, epochs // 5)
+        path = self._save(self._state(job, epoch + 1, 0, 0.0),
+                          milestone=(epoch + 1) % every == 0 or epoch + 1 == epochs, best=is_best)
+        if is_best:
+            self.log(f"best {job.best_column} so far ({value:.2f}): checkpoints/best.pt")
+        if self.preempted_by:
+            raise self._preempted(path)
+
+    def _state(self, job: TrainingJob, epoch: int, step: int, elapsed: float) -> dict:
+        """The whole checkpoint: the job's state and the loop's position. Never built after a non-finite loss."""
+        self._stop_if_non_finite(job)
+        return {"script": self.script, "experiment": self.plan.experiment, "epoch": epoch, "step_in_epoch": step,
+                "global_step": epoch * self.steps_per_epoch + step, "metrics": self.metrics, "best_fid": self.best_fid,
+                "epoch_elapsed_s": elapsed, "rng": rng_state(), **job.state_dict()}
+
+    def _restore(self, job: TrainingJob) -> tuple[int, int, float]:
+        """Load the newest usable checkpoint (or --init-from's) into `job` and the loop; (epoch, step, elapsed)."""
+        def check(ckpt, same_experiment=True) -> str | None:
+            if ckpt.get("script", self.script) != self.script:
+                return f"is a {ckpt['script']} checkpoint, not a {self.script} one"
+            differing = settings_differ(ckpt.get("experiment", {}), self.plan.experiment) if same_experiment else []
+            if differing:
+                return f"belongs to another experiment ({'; '.join(differing)})"
+            present = set(ckpt) | set(ckpt["per_rank"][0] if "per_rank" in ckpt else ())
+            missing = sorted(set(job.state_dict()) - present)
+            return f"lacks {', '.join(missing)} (not a {self.script} checkpoint)" if missing else None
+
+        if self.plan.init_from:
+            def load_init():
+                ckpt = torch.load(self.plan.init_from, map_location="cpu", weights_only=True)
+                problem = check(ckpt, same_experiment=False)
+                if problem:
+                    raise UserError(f"--init-from {self.plan.init_from}: the checkpoint {problem}")
+                return ckpt
+            ckpt = self._on_main(lambda: _user_error_on_load(load_init, self.plan.init_from))
+        else:
+            ckpt = self._on_main(lambda: load_latest_checkpoint(self.dir, log=self.log, check=check))
+        if ckpt is None:
+            if self.is_main:
+                write_csv(self.metrics_path, self.metric_columns, [])
+            return 0, 0, 0.0
+        saved_world = ckpt.get("world_size", 1)
+        if saved_world != self.world_size:
+            raise UserError(f"the checkpoint in {self.dir} was written by {saved_world} process(es); resume it with "
+                            f"the same number (torchrun --nproc_per_node {saved_world}, or plain python for 1)")
+        if "per_rank" in ckpt:
+            ckpt.update(ckpt.pop("per_rank")[self.rank])
+        try:
+            job.load_state_dict(ckpt)
+        except RuntimeError as err:  # --init-from a run with another architecture
+            raise UserError(f"the checkpoint does not fit this model: {str(err).splitlines()[0]}") from None
+        self.metrics, self.best_fid = ckpt["metrics"], ckpt.get("best_fid", math.inf)
+        self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
+        set_rng_state(ckpt["rng"])
+        if self.is_main:  # metrics.csv holds exactly the checkpoint's rows: a resume never repeats an epoch
+            write_csv(self.metrics_path, self.metric_columns, self.metrics)
+        source = f" from {self.plan.init_from}" if self.plan.init_from else ""
+        self.log(f"resumed at epoch {ckpt['epoch'] + 1}, step {ckpt['step_in_epoch']}/{self.steps_per_epoch}{source}")
+        return ckpt["epoch"], ckpt["step_in_epoch"], ckpt["epoch_elapsed_s"]
+
+    # -- non-finite losses ----------------------------------------------------------------------------------------
+    def _watch_finite(self, shown: dict) -> None:
+        """Remember the first step with a non-finite number, on the device: reading it costs a GPU sync, so it
+        is read every --log-every steps, at each epoch end and before every checkpoint, never once per step."""
+        finite = torch.isfinite(torch.stack([v.detach().float() for v in shown.values()])).all()
+        self._first_bad_step = torch.where(~finite & (self._first_bad_step < 0), self.global_step,
+                                           self._first_bad_step)
+
+    def _stop_if_non_finite(self, job: TrainingJob) -> None:
+        """A NaN poisons every later step, so the run stops at the first one, and nothing after it is saved."""
+        bad = int(self._first_bad_step.item())
+        if not any_rank(bad >= 0):  # all ranks decide together
+            return
+        where = (f"epoch {bad // self.steps_per_epoch + 1}, step {bad % self.steps_per_epoch + 1}" if bad >= 0
+                 else "another rank")
+        kept = list_checkpoints(self.dir)
+        if kept:
+            way = (f"The newest good checkpoint, {kept[0]}, is untouched: continue from it in a new run with "
+                   f"other settings: python {self.script}_train.py --init-from {self.dir} plus {job.divergence_hint}")
+        else:
+            way = f"No checkpoint was written before it: start a new run with {job.divergence_hint}"
+        raise UserError(f"non-finite loss at {where}; stopped without saving. {way}.")
+
+    # -- checkpoints and stops ------------------------------------------------------------------------------------
+    def _stop_requested(self) -> bool:
+        """Turn the handler's flag into the loop's decision. The flag is read once: a signal landing between the
+        ranks' agreement and their `if` would otherwise send one rank to save while the others train on (and
+        wait for each other in different collectives forever). A later signal is seen at the next boundary."""
+        raw = stop_signals.received
+        if any_rank(raw is not None):
+            self.preempted_by = raw or "a signal to another rank"
+        return self.preempted_by is not None
+
+    def _step_boundary(self, make_state) -> None:
+        """Between optimiser steps: save when a checkpoint is due; after a signal, save and stop.
+        `make_state` builds the checkpoint only when one is written, so the common case costs nothing."""
+        due = time.monotonic() - self.last_save >= self.ckpt_every_s
+        if self.world_size > 1:  # every rank must take the same branch: rank 0's clock decides
+            due = bool(broadcast_object(due))
+        if self._stop_requested() or due:
+            path = self._save(make_state())
+            if self.preempted_by:
+                raise self._preempted(path)
+
+    def _preempted(self, path: Path) -> Preempted:
+        self.log(f"stopped by {self.preempted_by}; checkpoint {path.name} written. "
+                 f"Re-run the same command (or use --resume {self.dir}) to continue.")
+        return Preempted()
+
+    def _save(self, state: dict, milestone: bool = False, best: bool = False) -> Path:
+        """Write `state` as checkpoints/step-<global_step>.pt atomically, keep only the newest --keep-ckpts, and
+        hard-link it as epoch-NNN.pt (milestone) or best.pt: no second copy on disk, and rotation keeps them.
+
+        Under torchrun every rank calls this at the same step: the per-rank entries are gathered, rank 0 writes,
+        and all ranks agree on whether a signal arrived (so they all stop at the same step).
+        """
+        path = self.ckpt_dir / f"step-{state['global_step']:010d}.pt"
+        state = {**state, "world_size": self.world_size}
+        if self.world_size > 1:
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, {k: state.pop(k) for k in self.PER_RANK_KEYS if k in state})
+            state["per_rank"] = gathered
+        self._stop_requested()
+        if self.is_main:
+            buffer = io.BytesIO()  # serialised in memory: a full disk then fails in write(), with a clear errno
+            torch.save(state, buffer)
+            with self.writing("a checkpoint", path):
+                with atomic_path(path) as tmp:
+                    tmp.write_bytes(buffer.getbuffer())
+                links = ([f"epoch-{state['epoch']:03d}.pt"] if milestone else []) + (["best.pt"] if best else [])
+                for name in links:
+                    with atomic_path(self.ckpt_dir / name) as tmp:
+                        os.link(path, tmp)
+                for old in list_checkpoints(self.dir)[self.keep_ckpts:]:
+                    old.unlink()
+            self.sync_mirror()
+        self.last_save = time.monotonic()
+        return path
+
+    def export(self, job: TrainingJob) -> None:
+        """Write the model files from the state training ended in (the newest checkpoint's), unless export.json
+        says they already hold exactly that step. A kill during an export, or more --epochs, re-exports."""
+        if not self.is_main:
+            return
+        record = self.dir / "export.json"
+        try:
+            done = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError):
+            done = {}
+        if done.get("global_step") == self.global_step and all((self.dir / f).exists() for f in done["files"]):
+            return
+        with self.writing("the exported model", self.dir):
+            files = job.export(self.dir)
+            atomic_write_text(record, json.dumps({"epoch": self.epoch, "global_step": self.global_step,
+                                                  "files": [f.name for f in files]}, indent=2) + "\n")
+        self.log(f"exported {', '.join(f.name for f in files)} (epoch {self.epoch}, step {self.global_step})")
+        self.sync_mirror()
+
+
+def open_run(plan: RunPlan, *, script: str, device: torch.device, metric_columns: list[str]) -> Run:
+    """The Run for a training script's flags (add_run_args): each setting handed over by name, here only."""
+    args = plan.args
+    return Run(plan, script=script, device=device, metric_columns=metric_columns, config=vars(args),
+               ckpt_every_min=args.ckpt_every_min, keep_ckpts=args.keep_ckpts, milestone_every=args.milestone_every,
+               log_every=args.log_every, mirror_dir=args.mirror_dir)

@@ -1,0 +1,72 @@
+"""Progress of a run: a tqdm bar on a terminal, a line every --log-every steps (or 30 s) elsewhere."""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch.distributed as dist
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """Where the run is and when it will end, counted over the whole run (not just this epoch).
+
+    On a terminal: a tqdm bar per epoch, with the run's ETA beside the losses. Otherwise (SLURM, nohup, tests):
+    one line every `log_every` steps or every 30 seconds, whichever comes first, with elapsed time, images per
+    second and the ETA of the epoch and of the run. Rates are measured over this start only.
+    """
+
+    PIPED_INTERVAL_S = 30
+
+    def __init__(self, *, steps_per_epoch: int, total_steps: int, start_step: int, batch_size: int, log_every: int,
+                 log):
+        self.steps_per_epoch, self.total_steps, self.batch_size = steps_per_epoch, total_steps, batch_size
+        self.log_every, self.log = log_every, log
+        self.start_step, self.started = start_step, time.monotonic()
+        self.last_line = self.started
+        self.on_terminal = sys.stdout.isatty() and (not dist.is_initialized() or dist.get_rank() == 0)
+        self.bar = None
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        self.desc = f"epoch {epoch + 1}/{epochs}"
+        self.epoch_start_step = epoch * self.steps_per_epoch
+        if self.on_terminal:
+            from tqdm import tqdm
+            done = max(0, self.start_step - self.epoch_start_step)
+            self.bar = tqdm(total=self.steps_per_epoch, initial=min(done, self.steps_per_epoch), desc=self.desc,
+                            dynamic_ncols=True, leave=False)
+
+    def _eta(self, global_step: int) -> tuple[float, float, float]:
+        """(elapsed s, images/s, seconds per step) over this start."""
+        elapsed = time.monotonic() - self.started
+        steps = max(1, global_step - self.start_step)
+        return elapsed, steps * self.batch_size / max(elapsed, 1e-9), elapsed / steps
+
+    def update(self, global_step: int, shown: dict) -> None:
+        """`global_step` counts steps done; `shown` values become numbers (a GPU sync) only when displayed."""
+        step = global_step - self.epoch_start_step
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % 10 == 0 or step == self.steps_per_epoch:
+                _, _, per_step = self._eta(global_step)
+                self.bar.set_postfix({**{k: f"{float(v):.4g}" for k, v in shown.items()},
+                                      "run ETA": _clock(per_step * (self.total_steps - global_step))})
+            return
+        now = time.monotonic()
+        if step % self.log_every and now - self.last_line < self.PIPED_INTERVAL_S:
+            return
+        self.last_line = now
+        elapsed, rate, per_step = self._eta(global_step)
+        losses = " ".join(f"{k} {float(v):.4g}" for k, v in shown.items())
+        self.log(f"{self.desc} step {step}/{self.steps_per_epoch} | {losses} | {_clock(elapsed)} elapsed, "
+                 f"{rate:,.0f} img/s, epoch ETA {_clock(per_step * (self.steps_per_epoch - step))}, "
+                 f"run ETA {_clock(per_step * (self.total_steps - global_step))}")
+
+    def end_epoch(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
