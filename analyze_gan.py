@@ -39,7 +39,7 @@ from torchvision.utils import make_grid
 
 import common
 import dcgan_train
-from common import experiments
+from common import experiments, gan_metrics
 
 GRID_PADDING = 2      # torchvision.utils.save_image's default, used by dcgan_train.save_samples
 GRID_COLUMNS = 8      # ... with nrow=8
@@ -311,13 +311,13 @@ class QualityMeasure:
         self.kind, self.evaluator = None, None
         weights = None
         if choice in ("auto", "fid"):
-            weights = dcgan_train.find_inception_weights(None)
+            weights = gan_metrics.find_inception_weights(None)
             if weights is None and choice == "fid":
-                raise common.UserError(f"--quality fid: no Inception weights ({dcgan_train.INCEPTION_FILE}) in "
+                raise common.UserError(f"--quality fid: no Inception weights ({gan_metrics.INCEPTION_FILE}) in "
                                        f"{torch.hub.get_dir()}/checkpoints; use --quality classifier-fid or auto")
         if weights is not None and train_images is not None:
             fid_args = argparse.Namespace(**{**vars(args), "fid_samples": args.quality_samples})
-            self.kind, self.evaluator = "fid", dcgan_train.FIDEvaluator(weights, train_images, fid_args, device)
+            self.kind, self.evaluator = "fid", gan_metrics.FIDEvaluator(weights, train_images, fid_args, device)
         elif choice in ("auto", "classifier-fid"):
             self.evaluator = self._classifier_fid(args)
             if self.evaluator is not None:
@@ -333,10 +333,6 @@ class QualityMeasure:
                                                                                    DIVERSITY_SAMPLES)
 
     def _classifier_fid(self, args):
-        try:
-            from common import gan_metrics
-        except ImportError:  # the module is optional: diversity stands in
-            return None
         return gan_metrics.ClassifierFID.for_dataset(args.dataset, args.data_dir, self.device, log=self.log)
 
     @torch.no_grad()
@@ -348,9 +344,8 @@ class QualityMeasure:
         if self.kind == "classifier-fid":
             scores = self.evaluator(generator, self.args.nz, n_samples=self.args.quality_samples, seed=QUALITY_SEED)
             return {"value": scores["cfid"], "class_min": scores["class_min"], "class_max": scores["class_max"]}
-        z = torch.randn((self.n_samples, self.args.nz, 1, 1),
-                        generator=torch.Generator().manual_seed(QUALITY_SEED))
-        images = dcgan_train.denorm(generator(z.to(self.device))).cpu()
+        images = dcgan_train.denorm(gan_metrics.sample(generator, self.args.nz, self.n_samples, QUALITY_SEED,
+                                                       batch_size=self.n_samples))
         return {"value": diversity(images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy())}
 
 
@@ -401,9 +396,7 @@ def plot_milestones(rows: list[dict], measure: QualityMeasure, best: dict | None
 
 def final_samples(generator, nz: int, seed: int, n: int = 100) -> torch.Tensor:
     """n images in [0, 1] from a (scripted) G in eval mode, from noise of their own generator."""
-    z = torch.randn((n, nz, 1, 1), generator=torch.Generator().manual_seed(seed + 2))
-    with torch.no_grad():
-        return dcgan_train.denorm(generator.eval()(z))
+    return dcgan_train.denorm(gan_metrics.sample(generator, nz, n, seed + 2, batch_size=n))
 
 
 def newest_generator(run_dir: Path, log=print):

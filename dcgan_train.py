@@ -12,7 +12,7 @@ Everything lands in runs/<time>-<name>/ (see README.md): metrics.csv (one row pe
 DCGAN_model_G.pth and DCGAN_model_D.pth (TorchScript). analyze_gan.py turns a run into figures.
 
 Quality every --fid-every epochs (--fid auto): Inception FID and IS on CIFAR-10 and image folders (torch-fidelity's
-weights, downloaded into torch's cache on first use), the classifier FID of gan_metrics.py on MNIST and
+weights, downloaded into torch's cache on first use), the classifier FID of common/gan_metrics.py on MNIST and
 Fashion-MNIST (a small CNN trained on the data set's labels; cfid, class_min, class_max in metrics.csv). The
 defaults are the recipe chosen by gan_quality.py (docs/gan-quality.md): batch 64, Adam lr 1.6e-3 for G and 8e-4
 for D, an EMA of G with its own batch-norm statistics. The plain DCGAN of Radford et al. (the paper's batch of 128;
@@ -30,7 +30,6 @@ import argparse
 import copy
 import csv
 import math
-import warnings
 from pathlib import Path
 
 import torch
@@ -40,6 +39,7 @@ from torchvision import transforms
 from torchvision.utils import save_image
 
 import common
+from common import gan_metrics
 
 # What a grader applies to real images before D(x), and how G's outputs in [-1, 1] map back to pixels in [0, 1].
 # Normalize with one mean and std broadcasts over 1 or 3 channels.
@@ -51,18 +51,12 @@ def denorm(x: torch.Tensor) -> torch.Tensor:
 
 
 # train_time_s: the epoch's training steps alone (no sample grid, FID or epoch-end checkpoint), for throughput.
-# cfid, class_min, class_max: gan_metrics.py's numbers (MNIST, Fashion-MNIST); blank where not measured.
+# cfid, class_min, class_max: common/gan_metrics.py's classifier FID (MNIST, Fashion-MNIST); blank where not measured.
 METRIC_COLUMNS = ["epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", "fid", "inception_score", "cfid",
                   "class_min", "class_max", "train_time_s", "epoch_time_s"]
 STEP_COLUMNS = ["global_step", "epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", "noise_sigma"]
 MAX_PARAMS = 25_000_000
 GRAY_DATASETS = ("mnist", "fashion-mnist")
-# torch-fidelity's FID Inception weights (its URL_INCEPTION_V3, spelled out so that importing this script does not
-# import torch-fidelity): looked for (and downloaded to) torch.hub's cache, as torch-fidelity does.
-INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                 "weights-inception-2015-12-05-6726825d.pth")
-INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
-DOWNLOAD_TIMEOUT_S = 60
 DIFFAUG_OPS = ("color", "translation", "cutout")
 
 
@@ -119,7 +113,8 @@ def build_parser() -> common.ArgumentParser:
                         "(MNIST, Fashion-MNIST); auto: classifier on those two (Inception too with "
                         "--inception-weights), Inception elsewhere, skipped with one line if it cannot be had")
     g.add_argument("--inception-weights", default=None, metavar="PATH",
-                   help=f"FID/IS Inception weights ({INCEPTION_FILE} from torch-fidelity's v0.2.0 release); "
+                   help=f"FID/IS Inception weights ({gan_metrics.INCEPTION_FILE} from torch-fidelity's v0.2.0 "
+                        f"release); "
                         f"default: torch's hub cache, downloaded there when missing")
     g.add_argument("--fid-every", type=common.at_least(1), default=5,
                    help="epochs between FID evaluations (also after the last)")
@@ -261,10 +256,6 @@ def to_float(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float().div_(127.5).sub_(1)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return denorm(images).mul(255).round().to(torch.uint8)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Losses and schedules (pure functions of the step, so a checkpoint holds no schedule state)
 
@@ -370,94 +361,7 @@ def diff_augment(x: torch.Tensor, policy: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# FID and Inception Score (Heusel et al., 2017; Salimans et al., 2016), through torchmetrics
-
-
-class _Precomputed(nn.Identity):
-    """Lets torchmetrics' metrics take features we already extracted (one Inception pass serves FID and IS)."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features  # torchmetrics would otherwise probe with a random image (global RNG)
-
-
-FID_BATCH = 250          # images per forward pass of the feature extractor
-FID_NOISE_SEED_OFFSET = 1  # FID's noise seed is --seed + 1: apart from the fixed-noise grid's (--seed)
-
-
-@torch.no_grad()
-def extract_features(extractor: nn.Module, images_uint8: torch.Tensor, batch_size: int = FID_BATCH):
-    """Run `extractor` over uint8 images [N, C, H, W]; one-channel images are repeated to RGB.
-
-    Returns a float64 CPU tensor [N, d], or a tuple of them when the extractor returns several outputs.
-    """
-    device = next(extractor.parameters()).device
-    outputs = []
-    for start in range(0, len(images_uint8), batch_size):
-        x = images_uint8[start:start + batch_size].to(device)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        out = extractor(x)
-        outputs.append(tuple(o.double().cpu() for o in out) if isinstance(out, (tuple, list)) else out.double().cpu())
-    if isinstance(outputs[0], tuple):
-        return tuple(torch.cat(parts) for parts in zip(*outputs))
-    return torch.cat(outputs)
-
-
-def fid_from_features(real_features: torch.Tensor, fake_features: torch.Tensor) -> float:
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    metric = FrechetInceptionDistance(feature=_Precomputed(real_features.shape[1]))
-    metric.set_dtype(torch.float64)  # torchmetrics' advice: FID is numerically fragile in float32
-    metric.update(real_features, real=True)
-    metric.update(fake_features, real=False)
-    return float(metric.compute())
-
-
-def inception_score_from_logits(logits: torch.Tensor, splits: int = 10) -> float:
-    from torchmetrics.image.inception import InceptionScore
-    with warnings.catch_warnings():  # its note that it keeps every feature in memory: 10,000 x 1008 is fine
-        warnings.simplefilter("ignore", UserWarning)
-        metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=splits)
-    metric.update(logits)
-    with torch.random.fork_rng(devices=[]):  # compute() shuffles with the global RNG; keep training's RNG intact
-        return float(metric.compute()[0])
-
-
-def compute_fid(extractor: nn.Module, real_uint8: torch.Tensor, fake_uint8: torch.Tensor) -> float:
-    """FID between two sets of uint8 images, in the feature space of `extractor` (a module: uint8 [N, 3, H, W]
-    -> features [N, d]). With Inception pool features this is the standard FID; tests pass a tiny net."""
-    return fid_from_features(extract_features(extractor, real_uint8), extract_features(extractor, fake_uint8))
-
-
-def find_inception_weights(path: str | None) -> Path | None:
-    """--inception-weights, else torch-fidelity's file in the torch hub cache, else None (FID skipped)."""
-    if path:
-        if not Path(path).is_file():
-            raise common.UserError(f"--inception-weights {path}: no such file")
-        return Path(path)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    return cached if cached.is_file() else None
-
-
-def download_inception_weights(dest: Path, log=print) -> str | None:
-    """Fetch torch-fidelity's FID Inception weights into `dest` (torch's hub cache) with torch.hub's downloader, as
-    torch-fidelity itself does on first use (it checks the SHA-256 prefix in the file name and writes through a
-    temporary file), but under a socket timeout: offline, urlopen would otherwise wait for ever. Returns None when
-    the file is there, else why it is not."""
-    import socket
-    log(f"downloading the FID Inception weights ({INCEPTION_URL}, about 90 MB) to {dest}")
-    hash_prefix = torch.hub.HASH_REGEX.search(dest.name)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(INCEPTION_URL, str(dest), hash_prefix=hash_prefix and hash_prefix.group(1),
-                                       progress=False)
-    except (OSError, RuntimeError) as err:  # URLError and timeouts are OSErrors; a wrong hash is a RuntimeError
-        return str(getattr(err, "reason", err))
-    finally:
-        socket.setdefaulttimeout(previous)
-    return None
+# Which quality numbers a run computes (the metrics themselves: common/gan_metrics.py)
 
 
 def choose_evaluations(args, is_main: bool, log=print) -> tuple[Path | None, bool, str | None]:
@@ -472,58 +376,19 @@ def choose_evaluations(args, is_main: bool, log=print) -> tuple[Path | None, boo
         args.fid == "auto" and (args.dataset not in GRAY_DATASETS or args.inception_weights is not None))
     if not (wants_inception and is_main):
         return None, classifier, None
-    path = find_inception_weights(args.inception_weights)
+    path = gan_metrics.find_inception_weights(args.inception_weights)
     if path is not None:
         return path, classifier, None
-    dest = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    why = download_inception_weights(dest, log)
+    dest = Path(torch.hub.get_dir()) / "checkpoints" / gan_metrics.INCEPTION_FILE
+    why = gan_metrics.download_inception_weights(dest, log)
     if why is None:
         return dest, classifier, None
     message = (f"no Inception weights: {dest} is missing and could not be downloaded ({why}). Put "
-               f"{INCEPTION_FILE} (from {INCEPTION_URL}) there, or pass --inception-weights PATH")
+               f"{gan_metrics.INCEPTION_FILE} (from {gan_metrics.INCEPTION_URL}) there, or pass "
+               f"--inception-weights PATH")
     if args.fid == "inception":
         raise common.UserError(message)
     return None, classifier, f"FID skipped: {message}; --fid off silences this"
-
-
-class InceptionFeatures(nn.Module):
-    """torch-fidelity's FID Inception v3: uint8 [N, 3, H, W] -> (pool features [N, 2048], logits [N, 1008])."""
-
-    def __init__(self, weights_path: Path):
-        super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                               feature_extractor_weights_path=str(weights_path))
-
-    def forward(self, x: torch.Tensor):
-        return self.net(x)
-
-
-class FIDEvaluator:
-    """FID and IS of generated images against --fid-samples training images (their features computed once)."""
-
-    def __init__(self, weights_path: Path, train_images: torch.Tensor, args, device: torch.device):
-        self.extractor = InceptionFeatures(weights_path).to(device)
-        self.n = min(args.fid_samples, len(train_images))
-        pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(args.seed))[:self.n]
-        self.real_features, _ = extract_features(self.extractor, train_images[pick.to(train_images.device)])
-        self.seed, self.nz, self.batch_size = args.seed, args.nz, FID_BATCH
-
-    @torch.no_grad()
-    def __call__(self, generator: nn.Module) -> tuple[float, float]:
-        """Samples from the same noise at every evaluation (its own generator), so FID differences between
-        epochs come from the weights alone and the training RNG is never touched."""
-        was_training = generator.training
-        generator.eval()
-        device = next(generator.parameters()).device
-        noise_gen = torch.Generator().manual_seed(self.seed + FID_NOISE_SEED_OFFSET)
-        fakes = []
-        for start in range(0, self.n, self.batch_size):
-            z = torch.randn((min(self.batch_size, self.n - start), self.nz, 1, 1), generator=noise_gen)
-            fakes.append(to_uint8(generator(z.to(device))))
-        generator.train(was_training)
-        fake_features, fake_logits = extract_features(self.extractor, torch.cat(fakes))
-        return fid_from_features(self.real_features, fake_features), inception_score_from_logits(fake_logits)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -639,9 +504,9 @@ class DCGANTraining(common.TrainingJob):
             if self.inception_path is not None:
                 run.log(f"FID and IS every {self.args.fid_every} epochs on {self.args.fid_samples:,} images "
                         f"({self.inception_path})")
-                self.evaluate_fid = FIDEvaluator(self.inception_path, self.train_images, self.args, self.device)
+                self.evaluate_fid = gan_metrics.FIDEvaluator(self.inception_path, self.train_images, self.args,
+                                                             self.device)
             if self.use_classifier:
-                from common import gan_metrics  # imports this module in turn: here, not at the top
                 self.evaluate_cfid = gan_metrics.ClassifierFID.for_dataset(self.args.dataset, self.args.data_dir,
                                                                               self.device, log=run.log)
                 run.log(f"classifier FID every {self.args.fid_every} epochs on {self.args.fid_samples:,} samples "
@@ -711,7 +576,7 @@ class DCGANTraining(common.TrainingJob):
                 row["fid"], row["inception_score"] = self.evaluate_fid(self.sampler)
             if self.evaluate_cfid is not None:  # the same noise as Inception's FID: --seed + 1
                 scores = self.evaluate_cfid(self.sampler, self.args.nz, n_samples=self.args.fid_samples,
-                                            seed=self.args.seed + FID_NOISE_SEED_OFFSET)
+                                            seed=self.args.seed + gan_metrics.FID_NOISE_SEED_OFFSET)
                 row.update({key: scores[key] for key in ("cfid", "class_min", "class_max")})
         return row
 
@@ -766,7 +631,7 @@ def main(argv=None) -> int:
     if n_params > MAX_PARAMS:
         raise common.UserError(f"G plus D would have {n_params:,} parameters, above the {MAX_PARAMS:,} limit; "
                                f"lower --ngf / --ndf (or --image-size)")
-    find_inception_weights(args.inception_weights)  # a wrong path fails now, before any folder is made
+    gan_metrics.find_inception_weights(args.inception_weights)  # a wrong path fails now, before any folder is made
     rank, world_size, device = common.init_distributed(args.device)  # torchrun: one process per GPU
     evaluations = choose_evaluations(args, is_main=rank == 0)
     train_images = load_training_images(args).to(device)

@@ -1,10 +1,12 @@
-"""A classifier FID for the one-channel data sets (MNIST, Fashion-MNIST): GAN quality measurable with no download.
+"""GAN evaluation, imported by training and analysis alike: seeded sampling, Inception features, FID and IS, and a
+classifier FID for the one-channel data sets. Imports no script (the scripts import it).
 
-FID (Heusel et al., 2017) needs Inception weights and is defined on natural images; for digits and clothes a small
-CNN trained on the data set's own labels gives a feature space that knows the classes. Its penultimate features go
-through the same Frechet distance as Inception's (dcgan_train.fid_from_features), and its argmax gives the class
-shares of the samples: a number for mode collapse (a class at 0% is a missing mode). These numbers compare runs
-with each other on one data set; they are not comparable with published (Inception, CIFAR-10) FIDs.
+FID (Heusel et al., 2017) and IS (Salimans et al., 2016) go through torchmetrics, on torch-fidelity's Inception v3
+(its weights downloaded into torch.hub's cache on first use). FID is defined on natural images; for MNIST and
+Fashion-MNIST a small CNN trained on the data set's own labels gives a feature space that knows the classes. Its
+penultimate features go through the same Frechet distance as Inception's (fid_from_features), and its argmax gives
+the class shares of the samples: a number for mode collapse (a class at 0% is a missing mode). These numbers compare
+runs with each other on one data set; they are not comparable with published (Inception, CIFAR-10) FIDs.
 
     evaluator = ClassifierFID.for_dataset("mnist", data_dir, device)   # None for other data sets
     evaluator(generator, nz)   # {"cfid": 12.3, "class_min": 0.08, "class_max": 0.12}
@@ -17,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import socket
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,7 +29,169 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import load_images
+from .errors import UserError
 from .files import atomic_path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Samples of a generator
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Generator outputs in [-1, 1] -> uint8 pixels, as the saved PNGs hold them (dcgan_train.denorm, then x255)."""
+    return ((images.clamp(-1, 1) + 1) / 2).mul(255).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def sample(generator: nn.Module, nz: int, n: int, seed: int, batch_size: int = 500, device=None) -> torch.Tensor:
+    """n images in [-1, 1] (on the CPU) from `generator` in eval mode, its mode restored after, from noise of
+    their own torch.Generator(seed): the same z at every call, and the global RNG (a training run's) is never drawn
+    from. The noise is drawn batch by batch, so the batch size is part of what fixes the samples."""
+    was_training = generator.training
+    generator.eval()
+    device = device or next(generator.parameters()).device
+    noise_gen = torch.Generator().manual_seed(seed)
+    images = []
+    for start in range(0, n, batch_size):
+        z = torch.randn((min(batch_size, n - start), nz, 1, 1), generator=noise_gen)
+        images.append(generator(z.to(device)).float().cpu())
+    generator.train(was_training)
+    return torch.cat(images)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FID and Inception Score (Heusel et al., 2017; Salimans et al., 2016), through torchmetrics
+
+
+# torch-fidelity's FID Inception weights (its URL_INCEPTION_V3, spelled out so that importing this script does not
+# import torch-fidelity): looked for (and downloaded to) torch.hub's cache, as torch-fidelity does.
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
+DOWNLOAD_TIMEOUT_S = 60
+
+
+class _Precomputed(nn.Identity):
+    """Lets torchmetrics' metrics take features we already extracted (one Inception pass serves FID and IS)."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features  # torchmetrics would otherwise probe with a random image (global RNG)
+
+
+FID_BATCH = 250          # images per forward pass of the feature extractor
+FID_NOISE_SEED_OFFSET = 1  # FID's noise seed is --seed + 1: apart from the fixed-noise grid's (--seed)
+
+
+@torch.no_grad()
+def extract_features(extractor: nn.Module, images_uint8: torch.Tensor, batch_size: int = FID_BATCH):
+    """Run `extractor` over uint8 images [N, C, H, W]; one-channel images are repeated to RGB.
+
+    Returns a float64 CPU tensor [N, d], or a tuple of them when the extractor returns several outputs.
+    """
+    device = next(extractor.parameters()).device
+    outputs = []
+    for start in range(0, len(images_uint8), batch_size):
+        x = images_uint8[start:start + batch_size].to(device)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        out = extractor(x)
+        outputs.append(tuple(o.double().cpu() for o in out) if isinstance(out, (tuple, list)) else out.double().cpu())
+    if isinstance(outputs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outputs))
+    return torch.cat(outputs)
+
+
+def fid_from_features(real_features: torch.Tensor, fake_features: torch.Tensor) -> float:
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    metric = FrechetInceptionDistance(feature=_Precomputed(real_features.shape[1]))
+    metric.set_dtype(torch.float64)  # torchmetrics' advice: FID is numerically fragile in float32
+    metric.update(real_features, real=True)
+    metric.update(fake_features, real=False)
+    return float(metric.compute())
+
+
+def inception_score_from_logits(logits: torch.Tensor, splits: int = 10) -> float:
+    from torchmetrics.image.inception import InceptionScore
+    with warnings.catch_warnings():  # its note that it keeps every feature in memory: 10,000 x 1008 is fine
+        warnings.simplefilter("ignore", UserWarning)
+        metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=splits)
+    metric.update(logits)
+    with torch.random.fork_rng(devices=[]):  # compute() shuffles with the global RNG; keep training's RNG intact
+        return float(metric.compute()[0])
+
+
+def compute_fid(extractor: nn.Module, real_uint8: torch.Tensor, fake_uint8: torch.Tensor) -> float:
+    """FID between two sets of uint8 images, in the feature space of `extractor` (a module: uint8 [N, 3, H, W]
+    -> features [N, d]). With Inception pool features this is the standard FID; tests pass a tiny net."""
+    return fid_from_features(extract_features(extractor, real_uint8), extract_features(extractor, fake_uint8))
+
+
+def find_inception_weights(path: str | None) -> Path | None:
+    """--inception-weights, else torch-fidelity's file in the torch hub cache, else None (FID skipped)."""
+    if path:
+        if not Path(path).is_file():
+            raise UserError(f"--inception-weights {path}: no such file")
+        return Path(path)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    return cached if cached.is_file() else None
+
+
+def download_inception_weights(dest: Path, log=print) -> str | None:
+    """Fetch torch-fidelity's FID Inception weights into `dest` (torch's hub cache) with torch.hub's downloader, as
+    torch-fidelity itself does on first use (it checks the SHA-256 prefix in the file name and writes through a
+    temporary file), but under a socket timeout: offline, urlopen would otherwise wait for ever. Returns None when
+    the file is there, else why it is not."""
+    log(f"downloading the FID Inception weights ({INCEPTION_URL}, about 90 MB) to {dest}")
+    hash_prefix = torch.hub.HASH_REGEX.search(dest.name)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(INCEPTION_URL, str(dest), hash_prefix=hash_prefix and hash_prefix.group(1),
+                                       progress=False)
+    except (OSError, RuntimeError) as err:  # URLError and timeouts are OSErrors; a wrong hash is a RuntimeError
+        return str(getattr(err, "reason", err))
+    finally:
+        socket.setdefaulttimeout(previous)
+    return None
+
+
+class InceptionFeatures(nn.Module):
+    """torch-fidelity's FID Inception v3: uint8 [N, 3, H, W] -> (pool features [N, 2048], logits [N, 1008])."""
+
+    def __init__(self, weights_path: Path):
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                               feature_extractor_weights_path=str(weights_path))
+
+    def forward(self, x: torch.Tensor):
+        return self.net(x)
+
+
+class FIDEvaluator:
+    """FID and IS of generated images against --fid-samples training images (their features computed once)."""
+
+    def __init__(self, weights_path: Path, train_images: torch.Tensor, args, device: torch.device):
+        self.extractor = InceptionFeatures(weights_path).to(device)
+        self.n = min(args.fid_samples, len(train_images))
+        pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(args.seed))[:self.n]
+        self.real_features, _ = extract_features(self.extractor, train_images[pick.to(train_images.device)])
+        self.seed, self.nz, self.batch_size = args.seed, args.nz, FID_BATCH
+
+    @torch.no_grad()
+    def __call__(self, generator: nn.Module) -> tuple[float, float]:
+        """Samples from the same noise at every evaluation (its own generator), so FID differences between
+        epochs come from the weights alone and the training RNG is never touched."""
+        fakes = to_uint8(sample(generator, self.nz, self.n, self.seed + FID_NOISE_SEED_OFFSET, self.batch_size))
+        fake_features, fake_logits = extract_features(self.extractor, fakes)
+        return fid_from_features(self.real_features, fake_features), inception_score_from_logits(fake_logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Classifier FID (MNIST, Fashion-MNIST)
+
 
 SUPPORTED = ("mnist", "fashion-mnist")
 VERSION = 1            # bump when the architecture or the training recipe changes: old caches are then ignored
@@ -59,7 +225,7 @@ class Classifier(nn.Module):
 
 
 class _OnUint8(nn.Module):
-    """What dcgan_train.extract_features hands an extractor (uint8 [N, 3, H, W], grey repeated to RGB) -> the
+    """What extract_features hands an extractor (uint8 [N, 3, H, W], grey repeated to RGB) -> the
     classifier's (features, logits), so the Inception path and this one share the feature loop."""
 
     def __init__(self, classifier: Classifier):
@@ -187,32 +353,20 @@ class ClassifierFID:
 
     @torch.no_grad()
     def _features(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        import dcgan_train  # here, not at the top: dcgan_train imports this module when it evaluates
-        return dcgan_train.extract_features(self.extractor, images_uint8, batch_size=BATCH)
+        return extract_features(self.extractor, images_uint8, batch_size=BATCH)
 
     def score_images(self, images_uint8: torch.Tensor) -> dict:
         """cfid, class_min, class_max (and every class_shares) of uint8 images [N, 1, 32, 32], generated or real."""
-        import dcgan_train
         features, logits = self._features(images_uint8)
         shares = torch.bincount(logits.argmax(1), minlength=N_CLASSES).double() / len(logits)
-        return {"cfid": dcgan_train.fid_from_features(self.reference_features, features),
+        return {"cfid": fid_from_features(self.reference_features, features),
                 "class_min": float(shares.min()), "class_max": float(shares.max()), "class_shares": shares.tolist()}
 
     @torch.no_grad()
     def sample(self, generator: nn.Module, nz: int, n_samples: int = 5000, seed: int = 0) -> torch.Tensor:
         """n_samples uint8 images from `generator` in eval mode, from noise of its own torch.Generator: the same
         z at every call, and the global RNG (a training run's) is never drawn from."""
-        import dcgan_train
-        was_training = generator.training
-        generator.eval()
-        device = next(generator.parameters()).device
-        noise_gen = torch.Generator().manual_seed(seed)
-        images = []
-        for start in range(0, n_samples, BATCH):
-            z = torch.randn((min(BATCH, n_samples - start), nz, 1, 1), generator=noise_gen)
-            images.append(dcgan_train.to_uint8(generator(z.to(device))).cpu())
-        generator.train(was_training)
-        return torch.cat(images)
+        return to_uint8(sample(generator, nz, n_samples, seed, BATCH))
 
     def __call__(self, generator: nn.Module, nz: int, n_samples: int = 5000, seed: int = 0) -> dict:
         """{"cfid", "class_min", "class_max", "class_shares"} for n_samples images of `generator`."""

@@ -18,6 +18,7 @@ from PIL import Image
 import analyze_gan
 import common
 import dcgan_train
+from common import gan_metrics
 from conftest import REPO, run_script, script_env
 from tiny_data import synthetic_digits
 
@@ -25,7 +26,7 @@ TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--log-every", "3", "-
 
 # Runs dcgan_train.main() in a fresh process after some patch code. hook_call() writes a patch that wraps one
 # function and runs a statement after its N-th call: a SIGTERM at an exact optimiser step, or a NaN loss.
-PRELUDE = "import os, signal, sys\nsys.path.insert(0, {repo!r})\nimport torch, common, dcgan_train\n"
+PRELUDE = "import os, signal, sys\nsys.path.insert(0, {repo!r})\nimport torch, common, dcgan_train\nfrom common import gan_metrics\n"
 
 
 def hook_call(owner: str, name: str, at: int, action: str) -> str:
@@ -235,13 +236,13 @@ class TinyFeatures(nn.Module):
 def test_fid_of_a_set_against_itself_is_zero_and_grows_with_a_shift():
     images = torch.from_numpy(synthetic_digits(300, 32, 3, seed=0)[0]).permute(0, 3, 1, 2).contiguous()
     extractor = TinyFeatures()
-    same = dcgan_train.compute_fid(extractor, images, images)
-    other_half = dcgan_train.compute_fid(extractor, images[:150], images[150:])  # same distribution, new draws
-    shifted = dcgan_train.compute_fid(extractor, images, (images.int() + 60).clamp(0, 255).to(torch.uint8))
+    same = gan_metrics.compute_fid(extractor, images, images)
+    other_half = gan_metrics.compute_fid(extractor, images[:150], images[150:])  # same distribution, new draws
+    shifted = gan_metrics.compute_fid(extractor, images, (images.int() + 60).clamp(0, 255).to(torch.uint8))
     assert abs(same) < 1e-6
     assert shifted > 10 * max(other_half, 1e-6) and shifted > 1e-3
     gray = images[:, :1]  # one-channel sets are repeated to RGB before the extractor
-    assert abs(dcgan_train.compute_fid(extractor, gray, gray)) < 1e-6
+    assert abs(gan_metrics.compute_fid(extractor, gray, gray)) < 1e-6
 
 
 def test_fid_during_training_with_a_stub_extractor(cifar_dir, tmp_path):
@@ -255,7 +256,7 @@ def test_fid_during_training_with_a_stub_extractor(cifar_dir, tmp_path):
             "    def forward(self, x):\n"
             "        features = self.conv(x.float() / 255).mean((2, 3))\n"
             "        return features, features[:, :4]\n"
-            "dcgan_train.InceptionFeatures = Stub\n")
+            "gan_metrics.InceptionFeatures = Stub\n")
     run_dir = tmp_path / "run"
     proc = run_patched(["--data-dir", cifar_dir, "--run-dir", run_dir, "--epochs", 3, "--fid-every", 2,
                         "--fid-samples", 64, "--inception-weights", weights, *TINY], stub)

@@ -11,6 +11,7 @@ import torch
 
 import common
 import dcgan_train
+from common import gan_metrics
 from conftest import run_script, run_with_signal
 
 TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--log-every", "3", "--ckpt-every-min", "1000",
@@ -122,10 +123,10 @@ def test_inception_weights_are_downloaded_once_or_one_line_says_where_to_put_the
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     lines = []
     # Offline: nothing listens on port 9 of this machine, so torch.hub's urlopen fails as it does without a network.
-    monkeypatch.setattr(dcgan_train, "INCEPTION_URL", "http://127.0.0.1:9/" + dcgan_train.INCEPTION_FILE)
+    monkeypatch.setattr(gan_metrics, "INCEPTION_URL", "http://127.0.0.1:9/" + gan_metrics.INCEPTION_FILE)
     path, classifier, note = dcgan_train.choose_evaluations(fid_args(), is_main=True, log=lines.append)
     assert path is None and not classifier
-    assert dcgan_train.INCEPTION_FILE in note and str(tmp_path / "hub" / "checkpoints") in note
+    assert gan_metrics.INCEPTION_FILE in note and str(tmp_path / "hub" / "checkpoints") in note
     assert "--inception-weights" in note and "\n" not in note
     with pytest.raises(common.UserError, match="no Inception weights.*refused"):
         dcgan_train.choose_evaluations(fid_args(fid="inception"), is_main=True, log=lines.append)
@@ -140,8 +141,8 @@ def test_inception_weights_are_downloaded_once_or_one_line_says_where_to_put_the
     name = f"weights-inception-2015-12-05-{hashlib.sha256(payload).hexdigest()[:8]}.pth"
     (tmp_path / "release").mkdir()
     (tmp_path / "release" / name).write_bytes(payload)
-    monkeypatch.setattr(dcgan_train, "INCEPTION_FILE", name)
-    monkeypatch.setattr(dcgan_train, "INCEPTION_URL", (tmp_path / "release" / name).as_uri())
+    monkeypatch.setattr(gan_metrics, "INCEPTION_FILE", name)
+    monkeypatch.setattr(gan_metrics, "INCEPTION_URL", (tmp_path / "release" / name).as_uri())
     path, _, note = dcgan_train.choose_evaluations(fid_args(), is_main=True, log=lines.append)
     assert path == tmp_path / "hub" / "checkpoints" / name and path.read_bytes() == payload and note is None
     (tmp_path / "release" / name).unlink()  # found in the cache now: no second download
@@ -149,12 +150,12 @@ def test_inception_weights_are_downloaded_once_or_one_line_says_where_to_put_the
     # A file whose SHA-256 does not match its name is not kept.
     wrong = "weights-inception-2015-12-05-00000000.pth"
     (tmp_path / "release" / wrong).write_bytes(payload)
-    monkeypatch.setattr(dcgan_train, "INCEPTION_FILE", wrong)
-    monkeypatch.setattr(dcgan_train, "INCEPTION_URL", (tmp_path / "release" / wrong).as_uri())
+    monkeypatch.setattr(gan_metrics, "INCEPTION_FILE", wrong)
+    monkeypatch.setattr(gan_metrics, "INCEPTION_URL", (tmp_path / "release" / wrong).as_uri())
     _, _, note = dcgan_train.choose_evaluations(fid_args(), is_main=True, log=lines.append)
     assert "invalid hash value" in note and not list((tmp_path / "hub" / "checkpoints").glob("*00000000*"))
 
 
 def test_the_inception_url_is_torch_fidelitys():
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-    assert dcgan_train.INCEPTION_URL == URL_INCEPTION_V3
+    assert gan_metrics.INCEPTION_URL == URL_INCEPTION_V3
