@@ -27,10 +27,9 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure  # no pyplot: Figure.savefig draws PNGs with Agg and sets no global backend
 from sklearn.manifold import TSNE
-from torchvision.utils import make_grid
 
 import common
-from common import experiments
+from common import experiments, figures, sweep_figures
 from vae_train import VAE, evaluate, pixel_nll, to_float
 
 CLASS_NAMES = {
@@ -173,16 +172,6 @@ def interpolation_pair(labels: torch.Tensor, indices, classes) -> tuple[int, int
 # Figures
 
 
-def save_figure(fig: Figure, path: Path) -> None:
-    with common.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-
-
-def image_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
-    """[N, 1, H, W] in [0, 1] -> an H x W array for imshow, white lines between images."""
-    return make_grid(images.cpu(), nrow=nrow, padding=2, pad_value=1.0)[0].numpy()
-
-
 def plot_loss_curves(runs: list[dict], labels: list[str], title: str) -> Figure:
     """Six panels (rows: train, test; columns: total, reconstruction, KL), one line per run."""
     fig = Figure(figsize=(9.5, 6), layout="constrained")
@@ -217,7 +206,7 @@ def plot_reconstructions(x: torch.Tensor, recon: torch.Tensor, title: str, per_r
         chunk = slice(pair * per_row, (pair + 1) * per_row)
         for offset, (images, name) in enumerate(((x[chunk], "test\nimages"), (recon[chunk], "recon-\nstructions"))):
             ax = axes[2 * pair + offset]
-            ax.imshow(image_grid(images, per_row), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(figures.image_grid(images, per_row), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=10)
@@ -228,7 +217,7 @@ def plot_reconstructions(x: torch.Tensor, recon: torch.Tensor, title: str, per_r
 def plot_samples(samples: torch.Tensor, title: str) -> Figure:
     fig = Figure(figsize=(7, 7.6), layout="constrained")
     ax = fig.subplots()
-    ax.imshow(image_grid(samples, 8), cmap="gray", vmin=0, vmax=1)
+    ax.imshow(figures.image_grid(samples, 8), cmap="gray", vmin=0, vmax=1)
     ax.axis("off")
     ax.set_title(title)
     return fig
@@ -286,8 +275,8 @@ def plot_interpolation(strip: torch.Tensor, ends: tuple[int, int], end_names: tu
 def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict:
     """Write RUN_DIR/figures/* and return the summary (also written as figures/summary.json)."""
     run_args, ckpt = run["args"], run["ckpt"]
-    figures = run["dir"] / "figures"
-    figures.mkdir(exist_ok=True)
+    fig_dir = run["dir"] / "figures"
+    fig_dir.mkdir(exist_ok=True)
     epoch = ckpt["epoch"]
     model = load_model(run, device)
     data_key = (run_args.get("dataset", "mnist"), args.data_dir or run_args["data_dir"])
@@ -295,48 +284,19 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
         data_cache[data_key] = common.load_images(data_key[0], data_key[1], train=False)
     images, labels = data_cache[data_key]
     images = images.to(device)
-    class_names = CLASS_NAMES[data_key[0]]
-    legend_title = "digit" if data_key[0] == "mnist" else "class"
-    seconds = {}
     print(f"{run['dir']}: {run_args['arch']} VAE, latent {run_args['latent_dim']}, beta {run_args['beta']}, "
           f"checkpoint at epoch {epoch} (+{ckpt.get('step_in_epoch', 0)} steps)", flush=True)
 
     about = f"{run['dir'].name} (beta {run_args['beta']:g}, epoch {epoch})"
     if run["metrics"]:
-        save_figure(plot_loss_curves([run], [run["dir"].name], f"{run['dir'].name}: losses per epoch "
-                                     f"(beta {run_args['beta']:g})"), figures / "loss_curves.png")
+        figures.save_figure(plot_loss_curves([run], [run["dir"].name], f"{run['dir'].name}: losses per epoch "
+                                             f"(beta {run_args['beta']:g})"), fig_dir / "loss_curves.png")
     else:
         print("  no finished epoch in metrics.csv yet: loss_curves.png not written", flush=True)
-
-    with torch.no_grad():
-        x = to_float(images[:args.n_recon])
-        save_figure(plot_reconstructions(x, model(x)[0], f"{about}: test images and their reconstructions "
-                                         f"(decoder mean at z = mu)"), figures / "reconstructions.png")
-        z = prior_noise(64, model.latent_dim, args.seed).to(device)
-        save_figure(plot_samples(torch.sigmoid(model.decoder(z)), f"{about}\n64 samples from the prior "
-                                 f"z ~ N(0, I) (decoder mean)"), figures / "samples.png")
-
-        i, j = interpolation_pair(labels, args.interp_indices, args.interp_classes)
-        mu_ends = model.encode(to_float(images[[i, j]]))[0]
-        ts = torch.linspace(0, 1, args.interp_steps, device=device)
-        z_line = (1 - ts[:, None]) * mu_ends[0] + ts[:, None] * mu_ends[1]  # [steps, d]
-        strip = torch.cat([to_float(images[[i]]), torch.sigmoid(model.decoder(z_line)), to_float(images[[j]])])
-        names = tuple(f"{legend_title} {class_names[int(labels[index])]}" for index in (i, j))
-        save_figure(plot_interpolation(strip, (i, j), names, ts, f"{about}\ndecoded points on the line in z "
-                                       f"between two latent means"), figures / "interpolation.png")
-
+    image_figures(model, images, labels, data_key[0], args, about, fig_dir)
+    seconds = {}
     started = time.monotonic()
-    n_points = min(args.tsne_points, len(images))
-    if args.perplexity >= n_points:
-        raise common.UserError(f"--perplexity {args.perplexity:g} must be below the number of t-SNE points "
-                               f"({n_points}); lower it or raise --tsne-points")
-    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:n_points]
-    means = latent_means(model, images[chosen.to(device)]).numpy()
-    points = TSNE(n_components=2, perplexity=args.perplexity, init="pca", learning_rate="auto",
-                  random_state=args.seed).fit_transform(means)
-    save_figure(plot_tsne(points, labels[chosen].numpy(), class_names, legend_title,
-                          f"{about}\nt-SNE of the {model.latent_dim}-d latent means of {n_points:,} test images "
-                          f"(perplexity {args.perplexity:g})"), figures / "tsne.png")
+    n_points = tsne_figure(model, images, labels, data_key[0], args, about, fig_dir)
     seconds["tsne"] = time.monotonic() - started
 
     # The true bound (beta = 1), with the noise the training script's evaluation uses: at an epoch-end checkpoint
@@ -361,12 +321,52 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
         "iw_images": len(iw_images), "tsne_points": n_points, "seed": args.seed, "device": str(device),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
-    common.atomic_write_text(figures / "summary.json", json.dumps(summary, indent=2) + "\n")
+    common.atomic_write_text(fig_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"  test ELBO {summary['test_elbo']:.2f} nats/image (recon {summary['test_recon']:.2f}, "
           f"KL {summary['test_kl']:.2f}); IW log-likelihood (K={args.iw_samples}, {len(iw_images)} images) "
           f"{iw_ll:.2f} nats/image", flush=True)
-    print(f"  figures in {figures} (t-SNE {seconds['tsne']:.1f} s, IW {seconds['iw']:.1f} s)", flush=True)
+    print(f"  figures in {fig_dir} (t-SNE {seconds['tsne']:.1f} s, IW {seconds['iw']:.1f} s)", flush=True)
     return summary
+
+
+@torch.no_grad()
+def image_figures(model: VAE, images: torch.Tensor, labels: torch.Tensor, dataset: str, args, about: str,
+                  fig_dir: Path) -> None:
+    """reconstructions.png, samples.png and interpolation.png of one run."""
+    x = to_float(images[:args.n_recon])
+    figures.save_figure(plot_reconstructions(x, model(x)[0], f"{about}: test images and their reconstructions "
+                                             f"(decoder mean at z = mu)"), fig_dir / "reconstructions.png")
+    z = prior_noise(64, model.latent_dim, args.seed).to(images.device)
+    figures.save_figure(plot_samples(torch.sigmoid(model.decoder(z)), f"{about}\n64 samples from the prior "
+                                     f"z ~ N(0, I) (decoder mean)"), fig_dir / "samples.png")
+
+    i, j = interpolation_pair(labels, args.interp_indices, args.interp_classes)
+    mu_ends = model.encode(to_float(images[[i, j]]))[0]
+    ts = torch.linspace(0, 1, args.interp_steps, device=images.device)
+    z_line = (1 - ts[:, None]) * mu_ends[0] + ts[:, None] * mu_ends[1]  # [steps, d]
+    strip = torch.cat([to_float(images[[i]]), torch.sigmoid(model.decoder(z_line)), to_float(images[[j]])])
+    legend_title = "digit" if dataset == "mnist" else "class"
+    names = tuple(f"{legend_title} {CLASS_NAMES[dataset][int(labels[index])]}" for index in (i, j))
+    figures.save_figure(plot_interpolation(strip, (i, j), names, ts, f"{about}\ndecoded points on the line in z "
+                                           f"between two latent means"), fig_dir / "interpolation.png")
+
+
+def tsne_figure(model: VAE, images: torch.Tensor, labels: torch.Tensor, dataset: str, args, about: str,
+                fig_dir: Path) -> int:
+    """tsne.png: t-SNE of the latent means of --tsne-points test images; returns how many points it used."""
+    n_points = min(args.tsne_points, len(images))
+    if args.perplexity >= n_points:
+        raise common.UserError(f"--perplexity {args.perplexity:g} must be below the number of t-SNE points "
+                               f"({n_points}); lower it or raise --tsne-points")
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:n_points]
+    means = latent_means(model, images[chosen.to(images.device)]).numpy()
+    points = TSNE(n_components=2, perplexity=args.perplexity, init="pca", learning_rate="auto",
+                  random_state=args.seed).fit_transform(means)
+    legend_title = "digit" if dataset == "mnist" else "class"
+    figures.save_figure(plot_tsne(points, labels[chosen].numpy(), CLASS_NAMES[dataset], legend_title,
+                                  f"{about}\nt-SNE of the {model.latent_dim}-d latent means of {n_points:,} test "
+                                  f"images (perplexity {args.perplexity:g})"), fig_dir / "tsne.png")
+    return n_points
 
 
 COMPARISON_COLUMNS = ["label", "beta", "arch", "latent_dim", "epoch", "images_seen", "test_neg_elbo", "test_recon",
@@ -380,54 +380,6 @@ def prior_noise(n: int, latent_dim: int, seed: int) -> torch.Tensor:
     return torch.randn((n, latent_dim), generator=torch.Generator().manual_seed(seed))
 
 
-def plot_comparison_curves(infos: list[experiments.RunInfo], labels: list[str], title: str) -> Figure:
-    """Test negative ELBO at beta = 1 (recon + KL: the bound every run is judged by, whatever beta it was trained
-    with), its reconstruction and KL terms, one line per run, against training images seen."""
-    x_name, xs = experiments.x_axis(infos)
-    panels = [("test -ELBO at beta = 1\n(recon + KL; lower is better)",
-               lambda rows: np.array([r["test_recon"] + r["test_kl"] for r in rows])),
-              ("test reconstruction NLL\n(lower is better)", lambda rows: np.array([r["test_recon"] for r in rows])),
-              ("test KL(q(z|x) || p(z))\n(nats the code carries)", lambda rows: np.array([r["test_kl"] for r in rows]))]
-    fig = Figure(figsize=(9.5, 4.2), layout="constrained")
-    axes = fig.subplots(1, 3, sharex=True)
-    for ax, (name, values) in zip(axes, panels):
-        for i, (info, label, x) in enumerate(zip(infos, labels, xs)):
-            ax.plot(x, values(info.metrics), marker="o", markersize=3, color=f"C{i}", label=label)
-        ax.set(title=name, ylabel="nats per image")
-        experiments.label_x_axis(ax, x_name)
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    experiments.legend_below(fig, n_columns=4)
-    return fig
-
-
-def plot_comparison_reconstructions(x: torch.Tensor, recons: list[torch.Tensor], labels: list[str],
-                                    title: str) -> Figure:
-    """The same test images (top row), then each run's reconstructions of them, one labelled row per run."""
-    rows = [("test images", x)] + list(zip(labels, recons))
-    fig = Figure(figsize=(len(x) * 0.75 + 1.8, len(rows) * 0.82 + 0.7), layout="constrained")
-    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
-    for ax, (name, images) in zip(axes, rows):
-        ax.imshow(image_grid(images, len(images)), cmap="gray", vmin=0, vmax=1)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=11)
-    fig.suptitle(title)
-    return fig
-
-
-def plot_comparison_samples(samples: list[torch.Tensor], labels: list[str], title: str) -> Figure:
-    """Each run's decoder on the same z, one 4 x 4 panel per run, side by side."""
-    fig = Figure(figsize=(2.3 * len(samples) + 0.4, 2.9), layout="constrained")
-    axes = fig.subplots(1, len(samples), squeeze=False)[0]
-    for ax, images, label in zip(axes, samples, labels):
-        ax.imshow(image_grid(images, 4), cmap="gray", vmin=0, vmax=1)
-        ax.axis("off")
-        ax.set_title(label, fontsize=11)
-    fig.suptitle(title)
-    return fig
-
-
 def write_comparison(runs: list[dict], infos: list[experiments.RunInfo], summaries: list[dict], out: Path,
                      args, device: torch.device, data_cache: dict) -> list[dict]:
     """The comparison figures, table (summary.csv, summary.json) and printed table in `out`; returns the rows."""
@@ -435,7 +387,8 @@ def write_comparison(runs: list[dict], infos: list[experiments.RunInfo], summari
     labels = experiments.run_labels(infos)
     sweeps = {info.sweep for info in infos}
     what = f"sweep {sweeps.pop()}" if len(sweeps) == 1 and None not in sweeps else f"{len(runs)} VAE runs"
-    save_figure(plot_comparison_curves(infos, labels, f"{what}: test bound and its terms"), out / "loss_curves.png")
+    figures.save_figure(sweep_figures.plot_comparison_curves(infos, labels, f"{what}: test bound and its terms"),
+                        out / "loss_curves.png")
 
     data_keys = {(run["args"].get("dataset", "mnist"), args.data_dir or run["args"]["data_dir"]) for run in runs}
     if len({key[0] for key in data_keys}) == 1:
@@ -450,10 +403,11 @@ def write_comparison(runs: list[dict], infos: list[experiments.RunInfo], summari
                 samples.append(torch.sigmoid(model.decoder(z)))
         epochs = sorted({summary["epoch"] for summary in summaries})
         at = f"epoch {epochs[0]}" if len(epochs) == 1 else "each run's newest checkpoint"
-        save_figure(plot_comparison_reconstructions(x, recons, labels, f"{what}: the same test images "
-                                                    f"reconstructed by each run ({at})"), out / "reconstructions.png")
-        save_figure(plot_comparison_samples(samples, labels, f"{what}: samples from the same z ~ N(0, I) ({at})"),
-                    out / "samples.png")
+        title = f"{what}: the same test images reconstructed by each run ({at})"
+        figures.save_figure(sweep_figures.plot_comparison_reconstructions(x, recons, labels, title),
+                            out / "reconstructions.png")
+        title = f"{what}: samples from the same z ~ N(0, I) ({at})"
+        figures.save_figure(sweep_figures.plot_comparison_samples(samples, labels, title), out / "samples.png")
     else:
         print("note: the runs were trained on different data sets: no side-by-side reconstructions or samples",
               flush=True)
@@ -489,8 +443,8 @@ def main(argv=None) -> int:
     data_cache = {}
     summaries = [analyze_run(run, args, device, data_cache) for run in runs]
     if len(runs) > 1:
-        write_comparison(runs, infos, summaries, Path(args.out) if args.out else experiments.default_compare_dir(infos, "vae"), args, device,
-                         data_cache)
+        out = Path(args.out) if args.out else experiments.default_compare_dir(infos, "vae")
+        write_comparison(runs, infos, summaries, out, args, device, data_cache)
     return 0
 
 

@@ -240,12 +240,11 @@ def first_conv_in_channels(model) -> int | None:
 
 def dataset_hint(folder: Path) -> str:
     """' (config.json there says --dataset mnist)' when the file sits in a run folder, else ''."""
-    config = folder / "config.json"
     try:
-        dataset = json.loads(config.read_text())["args"]["dataset"]
-    except (OSError, ValueError, KeyError, TypeError):
+        dataset = common.read_run_config(folder, "dcgan")["args"]["dataset"]
+    except (common.UserError, KeyError):
         return ""
-    return f"; {config} says it was trained with --dataset {dataset}"
+    return f"; {folder / 'config.json'} says it was trained with --dataset {dataset}"
 
 
 def check_generator(checks: Checks, path: Path, nz_flag: int | None, n: int) -> tuple[object, torch.Tensor | None]:
@@ -403,9 +402,9 @@ def data_dirs_to_try(args, vae_path: Path) -> list[tuple[Path, str]]:
         return [(Path(args.data_dir), "--data-dir")]
     found = []
     try:
-        config = json.loads((vae_path.parent / "config.json").read_text())
+        config = common.read_run_config(vae_path.parent, "vae")
         found.append((Path(config["args"]["data_dir"]), f"the run's --data-dir, in {vae_path.parent.name}/config.json"))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (common.UserError, KeyError, TypeError):
         pass
     if common.DEFAULT_DATA_DIR not in [d for d, _ in found]:
         found.append((common.DEFAULT_DATA_DIR, "the default data folder"))

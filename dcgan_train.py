@@ -28,7 +28,6 @@ if __name__ == "__main__":
 
 import argparse
 import copy
-import csv
 import math
 from pathlib import Path
 
@@ -219,7 +218,7 @@ def count_params(args) -> int:
 def load_training_images(args) -> torch.Tensor:
     """The training set as uint8 [N, C, image_size, image_size]; grey sets padded from 28 to 32 with black."""
     if args.dataset == "folder":
-        images = load_folder(args.data_dir, args.image_size)
+        images = common.load_image_folder(args.data_dir, args.image_size)
     else:
         images, _ = common.load_images(args.dataset, args.data_dir, train=True)
         if args.dataset in GRAY_DATASETS:
@@ -230,25 +229,6 @@ def load_training_images(args) -> torch.Tensor:
         resized = F.interpolate(images.float(), size=args.image_size, mode="bilinear", antialias=True)
         images = resized.round().clamp(0, 255).to(torch.uint8)
     return images
-
-
-def load_folder(data_dir, image_size: int) -> torch.Tensor:
-    """Every image under DATA_DIR/<class>/ (torchvision ImageFolder layout), resized and centre-cropped once."""
-    from torchvision.datasets import ImageFolder
-    try:
-        folder = ImageFolder(data_dir, transform=transforms.Compose([
-            transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()]))
-    except (FileNotFoundError, OSError) as err:
-        raise common.UserError(f"--dataset folder: no images under {data_dir} ({err}). Put them in "
-                               f"{data_dir}/<any subfolder>/*.png|jpg and pass --data-dir {data_dir}") from None
-    images = []
-    for index in range(len(folder)):
-        try:
-            images.append(folder[index][0])
-        except OSError as err:  # PIL: truncated or not an image
-            raise common.UserError(f"--dataset folder: {folder.samples[index][0]} is damaged ({err}); delete or "
-                                   f"replace it") from None
-    return torch.stack(images)
 
 
 def to_float(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -361,37 +341,6 @@ def diff_augment(x: torch.Tensor, policy: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Which quality numbers a run computes (the metrics themselves: common/gan_metrics.py)
-
-
-def choose_evaluations(args, is_main: bool, log=print) -> tuple[Path | None, bool, str | None]:
-    """Which quality numbers the run computes (--fid): (Inception weights or None, classifier FID or not, a line
-    for the log when FID is skipped). Fails here, before a run folder exists, when the asked-for one cannot be had.
-    Only rank 0 evaluates, so only rank 0 looks for (and downloads) the weights."""
-    if args.fid == "classifier" and args.dataset not in GRAY_DATASETS:
-        raise common.UserError(f"--fid classifier: the classifier FID exists for mnist and fashion-mnist only, not "
-                               f"--dataset {args.dataset}; use --fid inception (or auto)")
-    classifier = args.fid in ("auto", "classifier") and args.dataset in GRAY_DATASETS
-    wants_inception = args.fid == "inception" or (
-        args.fid == "auto" and (args.dataset not in GRAY_DATASETS or args.inception_weights is not None))
-    if not (wants_inception and is_main):
-        return None, classifier, None
-    path = gan_metrics.find_inception_weights(args.inception_weights)
-    if path is not None:
-        return path, classifier, None
-    dest = Path(torch.hub.get_dir()) / "checkpoints" / gan_metrics.INCEPTION_FILE
-    why = gan_metrics.download_inception_weights(dest, log)
-    if why is None:
-        return dest, classifier, None
-    message = (f"no Inception weights: {dest} is missing and could not be downloaded ({why}). Put "
-               f"{gan_metrics.INCEPTION_FILE} (from {gan_metrics.INCEPTION_URL}) there, or pass "
-               f"--inception-weights PATH")
-    if args.fid == "inception":
-        raise common.UserError(message)
-    return None, classifier, f"FID skipped: {message}; --fid off silences this"
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Outputs
 
 
@@ -413,15 +362,6 @@ def export_model(model: nn.Module, path: Path) -> None:
         if nn.utils.parametrize.is_parametrized(module, "weight"):
             nn.utils.parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     common.save_torchscript(model, path)
-
-
-def read_step_rows(path: Path, up_to_step: int) -> list[dict]:
-    """The rows of steps.csv up to a global step: on resume, later rows would be written again."""
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return [row for row in csv.DictReader(f) if row.get("global_step", "").isdigit()
-                and int(row["global_step"]) <= up_to_step]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -496,7 +436,7 @@ class DCGANTraining(common.TrainingJob):
         self.best_column = "fid" if self.inception_path else "cfid" if self.use_classifier else None
         if not run.is_main:
             return  # rank 0 alone samples, measures FID and exports
-        common.write_csv(self.steps_path, STEP_COLUMNS, read_step_rows(self.steps_path, global_step))
+        common.write_csv(self.steps_path, STEP_COLUMNS, common.read_step_rows(self.steps_path, global_step))
         if self.fid_note:
             run.log(self.fid_note)
         # Building the evaluators draws init weights (Inception) or trains a classifier: keep training's RNG.
@@ -602,19 +542,26 @@ def means(sums: torch.Tensor) -> dict:
             "d_real": d_real / max(n_d, 1), "d_fake": d_fake / max(n_d, 1)}
 
 
-def export_checkpoint(ckpt_path, out_dir) -> tuple[Path, Path]:
-    """DCGAN_model_G.pth and DCGAN_model_D.pth from any checkpoint of a DCGAN run (e.g. a milestone
-    checkpoints/epoch-NNN.pt chosen by its quality): G is the EMA generator when the run used one."""
-    ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
-    config = common.read_run_config(ckpt_path.parent.parent, "dcgan")
+def models_from_checkpoint(ckpt: dict, run_dir) -> tuple[Generator, Discriminator]:
+    """G and D in eval mode from a checkpoint of the DCGAN run in `run_dir` (its config.json gives the
+    architecture): G is the EMA generator when the run used one."""
+    config = common.read_run_config(run_dir, "dcgan")
     args = build_parser().parse_args([])
     vars(args).update(config["args"])
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     generator, discriminator = build_models(args, dataset_channels(args.dataset))
     generator.load_state_dict(ckpt["generator_ema"] or ckpt["generator"])
     if ckpt["generator_ema"] and ckpt["step_in_epoch"]:  # mid-epoch: the EMA G's statistics are the last epoch end's
         standing_stats(generator, args.batch_size, args.seed + STANDING_STATS_SEED_OFFSET)
     discriminator.load_state_dict(ckpt["discriminator"])
+    return generator.eval(), discriminator.eval()
+
+
+def export_checkpoint(ckpt_path, out_dir) -> tuple[Path, Path]:
+    """DCGAN_model_G.pth and DCGAN_model_D.pth from any checkpoint of a DCGAN run (e.g. a milestone
+    checkpoints/epoch-NNN.pt chosen by its quality): G is the EMA generator when the run used one."""
+    ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    generator, discriminator = models_from_checkpoint(ckpt, ckpt_path.parent.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = out_dir / "DCGAN_model_G.pth", out_dir / "DCGAN_model_D.pth"
     export_model(generator, paths[0])
@@ -633,7 +580,7 @@ def main(argv=None) -> int:
                                f"lower --ngf / --ndf (or --image-size)")
     gan_metrics.find_inception_weights(args.inception_weights)  # a wrong path fails now, before any folder is made
     rank, world_size, device = common.init_distributed(args.device)  # torchrun: one process per GPU
-    evaluations = choose_evaluations(args, is_main=rank == 0)
+    evaluations = gan_metrics.choose_evaluations(args, is_main=rank == 0)
     train_images = load_training_images(args).to(device)
     job = DCGANTraining(args, train_images, device, rank, world_size)
     job.inception_path, job.use_classifier, job.fid_note = evaluations

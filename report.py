@@ -76,10 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
 # Finding the runs
 
 
-def read_config(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "config.json").read_text())
-
-
 def choose_runs(args, runs_root: Path, log=print) -> dict:
     """The runs the report shows, each printed with the reason; sweeps by name, with notes on runs left out."""
     notes = []
@@ -368,6 +364,15 @@ def write_gan_section(report: Report, gan: experiments.RunInfo, why: str) -> dic
     report.figure(figures / "fixed_noise_progression.png", "gan_fixed_noise_progression.png",
                   f"{run_is}: the same 8 noise vectors (columns) decoded at evenly spaced epochs (rows).")
 
+    milestones = write_gan_diagnostics(report, gan, summary, run_is, fid_text)
+    return {"run": gan.name, "dataset": run_args["dataset"], "params_g": n_g, "params_d": n_d,
+            "best_fid": best_fid, "epochs_done": summary["epochs_done"], "milestones": milestones, "last": last}
+
+
+def write_gan_diagnostics(report: Report, gan: experiments.RunInfo, summary: dict, run_is: str, fid_text: str) -> dict:
+    """The DCGAN's extra figures that its analysis made (D's outputs, FID, diversity, nearest neighbours,
+    milestones), each with its caption; returns the milestone summary."""
+    run_args, figures = gan.config["args"], gan.dir / "figures"
     milestones = summary.get("milestones") or {}
     best = milestones.get("best")
     best_text = (f"best: epoch {best['epoch']} ({milestones['measure']} {best['value']:.4g}); `python "
@@ -394,8 +399,7 @@ def write_gan_section(report: Report, gan: experiments.RunInfo, why: str) -> dic
         report.heading(3, "More GAN diagnostics")
         for source, name, caption in extras:
             report.figure(figures / source, name, caption)
-    return {"run": gan.name, "dataset": run_args["dataset"], "params_g": n_g, "params_d": n_d,
-            "best_fid": best_fid, "epochs_done": summary["epochs_done"], "milestones": milestones, "last": last}
+    return milestones
 
 
 def write_gan_sweep_section(report: Report, sweep: list, name: str, runs_root: Path) -> None:

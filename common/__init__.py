@@ -18,7 +18,9 @@ Where things live (a module imports only the ones above it in this list):
     folder.py        RunFolder: the run folder owned by one process (lock, config.json, log.txt, latest links)
     loop.py          TrainingJob (what a script hands over) and Run (the loop: restore, steps, epochs, saves)
     experiments.py   run folders as experiments: sweeps, the run that counts, labels from differing settings
-    gan_metrics.py   GAN evaluation: Inception features, FID, IS, classifier FID, seeded sampling
+    gan_metrics.py   GAN evaluation: seeded sampling, diversity, Inception features, FID, IS, classifier FID
+    figures.py       figure helpers for the analysis scripts: atomic PNGs, smoothing, image mosaics
+    sweep_figures.py figures that put runs side by side (a sweep), for both models
 
 A training script uses it in this order (vae_train.main is the shortest example):
 
@@ -44,14 +46,14 @@ _NAMES = {
     "flags": ["REPO_ROOT", "DEFAULT_RUNS_ROOT", "DEFAULT_DATA_DIR", "ArgumentParser", "at_least", "positive_float",
               "non_negative_float", "unit_interval", "plain_name", "add_run_args", "checked"],
     "files": ["fsync_dir", "atomic_path", "atomic_write_text", "write_csv", "append_csv", "atomic_symlink"],
-    "readers": ["list_checkpoints", "read_run_config", "read_metrics_csv"],
+    "readers": ["list_checkpoints", "read_run_config", "read_metrics_csv", "read_step_rows"],
     "mirror": ["mirror_run", "restore_from_mirror"],
     "runs": ["RunPlan", "resolve_run", "experiment_settings", "settings_differ"],
     "checkpoints": ["load_latest_checkpoint", "rng_state", "set_rng_state", "seed_everything", "save_torchscript"],
     "devices": ["pick_device", "init_distributed", "broadcast_object", "all_reduce_sum", "any_rank",
                 "average_gradients", "shard", "amp_dtype", "autocast", "grad_scaler", "adam"],
     "progress": ["Progress"],
-    "data": ["epoch_permutation", "load_images", "FASHION_MNIST_SYSTEM_DIR"],
+    "data": ["epoch_permutation", "load_images", "load_image_folder", "FASHION_MNIST_SYSTEM_DIR"],
     "folder": ["RunFolder"],
     "loop": ["TrainingJob", "Run", "open_run"],
 }

@@ -133,3 +133,23 @@ def load_images(dataset: str, data_dir, train: bool) -> tuple[torch.Tensor, torc
         raise UserError(_missing_data_message(dataset, data_dir, train, err)) from None
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
     return images.to(torch.uint8), labels
+
+
+def load_image_folder(data_dir, image_size: int) -> torch.Tensor:
+    """Every image under DATA_DIR/<class>/ (torchvision ImageFolder layout), resized and centre-cropped once."""
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+    try:
+        folder = ImageFolder(data_dir, transform=transforms.Compose([
+            transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()]))
+    except (FileNotFoundError, OSError) as err:
+        raise UserError(f"--dataset folder: no images under {data_dir} ({err}). Put them in "
+                               f"{data_dir}/<any subfolder>/*.png|jpg and pass --data-dir {data_dir}") from None
+    images = []
+    for index in range(len(folder)):
+        try:
+            images.append(folder[index][0])
+        except OSError as err:  # PIL: truncated or not an image
+            raise UserError(f"--dataset folder: {folder.samples[index][0]} is damaged ({err}); delete or "
+                                   f"replace it") from None
+    return torch.stack(images)

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import readers
 from .errors import UserError
 
-SCRIPTS = {"vae": "vae_train.py", "dcgan": "dcgan_train.py"}
+SCRIPTS = readers.SCRIPTS
 MODEL_FILES = {"vae": ["VAE_model.pth"], "dcgan": ["DCGAN_model_G.pth", "DCGAN_model_D.pth"]}
 # Training images per epoch of each data set, for runs whose metrics.csv has no images_seen column.
 DATASET_SIZES = {"mnist": 60_000, "fashion-mnist": 60_000, "cifar10": 50_000}
@@ -114,14 +114,9 @@ def read_run(path, script: str | None = None) -> RunInfo | None:
     """The run in `path`, or None when it is not a run folder (of `script`, when given)."""
     path = Path(path)
     try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+        return RunInfo(path, readers.read_run_config(path, script))
+    except UserError:
         return None
-    if not isinstance(config, dict) or config.get("script") not in SCRIPTS or not isinstance(config.get("args"), dict):
-        return None
-    if script is not None and config["script"] != script:
-        return None
-    return RunInfo(path, config)
 
 
 def collect_runs(paths: list, script: str, log=print) -> list[RunInfo]:

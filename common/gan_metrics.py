@@ -24,6 +24,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -57,6 +58,39 @@ def sample(generator: nn.Module, nz: int, n: int, seed: int, batch_size: int = 5
         images.append(generator(z.to(device)).float().cpu())
     generator.train(was_training)
     return torch.cat(images)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Diversity and memorisation: numbers that need no feature extractor
+
+
+def diversity(images: np.ndarray) -> float:
+    """Mean pairwise RMS pixel distance within a set of images in [0, 1]; mode collapse drives it towards 0."""
+    flat = torch.from_numpy(np.ascontiguousarray(images).reshape(len(images), -1)).double()
+    distances = torch.cdist(flat, flat) / math.sqrt(flat.shape[1])
+    n = len(images)
+    return float(distances.sum() / (n * (n - 1)))
+
+
+def real_diversity(train_images: torch.Tensor) -> float:
+    """The same number for 64 random training images: what a generator without collapse should come near."""
+    pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(0))[:64]
+    return diversity(train_images[pick].expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy() / 255)
+
+
+def nearest_neighbours(samples: torch.Tensor, train: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each sample (in [0, 1]), the k nearest training images (L2 in pixel space) and their RMS distances."""
+    flat = samples.flatten(1).double()
+    best_d, best_i = None, None
+    for start in range(0, len(train), 5000):  # chunks: 60,000 x 3,072 doubles would be 1.5 GB at once
+        chunk = train[start:start + 5000].flatten(1).double() / 255
+        d = torch.cdist(flat, chunk)
+        d_all = d if best_d is None else torch.cat([best_d, d], 1)
+        i_all = torch.arange(start, start + len(chunk)).expand(len(flat), -1)
+        i_all = i_all if best_i is None else torch.cat([best_i, i_all], 1)
+        best_d, order = d_all.topk(min(k, d_all.shape[1]), dim=1, largest=False)
+        best_i = i_all.gather(1, order)
+    return best_i, best_d / math.sqrt(flat.shape[1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,6 +189,34 @@ def download_inception_weights(dest: Path, log=print) -> str | None:
     finally:
         socket.setdefaulttimeout(previous)
     return None
+
+
+def choose_evaluations(args, is_main: bool, log=print) -> tuple[Path | None, bool, str | None]:
+    """Which quality numbers a dcgan_train.py run computes (its --fid, --dataset, --inception-weights):
+    (Inception weights or None, classifier FID or not, a line for the log when FID is skipped). Fails here, before a run folder exists, when the asked-for one cannot be had.
+    Only rank 0 evaluates, so only rank 0 looks for (and downloads) the weights."""
+    if args.fid == "classifier" and args.dataset not in SUPPORTED:
+        raise UserError(f"--fid classifier: the classifier FID exists for mnist and fashion-mnist only, not "
+                               f"--dataset {args.dataset}; use --fid inception (or auto)")
+    classifier = args.fid in ("auto", "classifier") and args.dataset in SUPPORTED
+    wants_inception = args.fid == "inception" or (
+        args.fid == "auto" and (args.dataset not in SUPPORTED or args.inception_weights is not None))
+    if not (wants_inception and is_main):
+        return None, classifier, None
+    path = find_inception_weights(args.inception_weights)
+    if path is not None:
+        return path, classifier, None
+    dest = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    why = download_inception_weights(dest, log)
+    if why is None:
+        return dest, classifier, None
+    message = (f"no Inception weights: {dest} is missing and could not be downloaded ({why}). Put "
+               f"{INCEPTION_FILE} (from {INCEPTION_URL}) there, or pass "
+               f"--inception-weights PATH")
+    if args.fid == "inception":
+        raise UserError(message)
+    return None, classifier, f"FID skipped: {message}; --fid off silences this"
+
 
 
 class InceptionFeatures(nn.Module):

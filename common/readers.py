@@ -18,21 +18,29 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(ckpt_dir.glob("step-*.pt"), reverse=True)
 
 
-def read_run_config(run_dir, script: str) -> dict:
-    """The config.json of a run folder made by `script` ("vae" or "dcgan"); a UserError says what is wrong."""
+SCRIPTS = {"vae": "vae_train.py", "dcgan": "dcgan_train.py"}  # what a run folder's config.json may name
+
+
+def read_run_config(run_dir, script: str | None) -> dict:
+    """The config.json of a run folder made by `script` ("vae" or "dcgan"; None: either); a UserError says what is
+    wrong. The one reader of config.json: resume, the analysis scripts, the report and the submission check."""
     path = Path(run_dir)
+    made_by = SCRIPTS.get(script, "vae_train.py or dcgan_train.py")
     if not path.is_dir():
         raise UserError(f"{run_dir}: no such run folder")
     config_path = path / "config.json"
     if not config_path.exists():
-        raise UserError(f"{run_dir} has no config.json: not a run folder made by {script}_train.py")
+        raise UserError(f"{run_dir} has no config.json: not a run folder made by {made_by}")
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{config_path} is damaged: not valid JSON ({err})") from None
-    if config.get("script") != script or "args" not in config:
-        raise UserError(f"{run_dir} is a {config.get('script')!r} run, not a {script.upper()} run "
-                        f"({script}_train.py)")
+    except OSError as err:
+        raise UserError(f"{config_path} cannot be read ({err.strerror or err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("args"), dict) or config.get("script") not in SCRIPTS:
+        raise UserError(f"{config_path} is not a training run's config (no 'script' and 'args')")
+    if script is not None and config["script"] != script:
+        raise UserError(f"{run_dir} is a {config['script']!r} run, not a {script.upper()} run ({made_by})")
     return config
 
 
@@ -52,3 +60,12 @@ def read_metrics_csv(path) -> list[dict]:
         except (TypeError, ValueError):
             continue
     return rows
+
+
+def read_step_rows(path: Path, up_to_step: int) -> list[dict]:
+    """The rows of steps.csv up to a global step: on resume, later rows would be written again (raw strings, as csv reads them)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [row for row in csv.DictReader(f) if row.get("global_step", "").isdigit()
+                and int(row["global_step"]) <= up_to_step]

@@ -13,7 +13,7 @@ import torch
 
 import analyze_gan
 import common
-from common import experiments
+from common import experiments, figures, sweep_figures
 from conftest import run_script
 
 TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--log-every", "3", "--ckpt-every-min", "1000"]
@@ -92,16 +92,16 @@ def test_comparison_panels_keep_losses_apart_and_use_images_seen(runs):
     labels = experiments.run_labels(infos)
     x_name, xs = experiments.x_axis(infos)
     assert x_name == "training images seen" and xs == [[200, 400], [200, 400]]
-    fig = analyze_gan.compare_losses(infos, labels, x_name, xs, "t")
+    fig = sweep_figures.compare_losses(infos, labels, x_name, xs, "t")
     axes = np.array(fig.axes).reshape(2, 2)
     for col, label in enumerate(["loss=bce", "loss=hinge"]):  # one column per loss type, one run in each
         for ax in axes[:, col]:
             assert [line.get_label() for line in ax.get_lines()] == [label]
             assert list(ax.get_lines()[0].get_xdata()) == [200, 400]
-    d_fig = analyze_gan.compare_d_outputs(infos, labels, x_name, xs, "t")
+    d_fig = sweep_figures.compare_d_outputs(infos, labels, x_name, xs, "t")
     assert all([line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")] == ["loss=bce"]
                for ax in d_fig.axes)  # D probabilities for the BCE run only
-    assert analyze_gan.compare_d_outputs(infos[1:], labels[1:], x_name, xs[1:], "t") is None
+    assert sweep_figures.compare_d_outputs(infos[1:], labels[1:], x_name, xs[1:], "t") is None
 
 
 def test_loss_legend_states_the_real_window():
@@ -117,7 +117,7 @@ def test_loss_legend_states_the_real_window():
 
 def test_mosaic_leaves_white_gaps_between_cells():
     cells = np.zeros((2, 4, 4, 3), dtype=np.float32)
-    image = analyze_gan.mosaic([cells, cells], gap=3)
+    image = figures.mosaic([cells, cells], gap=3)
     assert image.shape == (11, 11, 3)
     assert (image[:, 4:7] == 1).all() and (image[4:7, :] == 1).all() and (image[:4, :4] == 0).all()
 

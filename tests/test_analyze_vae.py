@@ -15,7 +15,7 @@ from conftest import run_script
 
 import analyze_vae
 import common
-from common import experiments
+from common import experiments, sweep_figures
 from vae_train import VAE, to_float, vae_terms
 
 FIGURES = ["loss_curves.png", "reconstructions.png", "samples.png", "tsne.png", "interpolation.png"]
@@ -97,7 +97,7 @@ def test_several_runs_make_a_comparison_in_the_sweeps_folder(runs):
 def test_comparison_curves_are_the_bound_at_beta_1_against_images_seen(runs):
     """Not the beta-weighted objective (test_loss), which differs between betas by construction."""
     infos = [experiments.read_run(d) for d in runs["dirs"]]
-    fig = analyze_vae.plot_comparison_curves(infos, experiments.run_labels(infos), "t")
+    fig = sweep_figures.plot_comparison_curves(infos, experiments.run_labels(infos), "t")
     elbo_axis, recon_axis, kl_axis = fig.axes
     for i, info in enumerate(infos):
         recon = [row["test_recon"] for row in info.metrics]

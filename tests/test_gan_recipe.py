@@ -124,16 +124,16 @@ def test_inception_weights_are_downloaded_once_or_one_line_says_where_to_put_the
     lines = []
     # Offline: nothing listens on port 9 of this machine, so torch.hub's urlopen fails as it does without a network.
     monkeypatch.setattr(gan_metrics, "INCEPTION_URL", "http://127.0.0.1:9/" + gan_metrics.INCEPTION_FILE)
-    path, classifier, note = dcgan_train.choose_evaluations(fid_args(), is_main=True, log=lines.append)
+    path, classifier, note = gan_metrics.choose_evaluations(fid_args(), is_main=True, log=lines.append)
     assert path is None and not classifier
     assert gan_metrics.INCEPTION_FILE in note and str(tmp_path / "hub" / "checkpoints") in note
     assert "--inception-weights" in note and "\n" not in note
     with pytest.raises(common.UserError, match="no Inception weights.*refused"):
-        dcgan_train.choose_evaluations(fid_args(fid="inception"), is_main=True, log=lines.append)
-    assert dcgan_train.choose_evaluations(fid_args(fid="off"), is_main=True) == (None, False, None)
-    assert dcgan_train.choose_evaluations(fid_args(dataset="mnist"), is_main=True) == (None, True, None)
+        gan_metrics.choose_evaluations(fid_args(fid="inception"), is_main=True, log=lines.append)
+    assert gan_metrics.choose_evaluations(fid_args(fid="off"), is_main=True) == (None, False, None)
+    assert gan_metrics.choose_evaluations(fid_args(dataset="mnist"), is_main=True) == (None, True, None)
     with pytest.raises(common.UserError, match="mnist and fashion-mnist only"):
-        dcgan_train.choose_evaluations(fid_args(fid="classifier"), is_main=True)
+        gan_metrics.choose_evaluations(fid_args(fid="classifier"), is_main=True)
 
     # Online (a file:// URL, which torch.hub's urlopen reads as it reads https): the file lands in torch's hub cache,
     # once, checked against the hash in its name.
@@ -143,16 +143,16 @@ def test_inception_weights_are_downloaded_once_or_one_line_says_where_to_put_the
     (tmp_path / "release" / name).write_bytes(payload)
     monkeypatch.setattr(gan_metrics, "INCEPTION_FILE", name)
     monkeypatch.setattr(gan_metrics, "INCEPTION_URL", (tmp_path / "release" / name).as_uri())
-    path, _, note = dcgan_train.choose_evaluations(fid_args(), is_main=True, log=lines.append)
+    path, _, note = gan_metrics.choose_evaluations(fid_args(), is_main=True, log=lines.append)
     assert path == tmp_path / "hub" / "checkpoints" / name and path.read_bytes() == payload and note is None
     (tmp_path / "release" / name).unlink()  # found in the cache now: no second download
-    assert dcgan_train.choose_evaluations(fid_args(), is_main=True)[0] == path
+    assert gan_metrics.choose_evaluations(fid_args(), is_main=True)[0] == path
     # A file whose SHA-256 does not match its name is not kept.
     wrong = "weights-inception-2015-12-05-00000000.pth"
     (tmp_path / "release" / wrong).write_bytes(payload)
     monkeypatch.setattr(gan_metrics, "INCEPTION_FILE", wrong)
     monkeypatch.setattr(gan_metrics, "INCEPTION_URL", (tmp_path / "release" / wrong).as_uri())
-    _, _, note = dcgan_train.choose_evaluations(fid_args(), is_main=True, log=lines.append)
+    _, _, note = gan_metrics.choose_evaluations(fid_args(), is_main=True, log=lines.append)
     assert "invalid hash value" in note and not list((tmp_path / "hub" / "checkpoints").glob("*00000000*"))
 
 

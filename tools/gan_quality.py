@@ -13,7 +13,7 @@ loads) is measured with classifier_fid: the Frechet distance between the feature
 data set's labels for --samples generated images and the test set (lower is better), averaged over --draws draws of
 noise (one draw's FID moves by 0.2 to 0.5 at FIDs near 2), the smallest and largest class share among all the
 draws' samples (a class near 0 is a lost mode), and the diversity of the samples (mean pairwise RMS pixel distance,
-as analyze_gan.diversity). A finished run is measured again, not retrained, on a second call.
+as gan_metrics.diversity). A finished run is measured again, not retrained, on a second call.
 
 Writes OUT/gan_quality.csv (one row per run), OUT/gan_quality.json (the rows, the means over seeds, the ratio of
 the recommended defaults to the plain DCGAN, the machine) and OUT/gan_quality_samples.png (64 samples of every
@@ -149,9 +149,8 @@ def run_flags(args, recipe_flags, dataset, budget, seed, run_dir: Path) -> list[
 
 
 def diversity(images_uint8: torch.Tensor) -> float:
-    """analyze_gan.diversity of the first DIVERSITY_SAMPLES images (it takes [n, H, W, C] floats in [0, 1])."""
-    import analyze_gan
-    return analyze_gan.diversity(images_uint8[:DIVERSITY_SAMPLES].permute(0, 2, 3, 1).double().numpy() / 255)
+    """gan_metrics.diversity of the first DIVERSITY_SAMPLES images (it takes [n, H, W, C] floats in [0, 1])."""
+    return gan_metrics.diversity(images_uint8[:DIVERSITY_SAMPLES].permute(0, 2, 3, 1).double().numpy() / 255)
 
 
 def score_draws(evaluator, draws: list[torch.Tensor]) -> dict:

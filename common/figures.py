@@ -1,0 +1,103 @@
+"""Figure helpers for the analysis scripts and the report: PNGs written atomically, smoothed curves, integer
+epoch ticks, and mosaics of image cells with white gaps (from the runs' saved sample grids)."""
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.utils import make_grid
+from matplotlib.figure import Figure  # no pyplot: Figure.savefig draws PNGs with Agg and sets no global backend
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
+
+from .files import atomic_path
+
+GRID_PADDING = 2      # torchvision.utils.save_image's default, used by dcgan_train.save_samples
+GRID_COLUMNS = 8      # ... with nrow=8
+CELL_GAP = 4          # white pixels between the cells of the figures made here, so samples never merge
+
+
+def column(rows: list[dict], key: str) -> np.ndarray:
+    return np.array([row.get(key, math.nan) for row in rows], dtype=float)
+
+
+def ema_weight(n_points: int) -> float:
+    """The decay of the smoothing below: an effective window of about a tenth of the curve, at least 1 point."""
+    return float(np.clip(1 - 10 / max(n_points, 1), 0.0, 0.98))
+
+
+def smooth(values: np.ndarray) -> np.ndarray:
+    """Debiased exponential moving average (TensorBoard's smoothing) with the decay of ema_weight."""
+    weight = ema_weight(len(values))
+    out, acc, total = np.empty_like(values), 0.0, 0.0
+    for i, v in enumerate(values):
+        if np.isfinite(v):
+            acc, total = weight * acc + (1 - weight) * v, weight * total + (1 - weight)
+        out[i] = acc / total if total else np.nan
+    return out
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def integer_epochs(ax) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def grid_cells(path: Path, image_size: int) -> np.ndarray:
+    """The images of a saved grid, as floats in [0, 1], shape [n, size, size, 3]."""
+    grid = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
+    step = image_size + GRID_PADDING
+    rows, cols = (grid.shape[0] - GRID_PADDING) // step, (grid.shape[1] - GRID_PADDING) // step
+    return np.stack([grid[GRID_PADDING + r * step:GRID_PADDING + r * step + image_size,
+                          GRID_PADDING + c * step:GRID_PADDING + c * step + image_size]
+                     for r in range(rows) for c in range(cols)])
+
+
+def mosaic(rows: list[np.ndarray], gap: int = CELL_GAP) -> np.ndarray:
+    """Rows of cells ([n, H, W, 3] each) -> one [H', W', 3] image with `gap` white pixels between all cells."""
+    n_cols = max(len(cells) for cells in rows)
+    size = rows[0].shape[1]
+    out = np.ones((len(rows) * (size + gap) - gap, n_cols * (size + gap) - gap, 3), dtype=np.float32)
+    for r, cells in enumerate(rows):
+        for c, cell in enumerate(cells):
+            out[r * (size + gap):r * (size + gap) + size, c * (size + gap):c * (size + gap) + size] = cell
+    return out
+
+
+def label_rows(ax, labels: list[str], size: int, gap: int = CELL_GAP, fontsize: float = 10) -> None:
+    """Put one label left of each mosaic row; no other ticks."""
+    ax.set_yticks([r * (size + gap) + size / 2 for r in range(len(labels))], labels, fontsize=fontsize)
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def spread(values: list, n: int) -> list:
+    """At most n evenly spaced items of `values`, the first and the last among them."""
+    return sorted({values[round(i)] for i in np.linspace(0, len(values) - 1, min(n, len(values)))},
+                  key=values.index)
+
+
+def panel_layout(n: int) -> tuple[int, int]:
+    cols = n if n <= 2 else 2 if n == 4 else 3
+    return math.ceil(n / cols), cols
+
+
+def wrapped(label: str, width: int = 34) -> str:
+    return textwrap.fill(label, width)
+
+
+def sample_grids(run_dir: Path) -> dict[int, Path]:
+    return {int(p.stem.split("_")[1]): p for p in sorted((run_dir / "samples").glob("epoch_*.png"))}
+
+
+def image_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
+    """[N, 1, H, W] in [0, 1] -> an H x W array for imshow, white lines between images."""
+    return make_grid(images.cpu(), nrow=nrow, padding=2, pad_value=1.0)[0].numpy()

@@ -1,0 +1,214 @@
+"""Figures that put runs side by side (a sweep, or any runs named together): data in, a Figure out. The analysis
+scripts gather the data (metrics, samples from the same noise) and write the figures; labels come from the settings
+that differ (experiments.differing_labels), the x axis from experiments.x_axis.
+
+VAE: the test bound and its terms, reconstructions of the same test images, samples from the same z.
+DCGAN: D and G losses, D's outputs, the last fixed-noise grids, their progression, diversity and quality per epoch.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure  # no pyplot: Figure.savefig draws PNGs with Agg and sets no global backend
+
+from . import experiments, figures
+
+
+def plot_comparison_curves(infos: list[experiments.RunInfo], labels: list[str], title: str) -> Figure:
+    """Test negative ELBO at beta = 1 (recon + KL: the bound every run is judged by, whatever beta it was trained
+    with), its reconstruction and KL terms, one line per run, against training images seen."""
+    x_name, xs = experiments.x_axis(infos)
+    panels = [("test -ELBO at beta = 1\n(recon + KL; lower is better)",
+               lambda rows: np.array([r["test_recon"] + r["test_kl"] for r in rows])),
+              ("test reconstruction NLL\n(lower is better)", lambda rows: np.array([r["test_recon"] for r in rows])),
+              ("test KL(q(z|x) || p(z))\n(nats the code carries)", lambda rows: np.array([r["test_kl"] for r in rows]))]
+    fig = Figure(figsize=(9.5, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3, sharex=True)
+    for ax, (name, values) in zip(axes, panels):
+        for i, (info, label, x) in enumerate(zip(infos, labels, xs)):
+            ax.plot(x, values(info.metrics), marker="o", markersize=3, color=f"C{i}", label=label)
+        ax.set(title=name, ylabel="nats per image")
+        experiments.label_x_axis(ax, x_name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    experiments.legend_below(fig, n_columns=4)
+    return fig
+
+
+def plot_comparison_reconstructions(x: torch.Tensor, recons: list[torch.Tensor], labels: list[str],
+                                    title: str) -> Figure:
+    """The same test images (top row), then each run's reconstructions of them, one labelled row per run."""
+    rows = [("test images", x)] + list(zip(labels, recons))
+    fig = Figure(figsize=(len(x) * 0.75 + 1.8, len(rows) * 0.82 + 0.7), layout="constrained")
+    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
+    for ax, (name, images) in zip(axes, rows):
+        ax.imshow(figures.image_grid(images, len(images)), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=11)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_comparison_samples(samples: list[torch.Tensor], labels: list[str], title: str) -> Figure:
+    """Each run's decoder on the same z, one 4 x 4 panel per run, side by side."""
+    fig = Figure(figsize=(2.3 * len(samples) + 0.4, 2.9), layout="constrained")
+    axes = fig.subplots(1, len(samples), squeeze=False)[0]
+    for ax, images, label in zip(axes, samples, labels):
+        ax.imshow(figures.image_grid(images, 4), cmap="gray", vmin=0, vmax=1)
+        ax.axis("off")
+        ax.set_title(label, fontsize=11)
+    fig.suptitle(title)
+    return fig
+
+
+def epochs_to_images(run: experiments.RunInfo, x_name: str) -> dict[int, float]:
+    """Epoch -> the comparison's x value at its end (images seen, or the epoch itself)."""
+    if x_name == "epoch":
+        return {int(row["epoch"]): row["epoch"] for row in run.metrics}
+    return {int(row["epoch"]): seen for row, seen in zip(run.metrics, run.images_seen())}
+
+
+def compare_losses(runs, labels, x_name, xs, title: str) -> Figure:
+    """Rows: D loss, G loss; one column per loss type (BCE and hinge values are not on one scale)."""
+    losses = sorted({run.args["loss"] for run in runs})
+    fig = Figure(figsize=(4.6 * len(losses) + 0.6, 6.4), layout="constrained")
+    axes = fig.subplots(2, len(losses), squeeze=False, sharex=True)
+    for col, loss in enumerate(losses):
+        for i, (run, label, x) in enumerate(zip(runs, labels, xs)):
+            if run.args["loss"] != loss:
+                continue
+            for row, key in enumerate(("loss_d", "loss_g")):
+                axes[row, col].plot(x, figures.column(run.metrics, key), "o-", markersize=3, color=f"C{i}", label=label)
+        g_name = "-log D(G(z))" if loss == "bce" else "-D(G(z))"
+        axes[0, col].set(title=f"D loss ({loss})", ylabel=f"{loss} loss, epoch mean")
+        axes[1, col].set(title=f"G loss ({loss}: {g_name})", ylabel=f"{loss} loss, epoch mean")
+        experiments.label_x_axis(axes[1, col], x_name)
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    experiments.legend_below(fig)
+    return fig
+
+
+def compare_d_outputs(runs, labels, x_name, xs, title: str) -> Figure | None:
+    """D's mean probability on real and on generated images, BCE runs only."""
+    chosen = [i for i, run in enumerate(runs) if run.args["loss"] == "bce"]
+    if not chosen:
+        return None
+    fig = Figure(figsize=(9, 4.4), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, name in zip(axes, ("d_real", "d_fake"), ("D(x), real images", "D(G(z)), generated images")):
+        for i in chosen:
+            ax.plot(xs[i], figures.column(runs[i].metrics, key), "o-", markersize=3, color=f"C{i}", label=labels[i])
+        ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
+        ax.set(title=name, ylim=(-0.02, 1.02))
+        experiments.label_x_axis(ax, x_name)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean D probability, epoch mean")
+    fig.suptitle(title)
+    experiments.legend_below(fig)
+    return fig
+
+
+def compare_samples(runs, labels, title: str, rows: int = 4, cols: int = 6) -> Figure | None:
+    """Each run's last fixed-noise grid (its first rows x cols cells), one panel per run, same noise positions."""
+    have = [(run, label, figures.sample_grids(run.dir)) for run, label in zip(runs, labels)]
+    have = [(run, label, grids) for run, label, grids in have if grids]
+    if not have:
+        return None
+    n_rows, n_cols = figures.panel_layout(len(have))
+    fig = Figure(figsize=(3.7 * n_cols, 2.9 * n_rows + 0.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(n_rows, n_cols, squeeze=False)).ravel()
+    for ax, (run, label, grids) in zip(axes, have):
+        last = max(grids)
+        cells = figures.grid_cells(grids[last], run.args["image_size"])[:rows * figures.GRID_COLUMNS]
+        cells = cells.reshape(-1, figures.GRID_COLUMNS, *cells.shape[1:])[:, :cols]
+        ax.imshow(figures.mosaic(list(cells)))
+        ax.set_axis_off()
+        ax.set_title(f"{figures.wrapped(label)}\n(epoch {last})", fontsize=10)
+    for ax in axes[len(have):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig
+
+
+def compare_progression(runs, labels, title: str, n_epochs: int = 4, n_noise: int = 5) -> Figure | None:
+    """Per run, one panel: rows are evenly spaced epochs, columns the first n_noise fixed noise vectors."""
+    have = [(run, label, figures.sample_grids(run.dir)) for run, label in zip(runs, labels)]
+    have = [(run, label, grids) for run, label, grids in have if grids]
+    if not have:
+        return None
+    n_rows, n_cols = figures.panel_layout(len(have))
+    shown = max(min(n_epochs, len(grids)) for _, _, grids in have)  # rows of the tallest panel
+    fig = Figure(figsize=(4.2 * n_cols, (0.7 * shown + 0.6) * n_rows + 0.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(n_rows, n_cols, squeeze=False)).ravel()
+    for ax, (run, label, grids) in zip(axes, have):
+        chosen = figures.spread(sorted(grids), n_epochs)
+        size = run.args["image_size"]
+        ax.imshow(figures.mosaic([figures.grid_cells(grids[e], size)[:n_noise] for e in chosen]))
+        figures.label_rows(ax, [f"epoch {e}" for e in chosen], size, fontsize=9)
+        ax.set_title(figures.wrapped(label), fontsize=10)
+    for ax in axes[len(have):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig
+
+
+def compare_diversity(runs, labels, summaries, x_name, title: str) -> Figure:
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.subplots()
+    for i, (run, label, summary) in enumerate(zip(runs, labels, summaries)):
+        per_epoch = summary.get("diversity", {}).get("per_epoch", {})
+        at = epochs_to_images(run, x_name)
+        points = [(at[int(e)], v) for e, v in per_epoch.items() if int(e) in at]
+        if points:
+            ax.plot(*zip(*points), "o-", markersize=3, color=f"C{i}", label=label)
+    references = {s["dataset"]: s["diversity"]["training_images"] for s in summaries
+                  if s.get("diversity", {}).get("training_images") is not None}
+    for dataset, value in references.items():
+        ax.axhline(value, color="gray", linestyle="--", linewidth=1, label=f"64 {dataset} training images")
+    ax.set(ylabel="mean pairwise RMS distance", ylim=(0, None), title=title)
+    experiments.label_x_axis(ax, x_name)
+    ax.grid(alpha=0.3)
+    experiments.legend_below(fig)
+    return fig
+
+
+def compare_quality(runs, labels, summaries, x_name, title: str) -> Figure | None:
+    """The milestone quality of each run (and the training-time Inception FID, when measured), against x."""
+    with_fid = [i for i, run in enumerate(runs) if np.isfinite(figures.column(run.metrics, "fid")).any()]
+    with_milestones = [i for i, s in enumerate(summaries) if s.get("milestones", {}).get("rows")]
+    panels = [("fid", "Inception FID during training", "FID (lower is better)")] if with_fid else []
+    if with_milestones:
+        measure = summaries[with_milestones[0]]["milestones"]
+        better = "lower is better" if measure["kind"] != "diversity" else "closest to training images is best"
+        panels.append(("milestones", f"{measure['measure']} per milestone checkpoint",
+                       f"{measure['measure']} ({better})"))
+    if not panels:
+        return None
+    fig = Figure(figsize=(4.6 * len(panels) + 1.5, 4.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
+    for ax, (kind, name, ylabel) in zip(axes, panels):
+        for i in (with_fid if kind == "fid" else with_milestones):
+            at = epochs_to_images(runs[i], x_name)
+            if kind == "fid":
+                points = [(at[int(row["epoch"])], row["fid"]) for row in runs[i].metrics if math.isfinite(row["fid"])]
+            else:
+                points = [(at[row["epoch"]], row["value"]) for row in summaries[i]["milestones"]["rows"]
+                          if row["epoch"] in at]
+            if points:
+                ax.plot(*zip(*points), "o-", markersize=4, color=f"C{i}", label=labels[i])
+        if kind == "milestones" and summaries[with_milestones[0]]["milestones"]["kind"] == "diversity":
+            reference = summaries[with_milestones[0]]["milestones"].get("training_images")
+            if reference is not None:
+                ax.axhline(reference, color="gray", linestyle="--", linewidth=1, label="64 training images")
+            ax.set_ylim(0, None)
+        ax.set(title=name, ylabel=ylabel)
+        experiments.label_x_axis(ax, x_name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    experiments.legend_below(fig)
+    return fig
