@@ -25,11 +25,12 @@ REPORT_ARGS = "--device cpu --tsne-points 40 --iw-samples 4 --iw-images 20 --qua
 
 
 def copy_repo(dest: Path) -> Path:
-    """The repository's code (scripts, Makefile, requirements, slurm/), without runs, report, .venv or .git."""
+    """The repository's code (scripts, common/, tools/, Makefile, requirements, slurm/), without runs, report, .venv or .git."""
     dest.mkdir(parents=True)
     for path in [*REPO.glob("*.py"), REPO / "Makefile", REPO / "requirements.txt"]:
         shutil.copy2(path, dest / path.name)
-    shutil.copytree(REPO / "slurm", dest / "slurm")
+    for folder in ("slurm", "common", "tools"):
+        shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
     return dest
 
 
