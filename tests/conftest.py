@@ -131,9 +131,10 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
 @contextlib.contextmanager
 def in_process(script: str, cwd=None, env: dict | None = None):
-    """While a script's main runs in this process: its sys.argv[0], cwd and environment, fresh warning filters;
-    afterwards everything a run may change is put back: signal handlers and common.stop_signals, the working
-    folder, the environment, sys.argv, torch's thread count, the global RNGs (random, numpy, torch), warnings."""
+    """While a script's main runs in this process: its sys.argv[0], cwd and environment (script_env() and `env`),
+    one torch thread, fresh warning filters. Afterwards everything a run may change is put back: signal handlers
+    and common.stop_signals, the working folder, the environment, sys.argv, torch's thread count, the global RNGs
+    (random, numpy, torch), the warning filters."""
     import numpy as np
     import torch
 
@@ -148,10 +149,13 @@ def in_process(script: str, cwd=None, env: dict | None = None):
             warnings.filters[:] = FRESH_WARNING_FILTERS
             warnings._filters_mutated()  # forget which warnings were shown already, as a new process has
             warnings.showwarning = warnings._showwarning_orig  # to sys.stderr, not to pytest's record
-            os.environ.setdefault("OMP_NUM_THREADS", "1")
+            os.environ.update(script_env())  # as a process would get it, and pass it on to any it starts
             torch.set_num_threads(1)  # what OMP_NUM_THREADS=1 gives a process
-            for name, value in (env or {}).items():  # None: not set
-                os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, str(value))
+            for name, value in (env or {}).items():
+                if value is None:  # not set
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = str(value)
             sys.argv = [str(REPO / script)]
             if cwd is not None:
                 os.chdir(cwd)

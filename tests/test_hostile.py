@@ -215,8 +215,8 @@ def test_out_of_range_flag_is_one_line_naming_it(script, flag, value, tmp_path, 
 
 def test_bad_flags_in_a_real_process(mnist_dir, cifar_dir, tmp_path):
     """Through run_script as the other tests call it; and one script started by Python itself, whose stderr would
-    also hold anything printed while torch and torchvision are imported (test_read_only_folders_are_one_line
-    starts vae_train.py so, too)."""
+    also hold anything printed while torch and torchvision are imported (test_resume.interrupt checks a real
+    vae_train process's stderr is empty)."""
     runs_root = tmp_path / "runs"
     the_error_line(run_script("vae_train.py", *vae(mnist_dir, "--runs-root", runs_root, "--epochs", 0), check=False),
                    "--epochs")
@@ -499,38 +499,56 @@ def test_storage_fault_is_one_line_and_the_next_start_resumes(mnist_dir, tmp_pat
     assert not list(run_dir.rglob(".*.tmp-*"))
 
 
-def read_only_prefix(folder: Path) -> list[str]:
-    """A command prefix under which `folder` is read-only, or skip. As root, chmod changes nothing (root ignores
-    permissions), so the folder is bind-mounted read-only in a private mount namespace (unshare -m) that ends with
+def read_only_prefix(*folders: Path) -> list[str]:
+    """A command prefix under which `folders` are read-only, or skip. As root, chmod changes nothing (root ignores
+    permissions), so each folder is bind-mounted read-only in a private mount namespace (unshare -m) that ends with
     the process; as another user, chmod does it."""
     if os.geteuid() != 0:
-        for path in [folder, *folder.rglob("*")]:
+        for path in [path for folder in folders for path in [folder, *folder.rglob("*")]]:
             path.chmod(0o555 if path.is_dir() else 0o444)
-        if os.access(folder, os.W_OK):
+        if any(os.access(folder, os.W_OK) for folder in folders):
             pytest.skip("chmod does not make folders read-only here")
         return []
-    prefix = ["unshare", "-m", "sh", "-c",
-              'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"', str(folder)]
-    if shutil.which("unshare") is None or subprocess.run([*prefix, "sh", "-c", f'! touch "{folder}/.probe"'],
+    mounts = " && ".join(f'mount --bind "${i}" "${i}" && mount -o remount,bind,ro "${i}" "${i}"'
+                         for i in range(len(folders)))  # $0, $1, ...: the folders; then the command
+    prefix = ["unshare", "-m", "sh", "-c", f'{mounts} && shift {len(folders) - 1} && exec "$@"', *map(str, folders)]
+    probe = " && ".join(f'! touch "{folder}/.probe"' for folder in folders)
+    if shutil.which("unshare") is None or subprocess.run([*prefix, "sh", "-c", probe],
                                                         capture_output=True).returncode != 0:
         pytest.skip("running as root, and a read-only bind mount (unshare -m) is not allowed here")
     return prefix
 
 
+# Runs scripts one after the other with conftest.run_script (each in that one process, as the tests here do), and
+# prints their exit codes and outputs as JSON: several runs under one read-only mount for the price of one start.
+RUN_EACH = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import conftest
+runs = [conftest.run_script(script, *args, check=False) for script, args in json.loads(sys.argv[1])]
+print(json.dumps([[run.returncode, run.stdout, run.stderr] for run in runs]))
+"""
+
+
+def run_each(prefix: list[str], *commands: tuple[str, list]) -> list[subprocess.CompletedProcess]:
+    """`commands` ((script, args), ...) run by run_script in one process started under `prefix`."""
+    code = RUN_EACH.format(tests=str(REPO / "tests"))
+    listed = json.dumps([[script, list(map(str, args))] for script, args in commands])
+    proc = subprocess.run([*prefix, sys.executable, "-c", code, listed], capture_output=True, text=True,
+                          env=script_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return [subprocess.CompletedProcess(script, *result)
+            for (script, _), result in zip(commands, json.loads(proc.stdout.splitlines()[-1]))]
+
+
 def test_read_only_folders_are_one_line(mnist_dir, vae_run, tmp_path):
     runs_root = tmp_path / "runs"
     runs_root.mkdir()
-    prefix = read_only_prefix(runs_root)
-    new = subprocess.run([*prefix, sys.executable, str(REPO / "vae_train.py"),
-                          *map(str, vae(mnist_dir, "--runs-root", runs_root))],
-                         capture_output=True, text=True, env=script_env(), timeout=300)
-    the_error_line(new, "--runs-root", str(runs_root))
-
     run_dir = copy_run(vae_run, tmp_path / "run")
-    prefix = read_only_prefix(run_dir)
-    resume = subprocess.run([*prefix, sys.executable, str(REPO / "vae_train.py"),
-                             *map(str, vae(mnist_dir, "--run-dir", run_dir, "--epochs", 2))],
-                            capture_output=True, text=True, env=script_env(), timeout=300)
+    new, resume = run_each(read_only_prefix(runs_root, run_dir),
+                           ("vae_train.py", vae(mnist_dir, "--runs-root", runs_root)),
+                           ("vae_train.py", vae(mnist_dir, "--run-dir", run_dir, "--epochs", 2)))
+    the_error_line(new, "--runs-root", str(runs_root))
     the_error_line(resume, str(run_dir))
 
 

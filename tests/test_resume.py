@@ -74,6 +74,7 @@ def interrupt(mnist_dir, run_dir, target: str, n: int, *extra, in_process: bool 
     proc = run_with_signal("vae_train.py", target, n, *vae_args(mnist_dir, run_dir, *extra), in_process=in_process)
     assert proc.returncode == common.EXIT_PREEMPTED, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "stopped by SIGTERM" in proc.stdout
+    assert proc.stderr == "", proc.stderr  # the stop is logged on stdout; stderr is for errors (and import noise)
     return proc
 
 
