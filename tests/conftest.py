@@ -2,6 +2,11 @@
 
 The data sets (tiny_data.py) are small enough that a whole training run takes seconds on CPU, but they are written
 exactly as torchvision expects them (IDX files for MNIST, pickled batches for CIFAR-10), so the real loaders run.
+
+run_script runs a script's main() in this process (a new Python spends ~4 s of CPU importing torch), through
+common.run_main as `python SCRIPT` does, and puts back what a run changes; `in_process=False` starts a real process
+for the tests that need one: signals from outside, SIGKILL, a lock held by another process, the SLURM scripts,
+torchrun, a read-only mount, stderr as a fresh interpreter writes it.
 """
 from __future__ import annotations
 
