@@ -21,14 +21,10 @@ QUICK = ["--quality-samples", "40", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def runs(cifar_dir, tmp_path_factory):
-    """Three finished runs: BCE for 2 epochs, the same for 1 epoch, and hinge for 2 epochs (sweep 'variants')."""
-    root = tmp_path_factory.mktemp("gan-runs")
-    dirs = {"bce2": root / "bce2", "bce1": root / "bce1", "hinge2": root / "hinge2"}
-    for key, epochs, extra in (("bce2", 2, []), ("bce1", 1, []), ("hinge2", 2, ["--loss", "hinge"])):
-        run_script("dcgan_train.py", "--data-dir", cifar_dir, "--run-dir", dirs[key], "--epochs", epochs,
-                   "--sweep", "variants" if key != "bce1" else "other", *TINY, *extra)
-    return dirs
+def runs(gan_runs):
+    """Three finished runs (conftest.gan_runs, shared with test_dcgan.py): BCE for 2 epochs, the same for 1 epoch,
+    and hinge for 2 epochs (sweep 'variants')."""
+    return gan_runs
 
 
 def jit_state(path) -> dict:
@@ -57,12 +53,9 @@ def test_export_of_a_missing_milestone_names_the_ones_there(runs):
 
 
 @pytest.fixture(scope="module")
-def compared(runs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("compare") / "variants"
-    decoy = runs["bce2"].parent / "compare"  # a glob over the runs root also matches comparison folders
-    decoy.mkdir(exist_ok=True)
-    analyze_gan.main([str(runs["bce2"]), str(runs["hinge2"]), str(decoy), "--out", str(out), *QUICK])
-    return out
+def compared(gan_compared):
+    """analyze_gan.py on bce2 and hinge2 and a decoy comparison folder, with QUICK's flags (conftest.gan_compared)."""
+    return gan_compared
 
 
 def test_milestones_get_a_quality_number_and_a_best_epoch(runs, compared):

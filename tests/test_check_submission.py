@@ -69,8 +69,8 @@ class Result:
 
 @pytest.fixture
 def check(capsys):
-    """check_submission.main in this process (a subprocess would spend seconds importing torch): exit code and
-    printed lines. The CLI itself (run_main, exit code 2) is tested in a subprocess below."""
+    """check_submission.main in this process: exit code and printed lines. The command line itself (run_main, exit
+    codes 1 and 2) is tested through conftest.run_script below."""
     def run(folder, *flags, mnist_dir=None):
         data_dir = mnist_dir if mnist_dir is not None else folder / "no-data"
         capsys.readouterr()

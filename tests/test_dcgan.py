@@ -19,14 +19,15 @@ import analyze_gan
 import common
 import dcgan_train
 from common import gan_metrics
-from conftest import REPO, run_script, script_env
+from conftest import REPO, hook_calls, run_script, run_with_signal, script_env, sigterm_to_this_process
 from tiny_data import synthetic_digits
 
 TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--log-every", "3", "--ckpt-every-min", "1000"]
 
 # Runs dcgan_train.main() in a fresh process after some patch code. hook_call() writes a patch that wraps one
-# function and runs a statement after its N-th call: a SIGTERM at an exact optimiser step, or a NaN loss.
-PRELUDE = "import os, signal, sys\nsys.path.insert(0, {repo!r})\nimport torch, common, dcgan_train\nfrom common import gan_metrics\n"
+# function and runs a statement after its N-th call: a SIGKILL at an exact optimiser step, which this process
+# must not receive itself. (Other faults, a SIGTERM or a NaN loss, are patched in this process: conftest.hook_calls.)
+PRELUDE = "import os, signal, sys\nsys.path.insert(0, {repo!r})\nimport torch, common, dcgan_train\n"
 
 
 def hook_call(owner: str, name: str, at: int, action: str) -> str:
@@ -46,7 +47,9 @@ def run_patched(args, patch: str) -> subprocess.CompletedProcess:
                           env=script_env(), timeout=300)
 
 
-SIGTERM = "os.kill(os.getpid(), signal.SIGTERM)"
+def sigterm_after(result):
+    sigterm_to_this_process()
+    return result
 
 
 def read_rows(path):
@@ -75,11 +78,10 @@ def assert_same_tensors(a, b, where=""):
 
 
 @pytest.fixture(scope="module")
-def trained_run(cifar_dir, tmp_path_factory):
-    """One finished two-epoch run on synthetic CIFAR-10, shared by the export and analysis tests."""
-    run_dir = tmp_path_factory.mktemp("dcgan") / "run"
-    proc = run_script("dcgan_train.py", "--data-dir", cifar_dir, "--run-dir", run_dir, "--epochs", 2, *TINY)
-    return run_dir, proc
+def trained_run(gan_runs):
+    """One finished two-epoch run on synthetic CIFAR-10 with TINY's settings, and what it printed: conftest.gan_runs'
+    "bce2", shared by the export and analysis tests here and by test_analyze_gan.py."""
+    return gan_runs["bce2"], gan_runs["printed"]["bce2"]
 
 
 def test_one_epoch_trains_and_logs(trained_run):
@@ -145,8 +147,11 @@ def test_kill_and_sigterm_mid_epoch_then_resume_equals_uninterrupted(cifar_dir, 
     assert proc.returncode == -9
     assert final_checkpoint(resumed)["global_step"] == 7
     assert [r["global_step"] for r in read_rows(resumed / "steps.csv")] == ["3", "6", "9"]
-    # Resumed from step 7, call 4 is D's step 10: SIGTERM there writes a checkpoint and exits 75.
-    proc = run_patched([*args, "--run-dir", resumed], hook_call("torch.optim.Adam", "step", 4, SIGTERM))
+    # Resumed from step 7, call 4 is D's step 10: SIGTERM there writes a checkpoint and exits 75. (To this process:
+    # run_patched's wrapper, too, runs main() in an imported module, with the handler the run installs.)
+    with pytest.MonkeyPatch.context() as patch:
+        hook_calls(patch, "torch.optim.Adam.step", 4, action=sigterm_after)
+        proc = run_script("dcgan_train.py", *args, "--run-dir", resumed, check=False)
     assert proc.returncode == common.EXIT_PREEMPTED, proc.stderr[-2000:]
     assert "stopped by SIGTERM" in proc.stdout
     assert final_checkpoint(resumed)["global_step"] == 10
@@ -167,11 +172,12 @@ def test_kill_and_sigterm_mid_epoch_then_resume_equals_uninterrupted(cifar_dir, 
     assert torch.equal(g_a(z), g_b(z))
 
 
-def test_non_finite_loss_stops_without_saving(cifar_dir, tmp_path):
+def test_non_finite_loss_stops_without_saving(cifar_dir, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     # d_loss call 10 is step 3 of epoch 2: the epoch-1 checkpoint (global step 7) exists by then.
-    proc = run_patched(["--data-dir", cifar_dir, "--run-dir", run_dir, "--epochs", 2, *TINY],
-                       hook_call("dcgan_train", "d_loss", 10, "result = result * float('nan')"))
+    hook_calls(monkeypatch, "dcgan_train.d_loss", 10, lambda loss: loss * float("nan"))
+    proc = run_script("dcgan_train.py", "--data-dir", cifar_dir, "--run-dir", run_dir, "--epochs", 2, *TINY,
+                      check=False)
     assert proc.returncode == common.EXIT_USER_ERROR
     assert "non-finite loss at epoch 2, step 3" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -245,21 +251,26 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_a_shift():
     assert abs(gan_metrics.compute_fid(extractor, gray, gray)) < 1e-6
 
 
-def test_fid_during_training_with_a_stub_extractor(cifar_dir, tmp_path):
-    """The FID path of the loop, with TinyFeatures (plus fake logits) in place of Inception."""
+class StubInception(nn.Module):
+    """In place of gan_metrics.InceptionFeatures: (features, logits) of a random conv layer."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+
+    def forward(self, x):
+        features = self.conv(x.float() / 255).mean((2, 3))
+        return features, features[:, :4]
+
+
+def test_fid_during_training_with_a_stub_extractor(cifar_dir, tmp_path, monkeypatch):
+    """The FID path of the loop, with a stub (features plus fake logits) in place of Inception."""
     weights = tmp_path / "fake-inception.pth"
     weights.write_bytes(b"stub")
-    stub = ("class Stub(torch.nn.Module):\n"
-            "    def __init__(self, path):\n"
-            "        super().__init__()\n"
-            "        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)\n"
-            "    def forward(self, x):\n"
-            "        features = self.conv(x.float() / 255).mean((2, 3))\n"
-            "        return features, features[:, :4]\n"
-            "gan_metrics.InceptionFeatures = Stub\n")
+    monkeypatch.setattr(gan_metrics, "InceptionFeatures", StubInception)
     run_dir = tmp_path / "run"
-    proc = run_patched(["--data-dir", cifar_dir, "--run-dir", run_dir, "--epochs", 3, "--fid-every", 2,
-                        "--fid-samples", 64, "--inception-weights", weights, *TINY], stub)
+    proc = run_script("dcgan_train.py", "--data-dir", cifar_dir, "--run-dir", run_dir, "--epochs", 3, "--fid-every", 2,
+                      "--fid-samples", 64, "--inception-weights", weights, *TINY, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     fid = [row["fid"] for row in read_rows(run_dir / "metrics.csv")]
     assert fid[0] == "" and float(fid[1]) > 0 and float(fid[2]) > 0  # epochs 2 and 3 (the last)
@@ -268,14 +279,11 @@ def test_fid_during_training_with_a_stub_extractor(cifar_dir, tmp_path):
     assert best["best_fid"] == min(float(f) for f in fid[1:])
 
 
-def test_analyze_writes_every_figure(trained_run, cifar_dir, tmp_path):
+def test_analyze_writes_every_figure(trained_run, gan_compared):
+    """analyze_gan.py on the trained run and a hinge run, with --out: conftest.gan_compared, made once."""
     run_dir, _ = trained_run
-    other = tmp_path / "hinge"
-    run_script("dcgan_train.py", "--data-dir", cifar_dir, "--run-dir", other, "--epochs", 1, "--loss", "hinge",
-               *TINY)
-    out = tmp_path / "compare"
+    out = gan_compared
     # config.json stores the data folder, so analysis finds the training images for the nearest-neighbour check.
-    analyze_gan.main([str(run_dir), str(other), "--out", str(out)])
     expected = ["losses.png", "d_outputs.png", "fixed_noise_progression.png", "final_samples.png", "diversity.png",
                 "nearest_neighbours.png", "milestones.png"]
     for name in expected:
@@ -293,8 +301,8 @@ def test_analyze_writes_every_figure(trained_run, cifar_dir, tmp_path):
 def test_analyze_works_on_a_run_in_progress(cifar_dir, tmp_path):
     """Stopped mid-epoch-2 (a live run looks the same on disk): every figure the data allows is written."""
     run_dir = tmp_path / "run"
-    proc = run_patched(["--data-dir", cifar_dir, "--run-dir", run_dir, "--epochs", 3, *TINY],
-                       hook_call("torch.optim.Adam", "step", 20, SIGTERM))
+    proc = run_with_signal("dcgan_train.py", "torch.optim.Adam.step", 20, "--data-dir", cifar_dir, "--run-dir",
+                           run_dir, "--epochs", 3, *TINY, in_process=True)
     assert proc.returncode == common.EXIT_PREEMPTED, proc.stderr[-2000:]
     analyze_gan.main([str(run_dir)])
     summary = json.loads((run_dir / "figures" / "summary.json").read_text())

@@ -7,7 +7,9 @@ with SIGKILL at random moments and checks that the same command, re-run, ends bi
 run ends.
 
 Tiny data (300 MNIST-format images, batch 64: 5 steps per epoch; 200 CIFAR-10-format images for the GAN), so each
-run is a few seconds, mostly the start of Python and torch.
+run is a second or two. Runs are made in this process (conftest.run_script), faults injected by patching the
+function they hit; a real process is started only for what needs one (SIGKILL, signals from outside, a read-only
+mount, the exit codes of a script started by Python itself).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_script, script_env
+from conftest import REPO, hook_calls, run_script, script_env
 from tiny_data import make_image_folder, make_mnist
 
 import common
@@ -78,7 +80,8 @@ def all_finite(state) -> bool:
     return True
 
 
-# Runs a script's main() in a fresh process after some patch code (a fault injected at an exact point).
+# Runs a script's main() in a fresh process after some patch code (a fault injected at an exact point): for a
+# SIGKILL, which the test process must not receive itself. Other faults are patched in this process (hook_calls).
 PRELUDE = "import errno, os, signal, sys, time\nsys.path.insert(0, {repo!r})\nimport torch, common, {module}\n"
 
 
@@ -114,17 +117,25 @@ def on_replace(pattern: str, at: int, action: str) -> str:
             f"os.replace = _replace\n")
 
 
-def fail_fsync(path_part: str, at: int, code: str) -> str:
-    """Patch code: the `at`-th fsync of a file whose path contains `path_part` fails with errno `code`, as a full
-    (ENOSPC), read-only (EROFS) or failing (EIO) disk reports a write that did not reach it."""
-    return (f"_real_fsync, _syncs = os.fsync, [0]\n"
-            f"def _fsync(fd):\n"
-            f"    if {path_part!r} in os.readlink(f'/proc/self/fd/{{fd}}'):\n"
-            f"        _syncs[0] += 1\n"
-            f"        if _syncs[0] == {at}:\n"
-            f"            raise OSError(errno.{code}, os.strerror(errno.{code}))\n"
-            f"    return _real_fsync(fd)\n"
-            f"os.fsync = _fsync\n")
+def fail_fsync(patch: pytest.MonkeyPatch, path_part: str, at: int, code: str) -> None:
+    """In this process, until `patch` is undone: the `at`-th fsync of a file whose path contains `path_part` fails
+    with errno `code`, as a full (ENOSPC), read-only (EROFS) or failing (EIO) disk reports a write that did not
+    reach it."""
+    real_fsync, syncs = os.fsync, [0]
+
+    def fsync(fd):
+        if path_part in os.readlink(f"/proc/self/fd/{fd}"):
+            syncs[0] += 1
+            if syncs[0] == at:
+                raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+        return real_fsync(fd)
+
+    patch.setattr(os, "fsync", fsync)
+
+
+def make_nan(result):
+    """A loss (or a tuple whose first item is one) turned into NaN."""
+    return (result[0] * float("nan"), *result[1:]) if isinstance(result, tuple) else result * float("nan")
 
 
 KILL = "os.kill(os.getpid(), signal.SIGKILL)"
@@ -203,11 +214,14 @@ def test_out_of_range_flag_is_one_line_naming_it(script, flag, value, tmp_path, 
 
 
 def test_bad_flags_in_a_real_process(mnist_dir, cifar_dir, tmp_path):
+    """Through run_script as the other tests call it; and one script started by Python itself, whose stderr would
+    also hold anything printed while torch and torchvision are imported (test_resume.interrupt checks a real
+    vae_train process's stderr is empty)."""
     runs_root = tmp_path / "runs"
     the_error_line(run_script("vae_train.py", *vae(mnist_dir, "--runs-root", runs_root, "--epochs", 0), check=False),
                    "--epochs")
     the_error_line(run_script("dcgan_train.py", *gan(cifar_dir, "--runs-root", runs_root, "--lr-d", "nan"),
-                              check=False), "--lr-d")
+                              check=False, in_process=False), "--lr-d")
     assert no_run_folder(runs_root)
 
 
@@ -341,13 +355,14 @@ def test_vae_with_a_huge_learning_rate_stops_before_saving(mnist_dir, tmp_path):
     assert not common.list_checkpoints(run_dir)
 
 
-def test_vae_non_finite_loss_keeps_the_good_checkpoint_and_the_way_forward_works(mnist_dir, tmp_path):
+def test_vae_non_finite_loss_keeps_the_good_checkpoint_and_the_way_forward_works(mnist_dir, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     # The loss of step 3 of epoch 2 becomes NaN (calls: 5 steps, epoch 1's evaluation, 3 steps): the epoch-1
     # checkpoint exists by then.
-    proc = run_patched("vae_train.py", after_call("vae_train", "vae_terms", VAE_STEPS + 1 + 3,
-                                                  "result = (result[0] * float('nan'), result[1])"),
-                       *vae(mnist_dir, "--run-dir", run_dir, "--epochs", 3, "--keep-ckpts", 1))
+    with monkeypatch.context() as patch:
+        hook_calls(patch, "vae_train.vae_terms", VAE_STEPS + 1 + 3, make_nan)
+        proc = run_script("vae_train.py", *vae(mnist_dir, "--run-dir", run_dir, "--epochs", 3, "--keep-ckpts", 1),
+                          check=False)
     line = the_error_line(proc, "non-finite loss at epoch 2, step 3", f"step-{VAE_STEPS:010d}.pt")
     assert [p.name for p in common.list_checkpoints(run_dir)] == [f"step-{VAE_STEPS:010d}.pt"]
     assert all_finite(newest_checkpoint(run_dir)) and not (run_dir / "VAE_model.pth").exists()
@@ -378,12 +393,12 @@ def suggested_way_forward(line: str) -> tuple[str, list[list[str]]]:
     return source.group(1), remedies
 
 
-def test_gan_non_finite_loss_names_a_way_forward_that_works(cifar_dir, tmp_path):
+def test_gan_non_finite_loss_names_a_way_forward_that_works(cifar_dir, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     # d_loss call 10 is step 3 of epoch 2: the epoch-1 checkpoint (step 7) exists by then.
-    proc = run_patched("dcgan_train.py", after_call("dcgan_train", "d_loss", GAN_STEPS + 3,
-                                                    "result = result * float('nan')"),
-                       *gan(cifar_dir, "--run-dir", run_dir, "--epochs", 2))
+    with monkeypatch.context() as patch:
+        hook_calls(patch, "dcgan_train.d_loss", GAN_STEPS + 3, make_nan)
+        proc = run_script("dcgan_train.py", *gan(cifar_dir, "--run-dir", run_dir, "--epochs", 2), check=False)
     line = the_error_line(proc, "non-finite loss at epoch 2, step 3", f"step-{GAN_STEPS:010d}.pt")
     source, remedies = suggested_way_forward(line)
     assert Path(source) == run_dir
@@ -394,10 +409,11 @@ def test_gan_non_finite_loss_names_a_way_forward_that_works(cifar_dir, tmp_path)
         assert f"resumed at epoch 2, step 0/{GAN_STEPS} from" in follow.stdout
 
 
-def test_gan_non_finite_loss_before_any_checkpoint_claims_none(cifar_dir, tmp_path):
+def test_gan_non_finite_loss_before_any_checkpoint_claims_none(cifar_dir, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    proc = run_patched("dcgan_train.py", after_call("dcgan_train", "d_loss", 3, "result = result * float('nan')"),
-                       *gan(cifar_dir, "--run-dir", run_dir, "--epochs", 2))
+    with monkeypatch.context() as patch:
+        hook_calls(patch, "dcgan_train.d_loss", 3, make_nan)
+        proc = run_script("dcgan_train.py", *gan(cifar_dir, "--run-dir", run_dir, "--epochs", 2), check=False)
     line = the_error_line(proc, "non-finite loss at epoch 1, step 3")
     assert "no checkpoint was written" in line.lower() and "good checkpoint" not in line
     assert not common.list_checkpoints(run_dir) and not (run_dir / "DCGAN_model_G.pth").exists()
@@ -463,10 +479,13 @@ def test_damaged_image_in_a_folder_dataset_is_named(tmp_path):
     ("/metrics.csv", 2, "EIO", "metrics.csv"),            # epoch 2's row of metrics.csv: an I/O error
     ("/.VAE_model.pth.tmp-", 1, "EROFS", "model"),        # the export: the file system went read-only
 ], ids=["disk-full-checkpoint", "io-error-metrics", "read-only-export"])
-def test_storage_fault_is_one_line_and_the_next_start_resumes(mnist_dir, tmp_path, path_part, at, code, what):
+def test_storage_fault_is_one_line_and_the_next_start_resumes(mnist_dir, tmp_path, path_part, at, code, what,
+                                                               monkeypatch):
     run_dir = tmp_path / "run"
     args = vae(mnist_dir, "--run-dir", run_dir, "--epochs", 2)
-    proc = run_patched("vae_train.py", fail_fsync(path_part, at, code), *args)
+    with monkeypatch.context() as patch:
+        fail_fsync(patch, path_part, at, code)
+        proc = run_script("vae_train.py", *args, check=False)
     intact = common.list_checkpoints(run_dir)[0]
     line = the_error_line(proc, what, str(run_dir), os.strerror(getattr(errno, code)), f"{intact} is intact")
     if code == "ENOSPC":
@@ -480,38 +499,56 @@ def test_storage_fault_is_one_line_and_the_next_start_resumes(mnist_dir, tmp_pat
     assert not list(run_dir.rglob(".*.tmp-*"))
 
 
-def read_only_prefix(folder: Path) -> list[str]:
-    """A command prefix under which `folder` is read-only, or skip. As root, chmod changes nothing (root ignores
-    permissions), so the folder is bind-mounted read-only in a private mount namespace (unshare -m) that ends with
+def read_only_prefix(*folders: Path) -> list[str]:
+    """A command prefix under which `folders` are read-only, or skip. As root, chmod changes nothing (root ignores
+    permissions), so each folder is bind-mounted read-only in a private mount namespace (unshare -m) that ends with
     the process; as another user, chmod does it."""
     if os.geteuid() != 0:
-        for path in [folder, *folder.rglob("*")]:
+        for path in [path for folder in folders for path in [folder, *folder.rglob("*")]]:
             path.chmod(0o555 if path.is_dir() else 0o444)
-        if os.access(folder, os.W_OK):
+        if any(os.access(folder, os.W_OK) for folder in folders):
             pytest.skip("chmod does not make folders read-only here")
         return []
-    prefix = ["unshare", "-m", "sh", "-c",
-              'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"', str(folder)]
-    if shutil.which("unshare") is None or subprocess.run([*prefix, "sh", "-c", f'! touch "{folder}/.probe"'],
+    mounts = " && ".join(f'mount --bind "${i}" "${i}" && mount -o remount,bind,ro "${i}" "${i}"'
+                         for i in range(len(folders)))  # $0, $1, ...: the folders; then the command
+    prefix = ["unshare", "-m", "sh", "-c", f'{mounts} && shift {len(folders) - 1} && exec "$@"', *map(str, folders)]
+    probe = " && ".join(f'! touch "{folder}/.probe"' for folder in folders)
+    if shutil.which("unshare") is None or subprocess.run([*prefix, "sh", "-c", probe],
                                                         capture_output=True).returncode != 0:
         pytest.skip("running as root, and a read-only bind mount (unshare -m) is not allowed here")
     return prefix
 
 
+# Runs scripts one after the other with conftest.run_script (each in that one process, as the tests here do), and
+# prints their exit codes and outputs as JSON: several runs under one read-only mount for the price of one start.
+RUN_EACH = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import conftest
+runs = [conftest.run_script(script, *args, check=False) for script, args in json.loads(sys.argv[1])]
+print(json.dumps([[run.returncode, run.stdout, run.stderr] for run in runs]))
+"""
+
+
+def run_each(prefix: list[str], *commands: tuple[str, list]) -> list[subprocess.CompletedProcess]:
+    """`commands` ((script, args), ...) run by run_script in one process started under `prefix`."""
+    code = RUN_EACH.format(tests=str(REPO / "tests"))
+    listed = json.dumps([[script, list(map(str, args))] for script, args in commands])
+    proc = subprocess.run([*prefix, sys.executable, "-c", code, listed], capture_output=True, text=True,
+                          env=script_env(), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return [subprocess.CompletedProcess(script, *result)
+            for (script, _), result in zip(commands, json.loads(proc.stdout.splitlines()[-1]))]
+
+
 def test_read_only_folders_are_one_line(mnist_dir, vae_run, tmp_path):
     runs_root = tmp_path / "runs"
     runs_root.mkdir()
-    prefix = read_only_prefix(runs_root)
-    new = subprocess.run([*prefix, sys.executable, str(REPO / "vae_train.py"),
-                          *map(str, vae(mnist_dir, "--runs-root", runs_root))],
-                         capture_output=True, text=True, env=script_env(), timeout=300)
-    the_error_line(new, "--runs-root", str(runs_root))
-
     run_dir = copy_run(vae_run, tmp_path / "run")
-    prefix = read_only_prefix(run_dir)
-    resume = subprocess.run([*prefix, sys.executable, str(REPO / "vae_train.py"),
-                             *map(str, vae(mnist_dir, "--run-dir", run_dir, "--epochs", 2))],
-                            capture_output=True, text=True, env=script_env(), timeout=300)
+    new, resume = run_each(read_only_prefix(runs_root, run_dir),
+                           ("vae_train.py", vae(mnist_dir, "--runs-root", runs_root)),
+                           ("vae_train.py", vae(mnist_dir, "--run-dir", run_dir, "--epochs", 2)))
+    the_error_line(new, "--runs-root", str(runs_root))
     the_error_line(resume, str(run_dir))
 
 
@@ -532,22 +569,41 @@ def catches(pid: int, signum: int) -> bool:
 @LINUX_PROC
 def test_stop_signals_in_the_first_seconds(mnist_dir, tmp_path):
     """The first signal is sent the moment the script's handlers are in place (long before torch is imported):
-    exit 76, nothing written. Then signals at random moments of the first seconds: 76 or 75, never 143."""
+    exit 76, nothing written. Then signals at random moments of the first seconds: 76 or 75, never 143. The four
+    processes start together (each signal timed from its own process's handlers), so their imports share the cores."""
     rng = random.Random(76)
     trials = [(signal.SIGTERM, 0.0)] + [(sig, rng.uniform(0.0, 4.0))
                                         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)]
-    for i, (sig, delay) in enumerate(trials):
-        runs_root = tmp_path / f"runs-{i}"
-        proc = subprocess.Popen([sys.executable, str(REPO / "vae_train.py"),
-                                 *map(str, vae(mnist_dir, "--runs-root", runs_root, "--epochs", 50))],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env())
-        deadline = time.monotonic() + 60
-        while not catches(proc.pid, signal.SIGTERM):
-            assert proc.poll() is None and time.monotonic() < deadline, "the handlers were never installed"
+    procs, due = [], {}  # due: trial -> when its signal is to be sent (monotonic clock), once its handlers are in
+    for i, _ in enumerate(trials):
+        with open(tmp_path / f"out-{i}.txt", "w") as out, open(tmp_path / f"err-{i}.txt", "w") as err:
+            procs.append(subprocess.Popen([sys.executable, str(REPO / "vae_train.py"),
+                                           *map(str, vae(mnist_dir, "--runs-root", tmp_path / f"runs-{i}",
+                                                         "--epochs", 50))],
+                                          stdout=out, stderr=err, env=script_env()))
+    try:
+        deadline, sent = time.monotonic() + 120, set()
+        while len(sent) < len(trials):
+            assert time.monotonic() < deadline, "the handlers were never installed"
+            for i, ((sig, delay), proc) in enumerate(zip(trials, procs)):
+                if i in sent:
+                    continue
+                assert proc.poll() is None, f"trial {i} ended before its signal: exit {proc.returncode}"
+                if i not in due and catches(proc.pid, signal.SIGTERM):
+                    due[i] = time.monotonic() + delay
+                if i in due and time.monotonic() >= due[i]:
+                    proc.send_signal(sig)
+                    sent.add(i)
             time.sleep(0.001)
-        time.sleep(delay)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=120)
+        for proc in procs:
+            proc.wait(timeout=120)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    for i, ((sig, delay), proc) in enumerate(zip(trials, procs)):
+        runs_root = tmp_path / f"runs-{i}"
+        out, err = (tmp_path / f"out-{i}.txt").read_text(), (tmp_path / f"err-{i}.txt").read_text()
         assert proc.returncode in (common.EXIT_STOPPED_AT_STARTUP, common.EXIT_PREEMPTED), \
             f"{sig.name} after {delay:.2f} s: exit {proc.returncode}\n{out[-1500:]}{err[-1500:]}"
         assert "Traceback" not in err

@@ -1,4 +1,5 @@
-"""Fault tests of the resumable-run machinery (common.py), driven through the real vae_train.py in subprocesses.
+"""Fault tests of the resumable-run machinery (common/), driven through the real vae_train.py: the signals and kills
+in a process of its own, the runs that only continue or check a run folder in this process (conftest.run_script).
 
 Each interrupted run is continued by re-running the same command and must end bit for bit where an uninterrupted
 run with the same seed ends: same weights, same optimiser state, same metrics (all but the wall-clock column).
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -66,21 +68,26 @@ def reference_run(mnist_dir, tmp_path_factory) -> Path:
     return run_dir
 
 
-def interrupt(mnist_dir, run_dir, target: str, n: int, *extra) -> subprocess.CompletedProcess:
-    proc = run_with_signal("vae_train.py", target, n, *vae_args(mnist_dir, run_dir, *extra))
+def interrupt(mnist_dir, run_dir, target: str, n: int, *extra, in_process: bool = True) -> subprocess.CompletedProcess:
+    """The run stopped by SIGTERM before the `n`-th call of `target` (exit 75). In this process unless the signal
+    reaching a process of its own is what the test is about (conftest.run_with_signal)."""
+    proc = run_with_signal("vae_train.py", target, n, *vae_args(mnist_dir, run_dir, *extra), in_process=in_process)
     assert proc.returncode == common.EXIT_PREEMPTED, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "stopped by SIGTERM" in proc.stdout
+    assert proc.stderr == "", proc.stderr  # the stop is logged on stdout; stderr is for errors (and import noise)
     return proc
 
 
-@pytest.mark.parametrize("target, n", [
-    ("torch.optim.Adam.step", STEPS_PER_EPOCH + 5),   # mid-epoch (epoch 2, step 5)
-    ("torch.optim.Adam.step", STEPS_PER_EPOCH),       # on the last step of epoch 1: an epoch boundary
-    ("vae_train.evaluate", 2),                        # while evaluating epoch 2
+# Where the signal lands is what differs; one of them is sent to a process of its own (the others reach the same
+# handler in this process, at the same call).
+@pytest.mark.parametrize("target, n, in_process", [
+    ("torch.optim.Adam.step", STEPS_PER_EPOCH + 5, False),  # mid-epoch (epoch 2, step 5)
+    ("torch.optim.Adam.step", STEPS_PER_EPOCH, True),       # on the last step of epoch 1: an epoch boundary
+    ("vae_train.evaluate", 2, True),                        # while evaluating epoch 2
 ], ids=["mid-epoch", "epoch-boundary", "during-evaluation"])
-def test_sigterm_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path, reference_run, target, n):
+def test_sigterm_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path, reference_run, target, n, in_process):
     run_dir = tmp_path / "run"
-    interrupt(mnist_dir, run_dir, target, n)
+    interrupt(mnist_dir, run_dir, target, n, in_process=in_process)
     stopped_at = final_checkpoint(run_dir)
     assert 0 < stopped_at["global_step"] < 3 * STEPS_PER_EPOCH
     assert not (run_dir / "VAE_model.pth").exists()
@@ -232,7 +239,8 @@ def test_second_process_on_the_same_run_folder_is_refused(mnist_dir, tmp_path):
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=script_env())
     try:
         wait_for_first_checkpoint(first, run_dir)  # it holds the run folder's lock and is training
-        # Refused at once: a second process that waited for the lock (or trained) would hit the timeout instead.
+        # Refused at once: a second run that waited for the lock (or trained) would hit the timeout instead. (In
+        # this process: the lock is the other process's, which is what the test needs.)
         second = run_script("vae_train.py", *vae_args(mnist_dir, run_dir, "--epochs", 1000), check=False,
                             timeout=60)
         assert second.returncode == common.EXIT_USER_ERROR
@@ -257,7 +265,7 @@ def test_resume_latest_alone_and_raising_epochs(mnist_dir, tmp_path):
     """`--resume latest` with no other flag restores the saved settings; --epochs may grow; a finished run says so."""
     runs_root = tmp_path / "runs"
     proc = run_with_signal("vae_train.py", "torch.optim.Adam.step", 5, "--data-dir", mnist_dir, "--runs-root",
-                           runs_root, "--epochs", 2, "--batch-size", 32, "--latent-dim", 4)
+                           runs_root, "--epochs", 2, "--batch-size", 32, "--latent-dim", 4, in_process=True)
     assert proc.returncode == common.EXIT_PREEMPTED
     run_dir = (runs_root / "latest-vae").resolve()
     assert (runs_root / "latest").resolve() == run_dir and run_dir.parent == runs_root
@@ -274,13 +282,12 @@ def test_resume_latest_alone_and_raising_epochs(mnist_dir, tmp_path):
     assert [int(r["epoch"]) for r in read_metrics(run_dir)] == [1, 2, 3]
 
 
-def test_missing_data_offline_is_one_clear_error(tmp_path):
+def test_missing_data_offline_is_one_clear_error(tmp_path, monkeypatch):
     runs_root = tmp_path / "runs"
     empty = tmp_path / "no-data"
     env_proxy = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # offline everywhere
-    proc = subprocess.run([sys.executable, str(REPO / "vae_train.py"), "--data-dir", str(empty), "--runs-root",
-                           str(runs_root)], capture_output=True, text=True, env={**script_env(), **env_proxy},
-                          timeout=120)
+    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's opener, made anew: it reads the proxies
+    proc = run_script("vae_train.py", "--data-dir", empty, "--runs-root", runs_root, env=env_proxy, check=False)
     assert proc.returncode == common.EXIT_USER_ERROR
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1, proc.stderr

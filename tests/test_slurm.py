@@ -225,13 +225,16 @@ def test_folder_options_that_cannot_work_stop_before_python(fake_slurm, options,
 
 def test_array_tasks_get_their_own_run_folders(fake_slurm, mnist_dir):
     env, _, runs_root = fake_slurm
-    for task in (0, 1):  # the first two lines of slurm/betas.txt, an array of 4 tasks as its header asks
+    tasks = []  # the first two lines of slurm/betas.txt, an array of 4 tasks as its header asks; at once, as SLURM
+    for task in (0, 1):  # would run them
         array_env = {**env, "SLURM_JOB_ID": str(900 + task), "SLURM_ARRAY_JOB_ID": "77",
                      "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "3"}
-        proc = subprocess.run(["bash", str(REPO / "slurm" / "vae_betas.sh"), *map(str, vae_options(
-            mnist_dir, runs_root, 1)), "--train-limit", "64"], capture_output=True, text=True, env=array_env,
-            cwd=REPO, timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        tasks.append(subprocess.Popen(["bash", str(REPO / "slurm" / "vae_betas.sh"), *map(str, vae_options(
+            mnist_dir, runs_root, 1)), "--train-limit", "64"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=array_env, cwd=REPO))
+    for proc in tasks:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stdout + stderr
     args = [json.loads((runs_root / f"slurm-77_{task}" / "config.json").read_text())["args"] for task in (0, 1)]
     assert [(a["beta"], a["name"], a["sweep"]) for a in args] == [(0.5, "vae-beta0.5", "vae-betas"),
                                                                   (1.0, "vae-beta1", "vae-betas")]
