@@ -21,7 +21,8 @@ import dcgan_train
 from conftest import REPO, run_script, script_env
 from tiny_data import synthetic_digits
 
-TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--log-every", "3", "--ckpt-every-min", "1000"]
+TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--log-every", "3", "--ckpt-every-min", "1000",
+        "--device", "cpu"]  # the numbers compared are CPU numbers, also on a machine with a GPU
 
 # Runs dcgan_train.main() in a fresh process after some patch code. hook_call() writes a patch that wraps one
 # function and runs a statement after its N-th call: a SIGTERM at an exact optimiser step, or a NaN loss.
