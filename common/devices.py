@@ -12,10 +12,10 @@ import torch.distributed as dist
 
 from .errors import EXIT_USER_ERROR, UserError
 
-# What docs/operations.md ("An older driver or GPU") says, in one line: the fix for a GPU this PyTorch cannot use.
-GPU_FIX = ("install the PyTorch build for your driver and GPU first (docs/operations.md, 'An older driver or GPU': "
-           "e.g. pip install torch torchvision -c constraints.txt --index-url https://download.pytorch.org/whl/cu126), "
-           "or pass --device cpu to train on the CPU on purpose")
+# The fixes for a GPU that PyTorch cannot use, in one line each (docs/operations.md, "An older driver or GPU").
+INSTALL_FIX = ("install the PyTorch build for this driver and GPU first (docs/operations.md, 'An older driver or GPU': "
+               "pip install torch torchvision -c constraints.txt --index-url https://download.pytorch.org/whl/cu126)")
+CPU_FIX = "or pass --device cpu to train on the CPU on purpose"
 
 
 def pick_device(name: str) -> torch.device:
@@ -25,7 +25,7 @@ def pick_device(name: str) -> torch.device:
         check_cuda_kernels()
         return torch.device("cuda")
     if name == "cuda":
-        raise UserError(f"--device cuda: {why_no_cuda()}; {GPU_FIX}")
+        raise UserError(f"--device cuda: {why_no_cuda()}, {CPU_FIX}")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: this PyTorch has no MPS backend here (try --device auto)")
     if name == "auto":
@@ -33,8 +33,8 @@ def pick_device(name: str) -> torch.device:
             return torch.device("mps")
         given = gpus_given()
         if given:
-            raise UserError(f"this job was given a GPU ({given}) but PyTorch cannot use it: {why_no_cuda()}. "
-                            f"Not falling back to the CPU silently: {GPU_FIX}")
+            raise UserError(f"this job was given a GPU ({given}) but PyTorch cannot use it, and a long run is not "
+                            f"moved to the CPU without a word: {why_no_cuda()}, {CPU_FIX}")
     return torch.device("cpu" if name == "auto" else name)
 
 
@@ -50,17 +50,20 @@ def gpus_given() -> str | None:
 
 
 def why_no_cuda() -> str:
-    """Why torch.cuda.is_available() is False, in PyTorch's own words where it has them."""
+    """Why torch.cuda.is_available() is False, in PyTorch's own words where it has them, and what to do."""
     if torch.version.cuda is None:
-        return f"this PyTorch ({torch.__version__}) is a CPU-only build"
+        return (f"this PyTorch ({torch.__version__}) is a CPU-only build; install a CUDA build (pip's default on "
+                f"x86_64 Linux, or docs/operations.md, 'An older driver or GPU')")
     try:
         torch.cuda.init()  # raises the reason is_available() only warned about (once, maybe before we looked)
         reason = "PyTorch sees no CUDA GPU"
     except Exception as err:  # RuntimeError or AssertionError, by PyTorch version
         reason = " ".join(str(err).split())
     if "too old" in reason:
-        return f"the NVIDIA driver is too old for this PyTorch's CUDA {torch.version.cuda} build ({reason})"
-    return f"no usable GPU is visible to PyTorch {torch.__version__} (CUDA {torch.version.cuda} build): {reason}"
+        return (f"the NVIDIA driver is too old for this PyTorch's CUDA {torch.version.cuda} build ({reason}); "
+                f"{INSTALL_FIX}")
+    return (f"no usable GPU is visible to PyTorch {torch.__version__} (CUDA {torch.version.cuda} build): {reason}; "
+            f"check that the job got a GPU and that nvidia-smi lists it")
 
 
 def check_cuda_kernels(index: int | None = None) -> None:
@@ -82,7 +85,7 @@ def check_cuda_kernels(index: int | None = None) -> None:
         return
     raise UserError(f"this PyTorch ({torch.__version__}, CUDA {torch.version.cuda}) has no kernels for the GPU "
                     f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}; the build has "
-                    f"{' '.join(arch_list)}): {GPU_FIX}")
+                    f"{' '.join(arch_list)}): {INSTALL_FIX}, {CPU_FIX}")
 
 
 def describe(device: torch.device, precision: str) -> dict:
