@@ -1,6 +1,7 @@
 # Set-up is automatic: the first target that needs Python creates .venv and installs requirements.txt into it.
 #   make vae                 train the recommended VAE (ARGS="--epochs 3" passes options, DATA_DIR=... the data root)
 #   make test                the quick tests (CPU, about 4 minutes on 2 cores); make test-all adds the slow ones
+#   make gpu-check           on a new GPU or cluster, first: the device, bit-exact resume, speed (tools/gpu_check.py)
 #   make dcgan, make vae-betas, make gan-sweep, make analyze-vae RUN=..., make analyze-gan RUN=...   (see README.md)
 #   make report, make submission (VAE_RUN=... GAN_RUN=... name the runs), make bench, make gan-quality
 PYTHON   ?= python3
@@ -8,19 +9,29 @@ VENV     := .venv
 PY       := $(VENV)/bin/python
 DATA_DIR ?= data
 ARGS     ?=
+# The exact versions the tests passed with; CONSTRAINTS= (empty) installs the newest allowed instead.
+CONSTRAINTS ?= constraints.txt
+PIP_INSTALL := $(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 # The betas of `make vae-betas`: one per line in slurm/betas.txt (# comments), the file the SLURM array reads too.
 BETAS    ?= $(strip $(shell sed 's/\#.*//' slurm/betas.txt))
 
-.PHONY: help vae vae-betas analyze-vae dcgan gan-sweep analyze-gan report submission bench gan-quality test test-all test-slurm clean-venv
+.PHONY: help vae vae-betas analyze-vae dcgan gan-sweep analyze-gan report submission bench gan-quality gpu-check test \
+	test-all test-slurm clean-venv
 
 help:
-	@sed -n '2,5p' Makefile
+	@sed -n '2,6p' Makefile
 
-# The stamp file is rewritten whenever requirements.txt changes, so edits to it reinstall.
-$(VENV)/.installed: requirements.txt
+# Two stamp files: .installed for the scripts (requirements.txt), .installed-test adds the test suite's extras
+# (requirements-test.txt). Each is rewritten when its files change (constraints.txt for both), so edits reinstall.
+# A torch already in .venv that satisfies constraints.txt (a CPU-only or cu126 build, docs/operations.md) is kept.
+$(VENV)/.installed: requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PIP_INSTALL) -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt requirements.txt constraints.txt
+	$(PIP_INSTALL) -r requirements-test.txt
 	touch $@
 
 vae: $(VENV)/.installed
@@ -74,16 +85,22 @@ bench: $(VENV)/.installed
 gan-quality: $(VENV)/.installed
 	$(PY) tools/gan_quality.py --data-dir $(DATA_DIR) $(ARGS)
 
+# The doctor for a new GPU or cluster (tools/gpu_check.py): the device, driver and CUDA build; tiny VAE and DCGAN
+# runs stopped by SIGTERM and resumed, equal to uninterrupted ones; on a GPU also --amp, --compile, throughput and
+# FID timing. Under a minute on a CPU (the CPU checks only), a few minutes on a GPU; exit 1 on a FAIL.
+gpu-check: $(VENV)/.installed
+	$(PY) tools/gpu_check.py $(ARGS)
+
 # The quick tests; `make test-all` also runs those marked slow (bench, --compile, torchrun, the SIGKILL soak).
-test: $(VENV)/.installed
+test: $(VENV)/.installed-test
 	$(PY) -m pytest tests -q -m "not slow" $(ARGS)
 
-test-all: $(VENV)/.installed
+test-all: $(VENV)/.installed-test
 	$(PY) -m pytest tests -q $(ARGS)
 
 # The sbatch scripts under a real one-node SLURM cluster that the test starts and stops (tests/test_slurm_real.py,
 # a few minutes); as root it installs Debian's slurm-wlm and munge when missing, and skips, saying why, when it can't.
-test-slurm: $(VENV)/.installed
+test-slurm: $(VENV)/.installed-test
 	GENMODELS_REAL_SLURM=1 $(PY) -m pytest tests/test_slurm_real.py -q -rs $(ARGS)
 
 clean-venv:

@@ -421,8 +421,8 @@ class DCGANTraining(common.TrainingJob):
             self.generator_ema.load_state_dict(state["generator_ema"] or state["generator"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
-        self.scaler_g.load_state_dict(state["scaler_g"])
-        self.scaler_d.load_state_dict(state["scaler_d"])
+        common.load_scaler(self.scaler_g, state["scaler_g"])  # --amp may change on resume
+        common.load_scaler(self.scaler_d, state["scaler_d"])
         self.epoch_sums = state["epoch_sums"].to(device=self.device, dtype=self.epoch_sums.dtype)
         self.window_sums = state["window_sums"].to(device=self.device, dtype=self.window_sums.dtype)
         for optimizer, lr in ((self.opt_g, self.args.lr_g), (self.opt_d, self.args.lr_d)):
@@ -579,16 +579,17 @@ def main(argv=None) -> int:
         raise common.UserError(f"G plus D would have {n_params:,} parameters, above the {MAX_PARAMS:,} limit; "
                                f"lower --ngf / --ndf (or --image-size)")
     gan_metrics.find_inception_weights(args.inception_weights)  # a wrong path fails now, before any folder is made
-    rank, world_size, device = common.init_distributed(args.device)  # torchrun: one process per GPU
-    evaluations = gan_metrics.choose_evaluations(args, is_main=rank == 0)
-    train_images = load_training_images(args).to(device)
-    job = DCGANTraining(args, train_images, device, rank, world_size)
-    job.inception_path, job.use_classifier, job.fid_note = evaluations
-    with common.open_run(plan, script="dcgan", device=device, metric_columns=METRIC_COLUMNS) as run:
-        run.log(f"DCGAN {args.image_size}x{args.image_size}x{train_images.shape[1]}, {n_params:,} parameters "
-                f"(G+D); {len(train_images):,} training images")
-        run.train(job, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-        run.export(job)
+    with common.determinism(args.deterministic):  # before any CUDA work (cuBLAS reads its setting at start)
+        rank, world_size, device = common.init_distributed(args.device)  # torchrun: one process per GPU
+        evaluations = gan_metrics.choose_evaluations(args, is_main=rank == 0)
+        train_images = load_training_images(args).to(device)
+        job = DCGANTraining(args, train_images, device, rank, world_size)
+        job.inception_path, job.use_classifier, job.fid_note = evaluations
+        with common.open_run(plan, script="dcgan", device=device, metric_columns=METRIC_COLUMNS) as run:
+            run.log(f"DCGAN {args.image_size}x{args.image_size}x{train_images.shape[1]}, {n_params:,} parameters "
+                    f"(G+D); {len(train_images):,} training images")
+            run.train(job, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+            run.export(job)
     return 0
 
 

@@ -214,7 +214,7 @@ class VAETraining(common.TrainingJob):
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        common.load_scaler(self.scaler, state["scaler"])  # --amp may change on resume
         self.sums = state["epoch_sums"].to(device=self.device, dtype=self.sums.dtype)
         for group in self.optimizer.param_groups:  # --init-from may start from another run with another --lr
             group["lr"] = self.args.lr
@@ -261,17 +261,18 @@ class VAETraining(common.TrainingJob):
 def main(argv=None) -> int:
     plan = common.resolve_run(build_parser(), argv, script="vae")
     args = plan.args
-    rank, world_size, device = common.init_distributed(args.device)  # torchrun: one process per GPU
-    train_images, _ = common.load_images(args.dataset, args.data_dir, train=True)
-    test_images, _ = common.load_images(args.dataset, args.data_dir, train=False)
-    if args.train_limit:
-        train_images = train_images[:args.train_limit]
-    job = VAETraining(args, train_images.to(device), test_images.to(device), device, rank, world_size)
-    with common.open_run(plan, script="vae", device=device, metric_columns=METRIC_COLUMNS) as run:
-        n_params = sum(p.numel() for p in job.model.parameters())
-        run.log(f"{args.arch} VAE, {n_params:,} parameters; {len(train_images):,} training images")
-        run.train(job, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-        run.export(job)
+    with common.determinism(args.deterministic):  # before any CUDA work (cuBLAS reads its setting at start)
+        rank, world_size, device = common.init_distributed(args.device)  # torchrun: one process per GPU
+        train_images, _ = common.load_images(args.dataset, args.data_dir, train=True)
+        test_images, _ = common.load_images(args.dataset, args.data_dir, train=False)
+        if args.train_limit:
+            train_images = train_images[:args.train_limit]
+        job = VAETraining(args, train_images.to(device), test_images.to(device), device, rank, world_size)
+        with common.open_run(plan, script="vae", device=device, metric_columns=METRIC_COLUMNS) as run:
+            n_params = sum(p.numel() for p in job.model.parameters())
+            run.log(f"{args.arch} VAE, {n_params:,} parameters; {len(train_images):,} training images")
+            run.train(job, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+            run.export(job)
     return 0
 
 

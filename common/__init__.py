@@ -12,7 +12,7 @@ Where things live (a module imports only the ones above it in this list):
     mirror.py        the --mirror-dir copy of a run (Google Drive on Colab)
     runs.py          which run folder a command works in, with which settings (resolve_run)
     checkpoints.py   the newest good checkpoint, RNG state, the TorchScript export
-    devices.py       --device, mixed precision, fused Adam, torchrun (data parallel)
+    devices.py       --device (never a silent CPU run), precision, determinism, fused Adam, torchrun
     progress.py      the progress bar or log line with the run's ETA
     data.py          MNIST / Fashion-MNIST / CIFAR-10 as uint8 tensors, each epoch's data order
     folder.py        RunFolder: the run folder owned by one process (lock, config.json, log.txt, latest links)
@@ -51,7 +51,8 @@ _NAMES = {
     "runs": ["RunPlan", "resolve_run", "experiment_settings", "settings_differ"],
     "checkpoints": ["load_latest_checkpoint", "rng_state", "set_rng_state", "seed_everything", "save_torchscript"],
     "devices": ["pick_device", "init_distributed", "broadcast_object", "all_reduce_sum", "any_rank",
-                "average_gradients", "shard", "amp_dtype", "autocast", "grad_scaler", "adam"],
+                "average_gradients", "shard", "amp_dtype", "precision_name", "autocast", "grad_scaler",
+                "load_scaler", "determinism", "describe", "adam"],
     "progress": ["Progress"],
     "data": ["epoch_permutation", "load_images", "load_image_folder", "FASHION_MNIST_SYSTEM_DIR"],
     "folder": ["RunFolder"],

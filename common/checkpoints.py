@@ -84,15 +84,20 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, log=print) -> None:
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
     np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
                          np_state["has_gauss"], np_state["cached_gaussian"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # one state per GPU visible when it was saved
+        saved, visible = len(state["cuda"]), torch.cuda.device_count()
+        if saved != visible:
+            log(f"note: the checkpoint holds the random state of {saved} GPU(s), {visible} visible now: restored "
+                f"onto the first {min(saved, visible)} (a one-GPU run is unaffected)")
+        for index, gpu_state in enumerate(state["cuda"][:visible]):
+            torch.cuda.set_rng_state(gpu_state, index)
     if "mps" in state and hasattr(torch, "mps") and torch.backends.mps.is_available():
         torch.mps.set_rng_state(state["mps"])
 
@@ -105,8 +110,10 @@ def seed_everything(seed: int) -> None:
 
 def save_torchscript(model: torch.nn.Module, path: Path) -> None:
     """TorchScript a CPU copy of `model` in eval mode and write it atomically: a grader's torch.jit.load(path)
-    needs none of our code. TorchScript is deprecated upstream, but it is the format the coursework loads."""
-    model = copy.deepcopy(model).to("cpu").eval()
+    needs none of our code. TorchScript is deprecated upstream, but it is the format the coursework loads.
+    The copy is in the default memory format: channels-last weights (--channels-last) would give outputs that are
+    not contiguous, and a grader's out.view(...) fails on them."""
+    model = copy.deepcopy(model).to("cpu").to(memory_format=torch.contiguous_format).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(model)

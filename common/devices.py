@@ -1,6 +1,6 @@
-"""Devices, precision and more than one process: which device a run uses, mixed precision, fused Adam, and data
-parallel under torchrun (gradients averaged across ranks after each backward). Off, none of the speed options
-changes a single number on CPU.
+"""Devices, precision and more than one process: which device a run uses (and why not a GPU that was meant),
+mixed precision, deterministic algorithms, fused Adam, and data parallel under torchrun (gradients averaged across
+ranks after each backward). Off, none of the speed options changes a single number on CPU.
 """
 from __future__ import annotations
 
@@ -10,21 +10,98 @@ import os
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import EXIT_USER_ERROR, UserError
+
+# The fixes for a GPU that PyTorch cannot use, in one line each (docs/operations.md, "An older driver or GPU").
+INSTALL_FIX = ("install the PyTorch build for this driver and GPU first (docs/operations.md, 'An older driver or GPU': "
+               "pip install torch torchvision -c constraints.txt --index-url https://download.pytorch.org/whl/cu126)")
+CPU_FIX = "or pass --device cpu to train on the CPU on purpose"
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: PyTorch sees no CUDA GPU here (try --device auto)")
+    """--device: auto picks CUDA, then MPS, then the CPU, but never the CPU when this job was given a GPU (a
+    SLURM GPU job, CUDA_VISIBLE_DEVICES naming devices) that PyTorch cannot use: that is a UserError saying why."""
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        check_cuda_kernels()
+        return torch.device("cuda")
+    if name == "cuda":
+        raise UserError(f"--device cuda: {why_no_cuda()}, {CPU_FIX}")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: this PyTorch has no MPS backend here (try --device auto)")
-    return torch.device(name)
+    if name == "auto":
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        given = gpus_given()
+        if given:
+            raise UserError(f"this job was given a GPU ({given}) but PyTorch cannot use it, and a long run is not "
+                            f"moved to the CPU without a word: {why_no_cuda()}, {CPU_FIX}")
+    return torch.device("cpu" if name == "auto" else name)
+
+
+def gpus_given() -> str | None:
+    """Which environment variable says this process was given a GPU, as 'NAME=value', or None. Empty, '-1',
+    'none' and 'NoDevFiles' (what SLURM sets for a job without GPUs) name no device; neither does 0 GPUs."""
+    for key in ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES"):
+        value = os.environ.get(key, "").strip()
+        if value.lower() in ("", "-1", "none", "nodevfiles") or (key == "SLURM_GPUS_ON_NODE" and value == "0"):
+            continue
+        return f"{key}={value}"
+    return None
+
+
+def why_no_cuda() -> str:
+    """Why torch.cuda.is_available() is False, in PyTorch's own words where it has them, and what to do."""
+    if torch.version.cuda is None:
+        return (f"this PyTorch ({torch.__version__}) is a CPU-only build; install a CUDA build (pip's default on "
+                f"x86_64 Linux, or docs/operations.md, 'An older driver or GPU')")
+    try:
+        torch.cuda.init()  # raises the reason is_available() only warned about (once, maybe before we looked)
+        reason = "PyTorch sees no CUDA GPU"
+    except Exception as err:  # RuntimeError or AssertionError, by PyTorch version
+        reason = " ".join(str(err).split())
+    if "too old" in reason:
+        return (f"the NVIDIA driver is too old for this PyTorch's CUDA {torch.version.cuda} build ({reason}); "
+                f"{INSTALL_FIX}")
+    return (f"no usable GPU is visible to PyTorch {torch.__version__} (CUDA {torch.version.cuda} build): {reason}; "
+            f"check that the job got a GPU and that nvidia-smi lists it")
+
+
+def check_cuda_kernels(index: int | None = None) -> None:
+    """UserError unless this PyTorch has kernels for the GPU: a cubin of the same major compute capability and a
+    minor one no higher (sm_80 runs on 8.6, not the reverse), or PTX of a capability no higher (compiled on first
+    use). Without it the first kernel fails with 'no kernel image is available' (a V100 under CUDA 13 builds)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    arch_list = torch.cuda.get_arch_list()
+    if not arch_list:
+        return  # a build that does not say (ROCm): let PyTorch decide
+
+    def version(arch):
+        digits = arch.split("_")[1].rstrip("af")
+        return int(digits[:-1]), int(digits[-1])
+
+    cubins = [version(a) for a in arch_list if a.startswith("sm_")]
+    ptx = [version(a) for a in arch_list if a.startswith("compute_")]
+    if any(m == major and n <= minor for m, n in cubins) or any((m, n) <= (major, minor) for m, n in ptx):
+        return
+    raise UserError(f"this PyTorch ({torch.__version__}, CUDA {torch.version.cuda}) has no kernels for the GPU "
+                    f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}; the build has "
+                    f"{' '.join(arch_list)}): {INSTALL_FIX}, {CPU_FIX}")
+
+
+def describe(device: torch.device, precision: str) -> dict:
+    """What a run records about where it ran: device, its name, precision, torch / CUDA / cuDNN versions."""
+    info = {"device": str(device), "precision": precision, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        info.update(device_name=torch.cuda.get_device_name(index), capability=f"{major}.{minor}",
+                    gpus_visible=torch.cuda.device_count())
+    elif device.type == "mps":
+        info["device_name"] = "Apple GPU (MPS)"
+    else:
+        info["device_name"] = f"CPU, torch threads: {torch.get_num_threads()}"
+    return info
 
 
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
@@ -35,7 +112,14 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     if world_size == 1:
         return 0, 1, device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        local_rank, n_gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if local_world > n_gpus:  # every rank sees it before any waits for the others: all exit 2, one says why
+            if local_rank == 0:
+                raise UserError(f"torchrun started {local_world} processes on this node but {n_gpus} GPU(s) are "
+                                f"visible; one process per GPU: --nproc_per_node {n_gpus}")
+            raise SystemExit(EXIT_USER_ERROR)
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world_size, device
@@ -92,11 +176,19 @@ def shard(batch_indices: torch.Tensor) -> torch.Tensor:
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for --amp, or None for full float32."""
+    """The autocast dtype for --amp, or None for full float32. auto: bf16 where the GPU has it in hardware
+    (compute capability 8.0, Ampere, and newer), fp16 with a loss scaler on older CUDA GPUs (a T4, a V100:
+    is_bf16_supported() also counts emulated bf16, which is slow there), float32 on the CPU and MPS."""
     if amp == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else None
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """'bf16', 'fp16' or 'fp32': what a checkpoint and config.json record."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -107,6 +199,35 @@ def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
     """fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none. A disabled scaler
     passes everything straight through (scale() returns the loss, step() calls optimizer.step())."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def load_scaler(scaler: torch.amp.GradScaler, state: dict) -> None:
+    """A checkpoint's scaler state, where both sides have one. A run resumed with another --amp gets a fresh
+    scaler when the checkpoint (bf16, fp32) has none, and drops the saved one when it (bf16, fp32) needs none;
+    the loss scale is relearned within a few steps."""
+    if state:
+        scaler.load_state_dict(state)  # a no-op for a disabled scaler
+
+
+@contextlib.contextmanager
+def determinism(mode: str):
+    """--deterministic on: the same GPU model, precision and flags give the same numbers run after run, so a
+    resumed run equals an uninterrupted one there too (PyTorch documents CUDA convolutions as nondeterministic
+    otherwise). off: cuDNN picks its fastest algorithms by timing them (cudnn.benchmark), the fast path.
+    Enter it before any CUDA work: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it starts (PyTorch's
+    "Reproducibility" notes). Restores PyTorch's previous settings on the way out (a test in one process)."""
+    on = mode == "on"
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = on, not on
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
 
 
 def adam(params, device: torch.device, **kwargs) -> torch.optim.Adam:

@@ -86,7 +86,8 @@ def add_run_args(parser: ArgumentParser, *, epochs: int, batch_size: int, datase
     g = parser.group("run", resumable=True)
     g.add_argument("--epochs", type=at_least(1), default=epochs, help="total epochs (raise it on resume to train longer)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="auto picks CUDA, then MPS, then CPU")
+                   help="auto picks CUDA, then MPS, then CPU; never the CPU when the job was given a GPU that "
+                        "PyTorch cannot use (it says why): --device cpu trains on the CPU on purpose")
     g.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR),
                    help="root folder of the data sets (torchvision layout; downloaded there when missing)")
     g.add_argument("--name", type=plain_name, default=None,
@@ -120,6 +121,12 @@ def add_run_args(parser: ArgumentParser, *, epochs: int, batch_size: int, datase
                         "a run folder missing locally is restored from it first")
     speed = parser.group("speed (GPU)", resumable=True)
     speed.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                       help="mixed precision for the training steps; auto: bf16 on a CUDA GPU that has it, else off")
+                       help="mixed precision for the training steps; auto: bf16 on a CUDA GPU with compute "
+                            "capability >= 8.0 (A100, RTX 30xx and newer), fp16 with a loss scaler on older ones "
+                            "(T4, V100), off (float32) on CPU and MPS")
     speed.add_argument("--channels-last", action="store_true", help="NHWC memory layout for the conv layers")
     speed.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    speed.add_argument("--deterministic", default="on", choices=["on", "off"],
+                       help="on: deterministic algorithms (cuDNN, cuBLAS), so a resumed run equals an uninterrupted "
+                            "one bit for bit on the same GPU model; off: the fast path (cuDNN autotuning), results "
+                            "vary in the last bits from run to run")

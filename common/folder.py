@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import stop_signals
-from .devices import broadcast_object
+from .devices import amp_dtype, broadcast_object, describe, precision_name
 from .errors import UserError
 from .files import append_csv, atomic_symlink, atomic_write_text
 from .flags import REPO_ROOT
@@ -42,6 +42,8 @@ class RunFolder:
         self.is_main = self.rank == 0  # under torchrun only rank 0 writes anything
         self.plan, self.script, self.device, self.config = plan, script, device, config
         self.mirror_dir = Path(mirror_dir) if mirror_dir else None
+        # Where this start runs (device, its name, precision, versions): the first log lines and config.json.
+        self.environment = describe(device, precision_name(amp_dtype(config.get("amp", "off"), device)))
         self.dir = plan.dir           # a new folder's final name is known once __enter__ has claimed it
         self._log_file = self._lock_file = None
         self._remove_folder = False  # a new folder stopped during start-up holds nothing worth keeping
@@ -67,6 +69,11 @@ class RunFolder:
         ranks = f" ({self.world_size} processes)" if self.world_size > 1 else ""
         self.log(f"{'resuming' if self.plan.resuming else 'new'} {self.script} run in {self.dir} on "
                  f"{self.device}{ranks}")
+        env = self.environment
+        capability = f", compute capability {env['capability']}" if "capability" in env else ""
+        self.log(f"device {env['device']} ({env['device_name']}{capability}), precision {env['precision']}, "
+                 f"deterministic {self.config.get('deterministic', 'off')}; torch {env['torch']}, "
+                 f"CUDA {env['cuda'] or 'none (CPU-only build)'}, cuDNN {env['cudnn']}")
         self.log("config: " + json.dumps(self.config, sort_keys=True))
         return self
 
@@ -173,7 +180,8 @@ class RunFolder:
             config = {}  # nothing to resume: its start history is all that is lost, and it is rewritten now
         starts = config.get("starts", [])
         starts.append({"time": datetime.datetime.now().isoformat(timespec="seconds"), "host": socket.gethostname(),
-                       "device": str(self.device), "resumed": self.plan.resuming, "pid": os.getpid(),
+                       "device": str(self.device), "device_name": self.environment["device_name"],
+                       "precision": self.environment["precision"], "resumed": self.plan.resuming, "pid": os.getpid(),
                        "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
         config.setdefault("origin", "new-folder" if self.plan.new_folder else "run-dir")  # see _unfinished_run
         config.update({
@@ -184,6 +192,7 @@ class RunFolder:
             "git_commit": _git_commit(),
             "host": socket.gethostname(),
             "device": str(self.device),
+            "environment": self.environment,  # this start's; each start's device and precision are in starts
             "starts": starts,
         })
         atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")

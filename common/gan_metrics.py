@@ -130,7 +130,8 @@ def extract_features(extractor: nn.Module, images_uint8: torch.Tensor, batch_siz
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         out = extractor(x)
-        outputs.append(tuple(o.double().cpu() for o in out) if isinstance(out, (tuple, list)) else out.double().cpu())
+        # float64 on the CPU: MPS has no float64, and the FID maths run on the CPU anyway
+        outputs.append(tuple(o.cpu().double() for o in out) if isinstance(out, (tuple, list)) else out.cpu().double())
     if isinstance(outputs[0], tuple):
         return tuple(torch.cat(parts) for parts in zip(*outputs))
     return torch.cat(outputs)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from . import stop_signals
 from .checkpoints import _user_error_on_load, load_latest_checkpoint, rng_state, set_rng_state
 from .data import epoch_permutation
-from .devices import any_rank, broadcast_object, shard
+from .devices import any_rank, broadcast_object, precision_name, shard
 from .errors import Preempted, StoppedAtStartup, UserError
 from .files import atomic_path, atomic_write_text, write_csv
 from .folder import RunFolder
@@ -37,6 +37,7 @@ class TrainingJob:
     """
     n_images: int                 # size of the training set (one epoch)
     device: torch.device
+    amp: torch.dtype | None = None  # the autocast dtype of the training steps (None: float32); in each checkpoint
     best_column: str | None = None  # a metrics column (lower is better) whose best epoch is kept as best.pt
     divergence_hint = "a lower learning rate"  # what to change after a non-finite loss
 
@@ -161,7 +162,8 @@ class Run(RunFolder):
         self._stop_if_non_finite(job)
         return {"script": self.script, "experiment": self.plan.experiment, "epoch": epoch, "step_in_epoch": step,
                 "global_step": epoch * self.steps_per_epoch + step, "metrics": self.metrics, "best_fid": self.best_fid,
-                "epoch_elapsed_s": elapsed, "rng": rng_state(), **job.state_dict()}
+                "epoch_elapsed_s": elapsed, "precision": precision_name(job.amp), "rng": rng_state(),
+                **job.state_dict()}
 
     def _restore(self, job: TrainingJob) -> tuple[int, int, float]:
         """Load the newest usable checkpoint (or --init-from's) into `job` and the loop; (epoch, step, elapsed)."""
@@ -201,7 +203,10 @@ class Run(RunFolder):
             raise UserError(f"the checkpoint does not fit this model: {str(err).splitlines()[0]}") from None
         self.metrics, self.best_fid = ckpt["metrics"], ckpt.get("best_fid", math.inf)
         self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], log=self.log)
+        if ckpt.get("precision", precision_name(job.amp)) != precision_name(job.amp):  # --amp changed, or auto chose
+            self.log(f"note: the checkpoint was trained in {ckpt['precision']}, this start trains in "
+                     f"{precision_name(job.amp)} (--amp {self.config.get('amp')}): the numbers differ from here on")
         if self.is_main:  # metrics.csv holds exactly the checkpoint's rows: a resume never repeats an epoch
             write_csv(self.metrics_path, self.metric_columns, self.metrics)
         source = f" from {self.plan.init_from}" if self.plan.init_from else ""

@@ -22,7 +22,8 @@ from common import gan_metrics
 from conftest import REPO, hook_calls, run_script, run_with_signal, script_env, sigterm_to_this_process
 from tiny_data import synthetic_digits
 
-TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--log-every", "3", "--ckpt-every-min", "1000"]
+TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--log-every", "3", "--ckpt-every-min", "1000",
+        "--device", "cpu"]  # the numbers compared are CPU numbers, also on a machine with a GPU
 
 # Runs dcgan_train.main() in a fresh process after some patch code. hook_call() writes a patch that wraps one
 # function and runs a statement after its N-th call: a SIGKILL at an exact optimiser step, which this process

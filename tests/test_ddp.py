@@ -37,7 +37,7 @@ def test_two_process_run_stops_resumes_and_matches_an_uninterrupted_one(script, 
 
     def options(run_dir):
         return [*script_options(mnist_dir, cifar_dir), "--run-dir", run_dir, "--epochs", 2, "--batch-size", 32,
-                "--log-every", 1]
+                "--log-every", 1, "--device", "cpu"]  # gloo on the CPU, also where there is one GPU
 
     reference = torchrun(script, *options(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]

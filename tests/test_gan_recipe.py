@@ -15,7 +15,7 @@ from common import gan_metrics
 from conftest import run_script, run_with_signal
 
 TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--log-every", "3", "--ckpt-every-min", "1000",
-        "--fid-samples", "300"]
+        "--fid-samples", "300", "--device", "cpu"]
 
 
 def read_rows(path):

@@ -35,9 +35,9 @@ import common
 import dcgan_train
 import vae_train
 
-VAE_TINY = ["--batch-size", 64, "--latent-dim", 4, "--log-every", 1]  # 300 images: 5 steps per epoch
+VAE_TINY = ["--batch-size", 64, "--latent-dim", 4, "--log-every", 1, "--device", "cpu"]  # 300 images: 5 steps per epoch
 VAE_STEPS = 5
-GAN_TINY = ["--ngf", 8, "--ndf", 8, "--batch-size", 32, "--log-every", 3]  # 200 images: 7 steps per epoch
+GAN_TINY = ["--ngf", 8, "--ndf", 8, "--batch-size", 32, "--log-every", 3, "--device", "cpu"]  # 200 images: 7 steps per epoch
 GAN_STEPS = 7
 
 

@@ -28,7 +28,7 @@ STEPS_PER_EPOCH = 10
 
 def vae_args(data_dir, run_dir, *extra):
     return ["--data-dir", data_dir, "--run-dir", run_dir, "--epochs", 3, "--batch-size", 32, "--latent-dim", 4,
-            "--log-every", 1, *extra]
+            "--log-every", 1, "--device", "cpu", *extra]
 
 
 def final_checkpoint(run_dir: Path) -> dict:

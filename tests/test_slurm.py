@@ -88,7 +88,7 @@ def start_job(script: str, env: dict, *args) -> subprocess.Popen:
 
 def vae_options(mnist_dir, runs_root, epochs):
     return ["--data-dir", mnist_dir, "--runs-root", runs_root, "--epochs", epochs, "--batch-size", 32,
-            "--latent-dim", 4, "--log-every", 1]
+            "--latent-dim", 4, "--log-every", 1, "--device", "cpu"]
 
 
 def signal_after(job: subprocess.Popen, marker: str, sig=signal.SIGUSR1) -> str:

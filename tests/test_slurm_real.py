@@ -9,7 +9,7 @@ should it die). Three settings make it fit a test:
     defaults it waits 120 s, then up to 60 s for the next pass of the scheduler);
   - the node offers what the scripts' #SBATCH lines ask for (1 GPU, 4 CPUs, 16 GB), whatever this machine has:
     SlurmdParameters=config_overrides, and a `File=` GPU gres (/dev/null; a count-only gres makes the node INVALID
-    on 22.05). The jobs see CUDA_VISIBLE_DEVICES=0, find no CUDA and train on the CPU;
+    on 22.05). The jobs see CUDA_VISIBLE_DEVICES=0 and find no CUDA: they are told --device cpu;
   - MinJobAge=3600: finished jobs stay in `scontrol show job` (there is no accounting database, so no sacct).
 The time-limit warning is sent with `scancel --signal=USR1 --batch` (what --signal=B:USR1@120 does, at a moment
 the test chooses); one test lets a real --time=1 limit send it.
@@ -44,10 +44,11 @@ SLURM_PACKAGES = ["slurm-wlm", "munge"]  # slurmctld, slurmd, slurm-client (sbat
 SLURM_PROGRAMS = ["slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "munged"]
 
 # Tiny runs (8 steps an epoch, a second or so on one core); --log-every 1 gives a line per step to wait for.
+# --device cpu: the jobs are given a GPU (CUDA_VISIBLE_DEVICES=0) that is not there, which --device auto refuses.
 VAE_FLAGS = ["--dataset", "mnist", "--train-limit", "256", "--batch-size", "32", "--latent-dim", "4",
-             "--log-every", "1"]
+             "--log-every", "1", "--device", "cpu"]
 GAN_FLAGS = ["--dataset", "mnist", "--train-limit", "256", "--batch-size", "32", "--ngf", "8", "--ndf", "8",
-             "--log-every", "1"]
+             "--log-every", "1", "--device", "cpu"]
 
 
 # -- the cluster -------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import common
 
 def train(mnist_dir, run_dir, *flags) -> dict:
     run_script("vae_train.py", "--data-dir", mnist_dir, "--run-dir", run_dir, "--epochs", 1, "--batch-size", 64,
-               "--train-limit", 128, "--latent-dim", 4, *flags)
+               "--train-limit", 128, "--latent-dim", 4, "--device", "cpu", *flags)
     with open(run_dir / "metrics.csv") as f:
         return next(csv.DictReader(f))
 
