@@ -358,8 +358,12 @@ def milestone_quality(run_dir: Path, measure: QualityMeasure, log=print) -> list
     """The quality of each milestone's exported G (a temporary export: exactly what --export-epoch would write)."""
     rows = []
     for epoch, ckpt_path in milestone_checkpoints(run_dir).items():
-        rows.append({"epoch": epoch, "checkpoint": str(ckpt_path.relative_to(run_dir)),
-                     **measure(scripted_generator(ckpt_path))})
+        try:
+            generator = scripted_generator(ckpt_path)
+        except common.UserError as err:  # damaged or misfitting: the other milestones still count
+            log(f"  milestone epoch {epoch} left out: {err}")
+            continue
+        rows.append({"epoch": epoch, "checkpoint": str(ckpt_path.relative_to(run_dir)), **measure(generator)})
         log(f"  milestone epoch {epoch}: {measure.name} {rows[-1]['value']:.4g}")
     return rows
 
@@ -416,6 +420,8 @@ def newest_generator(run_dir: Path, log=print):
             return generator, ckpt["epoch"], ckpt["global_step"], path
         except FileNotFoundError:  # pruned by a live run while we looked: the next one is older but there
             continue
+        except common.UserError as err:  # damaged (its checksum), or not this run's model: said in one line
+            log(f"warning: {err}; trying the one before")
         except Exception as err:  # noqa: BLE001  truncated or damaged: try the one before, as a resume would
             log(f"warning: checkpoint {path} does not load ({type(err).__name__}); trying the one before")
     return None

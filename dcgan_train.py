@@ -744,12 +744,16 @@ def export_checkpoint(ckpt_path, out_dir) -> tuple[Path, Path]:
     config = common.read_run_config(ckpt_path.parent.parent, "dcgan")
     args = build_parser().parse_args([])
     vars(args).update(config["args"])
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = common.load_checkpoint(ckpt_path)  # its checksum verified: a damaged file is one line, not a model
     generator, discriminator = build_models(args, dataset_channels(args.dataset))
-    generator.load_state_dict(ckpt["generator_ema"] or ckpt["generator"])
-    if ckpt["generator_ema"] and ckpt["step_in_epoch"]:  # mid-epoch: the EMA G's statistics are the last epoch end's
+    try:
+        generator.load_state_dict(ckpt["generator_ema"] or ckpt["generator"])
+        discriminator.load_state_dict(ckpt["discriminator"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:  # another model's, or an incomplete file
+        raise common.UserError(f"checkpoint {ckpt_path} does not fit this run's model ({type(err).__name__}: "
+                               f"{common.checkpoints.one_line(err)})") from None
+    if ckpt["generator_ema"] and ckpt.get("step_in_epoch"):  # mid-epoch: the EMA G's statistics: last epoch end's
         standing_stats(generator, args.batch_size, args.seed + STANDING_STATS_SEED_OFFSET)
-    discriminator.load_state_dict(ckpt["discriminator"])
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = out_dir / "DCGAN_model_G.pth", out_dir / "DCGAN_model_D.pth"
     export_model(generator, paths[0])

@@ -4,7 +4,8 @@
 
 Where things live (a module imports only the ones above it in this list):
 
-    errors.py        exit codes, UserError / Preempted / StoppedAtStartup, run_main (exceptions -> exit codes)
+    console.py       printing that survives a closed or broken stdout (a pipe into head, an SSH session gone)
+    errors.py        exit codes, UserError / AlreadyFinished / Preempted / StoppedAtStartup, run_main (-> exit codes)
     stop_signals.py  SIGTERM / SIGUSR1 / SIGINT caught from a training script's first line, acted on by the loop
     flags.py         the shared argparse flags (add_run_args), range-checked types, the default folders
     files.py         atomic writes (temp file, fsync, rename), CSV rows, symlinks
@@ -40,14 +41,15 @@ import importlib
 # The names scripts use as common.NAME, by the module that defines them.
 _NAMES = {
     "errors": ["EXIT_OK", "EXIT_USER_ERROR", "EXIT_PREEMPTED", "EXIT_STOPPED_AT_STARTUP", "UserError", "Preempted",
-               "StoppedAtStartup", "run_main"],
+               "StoppedAtStartup", "AlreadyFinished", "run_main"],
     "flags": ["REPO_ROOT", "DEFAULT_RUNS_ROOT", "DEFAULT_DATA_DIR", "ArgumentParser", "at_least", "positive_float",
               "non_negative_float", "unit_interval", "plain_name", "add_run_args", "checked"],
     "files": ["fsync_dir", "atomic_path", "atomic_write_text", "write_csv", "append_csv", "atomic_symlink"],
-    "readers": ["list_checkpoints", "read_run_config", "read_metrics_csv"],
+    "readers": ["list_checkpoints", "checkpoint_candidates", "read_run_config", "read_metrics_csv"],
     "mirror": ["mirror_run", "restore_from_mirror"],
     "runs": ["RunPlan", "resolve_run", "experiment_settings", "settings_differ"],
-    "checkpoints": ["load_latest_checkpoint", "rng_state", "set_rng_state", "seed_everything", "save_torchscript"],
+    "checkpoints": ["load_latest_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "seed_everything",
+                    "save_torchscript"],
     "devices": ["pick_device", "init_distributed", "broadcast_object", "all_reduce_sum", "any_rank",
                 "average_gradients", "shard", "amp_dtype", "autocast", "grad_scaler", "adam"],
     "progress": ["Progress"],
