@@ -6,16 +6,16 @@ Where things live (a module imports only the ones above it in this list):
 
     console.py       printing that survives a closed or broken stdout (a pipe into head, an SSH session gone)
     errors.py        exit codes, UserError / AlreadyFinished / Preempted / StoppedAtStartup, run_main (-> exit codes)
-    stop_signals.py  SIGTERM / SIGUSR1 / SIGINT caught from a training script's first line, acted on by the loop
+    stop_signals.py  SIGTERM / SIGUSR1 / SIGINT / SIGHUP caught from a training script's first line, for the loop
     flags.py         the shared argparse flags (add_run_args), range-checked types, the default folders
-    files.py         atomic writes (temp file, fsync, rename), CSV rows, symlinks
-    readers.py       reading a run folder: its checkpoints, config.json, metrics.csv
-    mirror.py        the --mirror-dir copy of a run (Google Drive on Colab)
-    runs.py          which run folder a command works in, with which settings (resolve_run)
-    checkpoints.py   the newest good checkpoint, RNG state, the TorchScript export
+    files.py         atomic writes (temp file, fsync, rename), CSV rows, symlinks, checksums beside files
+    readers.py       reading a run folder: its checkpoints, config.json, metrics.csv, finished?, when it started
+    mirror.py        the --mirror-dir copy of a run (Google Drive on Colab); the newer copy wins
+    runs.py          which run folder a command works in, with which settings (resolve_run); finished runs alone
+    checkpoints.py   writing (with checksum) and loading the newest intact checkpoint, RNG state, TorchScript
     devices.py       --device, mixed precision, fused Adam, torchrun (data parallel)
     progress.py      the progress bar or log line with the run's ETA
-    data.py          MNIST / Fashion-MNIST / CIFAR-10 as uint8 tensors, each epoch's data order
+    data.py          MNIST / Fashion-MNIST / CIFAR-10 as uint8 tensors, each epoch's data order, data identity
     folder.py        RunFolder: the run folder owned by one process (lock, config.json, log.txt, latest links)
     loop.py          TrainingJob (what a script hands over) and Run (the loop: restore, steps, epochs, saves)
     experiments.py   run folders as experiments: sweeps, the run that counts, labels from differing settings
