@@ -175,10 +175,10 @@ def run_title(run_dir: Path, args) -> str:
 # Milestones: a quality number per checkpoints/epoch-NNN.pt, and the export of a chosen one
 
 
-def scripted_generator(ckpt: dict, run_dir: Path):
+def scripted_generator(ckpt: dict, run_dir: Path, source=None):
     """The G that --export-epoch would write from this checkpoint (dcgan_train.export_model), loaded back: the
     exact model a grader would get, whatever the checkpoint's layout."""
-    generator, _ = dcgan_train.models_from_checkpoint(ckpt, run_dir)
+    generator, _ = dcgan_train.models_from_checkpoint(ckpt, run_dir, source)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream; graders still use it
         dcgan_train.export_model(generator, Path(tmp) / "G.pth")
@@ -252,9 +252,12 @@ def milestone_quality(run_dir: Path, measure: QualityMeasure, log=print) -> list
     """The quality of each milestone's exported G (a temporary export: exactly what --export-epoch would write)."""
     rows = []
     for epoch, ckpt_path in milestone_checkpoints(run_dir).items():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        rows.append({"epoch": epoch, "checkpoint": str(ckpt_path.relative_to(run_dir)),
-                     **measure(scripted_generator(ckpt, run_dir))})
+        try:  # checksum verified; damaged or misfitting: the other milestones still count
+            generator = scripted_generator(common.load_checkpoint(ckpt_path), run_dir, ckpt_path)
+        except common.UserError as err:
+            log(f"  milestone epoch {epoch} left out: {err}")
+            continue
+        rows.append({"epoch": epoch, "checkpoint": str(ckpt_path.relative_to(run_dir)), **measure(generator)})
         log(f"  milestone epoch {epoch}: {measure.name} {rows[-1]['value']:.4g}")
     return rows
 
@@ -303,10 +306,10 @@ def newest_generator(run_dir: Path, log=print):
     """(scripted sampling G, checkpoint epoch, global step) from the newest checkpoint that loads, or None."""
     try:  # the one checkpoint reader: damaged files are skipped (and left where they are: this only reads)
         ckpt = common.load_latest_checkpoint(run_dir, log=log, set_aside=False)
-    except common.UserError as err:
+        return None if ckpt is None else (scripted_generator(ckpt, run_dir), ckpt["epoch"], ckpt["global_step"])
+    except common.UserError as err:  # none loads, or the newest does not fit the run's model
         log(f"warning: {err}")
         return None
-    return None if ckpt is None else (scripted_generator(ckpt, run_dir), ckpt["epoch"], ckpt["global_step"])
 
 
 def analyze_run(run_dir: Path, opts, device: torch.device, log=print) -> dict:

@@ -20,7 +20,9 @@ any fails (2: a bad command line). What is checked, in the grader's own terms:
   [0, 1] noise only when none of them holds the MNIST test files, with a WARN line that says where it looked);
 - G turns torch.randn(100, nz, 1, 1) into (100, 3, 32, 32) in [-1, 1], and dcgan_train.denorm maps that to [0, 1];
 - D gives one value per image for (N, 3, 32, 32) input;
-- G plus D hold at most 25,000,000 parameters (dcgan_train.MAX_PARAMS).
+- G plus D hold at most 25,000,000 parameters (dcgan_train.MAX_PARAMS);
+- the DCGAN's run trained on CIFAR-10, when its config.json is there to say (the run that counts, or a run folder
+  as DIR): an image-folder GAN is refused in report.py's words unless --allow-non-cifar10.
 
 With --zip ZIP (and --figures DIR, which must then hold PNGs), ZIP is written only when every check passes: the
 three files under their coursework names and DIR as figures/, to a temporary file renamed into place (its folder
@@ -64,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nz", type=int, default=None,
                         help="size of G's noise vector (default: read from G's first layer, else 100)")
     parser.add_argument("--n-images", type=int, default=100, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--allow-non-cifar10", action="store_true",
+                        help="check (and pack) a DCGAN whose run config.json says it was not trained on CIFAR-10 "
+                             "(refused by default: report.py calls such a run not a valid submission)")
     parser.add_argument("--zip", default=None, metavar="ZIP",
                         help="when every check passes, pack the three files (under their coursework names) and "
                              "--figures into ZIP, written atomically (make submission: CW2.zip)")
@@ -296,6 +301,25 @@ def check_generator(checks: Checks, path: Path, nz_flag: int | None, n: int) -> 
     return generator, images if in_range else None
 
 
+def check_gan_data(checks: Checks, gen_path: Path, gan_run: Path | None, allowed: bool) -> None:
+    """The GAN's run trained on CIFAR-10, as its config.json says (the run that counts, or the run folder the files
+    are in): an RGB 32 x 32 G trained on an image folder passes every shape check, but is not the coursework's.
+    Files outside a run folder have no config to ask. A one-channel data set is named by the shape check already."""
+    from common import experiments
+    from dcgan_train import GRAY_DATASETS
+    run = experiments.read_run(gan_run or gen_path.parent, "dcgan")
+    problem = experiments.not_cifar10(run.args) if run else None
+    if problem is None or run.args.get("dataset") in GRAY_DATASETS:
+        return
+    said = f"{run.dir / 'config.json'} says --dataset {run.args['dataset']}"
+    if allowed:
+        print(f"  WARN  {gen_path.name}: {run.name} was {problem} ({said}); checked anyway (--allow-non-cifar10)",
+              flush=True)
+        return
+    checks.record(False, gen_path, "trained on CIFAR-10", f"{run.name} was {problem} ({said}). Train with "
+                  f"dcgan_train.py --dataset cifar10, or add --allow-non-cifar10 to check it anyway")
+
+
 def check_discriminator(checks: Checks, path: Path, fake_images: torch.Tensor | None, n: int):
     discriminator = load(checks, path)
     what = "one value per image"
@@ -453,6 +477,7 @@ def main(argv=None) -> int:
     print(f"check_submission: {vae_path}, {gen_path}, {disc_path} (CPU, torch {torch.__version__})", flush=True)
     check_vae(checks, vae_path, data_dirs_to_try(args, vae_path), args.n_images)
     generator, fake_images = check_generator(checks, gen_path, args.nz, args.n_images)
+    check_gan_data(checks, gen_path, run_dirs[1], args.allow_non_cifar10)
     discriminator = check_discriminator(checks, disc_path, fake_images, args.n_images)
     check_param_budget(checks, gen_path, generator, discriminator)
     if figures is not None:  # after the model checks, so a missing report does not hide a bad model

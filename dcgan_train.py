@@ -542,17 +542,21 @@ def means(sums: torch.Tensor) -> dict:
             "d_real": d_real / max(n_d, 1), "d_fake": d_fake / max(n_d, 1)}
 
 
-def models_from_checkpoint(ckpt: dict, run_dir) -> tuple[Generator, Discriminator]:
-    """G and D in eval mode from a checkpoint of the DCGAN run in `run_dir` (its config.json gives the
-    architecture): G is the EMA generator when the run used one."""
+def models_from_checkpoint(ckpt: dict, run_dir, source=None) -> tuple[Generator, Discriminator]:
+    """G and D in eval mode from a checkpoint (read from `source`) of the DCGAN run in `run_dir` (its config.json
+    gives the architecture): G is the EMA generator when the run used one."""
     config = common.read_run_config(run_dir, "dcgan")
     args = build_parser().parse_args([])
     vars(args).update(config["args"])
     generator, discriminator = build_models(args, dataset_channels(args.dataset))
-    generator.load_state_dict(ckpt["generator_ema"] or ckpt["generator"])
-    if ckpt["generator_ema"] and ckpt["step_in_epoch"]:  # mid-epoch: the EMA G's statistics are the last epoch end's
+    try:
+        generator.load_state_dict(ckpt["generator_ema"] or ckpt["generator"])
+        discriminator.load_state_dict(ckpt["discriminator"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:  # another model's, or an incomplete file
+        raise common.UserError(f"checkpoint {source or run_dir} does not fit this run's model ({type(err).__name__}: "
+                               f"{common.checkpoints.one_line(err)})") from None
+    if ckpt["generator_ema"] and ckpt.get("step_in_epoch"):  # mid-epoch: the EMA G's statistics: last epoch end's
         standing_stats(generator, args.batch_size, args.seed + STANDING_STATS_SEED_OFFSET)
-    discriminator.load_state_dict(ckpt["discriminator"])
     return generator.eval(), discriminator.eval()
 
 
@@ -560,8 +564,8 @@ def export_checkpoint(ckpt_path, out_dir) -> tuple[Path, Path]:
     """DCGAN_model_G.pth and DCGAN_model_D.pth from any checkpoint of a DCGAN run (e.g. a milestone
     checkpoints/epoch-NNN.pt chosen by its quality): G is the EMA generator when the run used one."""
     ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    generator, discriminator = models_from_checkpoint(ckpt, ckpt_path.parent.parent)
+    ckpt = common.load_checkpoint(ckpt_path)  # its checksum verified: a damaged file is one line, not a model
+    generator, discriminator = models_from_checkpoint(ckpt, ckpt_path.parent.parent, ckpt_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = out_dir / "DCGAN_model_G.pth", out_dir / "DCGAN_model_D.pth"
     export_model(generator, paths[0])

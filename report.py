@@ -39,7 +39,7 @@ import torch
 import common
 from common import experiments
 
-DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "folder": "an image folder"}
+DATASET_NAMES = experiments.DATASET_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,8 +342,8 @@ def write_gan_section(report: Report, gan: experiments.RunInfo, why: str) -> dic
     report.para(f"{run_is}: G {n_g:,} + D {n_d:,} = **{n_g + n_d:,}** parameters (limit 25,000,000); "
                 f"{summary['epochs_done']} of {summary['epochs_planned']} epochs"
                 f"{fmt_minutes(training_minutes(gan.dir))}; chosen as {why.split(': ', 1)[-1]}; {fid_text}.")
-    if run_args["dataset"] != "cifar10":
-        report.para(f"**Warning:** this run was trained on {data_name}, not CIFAR-10: its generator makes "
+    if experiments.not_cifar10(run_args):
+        report.para(f"**Warning:** this run was {experiments.not_cifar10(run_args)}. Its generator makes "
                     f"{'1-channel' if run_args['dataset'] in ('mnist', 'fashion-mnist') else 'non-CIFAR'} images "
                     f"and fails the coursework's checks (`check_submission.py`). Train with "
                     f"`dcgan_train.py --dataset cifar10` for the submission.")
@@ -470,7 +470,8 @@ def build(args, build_dir: Path, chosen: dict, runs_root: Path) -> None:
                                              f"{vae['iw_samples']}, {vae['iw_images']:,} test images)"],
         ["VAE parameters", f"{vae['params']:,}"],
         ["DCGAN", f"`{gan['run']}`: {gan['dataset']}, {gan['epochs_done']} epochs"
-                  + ("" if gan["dataset"] == "cifar10" else " (**not CIFAR-10**: not a valid submission)")],
+                  + ("" if gan["dataset"] == "cifar10" else
+                     f" (**{experiments.not_cifar10({'dataset': gan['dataset']})}**)")],
         ["DCGAN FID", fid],
     ]
     if "cfid" in gan["last"]:  # gan_metrics.py, measured during training on MNIST and Fashion-MNIST

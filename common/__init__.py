@@ -4,17 +4,18 @@
 
 Where things live (a module imports only the ones above it in this list):
 
-    errors.py        exit codes, UserError / Preempted / StoppedAtStartup, run_main (exceptions -> exit codes)
-    stop_signals.py  SIGTERM / SIGUSR1 / SIGINT caught from a training script's first line, acted on by the loop
+    console.py       printing that survives a closed or broken stdout (a pipe into head, an SSH session gone)
+    errors.py        exit codes, UserError / AlreadyFinished / Preempted / StoppedAtStartup, run_main (-> exit codes)
+    stop_signals.py  SIGTERM / SIGUSR1 / SIGINT / SIGHUP caught from a training script's first line, for the loop
     flags.py         the shared argparse flags (add_run_args), range-checked types, the default folders
-    files.py         atomic writes (temp file, fsync, rename), CSV rows, symlinks
-    readers.py       reading a run folder: its checkpoints, config.json, metrics.csv
-    mirror.py        the --mirror-dir copy of a run (Google Drive on Colab)
-    runs.py          which run folder a command works in, with which settings (resolve_run)
-    checkpoints.py   the newest good checkpoint, RNG state, the TorchScript export
+    files.py         atomic writes (temp file, fsync, rename), CSV rows, symlinks, checksums beside files
+    readers.py       reading a run folder: its checkpoints, config.json, metrics.csv, finished?, when it started
+    mirror.py        the --mirror-dir copy of a run (Google Drive on Colab); the newer copy wins
+    runs.py          which run folder a command works in, with which settings (resolve_run); finished runs alone
+    checkpoints.py   writing (with checksum) and loading the newest intact checkpoint, RNG state, TorchScript
     devices.py       --device (never a silent CPU run), precision, determinism, fused Adam, torchrun
     progress.py      the progress bar or log line with the run's ETA
-    data.py          MNIST / Fashion-MNIST / CIFAR-10 as uint8 tensors, each epoch's data order
+    data.py          MNIST / Fashion-MNIST / CIFAR-10 as uint8 tensors, each epoch's data order, data identity
     folder.py        RunFolder: the run folder owned by one process (lock, config.json, log.txt, latest links)
     loop.py          TrainingJob (what a script hands over) and Run (the loop: restore, steps, epochs, saves)
     experiments.py   run folders as experiments: sweeps, the run that counts, labels from differing settings
@@ -42,14 +43,15 @@ import importlib
 # The names scripts use as common.NAME, by the module that defines them.
 _NAMES = {
     "errors": ["EXIT_OK", "EXIT_USER_ERROR", "EXIT_PREEMPTED", "EXIT_STOPPED_AT_STARTUP", "UserError", "Preempted",
-               "StoppedAtStartup", "run_main"],
+               "StoppedAtStartup", "AlreadyFinished", "run_main"],
     "flags": ["REPO_ROOT", "DEFAULT_RUNS_ROOT", "DEFAULT_DATA_DIR", "ArgumentParser", "at_least", "positive_float",
               "non_negative_float", "unit_interval", "plain_name", "add_run_args", "checked"],
     "files": ["fsync_dir", "atomic_path", "atomic_write_text", "write_csv", "append_csv", "atomic_symlink"],
-    "readers": ["list_checkpoints", "read_run_config", "read_metrics_csv", "read_step_rows"],
+    "readers": ["list_checkpoints", "checkpoint_candidates", "read_run_config", "read_metrics_csv", "read_step_rows"],
     "mirror": ["mirror_run", "restore_from_mirror"],
     "runs": ["RunPlan", "resolve_run", "experiment_settings", "settings_differ"],
-    "checkpoints": ["load_latest_checkpoint", "rng_state", "set_rng_state", "seed_everything", "save_torchscript"],
+    "checkpoints": ["load_latest_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "seed_everything",
+                    "save_torchscript"],
     "devices": ["pick_device", "init_distributed", "broadcast_object", "all_reduce_sum", "any_rank",
                 "average_gradients", "shard", "amp_dtype", "precision_name", "autocast", "grad_scaler",
                 "load_scaler", "determinism", "describe", "adam"],

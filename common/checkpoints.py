@@ -1,4 +1,5 @@
-"""Checkpoint files: loading the newest good one, the random number generators' state, and the TorchScript export.
+"""Checkpoint files: writing one with its checksum, loading the newest intact one, the random number generators'
+state, and the TorchScript export.
 
 What a checkpoint holds is listed once, by TrainingJob.state_dict (the script's models and optimisers) and
 Run._state (the loop's position, metrics and RNG) in loop.py; writing one is Run._save.
@@ -6,8 +7,10 @@ Run._state (the loop's position, metrics and RNG) in loop.py; writing one is Run
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import random
+import shutil
 import warnings
 from pathlib import Path
 
@@ -15,54 +18,118 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .files import atomic_path
-from .readers import list_checkpoints
+from .files import atomic_path, checksum_path, checksum_problem, write_checksum
+from .readers import checkpoint_candidates
 
 
-def load_latest_checkpoint(run_dir: Path, log=print, set_aside: bool = True, check=None) -> dict | None:
-    """Load the newest checkpoint that reads back and passes `check`; warn about each one that does not.
+def write_checkpoint(path: Path, data) -> None:
+    """Write the serialised checkpoint `data` to `path` atomically, then its checksum beside it (path.sha256).
 
-    `check(ckpt)` returns None for a checkpoint this run can continue from, or why not (another script's, another
-    experiment's): such a file is treated exactly like a damaged one. The training script (which owns the folder)
-    sets bad files aside as *.corrupt so they are never tried again; readers such as the analysis scripts pass
-    set_aside=False and leave the folder as it is. A file that vanishes while we look (a live run pruning its old
-    checkpoints) is skipped.
+    The old checksum goes first: a kill at any moment leaves the old file or the new one, either with its own
+    checksum or with none (taken on trust, like a checkpoint from before checksums), never with the other's."""
+    checksum_path(path).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    write_checksum(path, hashlib.sha256(data).hexdigest())
+
+
+def link_checkpoint(path: Path, link: Path) -> None:
+    """Make `link` (a milestone epoch-NNN.pt, or best.pt) the same checkpoint as `path`: a hard link, so it costs no
+    disk and survives rotation; a copy where the file system has no hard links (some network and FUSE mounts)."""
+    checksum_path(link).unlink(missing_ok=True)
+    with atomic_path(link) as tmp:
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+    write_checksum(link, checksum_path(path).read_text().split()[0])
+
+
+def remove_checkpoint(path: Path) -> None:
+    path.unlink()
+    checksum_path(path).unlink(missing_ok=True)
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a bad checkpoint to *.corrupt (never tried again, never deleted), its checksum along with it."""
+    bad = path.with_name(path.name + ".corrupt")
+    os.replace(path, bad)
+    if checksum_path(path).exists():
+        os.replace(checksum_path(path), checksum_path(bad))
+    return bad
+
+
+def _read_checkpoint(path: Path, check) -> tuple[dict | None, str | None]:
+    """(the checkpoint, None), or (None or it, why it cannot be used). The checksum decides whether the bytes are
+    the ones written; the file is still read, so the line can say what is wrong in it (cut off, lacks a key)."""
+    damaged = checksum_problem(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        problem = check(ckpt) if check else None
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # truncated, empty or garbage: torch raises several kinds
+        ckpt, problem = None, f"does not load ({type(err).__name__}: {one_line(err, 120)})"
+    if damaged:
+        problem = f"{problem}; {damaged}" if problem else f"is damaged: {damaged}"
+    return ckpt, problem
+
+
+def load_newest_checkpoint(run_dir: Path, log=print, set_aside: bool = True, check=None) -> tuple[dict, Path] | None:
+    """(checkpoint, its path) of the newest checkpoint that is intact and passes `check`; a warning line for each
+    one that is not. Tried in the order of readers.checkpoint_candidates: step checkpoints, milestones, best.pt.
+
+    A checkpoint whose bytes differ from their checksum, that does not load, or that `check(ckpt)` refuses (another
+    script's, another experiment's, one that lacks an entry or does not fit the model) is treated as damaged. The
+    training script (which owns the folder) sets bad files aside as *.corrupt so they are never tried again;
+    readers such as the analysis scripts pass set_aside=False and leave the folder as it is. A file that vanishes
+    while we look (a live run pruning its old checkpoints) is skipped.
     Returns None when the run has no checkpoint file at all. Raises UserError when there are checkpoint files but
     none loads: starting from scratch there would silently throw away the run.
     """
-    paths, vanished = list_checkpoints(run_dir), 0
+    paths, vanished = checkpoint_candidates(run_dir), 0
     for path in paths:
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            problem = check(ckpt) if check else None
+            ckpt, problem = _read_checkpoint(path, check)
         except FileNotFoundError:
             vanished += 1
             continue
-        except Exception as err:  # truncated, empty or garbage: torch raises several kinds
-            problem = f"does not load ({type(err).__name__}: {str(err)[:120]})"
         if problem is None:
-            return ckpt
-        bad = path.with_name(path.name + ".corrupt")
-        log(f"warning: checkpoint {path} {problem}; "
-            + (f"set aside as {bad.name}, trying the one before" if set_aside else "trying the one before"))
+            return ckpt, path
         if set_aside:
-            os.replace(path, bad)
+            log(f"warning: checkpoint {path} {problem}; set aside as {_set_aside(path).name}, trying the one before")
+        else:
+            log(f"warning: checkpoint {path} {problem}; trying the one before")
     if paths and vanished == len(paths):  # all pruned under our feet: the newer ones are on disk now
-        return load_latest_checkpoint(run_dir, log, set_aside, check)
+        return load_newest_checkpoint(run_dir, log, set_aside, check)
     if paths:
         raise UserError(f"no checkpoint in {Path(run_dir) / 'checkpoints'} loads; nothing to resume from. "
                         f"Restore a checkpoint from a backup, or add --restart to train from scratch in this folder.")
     return None
 
 
-def _user_error_on_load(load, path):
-    """torch.load of a file the user named: any failure is the file's fault, said in one line."""
+def load_latest_checkpoint(run_dir: Path, log=print, set_aside: bool = True, check=None) -> dict | None:
+    """load_newest_checkpoint without the path: the checkpoint, or None when the run has none."""
+    found = load_newest_checkpoint(run_dir, log, set_aside, check)
+    return found[0] if found else None
+
+
+def load_checkpoint(path: Path, check=None) -> dict:
+    """A checkpoint file the user named (--init-from, a milestone to export): verified and loaded, or one line
+    (UserError) saying what is wrong with it."""
     try:
-        return load()
-    except UserError:
-        raise
-    except Exception as err:
-        raise UserError(f"{path} does not load as a checkpoint ({type(err).__name__}: {str(err)[:120]})") from None
+        ckpt, problem = _read_checkpoint(Path(path), check)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such checkpoint file") from None
+    if problem:
+        raise UserError(f"checkpoint {path} {problem}")
+    return ckpt
+
+
+def one_line(err: Exception, limit: int = 200) -> str:
+    """An exception's message on one line (load_state_dict's lists one mismatch per line), cut to `limit`."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def rng_state() -> dict:

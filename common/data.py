@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import shutil
 import struct
@@ -23,6 +24,29 @@ def epoch_permutation(seed: int, epoch: int, n: int, device=None) -> torch.Tenso
     """The order of the training images in `epoch`: a pure function of (seed, epoch), so resume needs no state."""
     gen = torch.Generator().manual_seed(seed * _EPOCH_SEED_STRIDE + epoch)
     return torch.randperm(n, generator=gen).to(device)
+
+
+# Bytes of the training set hashed for its fingerprint: evenly spaced over the whole set, so another copy of the
+# data set (other images, another order, another size) is told apart at the cost of one small gather.
+_FINGERPRINT_BYTES = 1 << 16
+
+
+def data_identity(dataset: str | None, images: torch.Tensor, data_dir=None) -> dict:
+    """What a checkpoint records about the images it was trained on: the data set, how many images, a fingerprint
+    (a hash of their shape and of bytes sampled evenly across them), and where they were read from (for messages)."""
+    flat = images.detach().contiguous().view(-1).view(torch.uint8)
+    stride = max(1, flat.numel() // _FINGERPRINT_BYTES)
+    digest = hashlib.sha256(str(tuple(images.shape)).encode())
+    digest.update(flat[::stride][:_FINGERPRINT_BYTES].cpu().numpy().tobytes())
+    return {"dataset": dataset, "images": len(images), "fingerprint": digest.hexdigest()[:16],
+            "data_dir": None if data_dir is None else str(data_dir)}
+
+
+def describe_data(identity: dict) -> str:
+    """'mnist, 300 images (fingerprint 1a2b..., from /data)' for a message naming two data sets."""
+    where = f", from {identity['data_dir']}" if identity.get("data_dir") else ""
+    return (f"{identity.get('dataset')}, {identity.get('images', '?'):,} images (fingerprint "
+            f"{identity.get('fingerprint')}{where})")
 
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist

@@ -35,6 +35,7 @@ DATASET_SIZES = {"mnist": 60_000, "fashion-mnist": 60_000, "cifar10": 50_000}
 BOOKKEEPING = {"name", "sweep", "run_dir", "runs_root", "resume", "init_from", "restart", "data_dir", "device",
                "log_every", "ckpt_every_min", "keep_ckpts", "milestone_every", "mirror_dir", "inception_weights",
                "fid", "fid_every", "fid_samples", "compile", "channels_last", "amp"}
+DATASET_NAMES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "folder": "an image folder"}
 COMPARE_DIR = "compare"  # RUNS_ROOT/compare/<name>/: comparison figures; not a run, so every reader skips it
 
 
@@ -64,10 +65,10 @@ class RunInfo:
         return self.args.get("sweep")
 
     @property
-    def started(self) -> str:
-        """ISO time of the run's first start (the folder name as a tie-breaker), for "newest" comparisons."""
-        starts = self.config.get("starts") or [{}]
-        return f"{starts[0].get('time', '')} {self.name}"
+    def started(self) -> tuple[float, str]:
+        """When the run first started (POSIX seconds, whatever time zone the machine that made it was in; the folder
+        name as a tie-breaker), for "newest" comparisons: readers.started_at, as the training scripts use it."""
+        return readers.started_at(self.config, self.dir), self.name
 
     @property
     def epochs_done(self) -> int:
@@ -75,17 +76,15 @@ class RunInfo:
 
     @property
     def finished(self) -> bool:
-        """export.json says the model files were written after the last planned epoch, and they are there."""
-        if not self.export or self.export.get("epoch") != self.args.get("epochs"):
-            return False
-        files = self.export.get("files") or MODEL_FILES[self.script]
-        return all((self.dir / Path(name).name).is_file() for name in files)
+        """export.json says the model files were written after the last planned epoch, and they are there (the
+        training scripts' rule: readers.finished_models)."""
+        return readers.finished_models(self.dir, self.args, MODEL_FILES[self.script]) is not None
 
     def status(self) -> str:
         """'finished, 10 epochs' or 'unfinished: 3 of 10 epochs'."""
         planned = self.args.get("epochs")
         if self.finished:
-            return f"finished, {planned} epochs"
+            return f"finished, {self.export.get('epoch', planned)} epochs"
         return f"unfinished: {self.epochs_done} of {planned} epochs"
 
     def train_images(self) -> int | None:
@@ -108,6 +107,15 @@ class RunInfo:
     def total_images_seen(self) -> float:
         seen = self.images_seen()
         return seen[-1] if seen else 0.0
+
+
+def not_cifar10(run_args: dict) -> str | None:
+    """Why a DCGAN run cannot be the coursework's (its --dataset is not CIFAR-10), in the words report.py and
+    check_submission.py both use; None for a CIFAR-10 run."""
+    dataset = run_args.get("dataset", "cifar10")
+    if dataset == "cifar10":
+        return None
+    return f"trained on {DATASET_NAMES.get(dataset, dataset)}, not CIFAR-10: not a valid submission"
 
 
 def read_run(path, script: str | None = None) -> RunInfo | None:
@@ -324,7 +332,7 @@ def default_compare_dir(runs: list[RunInfo], script: str) -> Path:
     """RUNS_ROOT/compare/<sweep> for one sweep's runs, else RUNS_ROOT/compare/<script>-<time>."""
     sweeps = {run.sweep for run in runs}
     name = sweeps.pop() if len(sweeps) == 1 and None not in sweeps else \
-        f"{script}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        f"{script}-{datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S')}"
     return compare_dir(runs[0].dir.parent, name)
 
 

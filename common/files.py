@@ -69,6 +69,30 @@ def atomic_symlink(target: str, link: Path) -> None:
     os.replace(tmp, link)
 
 
+def checksum_path(path: Path) -> Path:
+    """Where the checksum of `path` is kept: beside it, in sha256sum's format (`sha256sum -c` checks it)."""
+    return Path(path).with_name(Path(path).name + ".sha256")
+
+
+def write_checksum(path: Path, digest: str) -> None:
+    atomic_write_text(checksum_path(path), f"{digest}  {Path(path).name}\n")
+
+
+def checksum_problem(path: Path) -> str | None:
+    """Why the bytes of `path` are not the bytes its checksum was taken of, or None. A file without a checksum
+    (written before checksums existed, or by a process killed between the file and its checksum) is taken on trust,
+    as before. Raises FileNotFoundError when `path` is gone."""
+    try:
+        expected = checksum_path(path).read_text().split()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        return f"its checksum file cannot be read ({err})"
+    if not expected or _sha256(path) != expected[0]:
+        return f"its bytes differ from the checksum written with it ({checksum_path(path).name}): damaged on disk"
+    return None
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import unicodedata
 from pathlib import Path
 
 from .errors import EXIT_USER_ERROR
@@ -71,8 +72,14 @@ non_negative_float = checked(float, lambda v: math.isfinite(v) and v >= 0, "a fi
 unit_interval = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
-plain_name = checked(str, lambda v: v not in ("", ".", "..") and "/" not in v and not v.startswith("."),
-                      "a plain folder name (no '/', not starting with '.')")
+def _is_plain_name(name: str) -> bool:
+    """A folder name a shell and a listing show as typed: a newline or another control character (category C*
+    but private use, or a line/paragraph separator) would split `ls` and the log lines that name the folder."""
+    invisible = any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") for c in name)
+    return name not in ("", ".", "..") and "/" not in name and not name.startswith(".") and not invisible
+
+
+plain_name = checked(str, _is_plain_name, "a plain folder name (no '/', not starting with '.', no control characters)")
 
 
 def add_run_args(parser: ArgumentParser, *, epochs: int, batch_size: int, dataset: str, datasets: list[str]) -> None:
@@ -106,6 +113,9 @@ def add_run_args(parser: ArgumentParser, *, epochs: int, batch_size: int, datase
                         "flags (e.g. a lower learning rate after a divergence)")
     g.add_argument("--new-run", action="store_true",
                    help="start a new run even if this same command left an unfinished one (which it would continue)")
+    g.add_argument("--allow-other-data", action="store_true",
+                   help="continue a run on training data other than its checkpoint's (another copy, size or "
+                        "content, say after the data set changed); without it such a resume is refused")
     g.add_argument("--restart", action="store_true",
                    help="start from scratch in a --run-dir whose checkpoints are all damaged (*.corrupt)")
     g.add_argument("--ckpt-every-min", type=positive_float, default=10.0,

@@ -23,13 +23,14 @@ import torch
 import torch.distributed as dist
 
 from . import stop_signals
+from .console import say
 from .devices import amp_dtype, broadcast_object, describe, precision_name
 from .errors import UserError
 from .files import append_csv, atomic_symlink, atomic_write_text
 from .flags import REPO_ROOT
 from .mirror import mirror_run
 from .readers import list_checkpoints
-from .runs import RunPlan
+from .runs import RunPlan, utc_stamp
 
 
 class RunFolder:
@@ -98,25 +99,27 @@ class RunFolder:
             self._lock_file = self._lock()
             self._log_file = open(self.dir / "log.txt", "a", buffering=1)
             self._clean_stray_temp_files()
-            self._write_config()
+            if not self.plan.resuming:  # a resumed run's record changes once its checkpoint has loaded (Run.train)
+                self._write_config()
         return str(self.dir)
 
     def _set_aside_replaced_run(self) -> None:
-        """--restart: the replaced run's checkpoints (damaged ones, milestones, best.pt), export record and model
-        files go into one folder beside them, so nothing of it is mistaken for the new run's; nothing is deleted."""
-        old = [self.dir / "checkpoints", self.dir / "export.json"]
+        """--restart: the replaced run's checkpoints (damaged ones, milestones, best.pt), metrics, sample grids,
+        export record and model files go into one folder beside them, so nothing of it is mistaken for the new
+        run's; nothing is deleted."""
+        old = [self.dir / name for name in ("checkpoints", "metrics.csv", "steps.csv", "samples", "export.json")]
         try:  # the model files it exported
             old += [self.dir / name for name in json.loads((self.dir / "export.json").read_text())["files"]]
         except (OSError, ValueError, KeyError, TypeError):
             pass
         if not any(p.exists() for p in old):
             return
-        aside = self.dir / f"replaced-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        aside = self.dir / f"replaced-{utc_stamp()}"
         aside.mkdir()
         for path in old:
             if path.exists():
                 path.rename(aside / path.name)
-        print(f"--restart: the replaced run's checkpoints and export record are in {aside}", flush=True)
+        say(f"--restart: the replaced run's files are in {aside}")
 
     @staticmethod
     def _claim_new_folder(wanted: Path) -> Path:
@@ -179,7 +182,8 @@ class RunFolder:
                 raise UserError(f"{config_path} is damaged ({err}); restore it from a backup") from None
             config = {}  # nothing to resume: its start history is all that is lost, and it is rewritten now
         starts = config.get("starts", [])
-        starts.append({"time": datetime.datetime.now().isoformat(timespec="seconds"), "host": socket.gethostname(),
+        now = datetime.datetime.now(datetime.timezone.utc)  # with its offset: runs order by it (readers.started_at)
+        starts.append({"time": now.isoformat(timespec="seconds"), "host": socket.gethostname(),
                        "device": str(self.device), "device_name": self.environment["device_name"],
                        "precision": self.environment["precision"], "resumed": self.plan.resuming, "pid": os.getpid(),
                        "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
@@ -207,10 +211,10 @@ class RunFolder:
 
     # -- output ---------------------------------------------------------------------------------------------------
     def log(self, message: str) -> None:
-        """Print a line and append it to log.txt (rank 0 only)."""
+        """Print a line and append it to log.txt (rank 0 only). A closed or broken stdout loses only the print."""
         if not self.is_main:
             return
-        print(message, flush=True)
+        say(message)
         if self._log_file:
             self._log_file.write(message + "\n")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -18,11 +17,12 @@ import torch
 import torch.distributed as dist
 
 from . import stop_signals
-from .checkpoints import _user_error_on_load, load_latest_checkpoint, rng_state, set_rng_state
-from .data import epoch_permutation
+from .checkpoints import (link_checkpoint, load_checkpoint, load_newest_checkpoint, one_line, remove_checkpoint,
+                          rng_state, set_rng_state, write_checkpoint)
+from .data import data_identity, describe_data, epoch_permutation
 from .devices import any_rank, broadcast_object, precision_name, shard
 from .errors import Preempted, StoppedAtStartup, UserError
-from .files import atomic_path, atomic_write_text, write_csv
+from .files import atomic_write_text, checksum_path, write_csv
 from .folder import RunFolder
 from .progress import Progress
 from .readers import list_checkpoints
@@ -36,6 +36,7 @@ class TrainingJob:
     (Run adds the loop's own position, metrics and RNG). The other methods are the named steps of the loop.
     """
     n_images: int                 # size of the training set (one epoch)
+    train_images: torch.Tensor    # the training set (its identity is recorded in each checkpoint)
     device: torch.device
     amp: torch.dtype | None = None  # the autocast dtype of the training steps (None: float32); in each checkpoint
     best_column: str | None = None  # a metrics column (lower is better) whose best epoch is kept as best.pt
@@ -91,6 +92,9 @@ class Run(RunFolder):
         self.epoch = self.global_step = 0     # where training stands (after train(): where it ended)
         self.steps_per_epoch = 0              # set by train() from the data set and the batch size
         self._first_bad_step: torch.Tensor | None = None  # see _watch_finite
+        self.data: dict = {}                  # the training data's identity (data.data_identity), in each checkpoint
+        self.good_ckpt: Path | None = None    # the newest checkpoint of this run known intact (loaded or written)
+        self.good_ckpt_verified = False       # ... and whether a checksum vouches for it
 
     # -- the training loop ----------------------------------------------------------------------------------------
     def train(self, job: TrainingJob, *, epochs: int, batch_size: int, seed: int) -> None:
@@ -98,7 +102,11 @@ class Run(RunFolder):
         a pure function of (seed, epoch), so a resumed run takes exactly the steps an uninterrupted one would."""
         self.steps_per_epoch = math.ceil(job.n_images / batch_size)
         self._first_bad_step = torch.full((), -1, dtype=torch.long, device=job.device)
+        self.data = data_identity(self.config.get("dataset"), job.train_images, self.config.get("data_dir"))
         start_epoch, start_step, elapsed = self._restore(job)
+        if start_epoch > epochs or (start_epoch == epochs and start_step):
+            raise UserError(f"the newest checkpoint of {self.dir} is at epoch {start_epoch + 1}, step {start_step}, "
+                            f"past --epochs {epochs}; drop --epochs (or raise it) to continue this run")
         job.on_start(self, self.global_step)
         if self._stop_requested():  # a signal while we imported torch, loaded data, built models: nothing to save
             again = "Re-run the same command to continue."
@@ -108,6 +116,14 @@ class Run(RunFolder):
             self.log(f"stopped by {self.preempted_by} during start-up, before any training step; nothing new to "
                      f"save. {again}")
             raise StoppedAtStartup()
+        # Only now, with a checkpoint loaded (or none to load) and training about to start, does the folder's record
+        # change: a start refused or stopped before this point leaves config.json and metrics.csv as they were.
+        if self.is_main:
+            if self.plan.resuming:
+                with self.writing("config.json", self.dir / "config.json"):
+                    self._write_config()
+            with self.writing("metrics.csv", self.metrics_path):  # exactly the checkpoint's rows: no repeated epoch
+                write_csv(self.metrics_path, self.metric_columns, self.metrics)
         if self.is_main and not self.config.get("sweep"):  # sweep members never become "the" run of their script
             self._link_latest()
         if start_epoch >= epochs:
@@ -138,7 +154,8 @@ class Run(RunFolder):
         """Evaluate, append the metrics row, log one short line, save (a milestone too when due), and stop here if
         a signal came during the evaluation (the epoch-end checkpoint holds everything)."""
         self._stop_if_non_finite(job)
-        row = {"epoch": epoch + 1, "images_seen": (epoch + 1) * job.n_images, **job.end_epoch(self, epoch),
+        seen_before = self.metrics[-1].get("images_seen", epoch * job.n_images) if self.metrics else 0
+        row = {"epoch": epoch + 1, "images_seen": seen_before + job.n_images, **job.end_epoch(self, epoch),
                "train_time_s": train_time, "epoch_time_s": time.monotonic() - epoch_start}
         self.metrics.append(row)
         self.append_csv(self.metrics_path, self.metric_columns, row)
@@ -162,12 +179,18 @@ class Run(RunFolder):
         self._stop_if_non_finite(job)
         return {"script": self.script, "experiment": self.plan.experiment, "epoch": epoch, "step_in_epoch": step,
                 "global_step": epoch * self.steps_per_epoch + step, "metrics": self.metrics, "best_fid": self.best_fid,
-                "epoch_elapsed_s": elapsed, "precision": precision_name(job.amp), "rng": rng_state(),
+                "epoch_elapsed_s": elapsed, "precision": precision_name(job.amp), "rng": rng_state(), "data": self.data,
                 **job.state_dict()}
+
+    # Entries of the loop's part of a checkpoint that a resume cannot do without (a file that lacks one is
+    # incomplete: cut short by an older version, or not written by this loop).
+    LOOP_KEYS = ("epoch", "step_in_epoch", "global_step", "metrics", "rng")
 
     def _restore(self, job: TrainingJob) -> tuple[int, int, float]:
         """Load the newest usable checkpoint (or --init-from's) into `job` and the loop; (epoch, step, elapsed)."""
         def check(ckpt, same_experiment=True) -> str | None:
+            if not isinstance(ckpt, dict):
+                return f"holds a {type(ckpt).__name__}, not a checkpoint"
             if ckpt.get("script", self.script) != self.script:
                 return f"is a {ckpt['script']} checkpoint, not a {self.script} one"
             differing = settings_differ(ckpt.get("experiment", {}), self.plan.experiment) if same_experiment else []
@@ -175,43 +198,60 @@ class Run(RunFolder):
                 return f"belongs to another experiment ({'; '.join(differing)})"
             present = set(ckpt) | set(ckpt["per_rank"][0] if "per_rank" in ckpt else ())
             missing = sorted(set(job.state_dict()) - present)
-            return f"lacks {', '.join(missing)} (not a {self.script} checkpoint)" if missing else None
+            if missing:
+                return f"lacks {', '.join(missing)} (not a {self.script} checkpoint)"
+            missing = [key for key in self.LOOP_KEYS if key not in present]
+            if missing:
+                return f"lacks {', '.join(missing)} (incomplete: written by an older version?)"
+            try:  # the trial: a checkpoint that does not fit this model is damaged for this run
+                self._apply(job, ckpt, rank=0, quiet=True)
+            except Exception as err:  # size mismatches (RuntimeError), a wrong entry's type or shape ...
+                return f"does not fit this model ({type(err).__name__}: {one_line(err)})"
+            return None
 
         if self.plan.init_from:
-            def load_init():
-                ckpt = torch.load(self.plan.init_from, map_location="cpu", weights_only=True)
-                problem = check(ckpt, same_experiment=False)
-                if problem:
-                    raise UserError(f"--init-from {self.plan.init_from}: the checkpoint {problem}")
-                return ckpt
-            ckpt = self._on_main(lambda: _user_error_on_load(load_init, self.plan.init_from))
+            found = self._on_main(lambda: (load_checkpoint(self.plan.init_from, lambda c: check(c, False)), None))
         else:
-            ckpt = self._on_main(lambda: load_latest_checkpoint(self.dir, log=self.log, check=check))
-        if ckpt is None:
-            if self.is_main:
-                write_csv(self.metrics_path, self.metric_columns, [])
+            found = self._on_main(lambda: load_newest_checkpoint(self.dir, log=self.log, check=check))
+        if found is None:
             return 0, 0, 0.0
+        ckpt, self.good_ckpt = found
+        self.good_ckpt_verified = bool(self.good_ckpt and checksum_path(self.good_ckpt).exists())
         saved_world = ckpt.get("world_size", 1)
         if saved_world != self.world_size:
             raise UserError(f"the checkpoint in {self.dir} was written by {saved_world} process(es); resume it with "
                             f"the same number (torchrun --nproc_per_node {saved_world}, or plain python for 1)")
-        if "per_rank" in ckpt:
-            ckpt.update(ckpt.pop("per_rank")[self.rank])
-        try:
-            job.load_state_dict(ckpt)
-        except RuntimeError as err:  # --init-from a run with another architecture
-            raise UserError(f"the checkpoint does not fit this model: {str(err).splitlines()[0]}") from None
+        if not self.plan.init_from:
+            self._check_same_data(ckpt.get("data"))
+        self._apply(job, ckpt, rank=self.rank)
         self.metrics, self.best_fid = ckpt["metrics"], ckpt.get("best_fid", math.inf)
         self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
-        set_rng_state(ckpt["rng"], log=self.log)
         if ckpt.get("precision", precision_name(job.amp)) != precision_name(job.amp):  # --amp changed, or auto chose
             self.log(f"note: the checkpoint was trained in {ckpt['precision']}, this start trains in "
                      f"{precision_name(job.amp)} (--amp {self.config.get('amp')}): the numbers differ from here on")
-        if self.is_main:  # metrics.csv holds exactly the checkpoint's rows: a resume never repeats an epoch
-            write_csv(self.metrics_path, self.metric_columns, self.metrics)
         source = f" from {self.plan.init_from}" if self.plan.init_from else ""
         self.log(f"resumed at epoch {ckpt['epoch'] + 1}, step {ckpt['step_in_epoch']}/{self.steps_per_epoch}{source}")
-        return ckpt["epoch"], ckpt["step_in_epoch"], ckpt["epoch_elapsed_s"]
+        return ckpt["epoch"], ckpt["step_in_epoch"], ckpt.get("epoch_elapsed_s", 0.0)
+
+    def _apply(self, job: TrainingJob, ckpt: dict, rank: int, quiet: bool = False) -> None:
+        """Put a checkpoint's state into the job and the random number generators (`rank`'s own entries); `quiet`
+        for the trial load, whose notes the real one repeats."""
+        if "per_rank" in ckpt:
+            ckpt = {**ckpt, **ckpt["per_rank"][rank]}
+        job.load_state_dict(ckpt)
+        set_rng_state(ckpt["rng"], log=(lambda _: None) if quiet else self.log)
+
+    def _check_same_data(self, saved: dict | None) -> None:
+        """A resume trains on the data its checkpoint was trained on, or it is not the same run any more (another
+        epoch order, wrong images_seen). Checkpoints from before the data was recorded are not checked."""
+        if not saved or self.config.get("allow_other_data"):
+            return
+        same = (saved.get("dataset"), saved.get("images"), saved.get("fingerprint")) == \
+            (self.data["dataset"], self.data["images"], self.data["fingerprint"])
+        if not same:
+            raise UserError(f"refusing to resume {self.dir} on other training data: its checkpoint was trained on "
+                            f"{describe_data(saved)}, this start has {describe_data(self.data)}. Point --data-dir "
+                            f"at the data the run used, or add --allow-other-data to continue on these images")
 
     # -- non-finite losses ----------------------------------------------------------------------------------------
     def _watch_finite(self, shown: dict) -> None:
@@ -228,10 +268,12 @@ class Run(RunFolder):
             return
         where = (f"epoch {bad // self.steps_per_epoch + 1}, step {bad % self.steps_per_epoch + 1}" if bad >= 0
                  else "another rank")
-        kept = list_checkpoints(self.dir)
-        if kept:
-            way = (f"The newest good checkpoint, {kept[0]}, is untouched: continue from it in a new run with "
-                   f"other settings: python {self.script}_train.py --init-from {self.dir} plus {job.divergence_hint}")
+        # Named only when this run wrote it or loaded it: a file merely lying in checkpoints/ may be a damaged one.
+        if self.good_ckpt is not None:
+            which = ("The newest good checkpoint" if self.good_ckpt_verified else
+                     "The newest checkpoint (written before checksums, so unverified)")
+            way = (f"{which}, {self.good_ckpt}, is untouched: continue from it in a new run with other settings: "
+                   f"python {self.script}_train.py --init-from {self.dir} plus {job.divergence_hint}")
         else:
             way = f"No checkpoint was written before it: start a new run with {job.divergence_hint}"
         raise UserError(f"non-finite loss at {where}; stopped without saving. {way}.")
@@ -263,8 +305,8 @@ class Run(RunFolder):
         return Preempted()
 
     def _save(self, state: dict, milestone: bool = False, best: bool = False) -> Path:
-        """Write `state` as checkpoints/step-<global_step>.pt atomically, keep only the newest --keep-ckpts, and
-        hard-link it as epoch-NNN.pt (milestone) or best.pt: no second copy on disk, and rotation keeps them.
+        """Write `state` as checkpoints/step-<global_step>.pt atomically, with its checksum, keep only the newest
+        --keep-ckpts, and link it as epoch-NNN.pt (milestone) or best.pt: rotation never removes those.
 
         Under torchrun every rank calls this at the same step: the per-rank entries are gathered, rank 0 writes,
         and all ranks agree on whether a signal arrived (so they all stop at the same step).
@@ -280,15 +322,14 @@ class Run(RunFolder):
             buffer = io.BytesIO()  # serialised in memory: a full disk then fails in write(), with a clear errno
             torch.save(state, buffer)
             with self.writing("a checkpoint", path):
-                with atomic_path(path) as tmp:
-                    tmp.write_bytes(buffer.getbuffer())
+                write_checkpoint(path, buffer.getbuffer())
                 links = ([f"epoch-{state['epoch']:03d}.pt"] if milestone else []) + (["best.pt"] if best else [])
                 for name in links:
-                    with atomic_path(self.ckpt_dir / name) as tmp:
-                        os.link(path, tmp)
+                    link_checkpoint(path, self.ckpt_dir / name)
                 for old in list_checkpoints(self.dir)[self.keep_ckpts:]:
-                    old.unlink()
+                    remove_checkpoint(old)
             self.sync_mirror()
+        self.good_ckpt, self.good_ckpt_verified = path, True
         self.last_save = time.monotonic()
         return path
 

@@ -1,10 +1,12 @@
 """Progress of a run: a tqdm bar on a terminal, a line every --log-every steps (or 30 s) elsewhere."""
 from __future__ import annotations
 
-import sys
+import contextlib
 import time
 
 import torch.distributed as dist
+
+from .console import on_terminal
 
 
 def _clock(seconds: float) -> str:
@@ -28,7 +30,7 @@ class Progress:
         self.log_every, self.log = log_every, log
         self.start_step, self.started = start_step, time.monotonic()
         self.last_line = self.started
-        self.on_terminal = sys.stdout.isatty() and (not dist.is_initialized() or dist.get_rank() == 0)
+        self.on_terminal = on_terminal() and (not dist.is_initialized() or dist.get_rank() == 0)
         self.bar = None
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
@@ -37,8 +39,18 @@ class Progress:
         if self.on_terminal:
             from tqdm import tqdm
             done = max(0, self.start_step - self.epoch_start_step)
-            self.bar = tqdm(total=self.steps_per_epoch, initial=min(done, self.steps_per_epoch), desc=self.desc,
-                            dynamic_ncols=True, leave=False)
+            with self._terminal_may_go():
+                self.bar = tqdm(total=self.steps_per_epoch, initial=min(done, self.steps_per_epoch),
+                                desc=self.desc, dynamic_ncols=True, leave=False)
+
+    @contextlib.contextmanager
+    def _terminal_may_go(self):
+        """The bar writes to the terminal: when that is gone (an SSH session dropped), training goes on with the
+        log lines instead (they reach log.txt)."""
+        try:
+            yield
+        except (OSError, ValueError):
+            self.bar, self.on_terminal = None, False
 
     def _eta(self, global_step: int) -> tuple[float, float, float]:
         """(elapsed s, images/s, seconds per step) over this start."""
@@ -50,11 +62,12 @@ class Progress:
         """`global_step` counts steps done; `shown` values become numbers (a GPU sync) only when displayed."""
         step = global_step - self.epoch_start_step
         if self.bar is not None:
-            self.bar.update(1)
-            if step % 10 == 0 or step == self.steps_per_epoch:
-                _, _, per_step = self._eta(global_step)
-                self.bar.set_postfix({**{k: f"{float(v):.4g}" for k, v in shown.items()},
-                                      "run ETA": _clock(per_step * (self.total_steps - global_step))})
+            with self._terminal_may_go():
+                self.bar.update(1)
+                if step % 10 == 0 or step == self.steps_per_epoch:
+                    _, _, per_step = self._eta(global_step)
+                    self.bar.set_postfix({**{k: f"{float(v):.4g}" for k, v in shown.items()},
+                                          "run ETA": _clock(per_step * (self.total_steps - global_step))})
             return
         now = time.monotonic()
         if step % self.log_every and now - self.last_line < self.PIPED_INTERVAL_S:
@@ -68,5 +81,6 @@ class Progress:
 
     def end_epoch(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            with self._terminal_may_go():
+                self.bar.close()
             self.bar = None

@@ -1,10 +1,12 @@
-"""Reading a run folder: its checkpoints' names, config.json, metrics.csv. For the resume logic and for the
-analysis scripts, which may read a run that is still in progress. Imports no torch.
+"""Reading a run folder: its checkpoints' names, config.json, metrics.csv, whether it finished, when it started.
+For the resume logic and for the analysis scripts, which may read a run that is still in progress. Imports no torch.
 """
 from __future__ import annotations
 
 import csv
+import datetime
 import json
+import re
 from pathlib import Path
 
 from .errors import UserError
@@ -19,6 +21,47 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 SCRIPTS = {"vae": "vae_train.py", "dcgan": "dcgan_train.py"}  # what a run folder's config.json may name
+
+
+def checkpoint_candidates(run_dir: Path) -> list[Path]:
+    """Every checkpoint a run could continue from, in the order to try them: the step checkpoints newest first,
+    then the milestones (epoch-NNN.pt) newest first, then best.pt. A resume whose newer files are damaged falls
+    back through all of them before it gives up."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    milestones = sorted(ckpt_dir.glob("epoch-*.pt"), reverse=True)
+    return list_checkpoints(run_dir) + milestones + [p for p in [ckpt_dir / "best.pt"] if p.is_file()]
+
+
+def finished_models(run_dir: Path, saved_args: dict, default_files=()) -> list[Path] | None:
+    """The model files of a run that trained to its --epochs and exported them (export.json, written last, says
+    so, and the files are there); None for a run that has not finished. One rule for the training scripts (a
+    finished run is left alone) and the readers (the run that counts)."""
+    try:
+        record = json.loads((Path(run_dir) / "export.json").read_text())
+        names = record.get("files") or default_files
+        done, files = record["epoch"] >= saved_args["epochs"], [Path(run_dir) / Path(f).name for f in names]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return files if done and files and all(f.is_file() for f in files) else None
+
+
+def started_at(config: dict, run_dir: Path) -> float:
+    """When a run first started, as POSIX seconds, so that "newest" means newest in real time whatever the time zone
+    of the machines that made the runs. From config.json's first start (in UTC with its offset; runs made before
+    that wrote local time without one, read here as this machine's local time), else the folder name's stamp."""
+    starts = config.get("starts") if isinstance(config, dict) else None
+    text = starts[0].get("time") if starts and isinstance(starts[0], dict) else None
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()  # a time without offset is taken as local
+    except (TypeError, ValueError):
+        pass
+    stamp = re.match(r"(\d{8}-\d{6})", Path(run_dir).name)
+    try:
+        return datetime.datetime.strptime(stamp.group(1), "%Y%m%d-%H%M%S").timestamp() if stamp else 0.0
+    except ValueError:
+        return 0.0
 
 
 def read_run_config(run_dir, script: str | None) -> dict:

@@ -13,7 +13,7 @@ import tarfile
 import pytest
 import torch
 
-from conftest import REPO, run_script, script_env
+from conftest import REPO, script_env
 
 import analyze_gan
 import analyze_vae
