@@ -18,6 +18,7 @@ Where things live (a module imports only the ones above it in this list):
     folder.py        RunFolder: the run folder owned by one process (lock, config.json, log.txt, latest links)
     loop.py          TrainingJob (what a script hands over) and Run (the loop: restore, steps, epochs, saves)
     experiments.py   run folders as experiments: sweeps, the run that counts, labels from differing settings
+    fid.py           the Frechet distance (FID) from feature statistics; the real images' statistics, cached
     gan_metrics.py   GAN evaluation: seeded sampling, diversity, Inception features, FID, IS, classifier FID
     figures.py       figure helpers for the analysis scripts: atomic PNGs, smoothing, image mosaics
     sweep_figures.py figures that put runs side by side (a sweep), for both models
