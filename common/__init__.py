@@ -52,9 +52,9 @@ _NAMES = {
     "runs": ["RunPlan", "resolve_run", "experiment_settings", "settings_differ"],
     "checkpoints": ["load_latest_checkpoint", "rng_state", "set_rng_state", "seed_everything", "save_torchscript"],
     "devices": ["pick_device", "init_distributed", "broadcast_object", "all_reduce_sum", "any_rank",
-                "average_gradients", "shard", "amp_dtype", "autocast", "grad_scaler", "adam"],
-    "progress": ["Progress"],
-    "data": ["epoch_permutation", "load_images", "load_image_folder", "FASHION_MNIST_SYSTEM_DIR"],
+                "average_gradients", "shard", "amp_dtype", "autocast", "grad_scaler", "adam", "compiled"],
+    "progress": ["Progress", "Shown"],
+    "data": ["epoch_permutation", "full_batches", "load_images", "load_image_folder", "FASHION_MNIST_SYSTEM_DIR"],
     "folder": ["RunFolder"],
     "loop": ["TrainingJob", "Run", "open_run"],
 }

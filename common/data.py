@@ -25,6 +25,12 @@ def epoch_permutation(seed: int, epoch: int, n: int, device=None) -> torch.Tenso
     return torch.randperm(n, generator=gen).to(device)
 
 
+def full_batches(n_images: int, batch_size: int) -> int:
+    """Steps per epoch: only full batches (one fixed shape, so CUDA graphs and compiled code never see a short
+    one); the remainder of each epoch's order is left out of that epoch. A set smaller than a batch is one step."""
+    return max(1, n_images // batch_size)
+
+
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 
 

@@ -78,7 +78,10 @@ plain_name = checked(str, lambda v: v not in ("", ".", "..") and "/" not in v an
 def add_run_args(parser: ArgumentParser, *, epochs: int, batch_size: int, dataset: str, datasets: list[str]) -> None:
     """Add the flags every training script has. Script-specific defaults come in as keyword arguments."""
     g = parser.group("data and schedule", resumable=False)
-    g.add_argument("--batch-size", type=at_least(1), default=batch_size, help="images per optimiser step")
+    g.add_argument("--batch-size", type=at_least(1), default=batch_size,
+                   help="images per optimiser step; every step is a full batch (one shape: no recompiles, CUDA "
+                        "graphs), so the last (training images mod batch size) images of each epoch's shuffled order "
+                        "sit that epoch out, a different few each epoch")
     g.add_argument("--seed", type=int, default=0, help="seed for weights, data order and noise")
     g.add_argument("--dataset", default=dataset, choices=datasets, help="training data")
     g.add_argument("--train-limit", type=at_least(0), default=0, help="train on the first N training images (0: all)")
@@ -122,4 +125,5 @@ def add_run_args(parser: ArgumentParser, *, epochs: int, batch_size: int, datase
     speed.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                        help="mixed precision for the training steps; auto: bf16 on a CUDA GPU that has it, else off")
     speed.add_argument("--channels-last", action="store_true", help="NHWC memory layout for the conv layers")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile each network once per run (CUDA: mode reduce-overhead, CUDA graphs)")

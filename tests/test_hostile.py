@@ -6,7 +6,7 @@ or non-finite model exported, and never a silent fresh start over a run that exi
 with SIGKILL at random moments and checks that the same command, re-run, ends bit for bit where an uninterrupted
 run ends.
 
-Tiny data (300 MNIST-format images, batch 64: 5 steps per epoch; 200 CIFAR-10-format images for the GAN), so each
+Tiny data (300 MNIST-format images, batch 64: 4 full batches per epoch; 200 CIFAR-10-format images for the GAN), so each
 run is a few seconds, mostly the start of Python and torch.
 """
 from __future__ import annotations
@@ -33,10 +33,10 @@ import common
 import dcgan_train
 import vae_train
 
-VAE_TINY = ["--batch-size", 64, "--latent-dim", 4, "--log-every", 1]  # 300 images: 5 steps per epoch
-VAE_STEPS = 5
-GAN_TINY = ["--ngf", 8, "--ndf", 8, "--batch-size", 32, "--log-every", 3]  # 200 images: 7 steps per epoch
-GAN_STEPS = 7
+VAE_TINY = ["--batch-size", 64, "--latent-dim", 4, "--log-every", 1]  # 300 images: 4 full batches per epoch
+VAE_STEPS = 4
+GAN_TINY = ["--ngf", 8, "--ndf", 8, "--batch-size", 32, "--log-every", 3]  # 200 images: 6 full batches per epoch
+GAN_STEPS = 6
 
 
 def vae(mnist_dir, *extra) -> list:
@@ -380,11 +380,12 @@ def suggested_way_forward(line: str) -> tuple[str, list[list[str]]]:
 
 def test_gan_non_finite_loss_names_a_way_forward_that_works(cifar_dir, tmp_path):
     run_dir = tmp_path / "run"
-    # d_loss call 10 is step 3 of epoch 2: the epoch-1 checkpoint (step 7) exists by then.
+    # d_loss call GAN_STEPS + 3 is step 3 of epoch 2: the epoch-1 checkpoint exists by then. The NaN is found in the
+    # running sums at the --log-every 3 boundary, which names the steps since the last check.
     proc = run_patched("dcgan_train.py", after_call("dcgan_train", "d_loss", GAN_STEPS + 3,
                                                     "result = result * float('nan')"),
                        *gan(cifar_dir, "--run-dir", run_dir, "--epochs", 2))
-    line = the_error_line(proc, "non-finite loss at epoch 2, step 3", f"step-{GAN_STEPS:010d}.pt")
+    line = the_error_line(proc, "non-finite loss at epoch 2, steps 1-3", f"step-{GAN_STEPS:010d}.pt")
     source, remedies = suggested_way_forward(line)
     assert Path(source) == run_dir
     for i, remedy in enumerate(remedies):  # each suggestion, followed as the message says, is accepted
@@ -398,7 +399,7 @@ def test_gan_non_finite_loss_before_any_checkpoint_claims_none(cifar_dir, tmp_pa
     run_dir = tmp_path / "run"
     proc = run_patched("dcgan_train.py", after_call("dcgan_train", "d_loss", 3, "result = result * float('nan')"),
                        *gan(cifar_dir, "--run-dir", run_dir, "--epochs", 2))
-    line = the_error_line(proc, "non-finite loss at epoch 1, step 3")
+    line = the_error_line(proc, "non-finite loss at epoch 1, steps 1-3")
     assert "no checkpoint was written" in line.lower() and "good checkpoint" not in line
     assert not common.list_checkpoints(run_dir) and not (run_dir / "DCGAN_model_G.pth").exists()
 
