@@ -61,8 +61,20 @@ def feature_statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """(mean [d], unbiased covariance [d, d]) of features [N, d], in float64 on math_device(their device)."""
     features = features.to(math_device(features.device)).double()
     mean = features.mean(0)
-    centred = features - mean
-    return mean, centred.T @ centred / (len(features) - 1)
+    return mean, symmetric_gram(features - mean) / (len(features) - 1)
+
+
+def symmetric_gram(x: torch.Tensor, blocks: int = 8) -> torch.Tensor:
+    """x^T x from its upper block triangle, mirrored: 36 of the 64 block products. The covariances are most of an
+    FID's time on a CPU (10,000 x 2048 features on 2 cores: 0.64 s each this way, 1.02 s as one product)."""
+    d = x.shape[1]
+    out = torch.empty((d, d), dtype=x.dtype, device=x.device)
+    edges = [d * i // blocks for i in range(blocks + 1)]
+    for start, end in zip(edges, edges[1:]):
+        row = x[:, start:end].T @ x[:, start:]
+        out[start:end, start:] = row
+        out[end:, start:end] = row[:, end - start:].T
+    return out
 
 
 def frechet_distance(mean1: torch.Tensor, cov1: torch.Tensor, mean2: torch.Tensor, cov2: torch.Tensor) -> float:
