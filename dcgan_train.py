@@ -11,13 +11,10 @@ Everything lands in runs/<time>-<name>/ (see README.md): metrics.csv (one row pe
 --log-every steps), samples/epoch_NNN.png (the same fixed noise every epoch), checkpoints/, and at the end
 DCGAN_model_G.pth and DCGAN_model_D.pth (TorchScript). analyze_gan.py turns a run into figures.
 
-Quality every --fid-every epochs (--fid auto): Inception FID and IS on CIFAR-10 and image folders (torch-fidelity's
-weights, downloaded into torch's cache on first use), the classifier FID of common/gan_metrics.py on MNIST and
-Fashion-MNIST (a small CNN trained on the data set's labels; cfid, class_min, class_max in metrics.csv). The
-defaults are the recipe chosen by gan_quality.py (docs/gan-quality.md): batch 64, Adam lr 1.6e-3 for G and 8e-4
-for D, an EMA of G with its own batch-norm statistics. The plain DCGAN of Radford et al. (the paper's batch of 128;
-gan_quality.py compares both recipes at the default batch of 64) is
-    python dcgan_train.py --batch-size 128 --lr-g 2e-4 --lr-d 2e-4 --ema 0 --diffaug none
+Quality every --fid-every epochs (--fid auto): Inception FID and IS on CIFAR-10 and image folders, the classifier
+FID of common/gan_metrics.py on MNIST and Fashion-MNIST. The defaults are the recipe chosen by gan_quality.py
+(docs/gan-quality.md): batch 64, Adam lr 1.6e-3 for G and 8e-4 for D, an EMA of G with its own batch-norm
+statistics. The plain DCGAN of Radford et al. is --batch-size 128 --lr-g 2e-4 --lr-d 2e-4 --ema 0 --diffaug none.
 """
 from __future__ import annotations
 
@@ -113,10 +110,8 @@ def build_parser() -> common.ArgumentParser:
                         "--inception-weights), Inception elsewhere, skipped with one line if it cannot be had")
     g.add_argument("--inception-weights", default=None, metavar="PATH",
                    help=f"FID/IS Inception weights ({gan_metrics.INCEPTION_FILE} from torch-fidelity's v0.2.0 "
-                        f"release); "
-                        f"default: torch's hub cache, downloaded there when missing")
-    g.add_argument("--fid-every", type=common.at_least(1), default=5,
-                   help="epochs between FID evaluations (also after the last)")
+                        f"release); default: torch's hub cache, downloaded there when missing")
+    g.add_argument("--fid-every", type=common.at_least(1), default=5, help="epochs between FIDs (and after the last)")
     g.add_argument("--fid-samples", type=common.at_least(2), default=10_000,
                    help="generated images per FID evaluation (Inception: against as many training images; "
                         "classifier: against the test set)")
@@ -232,8 +227,8 @@ def load_training_images(args) -> torch.Tensor:
 
 
 def to_float(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 -> [-1, 1]: the same numbers `transform` gives for a PIL image."""
-    return images_uint8.float().div_(127.5).sub_(1)
+    """uint8 -> [-1, 1]: the same numbers `transform` gives for a PIL image (the division makes the floats)."""
+    return images_uint8.div(127.5).sub_(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -275,9 +270,8 @@ def ema_decay(decay: float, g_updates: int) -> float:
 @torch.no_grad()
 def update_ema(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
     """Weights only: the live G's batch-norm statistics belong to its own weights, not the average's (copying them
-    gave the EMA G grey backgrounds). standing_stats() computes the EMA G's own before it is used."""
-    for p_ema, p in zip(ema_model.parameters(), model.parameters()):
-        p_ema.lerp_(p, 1 - decay)
+    gave the EMA G grey backgrounds). standing_stats() computes the EMA G's own before it is used. One foreach call."""
+    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
 
 
 STANDING_STATS_IMAGES = 1024   # generated images whose batch statistics make the EMA G's running statistics
@@ -378,7 +372,7 @@ class DCGANTraining(common.TrainingJob):
     def __init__(self, args, train_images: torch.Tensor, device: torch.device, rank: int, world_size: int):
         self.args, self.device, self.n_images = args, device, len(train_images)
         self.train_images = train_images
-        self.steps_per_epoch = math.ceil(self.n_images / args.batch_size)
+        self.steps_per_epoch = common.full_batches(self.n_images, args.batch_size)  # as common.Run: full batches
         common.seed_everything(args.seed)
         self.generator, self.discriminator = (m.to(device) for m in build_models(args, train_images.shape[1]))
         if world_size > 1:
@@ -392,15 +386,17 @@ class DCGANTraining(common.TrainingJob):
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.generator.to(memory_format=self.memory_format)
         self.discriminator.to(memory_format=self.memory_format)
-        # Compiled views share the parameters; checkpoints and export keep using the plain modules.
-        self.train_g, self.train_d = ((torch.compile(self.generator), torch.compile(self.discriminator))
-                                      if args.compile else (self.generator, self.discriminator))
+        # Compiled views share the parameters; checkpoints and export keep using the plain modules. D in G's step
+        # (weights frozen, input differentiated) is another graph: a frame of its own (the lambda), not a recompile.
+        nets = (self.generator, self.discriminator, lambda x: self.discriminator(x))
+        self.train_g, self.train_d, self.d_in_g_step = [common.compiled(n, device) if args.compile else n for n in nets]
         self.sampler = self.generator_ema if self.generator_ema is not None else self.generator  # samples, FID, export
-        # Sums of (loss_d, d_real, d_fake, D updates, loss_g, G updates) over the epoch and over the current
-        # --log-every window; checkpointed, so a resumed epoch reports the same means.
+        # Sums of (loss_d, d_real, d_fake, D updates, loss_g, G updates) over the epoch and the --log-every window:
+        # two rows of one tensor, checkpointed (a resumed epoch reports the same means), checked by Run for NaNs.
         sum_dtype = torch.float32 if device.type == "mps" else torch.float64
-        self.epoch_sums = torch.zeros(6, dtype=sum_dtype, device=device)
-        self.window_sums = torch.zeros(6, dtype=sum_dtype, device=device)
+        self.sums = torch.zeros((2, 6), dtype=sum_dtype, device=device)
+        self.epoch_sums, self.window_sums = self.sums[0], self.sums[1]
+        self.one, self.no_g_step = torch.ones(1, device=device), torch.zeros(2, device=device)  # float32
         # 64 noise vectors from their own generator: the same grid positions show the same z all run long.
         self.fixed_noise = torch.randn((64, args.nz, 1, 1), generator=torch.Generator().manual_seed(args.seed))
         self.fixed_noise = self.fixed_noise.to(device)
@@ -412,7 +408,7 @@ class DCGANTraining(common.TrainingJob):
                 "generator_ema": self.generator_ema.state_dict() if self.generator_ema is not None else {},
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
                 "scaler_g": self.scaler_g.state_dict(), "scaler_d": self.scaler_d.state_dict(),
-                "epoch_sums": self.epoch_sums.cpu(), "window_sums": self.window_sums.cpu()}
+                "epoch_sums": self.epoch_sums.clone().cpu(), "window_sums": self.window_sums.clone().cpu()}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.load_state_dict(state["generator"])
@@ -423,8 +419,8 @@ class DCGANTraining(common.TrainingJob):
         self.opt_d.load_state_dict(state["opt_d"])
         common.load_scaler(self.scaler_g, state["scaler_g"])  # --amp may change on resume
         common.load_scaler(self.scaler_d, state["scaler_d"])
-        self.epoch_sums = state["epoch_sums"].to(device=self.device, dtype=self.epoch_sums.dtype)
-        self.window_sums = state["window_sums"].to(device=self.device, dtype=self.window_sums.dtype)
+        self.epoch_sums.copy_(state["epoch_sums"])
+        self.window_sums.copy_(state["window_sums"])
         for optimizer, lr in ((self.opt_g, self.args.lr_g), (self.opt_d, self.args.lr_d)):
             for group in optimizer.param_groups:  # --init-from may start from another run with other rates
                 group["lr"] = lr
@@ -445,7 +441,7 @@ class DCGANTraining(common.TrainingJob):
                 run.log(f"FID and IS every {self.args.fid_every} epochs on {self.args.fid_samples:,} images "
                         f"({self.inception_path})")
                 self.evaluate_fid = gan_metrics.FIDEvaluator(self.inception_path, self.train_images, self.args,
-                                                             self.device)
+                                                             self.device, log=run.log)
             if self.use_classifier:
                 self.evaluate_cfid = gan_metrics.ClassifierFID.for_dataset(self.args.dataset, self.args.data_dir,
                                                                               self.device, log=run.log)
@@ -467,13 +463,15 @@ class DCGANTraining(common.TrainingJob):
         common.average_gradients(self.discriminator)
         self.scaler_d.step(self.opt_d)
         self.scaler_d.update()
-        step_sums = [loss_d.detach(), torch.sigmoid(real_logits.detach().float()).mean(),
-                     torch.sigmoid(fake_logits.detach().float()).mean(), torch.ones((), device=device)]
 
-        # G step on the same fakes, once every --d-steps D steps.
+        # G step on the same fakes, once every --d-steps D steps. D's weights are frozen while the graph is built:
+        # G's gradient flows through D's inputs, and D's own weight gradients (8% of the step) are never computed.
+        g_sums = [self.no_g_step]  # (loss_g, G updates) of a step without a G step
         if (global_step + 1) % args.d_steps == 0:
+            self.discriminator.requires_grad_(False)
             with common.autocast(device, self.amp):
-                loss_g = g_loss(self.train_d(add_noise(diff_augment(fake, args.diffaug), sigma)), args.loss)
+                loss_g = g_loss(self.d_in_g_step(add_noise(diff_augment(fake, args.diffaug), sigma)), args.loss)
+            self.discriminator.requires_grad_(True)
             self.opt_g.zero_grad(set_to_none=True)
             self.scaler_g.scale(loss_g).backward()
             common.average_gradients(self.generator)
@@ -482,21 +480,22 @@ class DCGANTraining(common.TrainingJob):
             if self.generator_ema is not None:
                 g_updates = (global_step + 1) // args.d_steps - 1
                 update_ema(self.generator_ema, self.generator, ema_decay(args.ema, g_updates))
-            step_sums += [loss_g.detach(), torch.ones((), device=device)]
-        else:
-            step_sums += [torch.zeros((), device=device)] * 2
-        step_sums = torch.stack(step_sums).to(self.epoch_sums.dtype)
-        self.epoch_sums += step_sums
-        self.window_sums += step_sums
-        return {"loss_d": step_sums[0], "loss_g": step_sums[4], "d_real": step_sums[1], "d_fake": step_sums[2]}
+            g_sums = [loss_g.view(1), self.one]
+        with torch.no_grad():  # D(x) and D(G(z)) in one reduction; one cat (float32), one add into both rows
+            d_probs = torch.sigmoid(torch.stack([real_logits, fake_logits]).float()).mean(1)
+            step_sums = torch.cat([loss_d.view(1), d_probs, self.one, *g_sums])
+            self.sums += step_sums
+        return common.Shown(step_sums, {"loss_d": 0, "loss_g": 4, "d_real": 1, "d_fake": 2})
+
+    def running_sums(self) -> list[torch.Tensor]:
+        return [self.sums]
 
     def log_window(self, run: common.Run, global_step: int) -> None:
         """A row of steps.csv: the means over the last --log-every steps."""
         common.all_reduce_sum(self.window_sums)
-        epochs_done, step = divmod(global_step, self.steps_per_epoch)
-        run.append_csv(self.steps_path, STEP_COLUMNS, {
+        run.append_csv(self.steps_path, STEP_COLUMNS, {  # every step a full batch (common.Run.train)
             "global_step": global_step, "epoch": global_step / self.steps_per_epoch,
-            "images_seen": epochs_done * self.n_images + min(step * self.args.batch_size, self.n_images),
+            "images_seen": global_step * min(self.args.batch_size, self.n_images),
             **means(self.window_sums),
             "noise_sigma": noise_sigma(self.args.instance_noise, global_step - 1,
                                        self.args.epochs * self.steps_per_epoch)})

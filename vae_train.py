@@ -140,8 +140,8 @@ def kl_weight(beta: float, warmup_epochs: float, epoch_progress: float) -> float
 
 
 def to_float(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 1, 28, 28] -> float [0, 1]: the same numbers as `transform` gives for a PIL image."""
-    return images_uint8.float().div_(255)
+    """uint8 [N, 1, 28, 28] -> float [0, 1]: the same numbers as `transform` gives for a PIL image (one op)."""
+    return images_uint8.div(255)
 
 
 @torch.no_grad()
@@ -197,11 +197,11 @@ class VAETraining(common.TrainingJob):
         self.scaler = common.grad_scaler(device, self.amp)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
-        self.terms = torch.compile(vae_terms) if args.compile else vae_terms
+        self.terms = common.compiled(vae_terms, device) if args.compile else vae_terms
         if world_size > 1:
             common.seed_everything(args.seed + rank)  # same initial weights on every rank, different noise
         # Sums over the epoch so far of (loss, recon, kl) over images; checkpointed, so a resumed epoch reports the
-        # same means as an uninterrupted one. float32 on MPS, which has no float64.
+        # same means as an uninterrupted one; checked for NaNs by Run (running_sums). float32 on MPS (no float64).
         self.sums = torch.zeros(3, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
         # Fixed things for the per-epoch image grids: the first 16 test images, and 64 latent codes.
         self.fixed_z = torch.randn((64, args.latent_dim), generator=torch.Generator().manual_seed(args.seed))
@@ -233,13 +233,18 @@ class VAETraining(common.TrainingJob):
         common.average_gradients(self.model)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.sums += torch.stack([loss * len(x), recon_nll.sum(), kl.sum()]).detach().to(self.sums.dtype)
-        return {"loss": loss.detach(), "kl": kl.detach().mean()}
+        with torch.no_grad():  # the step's per-image means (recon and KL in one reduction), added x images at once
+            step_means = torch.cat([loss.view(1), torch.stack([recon_nll, kl]).mean(1)])
+            self.sums.add_(step_means, alpha=len(x))
+        return common.Shown(step_means, {"loss": 0, "kl": 2})
+
+    def running_sums(self) -> list[torch.Tensor]:
+        return [self.sums]
 
     def end_epoch(self, run: common.Run, epoch: int) -> dict:
         beta = kl_weight(self.args.beta, self.args.kl_warmup_epochs, epoch + 1)
         common.all_reduce_sum(self.sums)
-        train_loss, train_recon, train_kl = (self.sums / self.n_images).tolist()
+        train_loss, train_recon, train_kl = (self.sums / run.images_per_epoch).tolist()
         self.sums.zero_()
         row = {"train_loss": train_loss, "train_recon": train_recon, "train_kl": train_kl,
                **evaluate(self.model, self.test_images, beta, self.args.seed), "beta": beta}

@@ -19,6 +19,7 @@ Where things live (a module imports only the ones above it in this list):
     folder.py        RunFolder: the run folder owned by one process (lock, config.json, log.txt, latest links)
     loop.py          TrainingJob (what a script hands over) and Run (the loop: restore, steps, epochs, saves)
     experiments.py   run folders as experiments: sweeps, the run that counts, labels from differing settings
+    fid.py           the Frechet distance (FID) from feature statistics; the real images' statistics, cached
     gan_metrics.py   GAN evaluation: seeded sampling, diversity, Inception features, FID, IS, classifier FID
     figures.py       figure helpers for the analysis scripts: atomic PNGs, smoothing, image mosaics
     sweep_figures.py figures that put runs side by side (a sweep), for both models
@@ -54,9 +55,9 @@ _NAMES = {
                     "save_torchscript"],
     "devices": ["pick_device", "init_distributed", "broadcast_object", "all_reduce_sum", "any_rank",
                 "average_gradients", "shard", "amp_dtype", "precision_name", "autocast", "grad_scaler",
-                "load_scaler", "determinism", "describe", "adam"],
-    "progress": ["Progress"],
-    "data": ["epoch_permutation", "load_images", "load_image_folder", "FASHION_MNIST_SYSTEM_DIR"],
+                "load_scaler", "determinism", "describe", "adam", "compiled"],
+    "progress": ["Progress", "Shown"],
+    "data": ["epoch_permutation", "full_batches", "load_images", "load_image_folder", "FASHION_MNIST_SYSTEM_DIR"],
     "folder": ["RunFolder"],
     "loop": ["TrainingJob", "Run", "open_run"],
 }

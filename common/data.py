@@ -26,6 +26,12 @@ def epoch_permutation(seed: int, epoch: int, n: int, device=None) -> torch.Tenso
     return torch.randperm(n, generator=gen).to(device)
 
 
+def full_batches(n_images: int, batch_size: int) -> int:
+    """Steps per epoch: only full batches (one fixed shape, so CUDA graphs and compiled code never see a short
+    one); the remainder of each epoch's order is left out of that epoch. A set smaller than a batch is one step."""
+    return max(1, n_images // batch_size)
+
+
 # Bytes of the training set hashed for its fingerprint: evenly spaced over the whole set, so another copy of the
 # data set (other images, another order, another size) is told apart at the cost of one small gather.
 _FINGERPRINT_BYTES = 1 << 16

@@ -233,3 +233,10 @@ def determinism(mode: str):
 def adam(params, device: torch.device, **kwargs) -> torch.optim.Adam:
     """Adam, fused into one kernel on CUDA (same maths, fewer launches); the default implementation elsewhere."""
     return torch.optim.Adam(params, fused=device.type == "cuda", **kwargs)
+
+
+def compiled(fn, device: torch.device):
+    """--compile: torch.compile with CUDA graphs on CUDA ("reduce-overhead": a step of a small model is bound by
+    kernel launches, and a graph replays them all at once; it needs fixed shapes, which full batches give), the
+    default mode elsewhere. Each network is compiled once per run: its first call traces it, later calls reuse it."""
+    return torch.compile(fn, mode="reduce-overhead" if device.type == "cuda" else None)

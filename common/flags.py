@@ -85,7 +85,10 @@ plain_name = checked(str, _is_plain_name, "a plain folder name (no '/', not star
 def add_run_args(parser: ArgumentParser, *, epochs: int, batch_size: int, dataset: str, datasets: list[str]) -> None:
     """Add the flags every training script has. Script-specific defaults come in as keyword arguments."""
     g = parser.group("data and schedule", resumable=False)
-    g.add_argument("--batch-size", type=at_least(1), default=batch_size, help="images per optimiser step")
+    g.add_argument("--batch-size", type=at_least(1), default=batch_size,
+                   help="images per optimiser step; every step is a full batch (one shape: no recompiles, CUDA "
+                        "graphs), so the last (training images mod batch size) images of each epoch's shuffled order "
+                        "sit that epoch out, a different few each epoch")
     g.add_argument("--seed", type=int, default=0, help="seed for weights, data order and noise")
     g.add_argument("--dataset", default=dataset, choices=datasets, help="training data")
     g.add_argument("--train-limit", type=at_least(0), default=0, help="train on the first N training images (0: all)")
@@ -135,7 +138,8 @@ def add_run_args(parser: ArgumentParser, *, epochs: int, batch_size: int, datase
                             "capability >= 8.0 (A100, RTX 30xx and newer), fp16 with a loss scaler on older ones "
                             "(T4, V100), off (float32) on CPU and MPS")
     speed.add_argument("--channels-last", action="store_true", help="NHWC memory layout for the conv layers")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile each network once per run (CUDA: mode reduce-overhead, CUDA graphs)")
     speed.add_argument("--deterministic", default="on", choices=["on", "off"],
                        help="on: deterministic algorithms (cuDNN, cuBLAS), so a resumed run equals an uninterrupted "
                             "one bit for bit on the same GPU model; off: the fast path (cuDNN autotuning), results "

@@ -1,10 +1,10 @@
 """GAN evaluation, imported by training and analysis alike: seeded sampling, Inception features, FID and IS, and a
 classifier FID for the one-channel data sets. Imports no script (the scripts import it).
 
-FID (Heusel et al., 2017) and IS (Salimans et al., 2016) go through torchmetrics, on torch-fidelity's Inception v3
-(its weights downloaded into torch.hub's cache on first use). FID is defined on natural images; for MNIST and
+FID (Heusel et al., 2017) is fid.py's Frechet distance and IS (Salimans et al., 2016) torchmetrics', both on
+torch-fidelity's Inception v3 (its weights downloaded into torch.hub's cache on first use). FID is defined on natural images; for MNIST and
 Fashion-MNIST a small CNN trained on the data set's own labels gives a feature space that knows the classes. Its
-penultimate features go through the same Frechet distance as Inception's (fid_from_features), and its argmax gives
+penultimate features go through the same Frechet distance as Inception's (fid.frechet_distance), and its argmax gives
 the class shares of the samples: a number for mode collapse (a class at 0% is a missing mode). These numbers compare
 runs with each other on one data set; they are not comparable with published (Inception, CIFAR-10) FIDs.
 
@@ -12,8 +12,8 @@ runs with each other on one data set; they are not comparable with published (In
     evaluator(generator, nz)   # {"cfid": 12.3, "class_min": 0.08, "class_max": 0.12}
 
 The classifier is trained once (seconds on a CPU, deterministic, the global RNG untouched) and cached beside the
-data as DATA_DIR/classifier-fid/<dataset>-v1.pt, with its test accuracy. The reference features are the test set's.
-Importing this module has no side effects.
+data as DATA_DIR/classifier-fid/<dataset>-v1.pt, with its test accuracy. The reference statistics are the test
+set's, and the real images' statistics of either FID are cached beside the data too (DATA_DIR/fid-stats/). Importing this module has no side effects.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 from .data import load_images
 from .errors import UserError
+from .fid import (FID_BATCH, extract_features, feature_statistics, fid_from_features, frechet_distance,  # noqa: F401
+                  real_statistics, statistics_dir)
 from .files import atomic_path
 
 
@@ -94,7 +96,7 @@ def nearest_neighbours(samples: torch.Tensor, train: torch.Tensor, k: int = 5) -
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# FID and Inception Score (Heusel et al., 2017; Salimans et al., 2016), through torchmetrics
+# FID (fid.py) and Inception Score (Salimans et al., 2016, through torchmetrics)
 
 
 # torch-fidelity's FID Inception weights (its URL_INCEPTION_V3, spelled out so that importing this script does not
@@ -106,48 +108,19 @@ DOWNLOAD_TIMEOUT_S = 60
 
 
 class _Precomputed(nn.Identity):
-    """Lets torchmetrics' metrics take features we already extracted (one Inception pass serves FID and IS)."""
+    """Lets torchmetrics' IS take logits we already extracted (one Inception pass serves FID and IS)."""
 
     def __init__(self, num_features: int):
         super().__init__()
         self.num_features = num_features  # torchmetrics would otherwise probe with a random image (global RNG)
 
 
-FID_BATCH = 250          # images per forward pass of the feature extractor
 FID_NOISE_SEED_OFFSET = 1  # FID's noise seed is --seed + 1: apart from the fixed-noise grid's (--seed)
-
-
-@torch.no_grad()
-def extract_features(extractor: nn.Module, images_uint8: torch.Tensor, batch_size: int = FID_BATCH):
-    """Run `extractor` over uint8 images [N, C, H, W]; one-channel images are repeated to RGB.
-
-    Returns a float64 CPU tensor [N, d], or a tuple of them when the extractor returns several outputs.
-    """
-    device = next(extractor.parameters()).device
-    outputs = []
-    for start in range(0, len(images_uint8), batch_size):
-        x = images_uint8[start:start + batch_size].to(device)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        out = extractor(x)
-        # float64 on the CPU: MPS has no float64, and the FID maths run on the CPU anyway
-        outputs.append(tuple(o.cpu().double() for o in out) if isinstance(out, (tuple, list)) else out.cpu().double())
-    if isinstance(outputs[0], tuple):
-        return tuple(torch.cat(parts) for parts in zip(*outputs))
-    return torch.cat(outputs)
-
-
-def fid_from_features(real_features: torch.Tensor, fake_features: torch.Tensor) -> float:
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    metric = FrechetInceptionDistance(feature=_Precomputed(real_features.shape[1]))
-    metric.set_dtype(torch.float64)  # torchmetrics' advice: FID is numerically fragile in float32
-    metric.update(real_features, real=True)
-    metric.update(fake_features, real=False)
-    return float(metric.compute())
 
 
 def inception_score_from_logits(logits: torch.Tensor, splits: int = 10) -> float:
     from torchmetrics.image.inception import InceptionScore
+    logits = logits.cpu()
     with warnings.catch_warnings():  # its note that it keeps every feature in memory: 10,000 x 1008 is fine
         warnings.simplefilter("ignore", UserWarning)
         metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=splits)
@@ -234,13 +207,16 @@ class InceptionFeatures(nn.Module):
 
 
 class FIDEvaluator:
-    """FID and IS of generated images against --fid-samples training images (their features computed once)."""
+    """FID and IS of generated images against --fid-samples training images, whose statistics are computed once
+    per data set, seed and sample count and cached beside the data (fid.real_statistics)."""
 
-    def __init__(self, weights_path: Path, train_images: torch.Tensor, args, device: torch.device):
+    def __init__(self, weights_path: Path, train_images: torch.Tensor, args, device: torch.device, log=print):
         self.extractor = InceptionFeatures(weights_path).to(device)
         self.n = min(args.fid_samples, len(train_images))
         pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(args.seed))[:self.n]
-        self.real_features, _ = extract_features(self.extractor, train_images[pick.to(train_images.device)])
+        cache_dir = statistics_dir(args.dataset, args.data_dir) if getattr(args, "data_dir", None) else None
+        self.real_stats = real_statistics(self.extractor, train_images[pick.to(train_images.device)], cache_dir,
+                                          log=log)
         self.seed, self.nz, self.batch_size = args.seed, args.nz, FID_BATCH
 
     @torch.no_grad()
@@ -249,7 +225,8 @@ class FIDEvaluator:
         epochs come from the weights alone and the training RNG is never touched."""
         fakes = to_uint8(sample(generator, self.nz, self.n, self.seed + FID_NOISE_SEED_OFFSET, self.batch_size))
         fake_features, fake_logits = extract_features(self.extractor, fakes)
-        return fid_from_features(self.real_features, fake_features), inception_score_from_logits(fake_logits)
+        fid = frechet_distance(*self.real_stats, *feature_statistics(fake_features))
+        return fid, inception_score_from_logits(fake_logits)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,13 +374,15 @@ def load_or_train(dataset: str, data_dir, log=print) -> tuple[Classifier, dict, 
 
 
 class ClassifierFID:
-    """Classifier FID and class shares of a generator's samples against the test set (features computed once)."""
+    """Classifier FID and class shares of a generator's samples against the test set, whose statistics are
+    computed once and cached in cache_dir when given (fid.real_statistics)."""
 
-    def __init__(self, classifier: Classifier, reference_images: torch.Tensor, device, info: dict | None = None):
+    def __init__(self, classifier: Classifier, reference_images: torch.Tensor, device, info: dict | None = None,
+                 cache_dir=None, log=print):
         self.device = torch.device(device)
         self.extractor = _OnUint8(classifier).to(self.device).eval()
         self.info = info or {}
-        self.reference_features, _ = self._features(reference_images)
+        self.reference_stats = real_statistics(self.extractor, reference_images, cache_dir, BATCH, log)
 
     @classmethod
     def for_dataset(cls, dataset: str, data_dir, device="cpu", log=print) -> ClassifierFID | None:
@@ -412,7 +391,7 @@ class ClassifierFID:
         if dataset not in SUPPORTED:
             return None
         classifier, info, test_images = load_or_train(dataset, data_dir, log)
-        return cls(classifier, test_images, device, info)
+        return cls(classifier, test_images, device, info, statistics_dir(dataset, data_dir), log)
 
     @torch.no_grad()
     def _features(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -422,7 +401,7 @@ class ClassifierFID:
         """cfid, class_min, class_max (and every class_shares) of uint8 images [N, 1, 32, 32], generated or real."""
         features, logits = self._features(images_uint8)
         shares = torch.bincount(logits.argmax(1), minlength=N_CLASSES).double() / len(logits)
-        return {"cfid": fid_from_features(self.reference_features, features),
+        return {"cfid": frechet_distance(*self.reference_stats, *feature_statistics(features)),
                 "class_min": float(shares.min()), "class_max": float(shares.max()), "class_shares": shares.tolist()}
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from . import stop_signals
 from .checkpoints import (link_checkpoint, load_checkpoint, load_newest_checkpoint, one_line, remove_checkpoint,
                           rng_state, set_rng_state, write_checkpoint)
-from .data import data_identity, describe_data, epoch_permutation
+from .data import data_identity, describe_data, epoch_permutation, full_batches
 from .devices import any_rank, broadcast_object, precision_name, shard
 from .errors import Preempted, StoppedAtStartup, UserError
 from .files import atomic_write_text, checksum_path, write_csv
@@ -52,8 +52,14 @@ class TrainingJob:
         """Called once per start, after the checkpoint (if any) is loaded."""
 
     def train_step(self, batch: torch.Tensor, global_step: int, epoch_progress: float) -> dict:
-        """One optimiser step on the training images at `batch` (indices). Returns the numbers to show, as
-        0-d tensors (only turned into Python numbers, a GPU sync, when shown); a non-finite one stops the run."""
+        """One optimiser step on the training images at `batch` (indices, always a full batch). Returns the numbers
+        to show, as 0-d tensors (only turned into Python numbers, a GPU sync, when shown)."""
+        raise NotImplementedError
+
+    def running_sums(self) -> list[torch.Tensor]:
+        """The sums of the losses the steps add to (per epoch, per log window). A NaN or inf stays in a sum until
+        it is reset, so Run checks them at each boundary (a log window, an epoch end, a checkpoint), not every
+        step; a non-finite one stops the run. Reset them only in log_window and end_epoch (after the check)."""
         raise NotImplementedError
 
     def log_window(self, run: Run, global_step: int) -> None:
@@ -90,8 +96,8 @@ class Run(RunFolder):
         self.metrics: list[dict] = []
         self.best_fid = math.inf
         self.epoch = self.global_step = 0     # where training stands (after train(): where it ended)
-        self.steps_per_epoch = 0              # set by train() from the data set and the batch size
-        self._first_bad_step: torch.Tensor | None = None  # see _watch_finite
+        self.steps_per_epoch = self.images_per_epoch = 0  # set by train() from the data set and the batch size
+        self._finite_through = 0  # the global step up to which the running sums were checked finite
         self.data: dict = {}                  # the training data's identity (data.data_identity), in each checkpoint
         self.good_ckpt: Path | None = None    # the newest checkpoint of this run known intact (loaded or written)
         self.good_ckpt_verified = False       # ... and whether a checksum vouches for it
@@ -99,14 +105,17 @@ class Run(RunFolder):
     # -- the training loop ----------------------------------------------------------------------------------------
     def train(self, job: TrainingJob, *, epochs: int, batch_size: int, seed: int) -> None:
         """Train `job` up to `epochs`, from the newest checkpoint if there is one. The data order of each epoch is
-        a pure function of (seed, epoch), so a resumed run takes exactly the steps an uninterrupted one would."""
-        self.steps_per_epoch = math.ceil(job.n_images / batch_size)
-        self._first_bad_step = torch.full((), -1, dtype=torch.long, device=job.device)
+        a pure function of (seed, epoch), so a resumed run takes exactly the steps an uninterrupted one would.
+        Every step is a full batch (fixed shapes: CUDA graphs, no recompiles): the last n_images % batch_size
+        images of each epoch's order are left out of that epoch (a different few each epoch)."""
+        self.steps_per_epoch = full_batches(job.n_images, batch_size)
+        self.images_per_epoch = self.steps_per_epoch * min(batch_size, job.n_images)
         self.data = data_identity(self.config.get("dataset"), job.train_images, self.config.get("data_dir"))
         start_epoch, start_step, elapsed = self._restore(job)
         if start_epoch > epochs or (start_epoch == epochs and start_step):
             raise UserError(f"the newest checkpoint of {self.dir} is at epoch {start_epoch + 1}, step {start_step}, "
                             f"past --epochs {epochs}; drop --epochs (or raise it) to continue this run")
+        self._finite_through = self.global_step  # a checkpoint's sums are finite (none is saved otherwise)
         job.on_start(self, self.global_step)
         if self._stop_requested():  # a signal while we imported torch, loaded data, built models: nothing to save
             again = "Re-run the same command to continue."
@@ -139,7 +148,6 @@ class Run(RunFolder):
                 self.epoch, self.global_step = epoch, epoch * self.steps_per_epoch + step
                 shown = job.train_step(shard(order[step * batch_size:(step + 1) * batch_size]), self.global_step,
                                        epoch + step / self.steps_per_epoch)
-                self._watch_finite(shown)
                 self.global_step += 1
                 progress.update(self.global_step, shown)
                 if self.global_step % self.log_every == 0:
@@ -147,6 +155,7 @@ class Run(RunFolder):
                     job.log_window(self, self.global_step)
                 self._step_boundary(lambda: self._state(job, epoch, step + 1, time.monotonic() - epoch_start))
             progress.end_epoch()
+            self._stop_if_non_finite(job)  # reads the sums: waits for the device, so train_time is the steps' own
             self._end_epoch(job, epoch, epochs, train_time=time.monotonic() - epoch_start, epoch_start=epoch_start)
             start_step, elapsed = 0, 0.0
 
@@ -154,8 +163,9 @@ class Run(RunFolder):
         """Evaluate, append the metrics row, log one short line, save (a milestone too when due), and stop here if
         a signal came during the evaluation (the epoch-end checkpoint holds everything)."""
         self._stop_if_non_finite(job)
-        seen_before = self.metrics[-1].get("images_seen", epoch * job.n_images) if self.metrics else 0
-        row = {"epoch": epoch + 1, "images_seen": seen_before + job.n_images, **job.end_epoch(self, epoch),
+        # images_seen adds up: --allow-other-data may change the number of images from one start to the next
+        seen_before = self.metrics[-1].get("images_seen", epoch * self.images_per_epoch) if self.metrics else 0
+        row = {"epoch": epoch + 1, "images_seen": seen_before + self.images_per_epoch, **job.end_epoch(self, epoch),
                "train_time_s": train_time, "epoch_time_s": time.monotonic() - epoch_start}
         self.metrics.append(row)
         self.append_csv(self.metrics_path, self.metric_columns, row)
@@ -254,20 +264,19 @@ class Run(RunFolder):
                             f"at the data the run used, or add --allow-other-data to continue on these images")
 
     # -- non-finite losses ----------------------------------------------------------------------------------------
-    def _watch_finite(self, shown: dict) -> None:
-        """Remember the first step with a non-finite number, on the device: reading it costs a GPU sync, so it
-        is read every --log-every steps, at each epoch end and before every checkpoint, never once per step."""
-        finite = torch.isfinite(torch.stack([v.detach().float() for v in shown.values()])).all()
-        self._first_bad_step = torch.where(~finite & (self._first_bad_step < 0), self.global_step,
-                                           self._first_bad_step)
-
     def _stop_if_non_finite(self, job: TrainingJob) -> None:
-        """A NaN poisons every later step, so the run stops at the first one, and nothing after it is saved."""
-        bad = int(self._first_bad_step.item())
-        if not any_rank(bad >= 0):  # all ranks decide together
+        """A NaN poisons every later step, so the run stops at the first check after one, and nothing after it is
+        saved. The check reads the job's running sums (one GPU sync): at every --log-every steps, each epoch end
+        and before every checkpoint, so it names the steps since the last check."""
+        sums = job.running_sums()
+        finite = bool(torch.isfinite(torch.cat([s.reshape(-1) for s in sums])).all()) if sums else True
+        if not any_rank(not finite):  # all ranks decide together
+            self._finite_through = self.global_step
             return
-        where = (f"epoch {bad // self.steps_per_epoch + 1}, step {bad % self.steps_per_epoch + 1}" if bad >= 0
-                 else "another rank")
+        first, last = self._finite_through, self.global_step - 1  # 0-based global steps of the window
+        epoch, step = divmod(first, self.steps_per_epoch)
+        steps = f"step {step + 1}" if first == last else f"steps {step + 1}-{last - epoch * self.steps_per_epoch + 1}"
+        where = f"epoch {epoch + 1}, {steps}" if not finite else "another rank"
         # Named only when this run wrote it or loaded it: a file merely lying in checkpoints/ may be a damaged one.
         if self.good_ckpt is not None:
             which = ("The newest good checkpoint" if self.good_ckpt_verified else

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Mapping
 
 import torch.distributed as dist
 
@@ -84,3 +85,20 @@ class Progress:
             with self._terminal_may_go():
                 self.bar.close()
             self.bar = None
+
+
+class Shown(Mapping):
+    """Named entries of one tensor of a step's numbers, {name: index}: each read (an indexing op, and a GPU sync
+    when turned into a number) only when a progress line shows it, not at every step."""
+
+    def __init__(self, values, index: dict[str, int]):
+        self.values, self.index = values, index
+
+    def __getitem__(self, name: str):
+        return self.values[self.index[name]]
+
+    def __iter__(self):
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)

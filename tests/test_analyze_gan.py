@@ -1,6 +1,6 @@
 """analyze_gan.py: milestone quality and export, comparisons of variants, the single-run figures' details.
 
-Tiny real runs (--ngf 8 --ndf 8, batch 32) on the 200-image synthetic CIFAR-10 of tiny_data.py: 7 steps per epoch.
+Tiny real runs (--ngf 8 --ndf 8, batch 32) on the 200-image synthetic CIFAR-10 of tiny_data.py: 6 full batches per epoch.
 """
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def test_comparison_table_labels_by_setting(runs, compared):
     with open(compared / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [row["label"] for row in rows] == ["loss=bce", "loss=hinge"]
-    assert [int(row["images_seen"]) for row in rows] == [400, 400]  # 2 epochs of 200 images
+    assert [int(row["images_seen"]) for row in rows] == [384, 384]  # 2 epochs of 6 full batches of 32
     for name in ("compare_losses.png", "compare_d_outputs.png", "compare_samples.png", "compare_progression.png",
                  "compare_diversity.png", "compare_quality.png"):
         assert (compared / name).stat().st_size > 2000, name
@@ -84,13 +84,13 @@ def test_comparison_panels_keep_losses_apart_and_use_images_seen(runs):
     infos = [experiments.read_run(runs["bce2"]), experiments.read_run(runs["hinge2"])]
     labels = experiments.run_labels(infos)
     x_name, xs = experiments.x_axis(infos)
-    assert x_name == "training images seen" and xs == [[200, 400], [200, 400]]
+    assert x_name == "training images seen" and xs == [[192, 384], [192, 384]]
     fig = sweep_figures.compare_losses(infos, labels, x_name, xs, "t")
     axes = np.array(fig.axes).reshape(2, 2)
     for col, label in enumerate(["loss=bce", "loss=hinge"]):  # one column per loss type, one run in each
         for ax in axes[:, col]:
             assert [line.get_label() for line in ax.get_lines()] == [label]
-            assert list(ax.get_lines()[0].get_xdata()) == [200, 400]
+            assert list(ax.get_lines()[0].get_xdata()) == [192, 384]
     d_fig = sweep_figures.compare_d_outputs(infos, labels, x_name, xs, "t")
     assert all([line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")] == ["loss=bce"]
                for ax in d_fig.axes)  # D probabilities for the BCE run only

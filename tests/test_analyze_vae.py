@@ -88,7 +88,7 @@ def test_several_runs_make_a_comparison_in_the_sweeps_folder(runs):
     assert [row["label"] for row in rows] == ["beta=1", "beta=2"]
     for row, run_dir in zip(rows, runs["dirs"]):
         assert float(row["test_neg_elbo"]) == pytest.approx(-read_summary(run_dir)["test_elbo"])
-        assert int(row["images_seen"]) == 600  # 2 epochs of the 300 synthetic training images
+        assert int(row["images_seen"]) == 576  # 2 epochs of 9 full batches of 32 (of the 300 synthetic images)
     for skipped in ("compare: not a run folder", "not-a-run: not a run folder"):
         assert skipped in runs["stdout"], skipped
     assert "beta=2" in runs["stdout"] and "test -ELBO" in runs["stdout"]  # the printed table
@@ -104,7 +104,7 @@ def test_comparison_curves_are_the_bound_at_beta_1_against_images_seen(runs):
         kl = [row["test_kl"] for row in info.metrics]
         line = elbo_axis.get_lines()[i]
         assert line.get_label() == f"beta={info.args['beta']:g}"
-        assert list(line.get_xdata()) == [300, 600]
+        assert list(line.get_xdata()) == [288, 576]
         np.testing.assert_allclose(line.get_ydata(), np.add(recon, kl))
         np.testing.assert_allclose(recon_axis.get_lines()[i].get_ydata(), recon)
         np.testing.assert_allclose(kl_axis.get_lines()[i].get_ydata(), kl)

@@ -1,6 +1,7 @@
 """dcgan_train.py and analyze_gan.py end to end on tiny synthetic data (CPU, seconds per run).
 
-Each run uses tiny widths (--ngf 8 --ndf 8) and batch 32 on the 200-image synthetic CIFAR-10 (7 steps per epoch).
+Each run uses tiny widths (--ngf 8 --ndf 8) and batch 32 on the 200-image synthetic CIFAR-10 (6 full batches per epoch: the last 8 images of each
+epoch's order are left out of it).
 """
 from __future__ import annotations
 
@@ -95,12 +96,14 @@ def test_one_epoch_trains_and_logs(trained_run):
             assert np.isfinite(float(row[key])), key
         assert 0 < float(row["d_real"]) < 1 and 0 < float(row["d_fake"]) < 1
     steps = read_rows(run_dir / "steps.csv")
-    assert [int(r["global_step"]) for r in steps] == [3, 6, 9, 12]  # every --log-every 3 of 14 steps
+    assert [int(r["global_step"]) for r in steps] == [3, 6, 9, 12]  # every --log-every 3 of 12 steps
+    assert [int(r["images_seen"]) for r in steps] == [96, 192, 288, 384]  # full batches of 32
+    assert [int(row["images_seen"]) for row in metrics] == [192, 384]
     assert (run_dir / "samples" / "epoch_001.png").stat().st_size > 0
     assert (run_dir / "samples" / "epoch_002.png").stat().st_size > 0
     assert "FID skipped" in proc.stdout and "--inception-weights" in proc.stdout
     ckpt = final_checkpoint(run_dir)  # weights_only=True: plain types only
-    assert ckpt["epoch"] == 2 and ckpt["global_step"] == 14 and len(ckpt["metrics"]) == 2
+    assert ckpt["epoch"] == 2 and ckpt["global_step"] == 12 and len(ckpt["metrics"]) == 2
     # The generator learnt something: its weights moved away from the initial ones.
     torch.manual_seed(0)
     init_g, _ = dcgan_train.build_models(dcgan_train.build_parser().parse_args(TINY), 3)
@@ -141,21 +144,21 @@ def test_kill_and_sigterm_mid_epoch_then_resume_equals_uninterrupted(cifar_dir, 
             "--d-steps", "2", "--d-norm", "spectral"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_script("dcgan_train.py", *args, "--run-dir", straight)
-    # Adam.step runs for D every step and for G every 2nd. Call 16 is D's step 11 of 14: SIGKILL there leaves the
-    # epoch-1 checkpoint (step 7) and a steps.csv row (step 9) past it, which the resume must drop.
+    # Adam.step runs for D every step and for G every 2nd. Call 16 is D's step 11 of 12: SIGKILL there leaves the
+    # epoch-1 checkpoint (step 6) and a steps.csv row (step 9) past it, which the resume must drop.
     proc = run_patched([*args, "--run-dir", resumed], hook_call("torch.optim.Adam", "step", 16,
                                                                  "os.kill(os.getpid(), signal.SIGKILL)"))
     assert proc.returncode == -9
-    assert final_checkpoint(resumed)["global_step"] == 7
+    assert final_checkpoint(resumed)["global_step"] == 6
     assert [r["global_step"] for r in read_rows(resumed / "steps.csv")] == ["3", "6", "9"]
-    # Resumed from step 7, call 4 is D's step 10: SIGTERM there writes a checkpoint and exits 75. (To this process:
+    # Resumed from step 6, call 4 is D's step 9: SIGTERM there writes a checkpoint and exits 75. (To this process:
     # run_patched's wrapper, too, runs main() in an imported module, with the handler the run installs.)
     with pytest.MonkeyPatch.context() as patch:
         hook_calls(patch, "torch.optim.Adam.step", 4, action=sigterm_after)
         proc = run_script("dcgan_train.py", *args, "--run-dir", resumed, check=False)
     assert proc.returncode == common.EXIT_PREEMPTED, proc.stderr[-2000:]
     assert "stopped by SIGTERM" in proc.stdout
-    assert final_checkpoint(resumed)["global_step"] == 10
+    assert final_checkpoint(resumed)["global_step"] == 9
     assert not (resumed / "DCGAN_model_G.pth").exists()
     run_script("dcgan_train.py", *args, "--run-dir", resumed)
 
@@ -175,14 +178,15 @@ def test_kill_and_sigterm_mid_epoch_then_resume_equals_uninterrupted(cifar_dir, 
 
 def test_non_finite_loss_stops_without_saving(cifar_dir, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    # d_loss call 10 is step 3 of epoch 2: the epoch-1 checkpoint (global step 7) exists by then.
+    # d_loss call 10 is step 4 of epoch 2: the epoch-1 checkpoint (global step 6) exists by then. The check at the
+    # next --log-every boundary (step 12) finds the NaN in the running sums and names the steps since the last one.
     hook_calls(monkeypatch, "dcgan_train.d_loss", 10, lambda loss: loss * float("nan"))
     proc = run_script("dcgan_train.py", "--data-dir", cifar_dir, "--run-dir", run_dir, "--epochs", 2, *TINY,
                       check=False)
     assert proc.returncode == common.EXIT_USER_ERROR
-    assert "non-finite loss at epoch 2, step 3" in proc.stderr
+    assert "non-finite loss at epoch 2, steps 4-6" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert [p.name for p in common.list_checkpoints(run_dir)] == ["step-0000000007.pt"]
+    assert [p.name for p in common.list_checkpoints(run_dir)] == ["step-0000000006.pt"]
     assert final_checkpoint(run_dir)["epoch"] == 1
     assert not (run_dir / "DCGAN_model_G.pth").exists()
 

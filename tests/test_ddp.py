@@ -14,8 +14,9 @@ import common
 
 import pytest
 
-# Per script: its options (2 ranks, global batch 32, so 10 steps per epoch), its model entries in a checkpoint, and
-# the Adam.step call on rank 1 before which the signal comes (step 4 of epoch 2; the GAN steps two optimisers).
+# Per script: its options (2 ranks, global batch 32: 9 full batches per epoch of the VAE's 300 images, 10 of the
+# GAN's 320), its model entries in a checkpoint, and the Adam.step call on rank 1 before which the signal comes
+# (mid-epoch 2; the GAN steps two optimisers).
 SCRIPTS = {
     "vae_train": (lambda mnist, cifar: ["--data-dir", mnist, "--latent-dim", 4], ["model"], 14),
     "dcgan_train": (lambda mnist, cifar: ["--data-dir", cifar, "--ngf", 8, "--ndf", 8, "--train-limit", 320],

@@ -98,7 +98,7 @@ def test_sigterm_then_resume_with_diffaug_and_ema_equals_the_uninterrupted_run(m
             "--diffaug", "color,translation,cutout"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_script("dcgan_train.py", *args, "--run-dir", straight)
-    # 300 images at batch 32: 10 steps per epoch; Adam call 25 is D's step 13, mid-epoch 2.
+    # 300 images at batch 32: 9 full batches per epoch; Adam call 25 is D's step 13, mid-epoch 2.
     proc = run_with_signal("dcgan_train.py", "torch.optim.Adam.step", 25, *args, "--run-dir", resumed, in_process=True)
     assert proc.returncode == common.EXIT_PREEMPTED, proc.stderr[-2000:]
     assert torch.load(common.list_checkpoints(resumed)[0], weights_only=True)["global_step"] == 13

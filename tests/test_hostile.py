@@ -6,7 +6,7 @@ or non-finite model exported, and never a silent fresh start over a run that exi
 with SIGKILL at random moments and checks that the same command, re-run, ends bit for bit where an uninterrupted
 run ends.
 
-Tiny data (300 MNIST-format images, batch 64: 5 steps per epoch; 200 CIFAR-10-format images for the GAN), so each
+Tiny data (300 MNIST-format images, batch 64: 4 full batches per epoch; 200 CIFAR-10-format images for the GAN), so each
 run is a second or two. Runs are made in this process (conftest.run_script), faults injected by patching the
 function they hit; a real process is started only for what needs one (SIGKILL, signals from outside, a read-only
 mount, the exit codes of a script started by Python itself).
@@ -35,10 +35,10 @@ import common
 import dcgan_train
 import vae_train
 
-VAE_TINY = ["--batch-size", 64, "--latent-dim", 4, "--log-every", 1, "--device", "cpu"]  # 300 images: 5 steps per epoch
-VAE_STEPS = 5
-GAN_TINY = ["--ngf", 8, "--ndf", 8, "--batch-size", 32, "--log-every", 3, "--device", "cpu"]  # 200 images: 7 steps per epoch
-GAN_STEPS = 7
+VAE_TINY = ["--batch-size", 64, "--latent-dim", 4, "--log-every", 1, "--device", "cpu"]  # 300 images: 4 full batches
+VAE_STEPS = 4
+GAN_TINY = ["--ngf", 8, "--ndf", 8, "--batch-size", 32, "--log-every", 3, "--device", "cpu"]  # 200 images: 6 full batches
+GAN_STEPS = 6
 
 
 def vae(mnist_dir, *extra) -> list:
@@ -395,11 +395,12 @@ def suggested_way_forward(line: str) -> tuple[str, list[list[str]]]:
 
 def test_gan_non_finite_loss_names_a_way_forward_that_works(cifar_dir, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    # d_loss call 10 is step 3 of epoch 2: the epoch-1 checkpoint (step 7) exists by then.
+    # d_loss call GAN_STEPS + 3 is step 3 of epoch 2: the epoch-1 checkpoint exists by then. The NaN is found in the
+    # running sums at the --log-every 3 boundary, which names the steps since the last check.
     with monkeypatch.context() as patch:
         hook_calls(patch, "dcgan_train.d_loss", GAN_STEPS + 3, make_nan)
         proc = run_script("dcgan_train.py", *gan(cifar_dir, "--run-dir", run_dir, "--epochs", 2), check=False)
-    line = the_error_line(proc, "non-finite loss at epoch 2, step 3", f"step-{GAN_STEPS:010d}.pt")
+    line = the_error_line(proc, "non-finite loss at epoch 2, steps 1-3", f"step-{GAN_STEPS:010d}.pt")
     source, remedies = suggested_way_forward(line)
     assert Path(source) == run_dir
     for i, remedy in enumerate(remedies):  # each suggestion, followed as the message says, is accepted
@@ -414,7 +415,7 @@ def test_gan_non_finite_loss_before_any_checkpoint_claims_none(cifar_dir, tmp_pa
     with monkeypatch.context() as patch:
         hook_calls(patch, "dcgan_train.d_loss", 3, make_nan)
         proc = run_script("dcgan_train.py", *gan(cifar_dir, "--run-dir", run_dir, "--epochs", 2), check=False)
-    line = the_error_line(proc, "non-finite loss at epoch 1, step 3")
+    line = the_error_line(proc, "non-finite loss at epoch 1, steps 1-3")
     assert "no checkpoint was written" in line.lower() and "good checkpoint" not in line
     assert not common.list_checkpoints(run_dir) and not (run_dir / "DCGAN_model_G.pth").exists()
 
@@ -884,7 +885,7 @@ def test_misfitting_incomplete_and_damaged_checkpoints_fall_back_to_a_milestone(
     """step-10 from another model shape, step-5 from a version without 'rng', epoch-002.pt damaged: each set aside
     with one line saying why, and the run goes on from checkpoints/epoch-001.pt."""
     ckpts = finished_two_epochs / "checkpoints"
-    step10, step5 = ckpts / "step-0000000010.pt", ckpts / "step-0000000005.pt"
+    step10, step5 = ckpts / f"step-{2 * VAE_STEPS:010d}.pt", ckpts / f"step-{VAE_STEPS:010d}.pt"
     misfit, incomplete = torch.load(step10, weights_only=True), torch.load(step5, weights_only=True)
     misfit["model"]["encoder.0.weight"] = torch.zeros(3, 1, 4, 4)
     del incomplete["rng"]
@@ -912,7 +913,7 @@ def test_checkpoints_from_before_checksums_still_load(finished_two_epochs, capsy
         sidecar.unlink()
     code, out, err = in_process(vae_train, ["--run-dir", finished_two_epochs, "--epochs", 3], capsys)
     assert code == 0 and "warning" not in out and f"resumed at epoch 3, step 0/{VAE_STEPS}" in out, out + err
-    assert (finished_two_epochs / "checkpoints" / "step-0000000015.pt.sha256").exists()
+    assert (finished_two_epochs / "checkpoints" / f"step-{3 * VAE_STEPS:010d}.pt.sha256").exists()
 
 
 def test_the_divergence_message_calls_only_a_verified_checkpoint_good(finished_two_epochs, capsys, monkeypatch):
@@ -934,7 +935,7 @@ def test_the_divergence_message_calls_only_a_verified_checkpoint_good(finished_t
     (newest.parent / (newest.name + ".sha256")).write_text("0" * 64 + f"  {newest.name}\n")  # now it is damaged
     calls[0] = 0
     code, out, err = in_process(vae_train, ["--run-dir", finished_two_epochs, "--epochs", 3], capsys)
-    line = one_error_line(code, err, "newest good checkpoint", "step-0000000005.pt")
+    line = one_error_line(code, err, "newest good checkpoint", f"step-{VAE_STEPS:010d}.pt")
     assert str(newest) not in line and "checksum" in out
 
 
@@ -1104,7 +1105,7 @@ def test_resume_on_other_data_is_refused_unless_allowed(mnist_dir, tmp_path, cap
     code, out, err = in_process(vae_train, ["--run-dir", run_dir, "--epochs", 2, "--data-dir", bigger,
                                             "--allow-other-data"], capsys)
     assert code == 0 and "resumed at epoch 2" in out, err
-    assert [row["images_seen"] for row in common.read_metrics_csv(run_dir / "metrics.csv")] == [300, 900]
+    assert [row["images_seen"] for row in common.read_metrics_csv(run_dir / "metrics.csv")] == [256, 256 + 576]  # full batches of 64: 4 of 300, 9 of 600
     assert newest_checkpoint(run_dir)["data"]["images"] == 600
     assert json.loads((run_dir / "config.json").read_text())["args"]["allow_other_data"] is True
     # --allow-other-data is for one start: back on the first data, the next resume is refused again.

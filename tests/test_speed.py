@@ -1,0 +1,213 @@
+"""Fast where it counts (issue 20), checked in-process: the Frechet distance against torchmetrics', the cached real
+statistics, the non-finite check on the running sums, D's weights left out of G's step, and --compile compiling
+each network once. Benchmarks measure (tools/bench.py); these check."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+import dcgan_train
+from common import fid, gan_metrics
+from conftest import make_mnist
+from tiny_data import synthetic_digits
+
+
+def torchmetrics_fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """The reference: torchmetrics' FrechetInceptionDistance on features, in float64 (what we used before)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    metric = FrechetInceptionDistance(feature=gan_metrics._Precomputed(real.shape[1]))
+    metric.set_dtype(torch.float64)
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    return float(metric.compute())
+
+
+class TinyFeatures(nn.Module):
+    """A fixed random conv net standing in for Inception: uint8 [N, 3, H, W] -> ([N, 16] features, [N, 4])."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        features = self.net(x.float() / 255)
+        return features, features[:, :4]
+
+
+def images(n: int, seed: int) -> torch.Tensor:
+    return torch.from_numpy(synthetic_digits(n, 32, 3, seed)[0]).permute(0, 3, 1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Frechet distance
+
+
+@pytest.mark.parametrize("shift, scale", [(0.0, 1.0), (0.3, 1.5)], ids=["same-distribution", "shifted"])
+def test_frechet_distance_equals_torchmetrics_on_random_features(shift, scale):
+    gen = torch.Generator().manual_seed(0)
+    mixing = torch.randn(64, 64, generator=gen, dtype=torch.float64) / 8  # correlated features
+    real = torch.randn(800, 64, generator=gen, dtype=torch.float64) @ mixing
+    fake = (torch.randn(700, 64, generator=gen, dtype=torch.float64) @ mixing) * scale + shift
+    ours, reference = fid.fid_from_features(real, fake), torchmetrics_fid(real, fake)
+    assert ours == pytest.approx(reference, rel=1e-6)
+
+
+def test_frechet_distance_equals_torchmetrics_on_features_of_images():
+    """Real-ish features: a small conv net on the synthetic digits, one feature dead (a singular covariance: the
+    eigendecomposition path instead of the Cholesky factor)."""
+    extractor = TinyFeatures()
+    real, _ = fid.extract_features(extractor, images(400, seed=1))
+    fake, _ = fid.extract_features(extractor, (images(300, seed=2).int() + 30).clamp(0, 255).to(torch.uint8))
+    assert fid.fid_from_features(real, fake) == pytest.approx(torchmetrics_fid(real, fake), rel=1e-6)
+    real[:, 3], fake[:, 3] = 0.0, 0.0  # a feature that never varies
+    assert torch.linalg.cholesky_ex(fid.feature_statistics(real)[1])[1].item() != 0
+    assert fid.fid_from_features(real, fake) == pytest.approx(torchmetrics_fid(real, fake), rel=1e-6)
+    assert abs(fid.fid_from_features(real, real)) < 1e-9
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The real images' statistics, cached
+
+
+def test_real_statistics_are_cached_reused_and_rebuilt_when_an_input_changes(tmp_path):
+    extractor, real, lines = TinyFeatures(), images(300, seed=1), []
+    mean, cov = fid.real_statistics(extractor, real, tmp_path, batch_size=100, log=lines.append)
+    assert extractor.calls == 3 and len(list(tmp_path.glob("*.pt"))) == 1 and "cached at" in lines[-1]
+    features, _ = fid.extract_features(TinyFeatures(), real, batch_size=100)
+    assert torch.equal(mean, fid.feature_statistics(features)[0]) and torch.equal(cov, fid.feature_statistics(features)[1])
+
+    extractor.calls = 0
+    again = fid.real_statistics(extractor, real, tmp_path, batch_size=100, log=lines.append)
+    assert extractor.calls == 0, "the statistics were extracted again instead of read from the cache"
+    assert torch.equal(again[0], mean) and torch.equal(again[1], cov) and "from" in lines[-1]
+
+    fid.real_statistics(extractor, real[:299], tmp_path, batch_size=100, log=lines.append)  # other images
+    assert extractor.calls == 3
+    other_weights = TinyFeatures(seed=1)
+    fid.real_statistics(other_weights, real, tmp_path, batch_size=100, log=lines.append)  # another extractor
+    assert other_weights.calls == 3 and len(list(tmp_path.glob("*.pt"))) == 3
+    assert not list(tmp_path.glob(".*tmp-*"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_cache_folder_warns_and_computes_in_memory(tmp_path):
+    folder = tmp_path / "fid-stats"
+    folder.mkdir()
+    folder.chmod(0o500)
+    lines = []
+    try:
+        mean, _ = fid.real_statistics(TinyFeatures(), images(50, seed=1), folder, log=lines.append)
+    finally:
+        folder.chmod(0o700)
+    assert mean.shape == (16,) and "could not cache" in lines[-1] and not list(folder.iterdir())
+
+
+def test_an_unwritable_cache_path_warns_and_computes_in_memory(tmp_path):
+    """As root (CI containers) a read-only folder is writable; a file where the folder should be is not."""
+    (tmp_path / "fid-stats").write_text("not a folder")
+    lines = []
+    mean, _ = fid.real_statistics(TinyFeatures(), images(50, seed=1), tmp_path / "fid-stats", log=lines.append)
+    assert mean.shape == (16,) and "could not cache" in lines[-1]
+
+
+def test_the_classifier_fid_reuses_its_cached_test_statistics(tmp_path):
+    data_dir = make_mnist(tmp_path / "data", n_train=200, n_test=120)
+    first = gan_metrics.ClassifierFID.for_dataset("mnist", data_dir, "cpu", log=lambda _: None)
+    assert len(list((data_dir / "fid-stats").glob("*.pt"))) == 1
+    lines = []
+    second = gan_metrics.ClassifierFID.for_dataset("mnist", data_dir, "cpu", log=lines.append)
+    assert any("FID statistics of the real images from" in line for line in lines), lines
+    for a, b in zip(first.reference_stats, second.reference_stats):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training step
+
+
+def test_the_non_finite_check_reads_the_sums_and_names_the_steps_since_the_last_check(tmp_path):
+    class Job(common.TrainingJob):
+        divergence_hint = "a lower --lr"
+
+        def __init__(self):
+            self.sums = torch.zeros(3, dtype=torch.float64)
+
+        def running_sums(self):
+            return [self.sums]
+
+    run, job = common.Run.__new__(common.Run), Job()
+    run.dir, run.script, run.steps_per_epoch, run._finite_through, run.good_ckpt = tmp_path, "vae", 10, 10, None
+    run.global_step = 13
+    run._stop_if_non_finite(job)  # finite: nothing happens, the check moves on
+    assert run._finite_through == 13
+    job.sums[1] = math.nan
+    run.global_step = 16
+    with pytest.raises(common.UserError, match=r"non-finite loss at epoch 2, steps 4-6; stopped without saving"):
+        run._stop_if_non_finite(job)
+    run._finite_through, job.sums[1] = 15, math.inf
+    with pytest.raises(common.UserError, match=r"non-finite loss at epoch 2, step 6;"):
+        run._stop_if_non_finite(job)
+
+
+def small_gan(images_uint8: torch.Tensor, *flags):
+    args = dcgan_train.build_parser().parse_args(["--ngf", "8", "--ndf", "8", "--batch-size", "16", *flags])
+    return dcgan_train.DCGANTraining(args, images_uint8, torch.device("cpu"), 0, 1)
+
+
+def test_g_step_leaves_d_weight_gradients_out_and_the_ema_is_one_foreach_lerp():
+    job = small_gan(images(64, seed=0))
+    accumulated = []
+    for name, param in job.discriminator.named_parameters():
+        param.register_post_accumulate_grad_hook(lambda p, name=name: accumulated.append(name))
+    ema_before = [p.clone() for p in job.generator_ema.parameters()]
+    job.train_step(torch.arange(16), 0, 0.0)
+    names = [name for name, _ in job.discriminator.named_parameters()]
+    assert sorted(accumulated) == sorted(names), "D's weights got gradients outside D's own step"
+    assert all(p.requires_grad for p in job.discriminator.parameters())
+    decay = dcgan_train.ema_decay(job.args.ema, 0)
+    for before, p_ema, p in zip(ema_before, job.generator_ema.parameters(), job.generator.parameters()):
+        assert torch.equal(p_ema, before.lerp(p, 1 - decay))
+
+
+def test_steps_show_their_numbers_lazily_and_sum_them_exactly():
+    job = small_gan(images(64, seed=0))
+    shown = job.train_step(torch.arange(16), 0, 0.0)
+    assert isinstance(shown, common.Shown) and sorted(shown) == ["d_fake", "d_real", "loss_d", "loss_g"]
+    assert torch.equal(job.epoch_sums, job.window_sums) and job.epoch_sums[3] == 1 and job.epoch_sums[5] == 1
+    assert float(shown["loss_d"]) == job.epoch_sums[0].item() and float(shown["loss_g"]) == job.epoch_sums[4].item()
+    state = job.state_dict()
+    job.train_step(torch.arange(16, 32), 1, 0.0)
+    assert not torch.equal(state["epoch_sums"], job.epoch_sums), "the checkpoint's sums are a live view"
+    job.load_state_dict(state)
+    assert torch.equal(job.epoch_sums, state["epoch_sums"]) and job.sums[0].data_ptr() == job.epoch_sums.data_ptr()
+
+
+def test_epochs_are_whole_full_batches():
+    assert common.full_batches(200, 32) == 6 and common.full_batches(192, 32) == 6 and common.full_batches(20, 32) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --compile
+
+
+@pytest.mark.slow  # inductor compiles three graphs on the CPU: 30-60 s the first time (its cache is kept after)
+def test_compile_compiles_each_network_once_in_a_two_epoch_run(cifar_dir, tmp_path, capsys):
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    # 200 images at batch 32: before full batches, each epoch ended with a batch of 8 (a recompile of G and D).
+    dcgan_train.main(["--data-dir", str(cifar_dir), "--run-dir", str(tmp_path / "run"), "--epochs", "2", "--ngf", "8",
+                      "--ndf", "8", "--batch-size", "32", "--fid", "off", "--compile"])
+    # G, D in its own step, D in G's step (frozen weights: a frame of its own): three frames, none recompiled.
+    assert counters["frames"]["total"] == 3 and counters["stats"]["unique_graphs"] == 3, dict(counters["frames"])
+    for code in (dcgan_train.Generator.forward.__code__, dcgan_train.Discriminator.forward.__code__):
+        assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) == 1  # no recompile
+    assert "epoch 2/2" in capsys.readouterr().out
