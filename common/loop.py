@@ -24,7 +24,8 @@ from .devices import any_rank, broadcast_object, shard
 from .errors import Preempted, StoppedAtStartup, UserError
 from .files import atomic_path, atomic_write_text, write_csv
 from .folder import RunFolder
-from .progress import Progress
+from .live import LiveView
+from .progress import Progress, still_running
 from .readers import list_checkpoints
 from .runs import RunPlan, settings_differ
 
@@ -39,6 +40,7 @@ class TrainingJob:
     device: torch.device
     best_column: str | None = None  # a metrics column (lower is better) whose best epoch is kept as best.pt
     divergence_hint = "a lower learning rate"  # what to change after a non-finite loss
+    live_images: dict[str, str] = {}  # TensorBoard image tag -> the samples/ file of an epoch ("x_{epoch:03d}.png")
 
     def state_dict(self) -> dict:
         raise NotImplementedError
@@ -90,6 +92,7 @@ class Run(RunFolder):
         self.epoch = self.global_step = 0     # where training stands (after train(): where it ended)
         self.steps_per_epoch = 0              # set by train() from the data set and the batch size
         self._first_bad_step: torch.Tensor | None = None  # see _watch_finite
+        self.live = LiveView()                # TensorBoard events in RUN_DIR/tb/ (live.py), opened by train()
 
     # -- the training loop ----------------------------------------------------------------------------------------
     def train(self, job: TrainingJob, *, epochs: int, batch_size: int, seed: int) -> None:
@@ -109,6 +112,10 @@ class Run(RunFolder):
             raise StoppedAtStartup()
         if self.is_main and not self.config.get("sweep"):  # sweep members never become "the" run of their script
             self._link_latest()
+        if self.is_main:
+            self.live.open(self.dir, global_step=self.global_step, steps_per_epoch=self.steps_per_epoch,
+                           settings=self.plan.experiment, metric_columns=self.metric_columns, metrics=self.metrics,
+                           log=self.log)
         if start_epoch >= epochs:
             self.log(f"run already finished ({start_epoch} of {epochs} epochs); raise --epochs to train longer")
         progress = Progress(steps_per_epoch=self.steps_per_epoch, total_steps=epochs * self.steps_per_epoch,
@@ -137,11 +144,15 @@ class Run(RunFolder):
         """Evaluate, append the metrics row, log one short line, save (a milestone too when due), and stop here if
         a signal came during the evaluation (the epoch-end checkpoint holds everything)."""
         self._stop_if_non_finite(job)
-        row = {"epoch": epoch + 1, "images_seen": (epoch + 1) * job.n_images, **job.end_epoch(self, epoch),
+        with still_running("the epoch's evaluation", self.log):  # FID on a CPU takes minutes: no silence
+            columns = job.end_epoch(self, epoch)
+        row = {"epoch": epoch + 1, "images_seen": (epoch + 1) * job.n_images, **columns,
                "train_time_s": train_time, "epoch_time_s": time.monotonic() - epoch_start}
         self.metrics.append(row)
         self.append_csv(self.metrics_path, self.metric_columns, row)
         self.epoch, self.global_step = epoch + 1, (epoch + 1) * self.steps_per_epoch
+        grids = {tag: self.samples_dir / name.format(epoch=epoch + 1) for tag, name in job.live_images.items()}
+        self.live.images(grids, self.global_step)
         self.log(f"epoch {epoch + 1:>{len(str(epochs))}}/{epochs}  {job.summary(row)}  "
                  f"({row['epoch_time_s']:.0f} s)")
         value = row.get(job.best_column) if job.best_column else None
@@ -207,6 +218,16 @@ class Run(RunFolder):
         source = f" from {self.plan.init_from}" if self.plan.init_from else ""
         self.log(f"resumed at epoch {ckpt['epoch'] + 1}, step {ckpt['step_in_epoch']}/{self.steps_per_epoch}{source}")
         return ckpt["epoch"], ckpt["step_in_epoch"], ckpt["epoch_elapsed_s"]
+
+    def append_csv(self, path: Path, columns: list[str], row: dict) -> None:
+        """A row of metrics.csv or steps.csv, also shown live (TensorBoard) at its training step."""
+        super().append_csv(path, columns, row)
+        self.live.row("epoch" if path == self.metrics_path else path.stem, row,
+                      row.get("global_step", self.global_step))
+
+    def __exit__(self, *exc_info) -> bool:
+        self.live.close()
+        return super().__exit__(*exc_info)
 
     # -- non-finite losses ----------------------------------------------------------------------------------------
     def _watch_finite(self, shown: dict) -> None:
