@@ -49,8 +49,9 @@ def denorm(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(-1, 1) + 1) / 2
 
 
-# train_time_s: the epoch's training steps alone (no sample grid, FID or epoch-end checkpoint), for throughput.
-# cfid, class_min, class_max: common/gan_metrics.py's classifier FID (MNIST, Fashion-MNIST); blank where not measured.
+# d_real = D(x), from D's step; loss_g and d_fake = D(G(z)), from G's step (one D pass: the same moment); D gives
+# raw logits, these are mean sigmoids. train_time_s: the training steps alone (no grid, FID, checkpoint); cfid,
+# class_min, class_max: common/gan_metrics.py's classifier FID (MNIST, Fashion-MNIST); blank where not measured.
 METRIC_COLUMNS = ["epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", "fid", "inception_score", "cfid",
                   "class_min", "class_max", "train_time_s", "epoch_time_s"]
 STEP_COLUMNS = ["global_step", "epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", "noise_sigma"]
@@ -374,6 +375,7 @@ class DCGANTraining(common.TrainingJob):
 
     best_column = "fid"  # on_start: "fid" with Inception, "cfid" with the classifier FID alone
     divergence_hint = "lower --lr-d/--lr-g (e.g. half), or another --seed"
+    live_images = {"fixed_noise": "epoch_{epoch:03d}.png"}  # the per-epoch grid of samples/, in TensorBoard
 
     def __init__(self, args, train_images: torch.Tensor, device: torch.device, rank: int, world_size: int):
         self.args, self.device, self.n_images = args, device, len(train_images)
@@ -468,12 +470,13 @@ class DCGANTraining(common.TrainingJob):
         self.scaler_d.step(self.opt_d)
         self.scaler_d.update()
         step_sums = [loss_d.detach(), torch.sigmoid(real_logits.detach().float()).mean(),
-                     torch.sigmoid(fake_logits.detach().float()).mean(), torch.ones((), device=device)]
+                     torch.zeros((), device=device), torch.ones((), device=device)]  # D(G(z)): from G's step below
 
         # G step on the same fakes, once every --d-steps D steps.
         if (global_step + 1) % args.d_steps == 0:
             with common.autocast(device, self.amp):
-                loss_g = g_loss(self.train_d(add_noise(diff_augment(fake, args.diffaug), sigma)), args.loss)
+                g_logits = self.train_d(add_noise(diff_augment(fake, args.diffaug), sigma))
+            loss_g, step_sums[2] = g_loss(g_logits, args.loss), torch.sigmoid(g_logits.detach().float()).mean()
             self.opt_g.zero_grad(set_to_none=True)
             self.scaler_g.scale(loss_g).backward()
             common.average_gradients(self.generator)
@@ -536,10 +539,10 @@ class DCGANTraining(common.TrainingJob):
 
 
 def means(sums: torch.Tensor) -> dict:
-    """Per-update means from sums of (loss_d, d_real, d_fake, D updates, loss_g, G updates)."""
+    """Per-update means from sums of (loss_d, d_real, d_fake, D updates, loss_g, G updates); d_fake: at G's."""
     loss_d, d_real, d_fake, n_d, loss_g, n_g = sums.tolist()
     return {"loss_d": loss_d / max(n_d, 1), "loss_g": loss_g / n_g if n_g else math.nan,
-            "d_real": d_real / max(n_d, 1), "d_fake": d_fake / max(n_d, 1)}
+            "d_real": d_real / max(n_d, 1), "d_fake": d_fake / n_g if n_g else math.nan}
 
 
 def models_from_checkpoint(ckpt: dict, run_dir) -> tuple[Generator, Discriminator]:
@@ -580,8 +583,8 @@ def main(argv=None) -> int:
                                f"lower --ngf / --ndf (or --image-size)")
     gan_metrics.find_inception_weights(args.inception_weights)  # a wrong path fails now, before any folder is made
     rank, world_size, device = common.init_distributed(args.device)  # torchrun: one process per GPU
+    train_images = load_training_images(args).to(device)  # missing data fails here, before a word about FID
     evaluations = gan_metrics.choose_evaluations(args, is_main=rank == 0)
-    train_images = load_training_images(args).to(device)
     job = DCGANTraining(args, train_images, device, rank, world_size)
     job.inception_path, job.use_classifier, job.fid_note = evaluations
     with common.open_run(plan, script="dcgan", device=device, metric_columns=METRIC_COLUMNS) as run:
