@@ -42,7 +42,7 @@ class Report:
         """Copy `source` to figures/<name> and show it; a missing source is an error, not a silent gap."""
         if not source.exists():
             raise UserError(f"{source} is missing: run the report without --no-analysis (or the analysis "
-                                   f"script on {source.parent.parent})")
+                            f"script on {source.parent.parent})")
         shutil.copyfile(source, self.build_dir / "figures" / name)
         self.blocks.append(("figure", f"figures/{name}", caption, name.removesuffix(".png").replace("_", " ")))
 

@@ -199,8 +199,8 @@ def test_missing_file_fails_with_its_path(check, bad_dir):
 
 
 def test_mlp_vae_fails_the_conv2d_check(check, bad_dir, mnist_dir, tmp_path):
-    run_script("vae_train.py", "--data-dir", mnist_dir, "--run-dir", tmp_path / "mlp", "--epochs", 1, "--arch", "mlp",
-               "--train-limit", 64, "--latent-dim", 4)
+    run_script("vae_train.py", "--data-dir", mnist_dir, "--run-dir", tmp_path / "mlp", "--arch", "mlp",
+               *VAE_THAT_LEARNS)  # one that learns: this test is about the missing Conv2d layers alone
     shutil.copy(tmp_path / "mlp" / "VAE_model.pth", bad_dir)
     proc = check(bad_dir, mnist_dir=mnist_dir)
     assert proc.returncode == 1
