@@ -46,8 +46,9 @@ class LiveView:
         backfill = not list(folder.glob("events.out.tfevents.*"))
         try:
             # purge_step: events at or after it, from an earlier process, are dropped by TensorBoard's reader. The
-            # checkpoint at `global_step` was written after that step's rows, so those are kept.
-            self.writer = SummaryWriter(str(folder), purge_step=global_step + 1 if global_step else None,
+            # checkpoint at `global_step` was written after that step's rows, so those are kept; a start from step 0
+            # (a new run, a crash before the first checkpoint, --restart) drops them all.
+            self.writer = SummaryWriter(str(folder), purge_step=global_step + 1 if global_step else 0,
                                         flush_secs=FLUSH_SECONDS)
             self._hparams(settings, [f"epoch/{c}" for c in metric_columns if c not in NOT_SCALARS])
         except Exception as err:  # noqa: BLE001  (a folder it cannot write: the run goes on without the view)

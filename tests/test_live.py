@@ -113,3 +113,15 @@ def test_events_that_cannot_be_written_stop_the_view_not_the_run(tmp_path):
     view.row("epoch", {"loss": 1.0}, 1)
     view.close()
     assert len(lines) == 1 and lines[0].startswith("live view stopped: cannot write TensorBoard events")
+
+
+def test_a_start_from_step_0_drops_the_events_of_an_earlier_attempt(run_dir, tmp_path):
+    """A crash before the first checkpoint (or --restart): training starts again at step 0, and so do the curves."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir / "tb", copy / "tb")
+    view = live.LiveView()
+    view.open(copy, global_step=0, steps_per_epoch=7, settings={}, metric_columns=["epoch", "loss_d"], metrics=[],
+              log=lambda line: None)
+    view.row("steps", {"loss_d": 5.0}, 3)
+    view.close()
+    assert [(p.step, p.value) for p in events(copy).Scalars("steps/loss_d")] == [(3, 5.0)]
