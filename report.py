@@ -537,13 +537,14 @@ def write_test_cell_section(report: Report, gan_args: dict) -> None:
                 "block into the VAE's test cell and the second into the DCGAN's (both define `transform` and "
                 "`denorm`, so not both into one cell). `make submission` runs each block in a clean Python, "
                 "without this project, on the three model files before it writes CW2.zip.")
-    report.para("VAE (`vae_train.py`): `VAE_model.pth` takes `transform`ed MNIST images, shape (N, 1, 28, 28), "
-                "and returns (reconstruction, mu, logvar); the reconstruction is in [0, 1], as `denorm` leaves it.")
+    report.para("VAE (`vae_train.py`): `VAE_model.pth` takes MNIST images through `transform`, shape (N, 1, 28, "
+                "28), and returns (reconstruction, mu, logvar); the reconstruction is in [0, 1], as `denorm` leaves "
+                "it.")
     report.code(testcell.cell_code(testcell.SCRIPTS["VAE"]))
     report.para(f"DCGAN (`dcgan_train.py`): `DCGAN_model_G.pth` maps z of shape (N, {gan_args['nz']}, 1, 1) to "
-                f"images in [-1, 1], which `denorm` maps to [0, 1]. `DCGAN_model_D.pth` takes `transform`ed images "
-                f"of shape (N, 3, 32, 32) and returns one raw logit per image, shape (N,): there is no sigmoid "
-                f"inside, so `torch.sigmoid(D(x))` is the probability that x is real.")
+                f"images in [-1, 1], which `denorm` maps to [0, 1]. `DCGAN_model_D.pth` takes images through "
+                f"`transform`, shape (N, 3, 32, 32), and returns one raw logit per image, shape (N,): there is no "
+                f"sigmoid inside, so `torch.sigmoid(D(x))` is the probability that x is real.")
     report.code(testcell.cell_code(testcell.SCRIPTS["DCGAN"]))
 
 
