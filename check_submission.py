@@ -24,7 +24,8 @@ any fails (2: a bad command line). What is checked, in the grader's own terms:
 - D gives one value per image for (N, 3, 32, 32) input;
 - G plus D hold at most 25,000,000 parameters (dcgan_train.MAX_PARAMS);
 - the notebook's test cells work: each script's transform and denorm (common/testcell.py, the code the report shows
-  to paste) run in a clean Python without this project on the path, on the three files (load, forward, denorm).
+  to paste) run in a clean Python without this project on the path, on the three files (load, forward, denorm);
+  checked last, when everything above passed (about 10 s: a fresh Python importing torch).
 
 With --zip ZIP (and --figures DIR, which must then hold PNGs), a previous ZIP is deleted first, and ZIP is written
 only when every check passes: the three files under their coursework names and DIR as figures/, to a temporary
