@@ -3,7 +3,7 @@
 #   make test                the quick tests (CPU, about 4 minutes on 2 cores); make test-all adds the slow ones
 #   make gpu-check           on a new GPU or cluster, first: the device, bit-exact resume, speed (tools/gpu_check.py)
 #   make dcgan, make vae-betas, make gan-sweep, make analyze-vae RUN=..., make analyze-gan RUN=...   (see README.md)
-#   make report, make submission (VAE_RUN=... GAN_RUN=... name the runs), make bench, make gan-quality
+#   make report, make submission (VAE_RUN=... GAN_RUN=... name the runs), make tensorboard, make bench, make gan-quality
 PYTHON   ?= python3
 VENV     := .venv
 PY       := $(VENV)/bin/python
@@ -12,10 +12,11 @@ ARGS     ?=
 # The exact versions the tests passed with; CONSTRAINTS= (empty) installs the newest allowed instead.
 CONSTRAINTS ?= constraints.txt
 PIP_INSTALL := $(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+TB_PORT  ?= 6006
 # The betas of `make vae-betas`: one per line in slurm/betas.txt (# comments), the file the SLURM array reads too.
 BETAS    ?= $(strip $(shell sed 's/\#.*//' slurm/betas.txt))
 
-.PHONY: help vae vae-betas analyze-vae dcgan gan-sweep analyze-gan report submission bench gan-quality gpu-check test \
+.PHONY: help vae vae-betas analyze-vae dcgan gan-sweep analyze-gan report submission tensorboard bench gan-quality gpu-check test \
 	test-all test-slurm clean-venv
 
 help:
@@ -75,6 +76,12 @@ report: $(VENV)/.installed
 submission: $(VENV)/.installed
 	$(PY) check_submission.py $(if $(VAE_RUN),--vae-run $(VAE_RUN)) $(if $(GAN_RUN),--gan-run $(GAN_RUN)) \
 	  $(if $(filter-out file,$(origin DATA_DIR)),--data-dir $(DATA_DIR)) --figures report/figures --zip CW2.zip $(ARGS)
+
+# The live view: TensorBoard on every run under runs/ (each writes RUN_DIR/tb/ as it trains), on this machine's
+# http://localhost:$(TB_PORT). From another machine: ssh -L 6006:localhost:6006 HOST, then open that address
+# (docs/operations.md). Ctrl-C stops it.
+tensorboard: $(VENV)/.installed
+	$(VENV)/bin/tensorboard --logdir runs --port $(TB_PORT)
 
 # Speed and memory on this machine (tools/bench.py): a table and bench.json. Not part of `make test`.
 bench: $(VENV)/.installed

@@ -11,14 +11,18 @@ milestone checkpoint, checkpoints/epoch-NNN.pt) and summary.json. The quality nu
 Inception FID when its weights are in torch's cache; else the classifier FID (gan_metrics.py) for MNIST and
 Fashion-MNIST; else the diversity of the samples. The best milestone is printed with the command that exports it:
 --export-epoch E writes DCGAN_model_G.pth and DCGAN_model_D.pth from checkpoints/epoch-EEE.pt (into --out, default
-RUN_DIR/exports/epoch-EEE/), exactly as the run's own export at that epoch would have.
+RUN_DIR/exports/epoch-EEE/), exactly as the run's own export at that epoch would have. A run analysed before from
+the same checkpoints with the same options (and the same analysis code) is not analysed again: its figures and
+summary.json are reused (summary.json's analysis_key says what they were made from).
 
 Several runs (a shell glob may also match folders that are not DCGAN runs: they are skipped with a note): also, in
 --out (default RUNS_ROOT/compare/<sweep name>/), the runs side by side, each labelled by the settings that differ
 between them (`d_norm=spectral`, `loss=hinge`), against training images seen: compare_losses.png (one panel per
 loss type), compare_d_outputs.png (BCE runs only: a hinge D gives no probabilities), compare_samples.png (every
 run's last fixed-noise grid), compare_progression.png, compare_diversity.png (with real images as a reference),
-compare_quality.png, summary.csv (also printed) and summary.json.
+compare_quality.png (the training-time FID and the milestones' FIDs; not made when the milestones are measured by
+diversity, compare_diversity's subject), summary.csv (also printed) and summary.json. Titles say what a figure
+shows; which run it is and its settings are the report's captions (the figures sit in the run's own folder).
 """
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ QUALITY_NAMES = {"fid": "Inception FID", "classifier-fid": "classifier FID", "di
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="DCGAN run folders (runs/latest-dcgan works)")
     parser.add_argument("--out", default=None,
                         help="with several runs: the comparison folder (default: RUNS_ROOT/compare/<sweep name>); "
@@ -75,17 +80,19 @@ def load_config(run_dir: Path) -> argparse.Namespace:
 
 
 def plot_losses(metrics, steps, args, title: str) -> Figure:
-    """Epoch means (dots) over the steps.csv rows (faint: each the mean of --log-every steps) and their EMA."""
+    """Epoch means (dots) over the steps.csv rows (faint: each the mean of --log-every steps) and, when there are
+    enough rows for it to differ from them (figures.is_smoothed), their EMA."""
     fig = Figure(figsize=(7.5, 5), layout="constrained")
     ax = fig.subplots()
     window = int(args.log_every)
     span_steps = round(window / max(1 - figures.ema_weight(len(steps)), 1e-9))
+    smoothed = figures.is_smoothed(len(steps))
     for key, name, color in (("loss_d", "D loss", "tab:blue"), ("loss_g", "G loss", "tab:orange")):
         if steps:
             x, y = figures.column(steps, "epoch"), figures.column(steps, key)
-            ax.plot(x, y, color=color, alpha=0.2, linewidth=0.8,
+            ax.plot(x, y, color=color, alpha=0.2 if smoothed else 0.5, linewidth=0.8,
                     label=f"{name}: mean of each {window} steps")
-            if len(steps) > 1:
+            if smoothed:
                 ax.plot(x, figures.smooth(y), color=color, alpha=0.6, linewidth=1.2,
                         label=f"{name}: smoothed (EMA over ~{span_steps:,} steps)")
         ax.plot(figures.column(metrics, "epoch"), figures.column(metrics, key), "o-", color=color, markersize=4,
@@ -100,8 +107,9 @@ def plot_losses(metrics, steps, args, title: str) -> Figure:
 def plot_d_outputs(metrics, steps, args, title: str) -> Figure:
     fig = Figure(figsize=(7.5, 4.2), layout="constrained")
     ax = fig.subplots()
-    for key, label, color in (("d_real", "real images", "tab:green"), ("d_fake", "generated images", "tab:red")):
-        if len(steps) > 1:
+    for key, label, color in (("d_real", "D(x): real images, in D's steps", "tab:green"),
+                              ("d_fake", "D(G(z)): generated images, in G's steps", "tab:red")):
+        if steps:  # the means of every --log-every steps, smoothed when there are enough of them
             ax.plot(figures.column(steps, "epoch"), figures.smooth(figures.column(steps, key)), color=color,
                     alpha=0.35, linewidth=1)
         ax.plot(figures.column(metrics, "epoch"), figures.column(metrics, key), "o-", color=color, markersize=4,
@@ -163,12 +171,6 @@ def image_grid_figure(images: torch.Tensor, nrow: int, title: str) -> Figure:
     ax.set_axis_off()
     ax.set_title(title, fontsize=10)
     return fig
-
-
-def run_title(run_dir: Path, args) -> str:
-    """The run and its main settings, for figure titles: a figure pasted alone still says what it shows."""
-    return (f"{run_dir.name} ({args.dataset}, {args.loss} loss, D norm {args.d_norm}, "
-            f"batch {args.batch_size})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,30 +315,37 @@ def newest_generator(run_dir: Path, log=print):
 
 
 def analyze_run(run_dir: Path, opts, device: torch.device, log=print) -> dict:
-    """Write RUN_DIR/figures/* and return the summary (also written as figures/summary.json)."""
+    """Write RUN_DIR/figures/* and return the summary (also written as figures/summary.json); an earlier analysis
+    of the same checkpoints with the same options is reused instead."""
     args = load_config(run_dir)
     args.quality_samples = opts.quality_samples
     fig_dir = run_dir / "figures"
     fig_dir.mkdir(exist_ok=True)
     metrics, steps = common.read_metrics_csv(run_dir / "metrics.csv"), common.read_metrics_csv(run_dir / "steps.csv")
-    title = run_title(run_dir, args)
+    key = analysis_key(run_dir, opts, device, metrics, steps)
+    reused = figures.reusable_summary(fig_dir, key)
+    if reused is not None:
+        log(f"{run_dir}: figures and numbers reused from {fig_dir / 'summary.json'}: the same checkpoints, options "
+            f"and analysis code")
+        return reused
     summary = {"run_dir": str(run_dir), "dataset": args.dataset, "loss": args.loss, "epochs_done": len(metrics),
-               "epochs_planned": args.epochs, "figures": [], "skipped": {}}
+               "epochs_planned": args.epochs, "figures": [], "skipped": {}, "analysis_key": key,
+               "losses": {"step_rows": len(steps), "log_every": args.log_every}}
 
     def made(fig: Figure, name: str) -> None:
         figures.save_figure(fig, fig_dir / name)
         summary["figures"].append(name)
 
-    if metrics or steps:
-        made(plot_losses(metrics, steps, args, f"{title}\nD and G losses"), "losses.png")
-        made(plot_d_outputs(metrics, steps, args, f"{title}\ndiscriminator outputs"), "d_outputs.png")
+    if metrics or steps:  # titles say what is shown; which run and its settings, the report's captions
+        made(plot_losses(metrics, steps, args, "D and G losses"), "losses.png")
+        made(plot_d_outputs(metrics, steps, args, "D's outputs on real and generated images"), "d_outputs.png")
     else:
         summary["skipped"]["losses.png"] = "no metrics yet"
     if metrics:
         summary["last_epoch"] = {k: v for k, v in metrics[-1].items() if np.isfinite(v)}
     fid = figures.column(metrics, "fid")
     if np.isfinite(fid).any():
-        made(plot_fid(metrics, f"{title}\nFID against the training set"), "fid.png")
+        made(plot_fid(metrics, "FID against the training set"), "fid.png")
         best = int(np.nanargmin(fid))
         summary["best_fid"] = {"epoch": int(metrics[best]["epoch"]), "fid": float(fid[best])}
     else:
@@ -348,9 +357,9 @@ def analyze_run(run_dir: Path, opts, device: torch.device, log=print) -> dict:
     except common.UserError as err:
         log(f"warning: training data not found ({err}); nearest-neighbour figure and reference diversity skipped")
     reference = gan_metrics.real_diversity(train_images) if train_images is not None else None
-    sample_figures(run_dir, args, title, train_images, reference, made, summary, log)
+    sample_figures(run_dir, args, train_images, reference, made, summary, log)
     if opts.quality != "off" and milestone_checkpoints(run_dir):
-        milestone_figure(run_dir, args, opts, device, title, train_images, reference, made, summary, log)
+        milestone_figure(run_dir, args, opts, device, train_images, reference, made, summary, log)
     elif opts.quality != "off":
         summary["skipped"]["milestones.png"] = "no milestone checkpoints (checkpoints/epoch-NNN.pt)"
     common.atomic_write_text(fig_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -358,15 +367,35 @@ def analyze_run(run_dir: Path, opts, device: torch.device, log=print) -> dict:
     return summary
 
 
-def sample_figures(run_dir: Path, args, title: str, train_images, reference, made, summary: dict, log) -> None:
+def analysis_key(run_dir: Path, opts, device, metrics, steps) -> str:
+    """What the figures of a run depend on: its checkpoints (names hold the global step), CSV rows and sample
+    grids; the options; whether Inception's weights are there (--quality auto uses them); the analysis code."""
+    made_from = {"checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")),
+                 "metrics_rows": len(metrics), "steps_rows": len(steps),
+                 "sample_grids": len(figures.sample_grids(run_dir)), "exported": exported_epoch(run_dir)}
+    options = {"quality": opts.quality, "quality_samples": opts.quality_samples, "device": str(device),
+               "inception_weights": gan_metrics.find_inception_weights(None) is not None}
+    return figures.analysis_key(made_from, options, [Path(__file__), Path(figures.__file__),
+                                                     Path(gan_metrics.__file__)])
+
+
+def exported_epoch(run_dir: Path) -> int | None:
+    """The epoch of the run's own model files (export.json), None before its export."""
+    try:
+        return json.loads((run_dir / "export.json").read_text()).get("epoch")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def sample_figures(run_dir: Path, args, train_images, reference, made, summary: dict, log) -> None:
     """The fixed-noise progression and its diversity, the newest G's samples and their nearest training images."""
     grids = figures.sample_grids(run_dir)
     if grids:
         per_epoch = {e: gan_metrics.diversity(figures.grid_cells(p, args.image_size)) for e, p in grids.items()}
-        made(plot_progression(grids, args.image_size, f"{title}\nthe same 8 fixed noise vectors (columns) "
-                              f"across epochs"), "fixed_noise_progression.png")
-        made(plot_diversity(per_epoch, reference, f"{title}\nsample diversity (a drop means mode collapse)"),
-             "diversity.png")
+        made(plot_progression(grids, args.image_size, "The same 8 fixed noise vectors (columns) across epochs"),
+             "fixed_noise_progression.png")
+        summary["progression_epochs"] = figures.spread(sorted(grids), PROGRESSION_ROWS)
+        made(plot_diversity(per_epoch, reference, "Sample diversity (a drop means mode collapse)"), "diversity.png")
         summary["diversity"] = {"per_epoch": per_epoch, "training_images": reference,
                                 "last_over_max": per_epoch[max(per_epoch)] / max(max(per_epoch.values()), 1e-12)}
     else:
@@ -379,42 +408,59 @@ def sample_figures(run_dir: Path, args, title: str, train_images, reference, mad
     generator, epoch, global_step = newest
     summary["checkpoint"] = {"epoch": epoch, "global_step": global_step}
     samples = final_samples(generator, args.nz, args.seed)
-    ema = ", EMA G" if args.ema > 0 else ""
-    made(image_grid_figure(samples, 10, f"{run_dir.name}: 100 samples after {global_step:,} steps "
-                           f"(epoch {epoch}{ema})"), "final_samples.png")
+    ema = " of the EMA generator" if args.ema > 0 else ""
+    made(image_grid_figure(samples, 10, f"100 samples{ema} at epoch {epoch} ({global_step:,} steps)"),
+         "final_samples.png")
     if train_images is not None:
         queries = samples[:NEIGHBOUR_QUERIES]
         index, distance = gan_metrics.nearest_neighbours(queries, train_images, NEIGHBOURS)
         rows = [torch.cat([q[None], train_images[i].float() / 255]) for q, i in zip(queries, index)]
         made(image_grid_figure(torch.cat(rows).expand(-1, 3, -1, -1), NEIGHBOURS + 1,
-                               f"{run_dir.name}: left, a sample; right, its nearest training images (L2).\n"
-                               f"Copies would mean memorisation"), "nearest_neighbours.png")
+                               "Left, a sample; right, its nearest training images (L2).\n"
+                               "Copies would mean memorisation"), "nearest_neighbours.png")
         summary["nearest_neighbour_rms"] = {"median": float(distance[:, 0].median()),
                                             "min": float(distance[:, 0].min())}
 
 
-def milestone_figure(run_dir: Path, args, opts, device, title: str, train_images, reference, made, summary: dict,
-                     log) -> None:
+def milestone_figure(run_dir: Path, args, opts, device, train_images, reference, made, summary: dict, log) -> None:
     """milestones.png: the quality (--quality) of each milestone checkpoint, and the best one to export."""
-    measure = QualityMeasure(opts.quality, args, device, train_images, log)
+    with common.progress.still_running("preparing the quality measure", log):
+        measure = QualityMeasure(opts.quality, args, device, train_images, log)
     log(f"{run_dir.name}: {measure.name} of each milestone checkpoint ({measure.n_samples} samples)")
-    rows = milestone_quality(run_dir, measure, log)
+    with common.progress.still_running(f"{measure.name} of the milestones", log):
+        rows = milestone_quality(run_dir, measure, log)
     best = best_milestone(rows, measure.kind, reference)
-    made(plot_milestones(rows, measure, best, reference, f"{title}\n{measure.name} per milestone checkpoint"),
+    made(plot_milestones(rows, measure, best, reference, f"{measure.name[:1].upper()}{measure.name[1:]} per milestone "
+                                                         f"checkpoint"),
          "milestones.png")
+    exported = exported_epoch(run_dir)
     summary["milestones"] = {"measure": measure.name, "kind": measure.kind, "rows": rows, "best": best,
-                             "training_images": reference}
-    if best is not None:
+                             "training_images": reference, "exported_epoch": exported}
+    if best is not None and best["epoch"] == exported:
+        log(f"  best milestone: epoch {best['epoch']} ({measure.name} {best['value']:.4g}), the epoch the run's "
+            f"model files are from already")
+    elif best is not None:
         log(f"  best milestone: epoch {best['epoch']} ({measure.name} {best['value']:.4g}); export it with: "
-            f"python analyze_gan.py {run_dir} --export-epoch {best['epoch']}")
+            f"python analyze_gan.py {shown_path(run_dir)} --export-epoch {best['epoch']}")
+
+
+def shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it is below it (a command to copy), else as it is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Several runs side by side
 
 
-TABLE_COLUMNS = ["label", "loss", "epochs", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", "diversity",
-                 "quality_measure", "quality", "best_milestone_epoch", "best_fid", "status", "run_dir"]
+# One column per quantity: the last epoch's means and fixed-noise diversity; the best milestone by its measure (the
+# Inception FID, the classifier FID, or the diversity closest to the training images'); the best training-time FID.
+TABLE_COLUMNS = ["label", "loss", "epochs", "images_seen", "loss_d", "loss_g", "d_real", "d_fake",
+                 "diversity_last_epoch", "best_milestone_measure", "best_milestone_epoch", "best_milestone_value",
+                 "best_fid", "status", "run_dir"]
 
 
 def comparison_rows(runs, labels, summaries) -> list[dict]:
@@ -423,14 +469,14 @@ def comparison_rows(runs, labels, summaries) -> list[dict]:
         last = run.metrics[-1] if run.metrics else {}
         per_epoch = summary.get("diversity", {}).get("per_epoch", {})
         milestones = summary.get("milestones", {})
-        quality_rows = milestones.get("rows") or []
+        best = milestones.get("best") or {}
         rows.append({"label": label, "loss": run.args["loss"], "epochs": run.epochs_done,
                      "images_seen": int(run.total_images_seen()),
                      **{k: last.get(k, math.nan) for k in ("loss_d", "loss_g", "d_real", "d_fake")},
-                     "diversity": per_epoch[max(per_epoch)] if per_epoch else math.nan,
-                     "quality_measure": milestones.get("measure", ""),
-                     "quality": quality_rows[-1]["value"] if quality_rows else math.nan,
-                     "best_milestone_epoch": (milestones.get("best") or {}).get("epoch", ""),
+                     "diversity_last_epoch": per_epoch[max(per_epoch, key=int)] if per_epoch else math.nan,
+                     "best_milestone_measure": milestones.get("measure", ""),
+                     "best_milestone_epoch": best.get("epoch", ""),
+                     "best_milestone_value": best.get("value", math.nan),
                      "best_fid": (summary.get("best_fid") or {}).get("fid", math.nan),
                      "status": run.status(), "run_dir": str(run.dir)})
     return rows
@@ -438,13 +484,16 @@ def comparison_rows(runs, labels, summaries) -> list[dict]:
 
 def print_table(rows: list[dict], log=print) -> None:
     width = max(len(row["label"]) for row in rows)
-    measure = next((row["quality_measure"] for row in rows if row["quality_measure"]), "quality")
+    measure = next((row["best_milestone_measure"] for row in rows if row["best_milestone_measure"]), "")
     log(f"\n{'run':<{width}}  loss   epochs  images seen  loss_d  loss_g  D(x)   D(G(z))  diversity  "
-        f"{measure} (last milestone)")
+        + (f"best milestone by {measure}" if measure else ""))
     for row in rows:
+        best = (f"epoch {row['best_milestone_epoch']} ({row['best_milestone_value']:.4g})"
+                if row["best_milestone_epoch"] != "" else "")
         log(f"{row['label']:<{width}}  {row['loss']:<5}  {row['epochs']:>6}  {row['images_seen']:>11,}  "
             f"{row['loss_d']:>6.3f}  {row['loss_g']:>6.3f}  {row['d_real']:>5.3f}  {row['d_fake']:>7.3f}  "
-            f"{row['diversity']:>9.4f}  {row['quality']:.4g}")
+            f"{row['diversity_last_epoch']:>9.4f}  {best}")
+    log("(loss_d, loss_g, D(x), D(G(z)): means over the last epoch; diversity: of its fixed-noise grid)")
 
 
 def compare_runs(runs: list[experiments.RunInfo], summaries: list[dict], out_dir: Path, log=print) -> dict:
@@ -452,8 +501,6 @@ def compare_runs(runs: list[experiments.RunInfo], summaries: list[dict], out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = experiments.run_labels(runs)
     x_name, xs = experiments.x_axis(runs)
-    sweep = {run.sweep for run in runs}
-    what = f"sweep {sweep.pop()}" if len(sweep) == 1 and None not in sweep else f"{len(runs)} DCGAN runs"
     made = {"labels": labels, "runs": [str(run.dir) for run in runs], "x_axis": x_name, "figures": [],
             "skipped": {}}
 
@@ -465,17 +512,18 @@ def compare_runs(runs: list[experiments.RunInfo], summaries: list[dict], out_dir
         figures.save_figure(fig, out_dir / name)
         made["figures"].append(name)
 
-    save(sweep_figures.compare_losses(runs, labels, x_name, xs, f"{what}: losses"), "compare_losses.png")
-    save(sweep_figures.compare_d_outputs(runs, labels, x_name, xs, f"{what}: discriminator outputs (BCE runs)"),
+    # Titles say what is shown; which runs (the sweep) and their settings, the labels and the report's captions.
+    save(sweep_figures.compare_losses(runs, labels, x_name, xs, "D and G losses per variant"), "compare_losses.png")
+    save(sweep_figures.compare_d_outputs(runs, labels, x_name, xs, "Discriminator outputs (BCE variants)"),
          "compare_d_outputs.png", "no BCE run (a hinge D gives no probabilities)")
-    save(sweep_figures.compare_samples(runs, labels, f"{what}: samples from the fixed noise at the last epoch"),
+    save(sweep_figures.compare_samples(runs, labels, "Samples from the fixed noise at each variant's last epoch"),
          "compare_samples.png", "no sample grids")
-    save(sweep_figures.compare_progression(runs, labels, f"{what}: the same fixed noise across epochs"),
+    save(sweep_figures.compare_progression(runs, labels, "The same fixed noise across epochs, per variant"),
          "compare_progression.png", "no sample grids")
-    save(sweep_figures.compare_diversity(runs, labels, summaries, x_name, f"{what}: fixed-noise sample diversity"),
+    save(sweep_figures.compare_diversity(runs, labels, summaries, x_name, "Diversity of the fixed-noise samples"),
          "compare_diversity.png")
-    save(sweep_figures.compare_quality(runs, labels, summaries, x_name, f"{what}: sample quality"),
-         "compare_quality.png", "no FID in metrics.csv and no milestone quality")
+    save(sweep_figures.compare_quality(runs, labels, summaries, x_name),
+         "compare_quality.png", "no FID in metrics.csv and no FID per milestone (diversity is compare_diversity's)")
     rows = comparison_rows(runs, labels, summaries)
     common.write_csv(out_dir / "summary.csv", TABLE_COLUMNS, rows)
     made["table"] = rows
@@ -496,8 +544,8 @@ def main(argv=None) -> int:
             raise common.UserError("--export-epoch takes one run folder")
         g_path, d_path = export_milestone(runs[0].dir, opts.export_epoch, opts.out)
         print(f"exported {g_path} and {d_path} from {runs[0].name}, epoch {opts.export_epoch}. Check and pack them "
-              f"with: python check_submission.py --gen {g_path} --disc {d_path} --figures report/figures --zip CW2.zip",
-              flush=True)
+              f"with: python check_submission.py --gen {shown_path(g_path)} --disc {shown_path(d_path)} --figures "
+              f"report/figures --zip CW2.zip", flush=True)
         return 0
     device = common.pick_device(opts.device)
     summaries = [analyze_run(run.dir, opts, device) for run in runs]

@@ -6,11 +6,14 @@
     python analyze_vae.py RUN --interp-classes 4 9                # interpolate between the first 4 and the first 9
 
 Into each RUN_DIR/figures/: loss_curves.png, reconstructions.png, samples.png, tsne.png, interpolation.png and
-summary.json (test ELBO and importance-weighted log-likelihood, nats per image). With several runs (a shell glob may
+summary.json (test ELBO and importance-weighted log-likelihood, nats per image). A run analysed before from the same
+checkpoint with the same options (and the same analysis code) is not analysed again: its figures and summary.json
+are reused (summary.json's analysis_key says what they were made from). With several runs (a shell glob may
 also match folders that are not VAE runs: they are skipped with a note), also into --out (default
 RUNS_ROOT/compare/<sweep name>/), each run labelled by the settings that differ between the runs (`beta=4`):
-loss_curves.png (the test negative ELBO at beta = 1, i.e. recon + KL, and its two terms, against training images
-seen: the beta-weighted objective differs between betas by construction), reconstructions.png (the same test images
+loss_curves.png (the negative ELBO at beta = 1, i.e. recon + KL, and its two terms, train and test, per epoch, or
+against training images seen when the runs' epochs differ in size: the beta-weighted objective differs between
+betas by construction), reconstructions.png (the same test images
 through every run), samples.png (every run's decoder on the same z), summary.csv (also printed) and summary.json.
 The run folder is only read (figures/ aside), so this works on a run still in progress: it shows the state at the
 newest checkpoint that loads, and the loss curves up to the last finished epoch.
@@ -41,7 +44,8 @@ LOSS_PANELS = [("loss", "total (recon + beta * KL)"), ("recon", "reconstruction 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders made by vae_train.py")
     parser.add_argument("--out", default=None,
                         help="comparison folder when several runs are given (default: RUNS_ROOT/compare/<sweep "
@@ -122,7 +126,7 @@ def log_importance_weights(model: VAE, x: torch.Tensor, eps: torch.Tensor) -> to
 
 @torch.no_grad()
 def importance_weighted_ll(model: VAE, images: torch.Tensor, n_samples: int, seed: int,
-                           batch_size: int = 5000) -> tuple[float, float]:
+                           batch_size: int = 5000, progress: dict | None = None) -> tuple[float, float]:
     """Mean over images of the IW estimate of log p(x) (Burda et al., 2016, "Importance Weighted Autoencoders"):
 
         log p(x) ~= logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] - log K,   z_k ~ q(z|x),
@@ -130,6 +134,7 @@ def importance_weighted_ll(model: VAE, images: torch.Tensor, n_samples: int, see
     a lower bound on log p(x) that tightens as K grows (K = 1: the ELBO). Also returns the mean of the same log
     weights, an ELBO estimate from the same samples; the first is >= the second for every image (Jensen).
     Noise comes from a seeded CPU generator, so the numbers depend only on the weights, the flags and the device.
+    progress["images"], when given, counts the images done (for still_running's lines).
     """
     gen = torch.Generator().manual_seed(seed)
     images_per_batch = max(1, batch_size // n_samples)
@@ -140,6 +145,8 @@ def importance_weighted_ll(model: VAE, images: torch.Tensor, n_samples: int, see
         log_w = log_importance_weights(model, x, eps).double()
         iw_sum += (torch.logsumexp(log_w, 0) - math.log(n_samples)).sum().item()
         elbo_sum += log_w.mean(0).sum().item()
+        if progress is not None:
+            progress["images"] = start + len(x)
     return iw_sum / len(images), elbo_sum / len(images)
 
 
@@ -273,30 +280,30 @@ def plot_interpolation(strip: torch.Tensor, ends: tuple[int, int], end_names: tu
 
 
 def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict:
-    """Write RUN_DIR/figures/* and return the summary (also written as figures/summary.json)."""
+    """Write RUN_DIR/figures/* and return the summary (also written as figures/summary.json); an earlier
+    analysis of the same checkpoint with the same options is reused instead."""
     run_args, ckpt = run["args"], run["ckpt"]
     fig_dir = run["dir"] / "figures"
     fig_dir.mkdir(exist_ok=True)
     epoch = ckpt["epoch"]
-    model = load_model(run, device)
     data_key = (run_args.get("dataset", "mnist"), args.data_dir or run_args["data_dir"])
-    if data_key not in data_cache:
-        data_cache[data_key] = common.load_images(data_key[0], data_key[1], train=False)
-    images, labels = data_cache[data_key]
-    images = images.to(device)
+    key = analysis_key(run, args, device, data_key)
     print(f"{run['dir']}: {run_args['arch']} VAE, latent {run_args['latent_dim']}, beta {run_args['beta']}, "
           f"checkpoint at epoch {epoch} (+{ckpt.get('step_in_epoch', 0)} steps)", flush=True)
+    reused = figures.reusable_summary(fig_dir, key)
+    if reused is not None:
+        print(f"  figures and numbers reused from {fig_dir / 'summary.json'}: the same checkpoint, options and "
+              f"analysis code", flush=True)
+        return reused
+    model = load_model(run, device)
+    images, labels = test_set(data_key, data_cache)
+    images = images.to(device)
 
-    about = f"{run['dir'].name} (beta {run_args['beta']:g}, epoch {epoch})"
-    if run["metrics"]:
-        figures.save_figure(plot_loss_curves([run], [run["dir"].name], f"{run['dir'].name}: losses per epoch "
-                                             f"(beta {run_args['beta']:g})"), fig_dir / "loss_curves.png")
-    else:
-        print("  no finished epoch in metrics.csv yet: loss_curves.png not written", flush=True)
-    image_figures(model, images, labels, data_key[0], args, about, fig_dir)
+    made = loss_figure(run, fig_dir) + image_figures(model, images, labels, data_key[0], args, epoch, fig_dir)
     seconds = {}
     started = time.monotonic()
-    n_points = tsne_figure(model, images, labels, data_key[0], args, about, fig_dir)
+    n_points = tsne_figure(model, images, labels, data_key[0], args, epoch, fig_dir)
+    made.append("tsne.png")
     seconds["tsne"] = time.monotonic() - started
 
     # The true bound (beta = 1), with the noise the training script's evaluation uses: at an epoch-end checkpoint
@@ -307,7 +314,7 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
     seconds["elbo"] = time.monotonic() - started
     started = time.monotonic()
     iw_images = images[:args.iw_images] if args.iw_images else images
-    iw_ll, iw_elbo = importance_weighted_ll(model, iw_images, args.iw_samples, args.seed, args.iw_batch_size)
+    iw_ll, iw_elbo = iw_estimate(model, iw_images, args)
     seconds["iw"] = time.monotonic() - started
 
     summary = {
@@ -319,7 +326,7 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
         "test_recon": elbo_terms["test_recon"], "test_kl": elbo_terms["test_kl"],
         "iw_log_likelihood": iw_ll, "iw_elbo": iw_elbo, "iw_samples": args.iw_samples,
         "iw_images": len(iw_images), "tsne_points": n_points, "seed": args.seed, "device": str(device),
-        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "seconds": {k: round(v, 2) for k, v in seconds.items()}, "figures": made, "analysis_key": key,
     }
     common.atomic_write_text(fig_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"  test ELBO {summary['test_elbo']:.2f} nats/image (recon {summary['test_recon']:.2f}, "
@@ -329,16 +336,49 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
     return summary
 
 
+def loss_figure(run: dict, fig_dir: Path) -> list[str]:
+    """loss_curves.png of one run, when it has a finished epoch; returns what it wrote."""
+    if not run["metrics"]:
+        print("  no finished epoch in metrics.csv yet: loss_curves.png not written", flush=True)
+        return []
+    figures.save_figure(plot_loss_curves([run], ["this run"], f"Losses per epoch (beta {run['args']['beta']:g})"),
+                        fig_dir / "loss_curves.png")
+    return ["loss_curves.png"]
+
+
+def analysis_key(run: dict, args, device: torch.device, data_key: tuple[str, str]) -> str:
+    """What a run's figures and summary depend on: its checkpoint, the options, the data, the analysis code."""
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in ("run_dirs", "out", "data_dir")}
+    return figures.analysis_key({"global_step": run["ckpt"]["global_step"], "epochs_in_metrics": len(run["metrics"])},
+                                {**options, "data": data_key, "device": str(device)},
+                                [Path(__file__), Path(figures.__file__)])
+
+
+def iw_estimate(model: VAE, images: torch.Tensor, args) -> tuple[float, float]:
+    """importance_weighted_ll with a line before it and a line every 20 s while it runs (minutes on a CPU)."""
+    print(f"  importance-weighted log-likelihood of {len(images):,} test images (K = {args.iw_samples})", flush=True)
+    done = {"images": 0}
+    with common.progress.still_running("IW estimate", status=lambda: f"{done['images']:,} of {len(images):,} images"):
+        return importance_weighted_ll(model, images, args.iw_samples, args.seed, args.iw_batch_size, progress=done)
+
+
+def test_set(data_key: tuple[str, str], data_cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images and labels of (dataset, data_dir), loaded once per process."""
+    if data_key not in data_cache:
+        data_cache[data_key] = common.load_images(data_key[0], data_key[1], train=False)
+    return data_cache[data_key]
+
+
 @torch.no_grad()
-def image_figures(model: VAE, images: torch.Tensor, labels: torch.Tensor, dataset: str, args, about: str,
-                  fig_dir: Path) -> None:
-    """reconstructions.png, samples.png and interpolation.png of one run."""
+def image_figures(model: VAE, images: torch.Tensor, labels: torch.Tensor, dataset: str, args, epoch: int,
+                  fig_dir: Path) -> list[str]:
+    """reconstructions.png, samples.png and interpolation.png of one run; returns their names."""
     x = to_float(images[:args.n_recon])
-    figures.save_figure(plot_reconstructions(x, model(x)[0], f"{about}: test images and their reconstructions "
+    figures.save_figure(plot_reconstructions(x, model(x)[0], f"Test images and their reconstructions at epoch {epoch} "
                                              f"(decoder mean at z = mu)"), fig_dir / "reconstructions.png")
     z = prior_noise(64, model.latent_dim, args.seed).to(images.device)
-    figures.save_figure(plot_samples(torch.sigmoid(model.decoder(z)), f"{about}\n64 samples from the prior "
-                                     f"z ~ N(0, I) (decoder mean)"), fig_dir / "samples.png")
+    figures.save_figure(plot_samples(torch.sigmoid(model.decoder(z)), f"64 samples from the prior z ~ N(0, I) at "
+                                     f"epoch {epoch}\n(decoder means)"), fig_dir / "samples.png")
 
     i, j = interpolation_pair(labels, args.interp_indices, args.interp_classes)
     mu_ends = model.encode(to_float(images[[i, j]]))[0]
@@ -347,11 +387,12 @@ def image_figures(model: VAE, images: torch.Tensor, labels: torch.Tensor, datase
     strip = torch.cat([to_float(images[[i]]), torch.sigmoid(model.decoder(z_line)), to_float(images[[j]])])
     legend_title = "digit" if dataset == "mnist" else "class"
     names = tuple(f"{legend_title} {CLASS_NAMES[dataset][int(labels[index])]}" for index in (i, j))
-    figures.save_figure(plot_interpolation(strip, (i, j), names, ts, f"{about}\ndecoded points on the line in z "
-                                           f"between two latent means"), fig_dir / "interpolation.png")
+    figures.save_figure(plot_interpolation(strip, (i, j), names, ts, f"Decoded points on the line in z between two "
+                                           f"latent means, epoch {epoch}"), fig_dir / "interpolation.png")
+    return ["reconstructions.png", "samples.png", "interpolation.png"]
 
 
-def tsne_figure(model: VAE, images: torch.Tensor, labels: torch.Tensor, dataset: str, args, about: str,
+def tsne_figure(model: VAE, images: torch.Tensor, labels: torch.Tensor, dataset: str, args, epoch: int,
                 fig_dir: Path) -> int:
     """tsne.png: t-SNE of the latent means of --tsne-points test images; returns how many points it used."""
     n_points = min(args.tsne_points, len(images))
@@ -360,12 +401,14 @@ def tsne_figure(model: VAE, images: torch.Tensor, labels: torch.Tensor, dataset:
                                f"({n_points}); lower it or raise --tsne-points")
     chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:n_points]
     means = latent_means(model, images[chosen.to(images.device)]).numpy()
-    points = TSNE(n_components=2, perplexity=args.perplexity, init="pca", learning_rate="auto",
-                  random_state=args.seed).fit_transform(means)
+    print(f"  t-SNE of {n_points:,} latent means", flush=True)
+    with common.progress.still_running("t-SNE"):
+        points = TSNE(n_components=2, perplexity=args.perplexity, init="pca", learning_rate="auto",
+                      random_state=args.seed).fit_transform(means)
     legend_title = "digit" if dataset == "mnist" else "class"
     figures.save_figure(plot_tsne(points, labels[chosen].numpy(), CLASS_NAMES[dataset], legend_title,
-                                  f"{about}\nt-SNE of the {model.latent_dim}-d latent means of {n_points:,} test "
-                                  f"images (perplexity {args.perplexity:g})"), fig_dir / "tsne.png")
+                                  f"t-SNE of the {model.latent_dim}-d latent means of {n_points:,} test images at "
+                                  f"epoch {epoch}\n(perplexity {args.perplexity:g})"), fig_dir / "tsne.png")
     return n_points
 
 
@@ -384,15 +427,14 @@ def write_comparison(runs: list[dict], infos: list[experiments.RunInfo], summari
                      args, device: torch.device, data_cache: dict) -> list[dict]:
     """The comparison figures, table (summary.csv, summary.json) and printed table in `out`; returns the rows."""
     out.mkdir(parents=True, exist_ok=True)
-    labels = experiments.run_labels(infos)
-    sweeps = {info.sweep for info in infos}
-    what = f"sweep {sweeps.pop()}" if len(sweeps) == 1 and None not in sweeps else f"{len(runs)} VAE runs"
-    figures.save_figure(sweep_figures.plot_comparison_curves(infos, labels, f"{what}: test bound and its terms"),
+    labels = experiments.run_labels(infos)  # titles say what is shown; which runs, the report's captions
+    figures.save_figure(sweep_figures.plot_comparison_curves(infos, labels, "The bound at beta = 1 and its terms: "
+                                                             "train (top), test (bottom)"),
                         out / "loss_curves.png")
 
     data_keys = {(run["args"].get("dataset", "mnist"), args.data_dir or run["args"]["data_dir"]) for run in runs}
     if len({key[0] for key in data_keys}) == 1:
-        images, _ = data_cache[sorted(data_keys)[0]]
+        images, _ = test_set(sorted(data_keys)[0], data_cache)
         with torch.no_grad():
             x = to_float(images[:N_COMPARED_IMAGES].to(device))
             recons, samples = [], []
@@ -403,10 +445,10 @@ def write_comparison(runs: list[dict], infos: list[experiments.RunInfo], summari
                 samples.append(torch.sigmoid(model.decoder(z)))
         epochs = sorted({summary["epoch"] for summary in summaries})
         at = f"epoch {epochs[0]}" if len(epochs) == 1 else "each run's newest checkpoint"
-        title = f"{what}: the same test images reconstructed by each run ({at})"
+        title = f"The same test images (top row) reconstructed by each run ({at})"
         figures.save_figure(sweep_figures.plot_comparison_reconstructions(x, recons, labels, title),
                             out / "reconstructions.png")
-        title = f"{what}: samples from the same z ~ N(0, I) ({at})"
+        title = f"Samples of each run's decoder from the same z ~ N(0, I) ({at})"
         figures.save_figure(sweep_figures.plot_comparison_samples(samples, labels, title), out / "samples.png")
     else:
         print("note: the runs were trained on different data sets: no side-by-side reconstructions or samples",

@@ -18,16 +18,22 @@ any fails (2: a bad command line). What is checked, in the grader's own terms:
 - vae(x)[0] has the shape of x, values in [0, 1], for a batch of transformed MNIST test images (vae_train.transform;
   real images from --data-dir, else from the VAE run's own data folder (its config.json), else data/; uniform
   [0, 1] noise only when none of them holds the MNIST test files, with a WARN line that says where it looked);
+- on real test images, the reconstructions are closer to the inputs (MSE) than the mean test image is: a VAE
+  that collapsed to one grey blur fails;
 - G turns torch.randn(100, nz, 1, 1) into (100, 3, 32, 32) in [-1, 1], and dcgan_train.denorm maps that to [0, 1];
 - D gives one value per image for (N, 3, 32, 32) input;
 - G plus D hold at most 25,000,000 parameters (dcgan_train.MAX_PARAMS);
 - the DCGAN's run trained on CIFAR-10, when its config.json is there to say (the run that counts, or a run folder
   as DIR): an image-folder GAN is refused in report.py's words unless --allow-non-cifar10.
+- the notebook's test cells work: each script's transform and denorm (common/testcell.py, the code the report shows
+  to paste) run in a clean Python without this project on the path, on the three files (load, forward, denorm);
+  checked last, when everything above passed (about 10 s: a fresh Python importing torch).
 
-With --zip ZIP (and --figures DIR, which must then hold PNGs), ZIP is written only when every check passes: the
-three files under their coursework names and DIR as figures/, to a temporary file renamed into place (its folder
-is made when missing). When DIR's report (report.py's report.json beside it) shows other runs than the ones
-checked, a WARN line says so: the report's figures would not show the submitted models.
+With --zip ZIP (and --figures DIR, which must then hold PNGs), a previous ZIP is deleted first, and ZIP is written
+only when every check passes: the three files under their coursework names and DIR as figures/, to a temporary
+file renamed into place (its folder is made when missing). So ZIP exists only after a check that passed. When DIR's
+report (report.py's report.json beside it) shows other runs than the ones checked, or models those runs exported
+since, that is a FAIL: the report's figures would not show the submitted models.
 """
 from __future__ import annotations
 
@@ -46,7 +52,8 @@ MNIST_SHAPE = (1, 28, 28)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("dir", metavar="DIR", nargs="?", default=None,
                         help=f"folder holding {VAE_FILE}, {GEN_FILE} and {DISC_FILE} (default: the run folders "
                              f"of the VAE and DCGAN runs that count)")
@@ -167,21 +174,23 @@ def has_mnist_test_files(data_dir: Path) -> bool:
     return (raw / "t10k-images-idx3-ubyte").exists() and (raw / "t10k-labels-idx1-ubyte").exists()
 
 
-def vae_inputs(data_dirs: list[tuple[Path, str]], n: int) -> tuple[torch.Tensor, str, bool]:
+def vae_inputs(data_dirs: list[tuple[Path, str]], n: int) -> tuple[torch.Tensor, str, torch.Tensor | None]:
     """n transformed MNIST test images from the first of `data_dirs` ((folder, where it came from)) that holds
-    them, as the grader's test cell makes them; uniform noise when none does. Returns (x, what x is, real?)."""
+    them, as the grader's test cell makes them; uniform noise when none does. Returns (x, what x is, the mean
+    test image [1, 28, 28], or None for noise)."""
     from vae_train import transform
     for data_dir, _ in data_dirs:
         if has_mnist_test_files(data_dir):
             from torchvision.datasets import MNIST
             test_set = MNIST(str(data_dir), train=False, transform=transform, download=False)
             n = min(n, len(test_set))
-            return torch.stack([test_set[i][0] for i in range(n)]), f"{n} MNIST test images from {data_dir}", True
+            mean_image = test_set.data.float().div(255).mean(0, keepdim=True)  # what ToTensor gives, averaged
+            return torch.stack([test_set[i][0] for i in range(n)]), f"{n} MNIST test images from {data_dir}", mean_image
     generator = torch.Generator().manual_seed(0)
     looked = "; ".join(f"{d / 'MNIST' / 'raw'} ({why})" for d, why in data_dirs)
     return (torch.rand((n, *MNIST_SHAPE), generator=generator),
             f"{n} SYNTHETIC uniform [0, 1] images: no MNIST test files in {looked}. Pass --data-dir "
-            f"(make submission DATA_DIR=...) to check on real digits", False)
+            f"(make submission DATA_DIR=...) to check on real digits", None)
 
 
 def check_vae(checks: Checks, path: Path, data_dirs: list[tuple[Path, str]], n: int) -> None:
@@ -199,7 +208,8 @@ def check_vae(checks: Checks, path: Path, data_dirs: list[tuple[Path, str]], n: 
                   f"{len(convs)} found ({', '.join(convs[:4])}{' ...' if len(convs) > 4 else ''})" if convs else
                   "none found: an MLP-only VAE fails the coursework's test; train with vae_train.py --arch conv")
 
-    x, source, real = vae_inputs(data_dirs, n)
+    x, source, mean_image = vae_inputs(data_dirs, n)
+    real = mean_image is not None
     print(f"  {'info' if real else 'WARN'}  {path.name}: input x: {source}, shape {shape_str(x.shape)}", flush=True)
     try:
         with torch.no_grad():
@@ -219,6 +229,20 @@ def check_vae(checks: Checks, path: Path, data_dirs: list[tuple[Path, str]], n: 
     in_range = bool(torch.isfinite(recon).all() and recon.min() >= 0 and recon.max() <= 1)
     checks.record(in_range, path, names[2], value_range(recon) if in_range else
                   f"{value_range(recon)} is outside [0, 1] (or not finite): end the decoder with a sigmoid")
+    if in_range and real:
+        check_better_than_mean(checks, path, x, recon, mean_image)
+
+
+def check_better_than_mean(checks: Checks, path: Path, x: torch.Tensor, recon: torch.Tensor,
+                           mean_image: torch.Tensor) -> None:
+    """A VAE whose decoder ignores z (posterior collapse) outputs about the mean image for every input: its
+    reconstructions are then no closer to the inputs than the mean test image itself."""
+    mse, mse_mean = float(((recon - x) ** 2).mean()), float(((mean_image - x) ** 2).mean())
+    checks.record(mse < mse_mean, path, "reconstructions better than the mean image",
+                  f"MSE {mse:.4f} against {mse_mean:.4f} for the mean test image" if mse < mse_mean else
+                  f"MSE {mse:.4f}, no better than the mean test image's {mse_mean:.4f} (max pixel "
+                  f"{float(recon.max()):.2f}): the decoder ignores its input (posterior collapse); train longer, or "
+                  f"with a lower --beta or a --kl-warmup-epochs")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -435,23 +459,60 @@ def data_dirs_to_try(args, vae_path: Path) -> list[tuple[Path, str]]:
     return found
 
 
-def check_report_shows(figures: Path, run_dirs: list[Path | None]) -> None:
-    """Warn when the report beside `figures` was made from other runs than the ones whose files are checked."""
+def check_report_shows(checks: Checks, figures: Path, run_dirs: list[Path | None]) -> None:
+    """FAIL when the report beside `figures` (report.py's report.json) shows other runs than the ones whose files
+    are checked, or shows them before they exported the files checked (trained on since): its figures and numbers
+    would not be of the submitted models."""
     try:
         made_from = json.loads((figures.parent / "report.json").read_text())
     except (OSError, ValueError):
         return
     for run_dir, key, what in zip(run_dirs, ("vae_run", "gan_run"), ("VAE", "DCGAN")):
         shown = made_from.get(key)
-        if run_dir is not None and shown and Path(shown).resolve() != Path(run_dir).resolve():
-            print(f"  WARN  {figures.parent.name}: the report shows the {what} run {Path(shown).name}, but the "
-                  f"{what} checked is {Path(run_dir).name}: run make report again (with the same runs)", flush=True)
+        if run_dir is None or not shown:
+            continue
+        check = f"the report shows the {what} checked"
+        if Path(shown).resolve() != Path(run_dir).resolve():
+            checks.record(False, figures.parent, check, f"it shows the {what} run {Path(shown).name}, but the {what} "
+                                                        f"checked is {Path(run_dir).name}: run make report again "
+                                                        f"(with the same runs)")
+            continue
+        reported, exported = made_from.get("exported_steps", {}).get(key), exported_step(Path(run_dir))
+        if reported is not None and reported != exported:
+            checks.record(False, figures.parent, check, f"it shows {Path(run_dir).name} as exported at step "
+                                                        f"{reported}, but its model files are from step {exported}: "
+                                                        f"run make report again")
+        else:
+            checks.record(True, figures.parent, check, Path(run_dir).name)
+
+
+def exported_step(run_dir: Path) -> int | None:
+    """The global step of a run's model files (export.json), None when it has none."""
+    try:
+        return json.loads((run_dir / "export.json").read_text()).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_test_cells(checks: Checks, paths: dict[str, Path], data_dirs: list[tuple[Path, str]], nz: int) -> None:
+    """The code the report gives for the notebook's test cells, run as a grader runs it (common/testcell.py)."""
+    from common import testcell
+    mnist_root = next((d for d, _ in data_dirs if has_mnist_test_files(d)), None)
+    results = testcell.run_cells(paths, mnist_root=mnist_root, nz=nz)
+    for name, path in (("VAE", paths["vae"]), ("DCGAN", paths["gen"])):
+        ok, detail = results[name]
+        checks.record(ok, path, f"test cell ({testcell.SCRIPTS[name].name}'s transform and denorm in a clean Python)",
+                      detail)
 
 
 def prepare_zip_folder(zip_path: Path) -> None:
-    """Make the folder --zip writes into, before the slow checks; one clear line when that is impossible."""
+    """Delete a previous --zip (it is written again only when every check passes) and make the folder it goes
+    into, before the slow checks; one clear line when that is impossible."""
     if zip_path.is_dir():
         raise common.UserError(f"--zip {zip_path} is a folder; give a file name such as {zip_path / 'CW2.zip'}")
+    if zip_path.exists():
+        zip_path.unlink()
+        print(f"deleted the previous {zip_path}: it is written again only if every check passes", flush=True)
     if not zip_path.parent.is_dir():
         try:
             zip_path.parent.mkdir(parents=True)
@@ -468,23 +529,27 @@ def main(argv=None) -> int:
     figures = Path(args.figures) if args.figures else None
     if figures is not None and not args.zip:
         raise common.UserError("--figures is only used with --zip")
-    vae_path, gen_path, disc_path, run_dirs = model_paths(args)
-    if args.zip:
+    if args.zip:  # first: whatever happens next, an old zip never outlives a check that did not pass
         prepare_zip_folder(Path(args.zip))
+    vae_path, gen_path, disc_path, run_dirs = model_paths(args)
 
     torch.manual_seed(0)
     checks = Checks()
     print(f"check_submission: {vae_path}, {gen_path}, {disc_path} (CPU, torch {torch.__version__})", flush=True)
-    check_vae(checks, vae_path, data_dirs_to_try(args, vae_path), args.n_images)
+    data_dirs = data_dirs_to_try(args, vae_path)
+    check_vae(checks, vae_path, data_dirs, args.n_images)
     generator, fake_images = check_generator(checks, gen_path, args.nz, args.n_images)
     check_gan_data(checks, gen_path, run_dirs[1], args.allow_non_cifar10)
     discriminator = check_discriminator(checks, disc_path, fake_images, args.n_images)
     check_param_budget(checks, gen_path, generator, discriminator)
+    if not checks.failed and not checks.skipped:  # a file that fails above would only fail here again, slower
+        nz = args.nz or first_layer_nz(generator) or 100
+        check_test_cells(checks, {"vae": vae_path, "gen": gen_path, "disc": disc_path}, data_dirs, nz)
     if figures is not None:  # after the model checks, so a missing report does not hide a bad model
         n_png = len(list(figures.glob("*.png"))) if figures.is_dir() else 0
         checks.record(n_png > 0, figures, "report figures to pack", f"{n_png} PNG files in {figures}" if n_png else
                       f"no PNG figures in {figures}; build the report first (make report)")
-        check_report_shows(figures, run_dirs)
+        check_report_shows(checks, figures, run_dirs)
     ready = not checks.failed and not checks.skipped
     print(f"{checks.passed} passed, {checks.failed} failed, {checks.skipped} skipped: "
           f"{'all checks passed' if ready else 'NOT READY to submit'}", flush=True)

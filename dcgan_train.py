@@ -46,10 +46,12 @@ def denorm(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(-1, 1) + 1) / 2
 
 
-# train_time_s: the epoch's training steps alone (no sample grid, FID or epoch-end checkpoint), for throughput.
-# cfid, class_min, class_max: common/gan_metrics.py's classifier FID (MNIST, Fashion-MNIST); blank where not measured.
-METRIC_COLUMNS = ["epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", "fid", "inception_score", "cfid",
-                  "class_min", "class_max", "train_time_s", "epoch_time_s"]
+# d_real = D(x), from D's step; loss_g and d_fake = D(G(z)), from G's step (one D pass: the same moment); D gives
+# raw logits, these are mean sigmoids. train_time_s: the training steps alone (no grid, FID, checkpoint); cfid,
+# class_min, class_max: common/gan_metrics.py's classifier FID (MNIST, Fashion-MNIST); blank where not measured.
+QUALITY_COLUMNS = ["fid", "inception_score", "cfid", "class_min", "class_max"]  # each evaluation's; else blank
+METRIC_COLUMNS = ["epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", *QUALITY_COLUMNS, "train_time_s",
+                  "epoch_time_s"]
 STEP_COLUMNS = ["global_step", "epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", "noise_sigma"]
 MAX_PARAMS = 25_000_000
 GRAY_DATASETS = ("mnist", "fashion-mnist")
@@ -71,8 +73,8 @@ def build_parser() -> common.ArgumentParser:
     parser = common.ArgumentParser(description=__doc__)
     g = parser.group("model", resumable=False)
     g.add_argument("--nz", type=common.at_least(1), default=100, help="size of the noise vector z (Radford et al.: 100)")
-    g.add_argument("--ngf", type=common.at_least(1), default=64, help="generator width: channels of its last hidden layer")
-    g.add_argument("--ndf", type=common.at_least(1), default=64, help="discriminator width: channels of its first layer")
+    g.add_argument("--ngf", type=common.at_least(1), default=64, help="generator width: its last hidden layer's channels")
+    g.add_argument("--ndf", type=common.at_least(1), default=64, help="discriminator width: its first layer's channels")
     g.add_argument("--image-size", type=int, default=32, choices=[32, 64], help="side of the generated images")
     g.add_argument("--d-norm", default="batch", choices=["batch", "spectral", "none"],
                    help="normalisation in D: batch norm (DCGAN), spectral norm (Miyato et al., 2018), or none")
@@ -142,8 +144,7 @@ class Generator(nn.Module):
         for c_in, c_out in zip(widths, widths[1:]):  # each block doubles the side
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), activation(act)]
         layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1, bias=False), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
-        self.nz = nz
+        self.net, self.nz = nn.Sequential(*layers), nz
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z.reshape(z.shape[0], -1, 1, 1))
@@ -156,15 +157,13 @@ class Discriminator(nn.Module):
     No normalisation on the first layer (Radford et al.: it made samples oscillate).
     """
 
-    def __init__(self, ndf: int = 64, channels: int = 3, image_size: int = 32, norm: str = "batch",
-                 act: str = "leaky"):
+    def __init__(self, ndf: int = 64, channels: int = 3, image_size: int = 32, norm: str = "batch", act: str = "leaky"):
         super().__init__()
         widths = [ndf * 2 ** i for i in range(int(math.log2(image_size)) - 2)]  # e.g. [64, 128, 256]
         layers = [nn.Conv2d(channels, widths[0], 4, 2, 1, bias=norm != "batch"), activation(act)]
         for c_in, c_out in zip(widths, widths[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=norm != "batch")]
-            layers += [nn.BatchNorm2d(c_out)] if norm == "batch" else []
-            layers += [activation(act)]
+            norm_layer = [nn.BatchNorm2d(c_out)] if norm == "batch" else []
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=norm != "batch"), *norm_layer, activation(act)]
         layers += [nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=norm != "batch")]
         self.net = nn.Sequential(*layers)
         init_weights(self)
@@ -368,10 +367,10 @@ class DCGANTraining(common.TrainingJob):
 
     best_column = "fid"  # on_start: "fid" with Inception, "cfid" with the classifier FID alone
     divergence_hint = "lower --lr-d/--lr-g (e.g. half), or another --seed"
+    live_images = {"fixed_noise": "epoch_{epoch:03d}.png"}  # the per-epoch grid of samples/, in TensorBoard
 
     def __init__(self, args, train_images: torch.Tensor, device: torch.device, rank: int, world_size: int):
-        self.args, self.device, self.n_images = args, device, len(train_images)
-        self.train_images = train_images
+        self.args, self.device, self.train_images, self.n_images = args, device, train_images, len(train_images)
         self.steps_per_epoch = common.full_batches(self.n_images, args.batch_size)  # as common.Run: full batches
         common.seed_everything(args.seed)
         self.generator, self.discriminator = (m.to(device) for m in build_models(args, train_images.shape[1]))
@@ -396,10 +395,11 @@ class DCGANTraining(common.TrainingJob):
         sum_dtype = torch.float32 if device.type == "mps" else torch.float64
         self.sums = torch.zeros((2, 6), dtype=sum_dtype, device=device)
         self.epoch_sums, self.window_sums = self.sums[0], self.sums[1]
-        self.one, self.no_g_step = torch.ones(1, device=device), torch.zeros(2, device=device)  # float32
+        self.one, self.zero, self.no_g_step = (torch.ones(1, device=device), torch.zeros(1, device=device),
+                                               torch.zeros(2, device=device))  # float32
         # 64 noise vectors from their own generator: the same grid positions show the same z all run long.
-        self.fixed_noise = torch.randn((64, args.nz, 1, 1), generator=torch.Generator().manual_seed(args.seed))
-        self.fixed_noise = self.fixed_noise.to(device)
+        noise_gen = torch.Generator().manual_seed(args.seed)
+        self.fixed_noise = torch.randn((64, args.nz, 1, 1), generator=noise_gen).to(device)
         self.inception_path, self.use_classifier, self.fid_note = None, False, None  # main() sets them
         self.evaluate_fid = self.evaluate_cfid = None
 
@@ -466,11 +466,12 @@ class DCGANTraining(common.TrainingJob):
 
         # G step on the same fakes, once every --d-steps D steps. D's weights are frozen while the graph is built:
         # G's gradient flows through D's inputs, and D's own weight gradients (8% of the step) are never computed.
-        g_sums = [self.no_g_step]  # (loss_g, G updates) of a step without a G step
+        d_fake, g_sums = self.zero, [self.no_g_step]  # D(G(z)) and (loss_g, G updates) of a step without a G step
         if (global_step + 1) % args.d_steps == 0:
             self.discriminator.requires_grad_(False)
             with common.autocast(device, self.amp):
-                loss_g = g_loss(self.d_in_g_step(add_noise(diff_augment(fake, args.diffaug), sigma)), args.loss)
+                g_logits = self.d_in_g_step(add_noise(diff_augment(fake, args.diffaug), sigma))
+                loss_g = g_loss(g_logits, args.loss)
             self.discriminator.requires_grad_(True)
             self.opt_g.zero_grad(set_to_none=True)
             self.scaler_g.scale(loss_g).backward()
@@ -480,10 +481,11 @@ class DCGANTraining(common.TrainingJob):
             if self.generator_ema is not None:
                 g_updates = (global_step + 1) // args.d_steps - 1
                 update_ema(self.generator_ema, self.generator, ema_decay(args.ema, g_updates))
-            g_sums = [loss_g.view(1), self.one]
-        with torch.no_grad():  # D(x) and D(G(z)) in one reduction; one cat (float32), one add into both rows
-            d_probs = torch.sigmoid(torch.stack([real_logits, fake_logits]).float()).mean(1)
-            step_sums = torch.cat([loss_d.view(1), d_probs, self.one, *g_sums])
+            # D(G(z)) from the D pass of G's loss: the same moment as loss_g (D's step has already moved D on)
+            d_fake, g_sums = torch.sigmoid(g_logits.detach().float()).mean().view(1), [loss_g.view(1), self.one]
+        with torch.no_grad():  # one cat (float32), one add into both rows (the epoch's and the window's)
+            d_real = torch.sigmoid(real_logits.float()).mean().view(1)
+            step_sums = torch.cat([loss_d.view(1), d_real, d_fake, self.one, *g_sums])
             self.sums += step_sums
         return common.Shown(step_sums, {"loss_d": 0, "loss_g": 4, "d_real": 1, "d_fake": 2})
 
@@ -507,8 +509,7 @@ class DCGANTraining(common.TrainingJob):
             standing_stats(self.generator_ema, self.args.batch_size, self.args.seed + STANDING_STATS_SEED_OFFSET)
         if run.is_main:
             save_samples(self.sampler, self.fixed_noise, run.samples_dir / f"epoch_{epoch + 1:03d}.png")
-        row = {**means(self.epoch_sums), "fid": "", "inception_score": "", "cfid": "", "class_min": "",
-               "class_max": ""}
+        row = {**means(self.epoch_sums), **dict.fromkeys(QUALITY_COLUMNS, "")}
         self.epoch_sums.zero_()
         if (epoch + 1) % self.args.fid_every == 0 or epoch + 1 == self.args.epochs:
             if self.evaluate_fid is not None:
@@ -535,18 +536,17 @@ class DCGANTraining(common.TrainingJob):
 
 
 def means(sums: torch.Tensor) -> dict:
-    """Per-update means from sums of (loss_d, d_real, d_fake, D updates, loss_g, G updates)."""
+    """Per-update means from sums of (loss_d, d_real, d_fake, D updates, loss_g, G updates); d_fake: at G's."""
     loss_d, d_real, d_fake, n_d, loss_g, n_g = sums.tolist()
     return {"loss_d": loss_d / max(n_d, 1), "loss_g": loss_g / n_g if n_g else math.nan,
-            "d_real": d_real / max(n_d, 1), "d_fake": d_fake / max(n_d, 1)}
+            "d_real": d_real / max(n_d, 1), "d_fake": d_fake / n_g if n_g else math.nan}
 
 
 def models_from_checkpoint(ckpt: dict, run_dir, source=None) -> tuple[Generator, Discriminator]:
     """G and D in eval mode from a checkpoint (read from `source`) of the DCGAN run in `run_dir` (its config.json
     gives the architecture): G is the EMA generator when the run used one."""
-    config = common.read_run_config(run_dir, "dcgan")
     args = build_parser().parse_args([])
-    vars(args).update(config["args"])
+    vars(args).update(common.read_run_config(run_dir, "dcgan")["args"])
     generator, discriminator = build_models(args, dataset_channels(args.dataset))
     try:
         generator.load_state_dict(ckpt["generator_ema"] or ckpt["generator"])
@@ -584,8 +584,8 @@ def main(argv=None) -> int:
     gan_metrics.find_inception_weights(args.inception_weights)  # a wrong path fails now, before any folder is made
     with common.determinism(args.deterministic):  # before any CUDA work (cuBLAS reads its setting at start)
         rank, world_size, device = common.init_distributed(args.device)  # torchrun: one process per GPU
+        train_images = load_training_images(args).to(device)  # missing data fails here, before a word about FID
         evaluations = gan_metrics.choose_evaluations(args, is_main=rank == 0)
-        train_images = load_training_images(args).to(device)
         job = DCGANTraining(args, train_images, device, rank, world_size)
         job.inception_path, job.use_classifier, job.fid_note = evaluations
         with common.open_run(plan, script="dcgan", device=device, metric_columns=METRIC_COLUMNS) as run:

@@ -184,6 +184,7 @@ class VAETraining(common.TrainingJob):
     (state_dict is the one list), plus the steps of its loop (common.Run.train calls them)."""
 
     divergence_hint = "a lower --lr (e.g. a tenth)"
+    live_images = {"reconstructions": "recon_epoch_{epoch:03d}.png", "prior_samples": "prior_epoch_{epoch:03d}.png"}
 
     def __init__(self, args, train_images: torch.Tensor, test_images: torch.Tensor, device: torch.device,
                  rank: int, world_size: int):

@@ -17,12 +17,15 @@ Where things live (a module imports only the ones above it in this list):
     progress.py      the progress bar or log line with the run's ETA
     data.py          MNIST / Fashion-MNIST / CIFAR-10 as uint8 tensors, each epoch's data order, data identity
     folder.py        RunFolder: the run folder owned by one process (lock, config.json, log.txt, latest links)
+    live.py          the live view: TensorBoard events of a run's CSV rows, sample grids and settings (RUN_DIR/tb/)
     loop.py          TrainingJob (what a script hands over) and Run (the loop: restore, steps, epochs, saves)
     experiments.py   run folders as experiments: sweeps, the run that counts, labels from differing settings
     fid.py           the Frechet distance (FID) from feature statistics; the real images' statistics, cached
     gan_metrics.py   GAN evaluation: seeded sampling, diversity, Inception features, FID, IS, classifier FID
     figures.py       figure helpers for the analysis scripts: atomic PNGs, smoothing, image mosaics
     sweep_figures.py figures that put runs side by side (a sweep), for both models
+    page.py          a report page (report.py): text, tables, code and figures as Markdown and HTML, paths relative
+    testcell.py      the notebook's test cells: each script's transform and denorm, run in a clean Python
 
 A training script uses it in this order (vae_train.main is the shortest example):
 

@@ -129,12 +129,35 @@ def _missing_data_message(dataset: str, data_dir: Path, train: bool, err: Except
             f"Put {what} into {where}, or pass --data-dir pointing at a folder that has them.")
 
 
+_FOLDERS = {"mnist": "MNIST/raw", "fashion-mnist": "FashionMNIST/raw", "cifar10": "cifar-10-batches-py"}
+
+
+def _missing_folders(dataset: str, data_dir: Path) -> list[Path]:
+    """The folders torchvision would make for `dataset` (data_dir and its parents too) that do not exist yet,
+    innermost first."""
+    path, missing = data_dir / _FOLDERS.get(dataset, ""), []
+    while not path.exists() and path != path.parent:  # up to the first folder that exists (torchvision's makedirs)
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """After a failed load: the folders it made and left empty (a wrong --data-dir leaves nothing behind)."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # only when empty: a partial download stays where the next attempt resumes it
+        except OSError:
+            pass
+
+
 def load_images(dataset: str, data_dir, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole data set as (images uint8 [N, C, H, W], labels int64 [N]), read once by torchvision's own classes.
 
     torchvision downloads missing files (download=True) on machines with internet. Holding the set as one uint8
     tensor (47 MB for MNIST, 150 MB for CIFAR-10) lets batches be sliced by index with no per-item PIL work.
-    A file that is present but damaged is named as damaged (a download would not fix it).
+    A file that is present but damaged is named as damaged (a download would not fix it). When loading fails, the
+    empty folders torchvision made for it are removed again.
     """
     from contextlib import redirect_stdout
     from torchvision import datasets
@@ -143,6 +166,7 @@ def load_images(dataset: str, data_dir, train: bool) -> tuple[torch.Tensor, torc
     if dataset == "fashion-mnist":
         _copy_system_fashion_mnist(data_dir)
     _raise_if_damaged(dataset, data_dir, train)
+    missing = _missing_folders(dataset, data_dir)
     try:
         with redirect_stdout(sys.stderr):  # torchvision prints download progress; keep stdout for our log
             if dataset == "mnist":
@@ -157,10 +181,13 @@ def load_images(dataset: str, data_dir, train: bool) -> tuple[torch.Tensor, torc
             else:
                 raise UserError(f"unknown dataset {dataset!r}")
     except UserError:
+        _remove_empty(missing)
         raise
     except Exception as err:  # URLError, RuntimeError("not found"), a bad MD5 ...: no usable files
         _raise_if_damaged(dataset, data_dir, train, cifar_checksums=True)
-        raise UserError(_missing_data_message(dataset, data_dir, train, err)) from None
+        message = _missing_data_message(dataset, data_dir, train, err)
+        _remove_empty(missing)
+        raise UserError(message) from None
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
     return images.to(torch.uint8), labels
 

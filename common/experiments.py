@@ -261,11 +261,15 @@ def run_labels(runs: list[RunInfo]) -> list[str]:
 
 
 def x_axis(runs: list[RunInfo]) -> tuple[str, list[list[float]]]:
-    """The common x axis of a comparison: training images seen when known for every run, else the epoch."""
+    """The common x axis of a comparison: the epoch when every run's epochs are the same size (the same data and
+    --train-limit: an epoch means the same everywhere, and it is what a reader counts in); else training images
+    seen when known for every run (runs on different amounts of data compare fairly); else the epoch."""
     seen = [run.images_seen() for run in runs]
-    if all(s is not None for s in seen):
+    epochs = [[row["epoch"] for row in run.metrics] for run in runs]
+    per_epoch = {round(n / e) for s, es in zip(seen, epochs) if s is not None for n, e in zip(s, es) if e}
+    if len(per_epoch) > 1 and all(s is not None for s in seen):
         return "training images seen", seen
-    return "epoch", [[row["epoch"] for row in run.metrics] for run in runs]
+    return "epoch", epochs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,14 +345,20 @@ def default_compare_dir(runs: list[RunInfo], script: str) -> Path:
 
 
 def label_x_axis(ax, x_name: str) -> None:
-    """The x label, and image counts with thousands separators (600,000, not 6e5) so they read at a glance."""
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    """The x label, and ticks a reader can match to the points: at the points themselves when there are few of
+    them (call it after plotting), else evenly spaced; image counts with thousands separators (600,000, not 6e5)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
     ax.set_xlabel(x_name)
-    if x_name == "epoch":
+    points = sorted({float(x) for line in ax.get_lines() if line.get_transform() is ax.transData  # not axhline's
+                     for x in line.get_xdata() if math.isfinite(float(x))})
+    if 0 < len(points) <= 8:
+        ax.xaxis.set_major_locator(FixedLocator(points))
+    elif x_name == "epoch":
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     else:
         ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}" if value == int(value) else
+                                               f"{value:,.2f}"))
 
 
 def legend_below(fig, n_columns: int = 2) -> None:

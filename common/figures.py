@@ -1,7 +1,10 @@
 """Figure helpers for the analysis scripts and the report: PNGs written atomically, smoothed curves, integer
-epoch ticks, and mosaics of image cells with white gaps (from the runs' saved sample grids)."""
+epoch ticks, mosaics of image cells with white gaps (from the runs' saved sample grids), and the key that lets an
+analysis reuse what an earlier one made of the same checkpoint with the same options."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import textwrap
 from pathlib import Path
@@ -27,6 +30,11 @@ def column(rows: list[dict], key: str) -> np.ndarray:
 def ema_weight(n_points: int) -> float:
     """The decay of the smoothing below: an effective window of about a tenth of the curve, at least 1 point."""
     return float(np.clip(1 - 10 / max(n_points, 1), 0.0, 0.98))
+
+
+def is_smoothed(n_points: int) -> bool:
+    """Whether smooth() changes a curve of n_points at all (too few points: it returns them as they are)."""
+    return ema_weight(n_points) > 0
 
 
 def smooth(values: np.ndarray) -> np.ndarray:
@@ -101,3 +109,24 @@ def sample_grids(run_dir: Path) -> dict[int, Path]:
 def image_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
     """[N, 1, H, W] in [0, 1] -> an H x W array for imshow, white lines between images."""
     return make_grid(images.cpu(), nrow=nrow, padding=2, pad_value=1.0)[0].numpy()
+
+
+def analysis_key(made_from: dict, options: dict, code: list[Path]) -> str:
+    """What a run's figures and summary.json depend on, as one string: the run's state (`made_from`: its newest
+    checkpoint's global step, the rows of its CSVs, ...), the analysis options, and the analysis code itself."""
+    digest = hashlib.sha256()
+    for path in code:
+        digest.update(Path(path).read_bytes())
+    return json.dumps({"made_from": made_from, "options": options, "code": digest.hexdigest()[:16]}, sort_keys=True,
+                      default=str)
+
+
+def reusable_summary(fig_dir: Path, key: str) -> dict | None:
+    """figures/summary.json from an earlier analysis with the same key, when the figures it lists are all there."""
+    try:
+        summary = json.loads((fig_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("analysis_key") != key or not all((fig_dir / name).exists() for name in summary["figures"]):
+        return None
+    return summary

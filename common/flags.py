@@ -31,7 +31,8 @@ class ArgumentParser(argparse.ArgumentParser):
         pass
 
     def __init__(self, description: str):
-        super().__init__(description=description, formatter_class=self._Formatter)
+        # allow_abbrev=False: `--epoch 2` is refused with a message, not silently taken as --epochs 2
+        super().__init__(description=description, formatter_class=self._Formatter, allow_abbrev=False)
         self._resumable_groups = []
 
     def group(self, title: str, *, resumable: bool):

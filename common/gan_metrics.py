@@ -149,8 +149,8 @@ def download_inception_weights(dest: Path, log=print) -> str | None:
     """Fetch torch-fidelity's FID Inception weights into `dest` (torch's hub cache) with torch.hub's downloader, as
     torch-fidelity itself does on first use (it checks the SHA-256 prefix in the file name and writes through a
     temporary file), but under a socket timeout: offline, urlopen would otherwise wait for ever. Returns None when
-    the file is there, else why it is not."""
-    log(f"downloading the FID Inception weights ({INCEPTION_URL}, about 90 MB) to {dest}")
+    the file is there, else why it is not. One line either way: "downloaded ..." here, or the caller's "FID
+    skipped" (a line announcing a download that then fails would be a second, untrue one)."""
     hash_prefix = torch.hub.HASH_REGEX.search(dest.name)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
@@ -162,6 +162,7 @@ def download_inception_weights(dest: Path, log=print) -> str | None:
         return str(getattr(err, "reason", err))
     finally:
         socket.setdefaulttimeout(previous)
+    log(f"FID: downloaded the Inception weights (about 90 MB) from {INCEPTION_URL} to {dest}")
     return None
 
 

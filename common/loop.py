@@ -24,7 +24,8 @@ from .devices import any_rank, broadcast_object, precision_name, shard
 from .errors import Preempted, StoppedAtStartup, UserError
 from .files import atomic_write_text, checksum_path, write_csv
 from .folder import RunFolder
-from .progress import Progress
+from .live import LiveView
+from .progress import Progress, still_running
 from .readers import list_checkpoints
 from .runs import RunPlan, settings_differ
 
@@ -41,6 +42,7 @@ class TrainingJob:
     amp: torch.dtype | None = None  # the autocast dtype of the training steps (None: float32); in each checkpoint
     best_column: str | None = None  # a metrics column (lower is better) whose best epoch is kept as best.pt
     divergence_hint = "a lower learning rate"  # what to change after a non-finite loss
+    live_images: dict[str, str] = {}  # TensorBoard image tag -> the samples/ file of an epoch ("x_{epoch:03d}.png")
 
     def state_dict(self) -> dict:
         raise NotImplementedError
@@ -101,6 +103,7 @@ class Run(RunFolder):
         self.data: dict = {}                  # the training data's identity (data.data_identity), in each checkpoint
         self.good_ckpt: Path | None = None    # the newest checkpoint of this run known intact (loaded or written)
         self.good_ckpt_verified = False       # ... and whether a checksum vouches for it
+        self.live = LiveView()                # TensorBoard events in RUN_DIR/tb/ (live.py), opened by train()
 
     # -- the training loop ----------------------------------------------------------------------------------------
     def train(self, job: TrainingJob, *, epochs: int, batch_size: int, seed: int) -> None:
@@ -135,6 +138,10 @@ class Run(RunFolder):
                 write_csv(self.metrics_path, self.metric_columns, self.metrics)
         if self.is_main and not self.config.get("sweep"):  # sweep members never become "the" run of their script
             self._link_latest()
+        if self.is_main:
+            self.live.open(self.dir, global_step=self.global_step, steps_per_epoch=self.steps_per_epoch,
+                           settings=self.plan.experiment, metric_columns=self.metric_columns, metrics=self.metrics,
+                           log=self.log)
         if start_epoch >= epochs:
             self.log(f"run already finished ({start_epoch} of {epochs} epochs); raise --epochs to train longer")
         progress = Progress(steps_per_epoch=self.steps_per_epoch, total_steps=epochs * self.steps_per_epoch,
@@ -163,13 +170,17 @@ class Run(RunFolder):
         """Evaluate, append the metrics row, log one short line, save (a milestone too when due), and stop here if
         a signal came during the evaluation (the epoch-end checkpoint holds everything)."""
         self._stop_if_non_finite(job)
+        with still_running("the epoch's evaluation", self.log):  # FID on a CPU takes minutes: no silence
+            columns = job.end_epoch(self, epoch)
         # images_seen adds up: --allow-other-data may change the number of images from one start to the next
         seen_before = self.metrics[-1].get("images_seen", epoch * self.images_per_epoch) if self.metrics else 0
-        row = {"epoch": epoch + 1, "images_seen": seen_before + self.images_per_epoch, **job.end_epoch(self, epoch),
+        row = {"epoch": epoch + 1, "images_seen": seen_before + self.images_per_epoch, **columns,
                "train_time_s": train_time, "epoch_time_s": time.monotonic() - epoch_start}
         self.metrics.append(row)
         self.append_csv(self.metrics_path, self.metric_columns, row)
         self.epoch, self.global_step = epoch + 1, (epoch + 1) * self.steps_per_epoch
+        grids = {tag: self.samples_dir / name.format(epoch=epoch + 1) for tag, name in job.live_images.items()}
+        self.live.images(grids, self.global_step)
         self.log(f"epoch {epoch + 1:>{len(str(epochs))}}/{epochs}  {job.summary(row)}  "
                  f"({row['epoch_time_s']:.0f} s)")
         value = row.get(job.best_column) if job.best_column else None
@@ -262,6 +273,16 @@ class Run(RunFolder):
             raise UserError(f"refusing to resume {self.dir} on other training data: its checkpoint was trained on "
                             f"{describe_data(saved)}, this start has {describe_data(self.data)}. Point --data-dir "
                             f"at the data the run used, or add --allow-other-data to continue on these images")
+
+    def append_csv(self, path: Path, columns: list[str], row: dict) -> None:
+        """A row of metrics.csv or steps.csv, also shown live (TensorBoard) at its training step."""
+        super().append_csv(path, columns, row)
+        self.live.row("epoch" if path == self.metrics_path else path.stem, row,
+                      row.get("global_step", self.global_step))
+
+    def __exit__(self, *exc_info) -> bool:
+        self.live.close()
+        return super().__exit__(*exc_info)
 
     # -- non-finite losses ----------------------------------------------------------------------------------------
     def _stop_if_non_finite(self, job: TrainingJob) -> None:

@@ -102,3 +102,32 @@ class Shown(Mapping):
 
     def __len__(self) -> int:
         return len(self.index)
+
+
+class still_running:
+    """A line every `every` seconds while a long step runs (t-SNE, the IW estimate, FID, ...), so a terminal or a
+    SLURM log is never silent for long: `with still_running("t-SNE of 10,000 points", log): ...`.
+
+    `status`, when given, is called for what to add to each line (e.g. "3,000 of 10,000 images"); the step's
+    own code updates what it reads. The lines come from a timer thread; the step itself is not slowed.
+    """
+
+    def __init__(self, what: str, log=print, every: float = 20.0, status=None):
+        self.what, self.log, self.every, self.status = what, log, every, status
+
+    def __enter__(self):
+        import threading
+        self.started, self.done = time.monotonic(), threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+        self.thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self.done.wait(self.every):
+            extra = f", {self.status()}" if self.status else ""
+            self.log(f"  {self.what}: still running ({_clock(time.monotonic() - self.started)}{extra})")
+
+    def __exit__(self, *exc_info) -> bool:
+        self.done.set()
+        self.thread.join()
+        return False

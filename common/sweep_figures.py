@@ -17,21 +17,24 @@ from . import experiments, figures
 
 
 def plot_comparison_curves(infos: list[experiments.RunInfo], labels: list[str], title: str) -> Figure:
-    """Test negative ELBO at beta = 1 (recon + KL: the bound every run is judged by, whatever beta it was trained
-    with), its reconstruction and KL terms, one line per run, against training images seen."""
+    """The negative ELBO at beta = 1 (recon + KL: the bound every run is judged by, whatever beta it was trained
+    with), its reconstruction and KL terms; train (top row: means over each epoch's steps) and test (bottom row: at
+    each epoch's end); one line per run, in the same colour in every panel."""
     x_name, xs = experiments.x_axis(infos)
-    panels = [("test -ELBO at beta = 1\n(recon + KL; lower is better)",
-               lambda rows: np.array([r["test_recon"] + r["test_kl"] for r in rows])),
-              ("test reconstruction NLL\n(lower is better)", lambda rows: np.array([r["test_recon"] for r in rows])),
-              ("test KL(q(z|x) || p(z))\n(nats the code carries)", lambda rows: np.array([r["test_kl"] for r in rows]))]
-    fig = Figure(figsize=(9.5, 4.2), layout="constrained")
-    axes = fig.subplots(1, 3, sharex=True)
-    for ax, (name, values) in zip(axes, panels):
-        for i, (info, label, x) in enumerate(zip(infos, labels, xs)):
-            ax.plot(x, values(info.metrics), marker="o", markersize=3, color=f"C{i}", label=label)
-        ax.set(title=name, ylabel="nats per image")
-        experiments.label_x_axis(ax, x_name)
-        ax.grid(alpha=0.3)
+    panels = [("-ELBO at beta = 1 (recon + KL)", lambda rows, split: [r[f"{split}_recon"] + r[f"{split}_kl"]
+                                                                      for r in rows]),
+              ("reconstruction NLL", lambda rows, split: [r[f"{split}_recon"] for r in rows]),
+              ("KL(q(z|x) || p(z))", lambda rows, split: [r[f"{split}_kl"] for r in rows])]
+    fig = Figure(figsize=(10, 6.8), layout="constrained")
+    axes = fig.subplots(2, 3, sharex=True)  # each panel its own y range: epoch 1's train mean is often far above
+    for row, split in enumerate(("train", "test")):
+        for ax, (name, values) in zip(axes[row], panels):
+            for i, (info, label, x) in enumerate(zip(infos, labels, xs)):
+                ax.plot(x, values(info.metrics, split), marker="o", markersize=3, color=f"C{i}", label=label)
+            ax.set(title=f"{split}: {name}", ylabel="nats per image")
+            ax.grid(alpha=0.3)
+            if row == 1:
+                experiments.label_x_axis(ax, x_name)
     fig.suptitle(title)
     experiments.legend_below(fig, n_columns=4)
     return fig
@@ -177,16 +180,16 @@ def compare_diversity(runs, labels, summaries, x_name, title: str) -> Figure:
     return fig
 
 
-def compare_quality(runs, labels, summaries, x_name, title: str) -> Figure | None:
-    """The milestone quality of each run (and the training-time Inception FID, when measured), against x."""
+def compare_quality(runs, labels, summaries, x_name) -> Figure | None:
+    """The training-time Inception FID, and the FID or classifier FID of each milestone checkpoint, of each run
+    against x; None when there is neither (milestones measured by diversity are compare_diversity's subject)."""
     with_fid = [i for i, run in enumerate(runs) if np.isfinite(figures.column(run.metrics, "fid")).any()]
-    with_milestones = [i for i, s in enumerate(summaries) if s.get("milestones", {}).get("rows")]
+    with_milestones = [i for i, s in enumerate(summaries) if s.get("milestones", {}).get("rows")
+                       and s["milestones"]["kind"] != "diversity"]
     panels = [("fid", "Inception FID during training", "FID (lower is better)")] if with_fid else []
     if with_milestones:
-        measure = summaries[with_milestones[0]]["milestones"]
-        better = "lower is better" if measure["kind"] != "diversity" else "closest to training images is best"
-        panels.append(("milestones", f"{measure['measure']} per milestone checkpoint",
-                       f"{measure['measure']} ({better})"))
+        measure = summaries[with_milestones[0]]["milestones"]["measure"]
+        panels.append(("milestones", f"{measure} per milestone checkpoint", f"{measure} (lower is better)"))
     if not panels:
         return None
     fig = Figure(figsize=(4.6 * len(panels) + 1.5, 4.6), layout="constrained")
@@ -201,14 +204,9 @@ def compare_quality(runs, labels, summaries, x_name, title: str) -> Figure | Non
                           if row["epoch"] in at]
             if points:
                 ax.plot(*zip(*points), "o-", markersize=4, color=f"C{i}", label=labels[i])
-        if kind == "milestones" and summaries[with_milestones[0]]["milestones"]["kind"] == "diversity":
-            reference = summaries[with_milestones[0]]["milestones"].get("training_images")
-            if reference is not None:
-                ax.axhline(reference, color="gray", linestyle="--", linewidth=1, label="64 training images")
-            ax.set_ylim(0, None)
         ax.set(title=name, ylabel=ylabel)
         experiments.label_x_axis(ax, x_name)
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
+    fig.suptitle(" and ".join(name for _, name, _ in panels))
     experiments.legend_below(fig)
     return fig

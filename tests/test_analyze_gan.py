@@ -76,21 +76,22 @@ def test_comparison_table_labels_by_setting(runs, compared):
     assert [row["label"] for row in rows] == ["loss=bce", "loss=hinge"]
     assert [int(row["images_seen"]) for row in rows] == [384, 384]  # 2 epochs of 6 full batches of 32
     for name in ("compare_losses.png", "compare_d_outputs.png", "compare_samples.png", "compare_progression.png",
-                 "compare_diversity.png", "compare_quality.png"):
+                 "compare_diversity.png"):
         assert (compared / name).stat().st_size > 2000, name
+    assert not (compared / "compare_quality.png").exists()  # milestones by diversity: compare_diversity's subject
 
 
-def test_comparison_panels_keep_losses_apart_and_use_images_seen(runs):
+def test_comparison_panels_keep_losses_apart_and_use_epochs_of_one_size(runs):
     infos = [experiments.read_run(runs["bce2"]), experiments.read_run(runs["hinge2"])]
     labels = experiments.run_labels(infos)
     x_name, xs = experiments.x_axis(infos)
-    assert x_name == "training images seen" and xs == [[192, 384], [192, 384]]
+    assert x_name == "epoch" and xs == [[1, 2], [1, 2]]  # both 200 images an epoch
     fig = sweep_figures.compare_losses(infos, labels, x_name, xs, "t")
     axes = np.array(fig.axes).reshape(2, 2)
     for col, label in enumerate(["loss=bce", "loss=hinge"]):  # one column per loss type, one run in each
         for ax in axes[:, col]:
             assert [line.get_label() for line in ax.get_lines()] == [label]
-            assert list(ax.get_lines()[0].get_xdata()) == [192, 384]
+            assert list(ax.get_lines()[0].get_xdata()) == [1, 2]
     d_fig = sweep_figures.compare_d_outputs(infos, labels, x_name, xs, "t")
     assert all([line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")] == ["loss=bce"]
                for ax in d_fig.axes)  # D probabilities for the BCE run only
@@ -99,13 +100,14 @@ def test_comparison_panels_keep_losses_apart_and_use_images_seen(runs):
 
 def test_loss_legend_states_the_real_window():
     metrics = [{"epoch": 1.0, "loss_d": 1.0, "loss_g": 2.0}]
-    steps = [{"epoch": e / 10, "loss_d": 1.0 + e, "loss_g": 2.0} for e in range(1, 11)]
+    steps = [{"epoch": e / 20, "loss_d": 1.0 + e, "loss_g": 2.0} for e in range(1, 21)]
     args = type("Args", (), {"log_every": 100, "loss": "bce"})()
     legend = [t.get_text() for t in analyze_gan.plot_losses(metrics, steps, args, "t").legends[0].texts]
     assert "D loss: mean of each 100 steps" in legend
-    assert "D loss: smoothed (EMA over ~100 steps)" in legend  # 10 rows: a window of 1 row of 100 steps
-    one_row = analyze_gan.plot_losses(metrics, steps[:1], args, "t").legends[0].texts
-    assert not any("smoothed" in t.get_text() for t in one_row)
+    assert "D loss: smoothed (EMA over ~200 steps)" in legend  # 20 rows: a window of 2 rows of 100 steps
+    for few in (steps[:10], steps[:1]):  # 10 rows or fewer: smoothing would return them as they are
+        legend = [t.get_text() for t in analyze_gan.plot_losses(metrics, few, args, "t").legends[0].texts]
+        assert "D loss: mean of each 100 steps" in legend and not any("smoothed" in text for text in legend)
 
 
 def test_mosaic_leaves_white_gaps_between_cells():

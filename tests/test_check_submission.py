@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import run_script
+from conftest import VAE_THAT_LEARNS, run_script
 
 import check_submission
 import common
@@ -27,8 +27,7 @@ def runs_root(mnist_dir, cifar_dir, tmp_path_factory):
     """A runs root with tiny finished runs (conv VAE on synthetic MNIST, DCGAN on CIFAR-10), as make vae and make
     dcgan leave it (latest-vae and latest-dcgan links)."""
     root = tmp_path_factory.mktemp("submission") / "runs"
-    run_script("vae_train.py", "--data-dir", mnist_dir, "--runs-root", root, "--epochs", 1, "--batch-size", 64,
-               "--latent-dim", 4)
+    run_script("vae_train.py", "--data-dir", mnist_dir, "--runs-root", root, *VAE_THAT_LEARNS)
     run_script("dcgan_train.py", "--data-dir", cifar_dir, "--runs-root", root, *TINY_GAN)
     return root
 
@@ -90,7 +89,7 @@ def test_passes_on_files_from_tiny_runs(check, good_dir, mnist_dir, tmp_path):
     proc = check(good_dir, "--zip", tmp_path / "CW2.zip", "--figures", figures, mnist_dir=mnist_dir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert fail_lines(proc) == [] and "SKIP" not in proc.stdout
-    assert "12 passed, 0 failed, 0 skipped: all checks passed" in proc.stdout
+    assert "15 passed, 0 failed, 0 skipped: all checks passed" in proc.stdout
     assert f"MNIST test images from {mnist_dir}" in proc.stdout  # the real test files, transformed
     for what in ("Conv2d layers in children's children", "(100, 1, 28, 28), the shape of x",
                  "torch.randn(100, 100, 1, 1) (nz from G's first layer) -> (100, 3, 32, 32)",
@@ -157,18 +156,19 @@ def test_zip_into_a_missing_folder_makes_it(check, good_dir, tmp_path):
         check_submission.main([str(good_dir), "--zip", str(tmp_path / "a-file" / "CW2.zip")])
 
 
-def test_a_report_of_other_runs_gets_a_warning(runs_root, tmp_path, capsys):
+def test_a_report_of_other_runs_fails_the_check(runs_root, tmp_path, capsys):
     report_dir = tmp_path / "report"
     (report_dir / "figures").mkdir(parents=True)
     (report_dir / "figures" / "a.png").write_bytes(b"\x89PNG fake")
     (report_dir / "report.json").write_text(json.dumps({"vae_run": str(tmp_path / "20250101-000000-vae"),
                                                         "gan_run": str((runs_root / "latest-dcgan").resolve())}))
-    check_submission.main(["--runs-root", str(runs_root), "--n-images", "10", "--figures", str(report_dir / "figures"),
-                           "--zip", str(tmp_path / "CW2.zip")])
+    code = check_submission.main(["--runs-root", str(runs_root), "--n-images", "10", "--figures",
+                                  str(report_dir / "figures"), "--zip", str(tmp_path / "CW2.zip")])
     out = capsys.readouterr().out
-    warnings = [line.strip() for line in out.splitlines() if line.strip().startswith("WARN")]
-    assert warnings == [f"WARN  report: the report shows the VAE run 20250101-000000-vae, but the VAE checked is "
-                        f"{(runs_root / 'latest-vae').resolve().name}: run make report again (with the same runs)"]
+    assert code == 1 and not (tmp_path / "CW2.zip").exists()
+    assert fail_lines(Result(code, out)) == [
+        f"FAIL  report: the report shows the VAE checked: it shows the VAE run 20250101-000000-vae, but the VAE "
+        f"checked is {(runs_root / 'latest-vae').resolve().name}: run make report again (with the same runs)"]
 
 
 def test_garbage_file_fails_with_its_name(check, bad_dir, tmp_path):
@@ -199,8 +199,8 @@ def test_missing_file_fails_with_its_path(check, bad_dir):
 
 
 def test_mlp_vae_fails_the_conv2d_check(check, bad_dir, mnist_dir, tmp_path):
-    run_script("vae_train.py", "--data-dir", mnist_dir, "--run-dir", tmp_path / "mlp", "--epochs", 1, "--arch", "mlp",
-               "--train-limit", 64, "--latent-dim", 4)
+    run_script("vae_train.py", "--data-dir", mnist_dir, "--run-dir", tmp_path / "mlp", "--arch", "mlp",
+               *VAE_THAT_LEARNS)  # one that learns: this test is about the missing Conv2d layers alone
     shutil.copy(tmp_path / "mlp" / "VAE_model.pth", bad_dir)
     proc = check(bad_dir, mnist_dir=mnist_dir)
     assert proc.returncode == 1

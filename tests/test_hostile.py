@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, hook_calls, run_script, script_env
+from conftest import REPO, VAE_THAT_LEARNS, hook_calls, run_script, script_env
 from tiny_data import make_image_folder, make_mnist
 
 import common
@@ -621,9 +621,11 @@ def test_stop_signals_in_the_first_seconds(mnist_dir, tmp_path):
 # check_submission.py --zip (make submission)
 
 
-def test_submission_zip_into_a_missing_folder(vae_run, gan_run, mnist_dir, tmp_path):
+def test_submission_zip_into_a_missing_folder(gan_run, mnist_dir, tmp_path):
     models = tmp_path / "models"
     models.mkdir()
+    vae_run = tmp_path / "vae"  # one that beats the mean image (the check fails a 1-epoch VAE on these digits)
+    run_script("vae_train.py", "--data-dir", mnist_dir, "--run-dir", vae_run, *VAE_THAT_LEARNS)
     for path in (vae_run / "VAE_model.pth", gan_run / "DCGAN_model_G.pth", gan_run / "DCGAN_model_D.pth"):
         shutil.copy(path, models)
     target = tmp_path / "not" / "yet" / "CW2.zip"
@@ -1203,7 +1205,9 @@ def test_check_submission_refuses_a_gan_not_trained_on_cifar10(vae_run, mnist_di
     code, out, err = in_process(dcgan_train, ["--dataset", "folder", "--data-dir", images, *GAN_TINY, "--run-dir",
                                               run_dir, "--epochs", 1, "--fid", "off"], capsys)
     assert code == 0, out + err
-    shutil.copy(vae_run / "VAE_model.pth", run_dir)
+    learned = tmp_path / "vae"  # one that beats the mean image (the check fails a 1-epoch VAE on these digits)
+    assert in_process(vae_train, ["--data-dir", mnist_dir, "--run-dir", learned, *VAE_THAT_LEARNS], capsys)[0] == 0
+    shutil.copy(learned / "VAE_model.pth", run_dir)
     words = common.experiments.not_cifar10({"dataset": "folder"})
     assert words == "trained on an image folder, not CIFAR-10: not a valid submission"
     assert "experiments.not_cifar10" in (REPO / "report.py").read_text()  # the report says it in the same words

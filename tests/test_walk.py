@@ -9,6 +9,7 @@ still works after the report.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,17 +18,20 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, script_env
+import common
+from conftest import REPO, VAE_THAT_LEARNS, script_env
 
 VAE_ARGS = "--batch-size 64 --latent-dim 4"
+MAIN_VAE_ARGS = " ".join(VAE_THAT_LEARNS)  # the submitted VAE must beat the mean image (check_submission.py)
 GAN_ARGS = "--ngf 8 --ndf 8 --batch-size 32 --ckpt-every-min 1000"
 REPORT_ARGS = "--device cpu --tsne-points 40 --iw-samples 4 --iw-images 20 --quality-samples 40"
 
 
 def copy_repo(dest: Path) -> Path:
-    """The repository's code (scripts, common/, tools/, Makefile, requirements, slurm/), without runs, report, .venv or .git."""
+    """The repository's code (scripts, common/, tools/, Makefile, requirements and constraints, slurm/), without
+    runs, report, .venv or .git."""
     dest.mkdir(parents=True)
-    for path in [*REPO.glob("*.py"), REPO / "Makefile", REPO / "requirements.txt"]:
+    for path in [*REPO.glob("*.py"), REPO / "Makefile", *REPO.glob("requirements*.txt"), REPO / "constraints.txt"]:
         shutil.copy2(path, dest / path.name)
     for folder in ("slurm", "common", "tools"):
         shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
@@ -47,7 +51,7 @@ def make(repo: Path, target: str, *variables: str) -> str:
 def test_the_walk_gives_a_report_of_the_main_runs_with_settings_as_labels(tmp_path, mnist_dir, cifar_dir):
     repo = copy_repo(tmp_path / "repo")
     (repo / "slurm" / "betas.txt").write_text("# two betas keep the test quick\n1\n4   # strong\n")
-    make(repo, "vae", f"DATA_DIR={mnist_dir}", f"ARGS=--epochs 2 {VAE_ARGS}")
+    make(repo, "vae", f"DATA_DIR={mnist_dir}", f"ARGS={MAIN_VAE_ARGS}")
     make(repo, "vae-betas", f"DATA_DIR={mnist_dir}", f"ARGS=--epochs 1 {VAE_ARGS}")
     make(repo, "dcgan", f"DATA_DIR={cifar_dir}", f"ARGS=--epochs 2 {GAN_ARGS}")
     make(repo, "gan-sweep", f"DATA_DIR={cifar_dir}", f"ARGS=--epochs 1 {GAN_ARGS}")
@@ -78,3 +82,17 @@ def test_the_walk_gives_a_report_of_the_main_runs_with_settings_as_labels(tmp_pa
     # The README's glob over the sweep still works after the report (nothing it wrote matches it).
     out = make(repo, "analyze-vae", "RUN=runs/*-vae-beta*", "ARGS=--tsne-points 40 --iw-samples 2 --iw-images 10")
     assert f"comparison in {runs / 'compare' / 'vae-betas'}" in out
+
+    # The live view: the events of the main runs load with TensorBoard's own reader (what make tensorboard serves),
+    # one point per epoch; and the report names no folder of this machine, so it is handed in as it is.
+    from tensorboard.backend.event_processing import event_accumulator
+    for run_dir, tag, grid in ((main_vae, "epoch/test_loss", "samples/reconstructions"),
+                               (main_gan, "epoch/loss_d", "samples/fixed_noise")):
+        found = event_accumulator.EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0})
+        found.Reload()
+        epochs = len(common.read_metrics_csv(run_dir / "metrics.csv"))
+        assert len(found.Scalars(tag)) == epochs and len(found.Images(grid)) == epochs, run_dir.name
+    for name in ("REPORT.md", "REPORT.html"):
+        text = (repo / "report" / name).read_text()
+        assert str(tmp_path) not in text and str(REPO) not in text, name
+        assert not re.search(r"(^|[\s`(\"'=])/[A-Za-z0-9_.-]+/", text), name

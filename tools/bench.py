@@ -58,7 +58,8 @@ SHARED_MNIST = common.REPO_ROOT.parent / "shared" / "data"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--images", type=int, default=5_000, help="training images per timed epoch")
     parser.add_argument("--data-dir", default=None,
                         help="a root with MNIST (default: ../shared/data if present, else synthetic files)")

@@ -64,7 +64,8 @@ COLUMNS = ["recipe", "dataset", "budget", "seed", "batch_size", "images", "cfid"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--data-dir", default=str(common.DEFAULT_DATA_DIR),
                         help="data root (MNIST/raw, FashionMNIST/raw); the classifier is cached in it")
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"],

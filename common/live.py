@@ -1,0 +1,120 @@
+"""The live view of a run: TensorBoard event files in RUN_DIR/tb/, beside the CSVs, written by rank 0 as training
+goes (`make tensorboard`, or `tensorboard --logdir runs`; docs/operations.md shows it over SSH and on Colab).
+
+What a run writes there, every row as it is appended to its CSV, at the training step it belongs to:
+    epoch/<column>   each metrics.csv column, one point per epoch (at the epoch's last step)
+    steps/<column>   each steps.csv column (the DCGAN's means over --log-every steps)
+    samples/<name>   the image grids of samples/ of each epoch (TrainingJob.live_images says which)
+    hparams          the settings that define the experiment, with the epoch metrics, in TensorBoard's HPARAMS tab
+
+The CSVs stay the record (the figures are made from them); the events are a view of the same numbers. A resumed
+run opens its writer with purge_step one past the checkpoint's step, so TensorBoard drops what the stopped process
+wrote after that checkpoint, and the resumed run shows one unbroken curve. Without the `tensorboard` package the
+run logs one line and trains exactly as it would with it; so it does when the events cannot be written (a full disk):
+the view is a convenience, never a reason for a run to stop.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .readers import read_metrics_csv
+
+TB_FOLDER = "tb"
+NOT_SCALARS = {"epoch", "global_step", "images_seen"}  # x values, not quantities to plot
+FLUSH_SECONDS = 30
+
+
+class LiveView:
+    """TensorBoard events of one run; every method does nothing when the view is off (other ranks, no package)."""
+
+    def __init__(self):
+        self.writer, self.log = None, print
+
+    def open(self, run_dir: Path, *, global_step: int, steps_per_epoch: int, settings: dict,
+             metric_columns: list[str], metrics: list[dict], log) -> None:
+        """Start writing RUN_DIR/tb/. `global_step`: where training stands (the checkpoint's step, 0 when new).
+        A folder without events yet (a run started before this existed, or --init-from) gets the rows so far:
+        `metrics` (metrics.csv's) and RUN_DIR/steps.csv's."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch's module needs the tensorboard package, which is optional
+            log("no live view: the tensorboard package is not installed (pip install tensorboard); the CSVs are "
+                "written as always")
+            return
+        folder, self.log = Path(run_dir) / TB_FOLDER, log
+        backfill = not list(folder.glob("events.out.tfevents.*"))
+        try:
+            # purge_step: events at or after it, from an earlier process, are dropped by TensorBoard's reader. The
+            # checkpoint at `global_step` was written after that step's rows, so those are kept; a start from step 0
+            # (a new run, a crash before the first checkpoint, --restart) drops them all.
+            self.writer = SummaryWriter(str(folder), purge_step=global_step + 1 if global_step else 0,
+                                        flush_secs=FLUSH_SECONDS)
+            self._hparams(settings, [f"epoch/{c}" for c in metric_columns if c not in NOT_SCALARS])
+        except Exception as err:  # noqa: BLE001  (a folder it cannot write: the run goes on without the view)
+            self._give_up(err)
+            return
+        if backfill:
+            for row in metrics:
+                self.row("epoch", row, int(row["epoch"]) * steps_per_epoch)
+            for row in read_metrics_csv(Path(run_dir) / "steps.csv"):
+                self.row("steps", row, row.get("global_step"))
+        log(f"live view: TensorBoard events in {folder} (make tensorboard, or tensorboard --logdir "
+            f"{Path(run_dir).parent})")
+
+    def _hparams(self, settings: dict, metrics: list[str]) -> None:
+        """The settings as TensorBoard hparams, in this run's own event file (SummaryWriter.add_hparams would make
+        a sub-run), with the epoch metrics it lists beside them."""
+        from torch.utils.tensorboard.summary import hparams
+        plain = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in sorted(settings.items())}
+        for summary in hparams(plain, dict.fromkeys(metrics)):
+            self.writer.file_writer.add_summary(summary)
+
+    def row(self, kind: str, row: dict, step) -> None:
+        """One CSV row as scalars `kind/<column>` at `step`; blank or non-numeric cells are left out."""
+        if self.writer is None or step is None:
+            return
+        try:
+            for key, value in row.items():
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    continue
+                if key not in NOT_SCALARS and math.isfinite(value):
+                    self.writer.add_scalar(f"{kind}/{key}", value, int(step))
+        except Exception as err:  # noqa: BLE001  (the writer's thread failed: a full disk, a vanished folder)
+            self._give_up(err)
+
+    def images(self, paths: dict[str, Path], step: int) -> None:
+        """PNG grids (tag -> file) at `step`, as saved (the same pixels as samples/)."""
+        if self.writer is None:
+            return
+        import numpy as np
+        from PIL import Image
+        try:
+            for tag, path in paths.items():
+                if path.exists():
+                    pixels = np.asarray(Image.open(path).convert("RGB"))
+                    self.writer.add_image(f"samples/{tag}", pixels, step, dataformats="HWC")
+            self.writer.flush()  # once per epoch: a watcher sees the epoch's points and grids now
+        except Exception as err:  # noqa: BLE001
+            self._give_up(err)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except Exception as err:  # noqa: BLE001
+                self.log(f"live view: the last TensorBoard events could not be written ({err})")
+            self.writer = None
+
+    def _give_up(self, err: Exception) -> None:
+        """One line, and no more events from this process; training goes on (the CSVs are the record)."""
+        self.log(f"live view stopped: cannot write TensorBoard events ({type(err).__name__}: {err}); the run and "
+                 f"its CSVs are unaffected")
+        writer, self.writer = self.writer, None
+        try:
+            if writer is not None:
+                writer.close()
+        except Exception:  # noqa: BLE001  (already failing: nothing more to say)
+            pass
