@@ -287,6 +287,7 @@ def fail_lines(out: str) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip().startswith("FAIL")]
 
 
+@pytest.mark.real_test_cells
 def test_a_passing_check_runs_the_test_cells_in_a_clean_python(submission, capsys):
     code = check_submission.main(submission["argv"])
     out = capsys.readouterr().out
@@ -297,6 +298,7 @@ def test_a_passing_check_runs_the_test_cells_in_a_clean_python(submission, capsy
     assert f"deleted the previous {submission['zip']}" in out and zipfile.is_zipfile(submission["zip"])
 
 
+@pytest.mark.real_test_cells
 def test_test_cell_code_that_needs_the_project_fails(submission, tmp_path, monkeypatch, capsys):
     script = tmp_path / "vae_train.py"
     script.write_text("import common\nfrom torchvision import transforms\n\ntransform = transforms.ToTensor()\n\n\n"
