@@ -72,23 +72,20 @@ def load_config(run_dir: Path) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Image grids: the runs' samples/epoch_NNN.png (8 columns, 2-pixel padding), and mosaics with gaps made here
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # One run's figures
 
 
 def plot_losses(metrics, steps, args, title: str) -> Figure:
     """Epoch means (dots) over the steps.csv rows (faint: each the mean of --log-every steps) and, when there are
-    enough rows for it to differ from them (figures.is_smoothed), their EMA."""
+    enough rows for it to differ from them (figures.is_smoothed), their EMA. Rows no more frequent than the epochs
+    (--log-every at least an epoch's steps) would lie under the epoch means, unseen but in the legend: left out."""
     fig = Figure(figsize=(7.5, 5), layout="constrained")
     ax = fig.subplots()
     window = int(args.log_every)
     span_steps = round(window / max(1 - figures.ema_weight(len(steps)), 1e-9))
     smoothed = figures.is_smoothed(len(steps))
     for key, name, color in (("loss_d", "D loss", "tab:blue"), ("loss_g", "G loss", "tab:orange")):
-        if steps:
+        if len(steps) > len(metrics):
             x, y = figures.column(steps, "epoch"), figures.column(steps, key)
             ax.plot(x, y, color=color, alpha=0.2 if smoothed else 0.5, linewidth=0.8,
                     label=f"{name}: mean of each {window} steps")

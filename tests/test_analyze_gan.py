@@ -105,9 +105,12 @@ def test_loss_legend_states_the_real_window():
     legend = [t.get_text() for t in analyze_gan.plot_losses(metrics, steps, args, "t").legends[0].texts]
     assert "D loss: mean of each 100 steps" in legend
     assert "D loss: smoothed (EMA over ~200 steps)" in legend  # 20 rows: a window of 2 rows of 100 steps
-    for few in (steps[:10], steps[:1]):  # 10 rows or fewer: smoothing would return them as they are
+    for few in (steps[:10], steps[:2]):  # 10 rows or fewer: smoothing would return them as they are
         legend = [t.get_text() for t in analyze_gan.plot_losses(metrics, few, args, "t").legends[0].texts]
         assert "D loss: mean of each 100 steps" in legend and not any("smoothed" in text for text in legend)
+    # One row per epoch (--log-every = an epoch's steps): it would lie under the epoch mean, so it is not listed.
+    legend = [t.get_text() for t in analyze_gan.plot_losses(metrics, steps[-1:], args, "t").legends[0].texts]
+    assert legend == ["D loss: epoch mean", "G loss: epoch mean"]
 
 
 def test_mosaic_leaves_white_gaps_between_cells():
