@@ -204,14 +204,8 @@ def _check_mirror(mirror: Path, run_dir: Path) -> Path:
     if mirror in run_dir.parents:
         raise UserError(f"--mirror-dir {mirror} contains the run folder {run_dir}; give the copy a folder of its own, "
                         f"outside the run folder (e.g. on Google Drive)")
-    try:
-        mirror.mkdir(parents=True, exist_ok=True)
-        probe = mirror / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"--mirror-dir {mirror}: cannot write there ({err.strerror or err}); give a writable folder "
-                        f"(--mirror-dir '' for no mirror)") from None
+    _check_writable(mirror, "--mirror-dir", "write there",
+                    "; give a writable folder (--mirror-dir '' for no mirror)")
     return mirror
 
 
@@ -237,15 +231,16 @@ def _take_newer_mirror(mirror: Path, run_dir: Path) -> None:
         return
     why = "" if mine is None else f" (its newest checkpoint is step {theirs}, the local one step {mine})"
     restore_from_mirror(mirror, run_dir, why)
-def _check_writable(folder: Path, flag: str) -> None:
-    """Fail now, with one line, if run folders cannot be made in `folder` (a file, read-only, no permission)."""
+def _check_writable(folder: Path, flag: str, what: str = "create run folders there", hint: str = "") -> None:
+    """Fail now, with one line, if `folder` cannot be made or written (a file, read-only, no permission): the
+    runs root, or the --mirror-dir copy."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
         probe.touch()
         probe.unlink()
     except OSError as err:
-        raise UserError(f"{flag} {folder}: cannot create run folders there ({err.strerror or err})") from None
+        raise UserError(f"{flag} {folder}: cannot {what} ({err.strerror or err}){hint}") from None
 
 
 def _check_fresh_start_allowed(run_dir: Path, args, parser: ArgumentParser, script: str, explicit: set[str]) -> None:
