@@ -18,7 +18,8 @@ Where things live (a module imports only the ones above it in this list):
     data.py          MNIST / Fashion-MNIST / CIFAR-10 as uint8 tensors, each epoch's data order, data identity
     folder.py        RunFolder: the run folder owned by one process (lock, config.json, log.txt, latest links)
     live.py          the live view: TensorBoard events of a run's CSV rows, sample grids and settings (RUN_DIR/tb/)
-    loop.py          TrainingJob (what a script hands over) and Run (the loop: restore, steps, epochs, saves)
+    restore.py       Run's restore: the newest usable checkpoint, checked (script, experiment, model, data), loaded
+    loop.py          TrainingJob (what a script hands over) and Run (the loop: steps, epoch ends, saves, stops)
     experiments.py   run folders as experiments: sweeps, the run that counts, labels from differing settings
     fid.py           the Frechet distance (FID) from feature statistics; the real images' statistics, cached
     gan_metrics.py   GAN evaluation: seeded sampling, diversity, Inception features, FID, IS, classifier FID

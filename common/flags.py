@@ -133,6 +133,11 @@ def add_run_args(parser: ArgumentParser, *, epochs: int, batch_size: int, datase
     g.add_argument("--mirror-dir", default=None,
                    help="copy the run folder here after every checkpoint, verified (e.g. Google Drive on Colab); "
                         "a run folder missing locally is restored from it first")
+    _add_speed_args(parser)
+
+
+def _add_speed_args(parser: ArgumentParser) -> None:
+    """The GPU speed flags of every training script (devices.py applies them)."""
     speed = parser.group("speed (GPU)", resumable=True)
     speed.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                        help="mixed precision for the training steps; auto: bf16 on a CUDA GPU with compute "

@@ -1,5 +1,5 @@
 """The training loop: a script's TrainingJob (its models, optimisers and steps) run by Run, which restores the
-newest checkpoint, takes the steps, ends the epochs, saves, and stops cleanly on a signal.
+newest checkpoint (restore.py), takes the steps, ends the epochs, saves, and stops cleanly on a signal.
 
 Run.train raises Preempted (exit 75) after a stop signal and its checkpoint, StoppedAtStartup (exit 76) for a
 signal before the first step, UserError (exit 2) for anything the user can fix; errors.run_main maps them to exit
@@ -17,17 +17,17 @@ import torch
 import torch.distributed as dist
 
 from . import stop_signals
-from .checkpoints import (link_checkpoint, load_checkpoint, load_newest_checkpoint, one_line, remove_checkpoint,
-                          rng_state, set_rng_state, write_checkpoint)
-from .data import data_identity, describe_data, epoch_permutation, full_batches
+from .checkpoints import link_checkpoint, remove_checkpoint, rng_state, write_checkpoint
+from .data import data_identity, epoch_permutation, full_batches
 from .devices import any_rank, broadcast_object, precision_name, shard
 from .errors import Preempted, StoppedAtStartup, UserError
-from .files import atomic_write_text, checksum_path, write_csv
+from .files import atomic_write_text, write_csv
 from .folder import RunFolder
 from .live import LiveView
 from .progress import Progress, still_running
 from .readers import list_checkpoints
-from .runs import RunPlan, settings_differ
+from .restore import Restore
+from .runs import RunPlan
 
 
 class TrainingJob:
@@ -80,8 +80,9 @@ class TrainingJob:
         raise NotImplementedError
 
 
-class Run(RunFolder):
-    """A run folder (RunFolder) and the training loop's bookkeeping: restore, steps, epoch ends, saves, stops."""
+class Run(Restore, RunFolder):
+    """A run folder (RunFolder) and the training loop's bookkeeping: steps, epoch ends, saves, stops; the restore
+    from a checkpoint is Restore's (restore.py)."""
 
     # Entries of a checkpoint that differ between processes under torchrun: saved once per rank, and each rank
     # gets its own back on resume. Everything else (weights, optimiser, metrics) is the same on every rank.
@@ -202,77 +203,6 @@ class Run(RunFolder):
                 "global_step": epoch * self.steps_per_epoch + step, "metrics": self.metrics, "best_fid": self.best_fid,
                 "epoch_elapsed_s": elapsed, "precision": precision_name(job.amp), "rng": rng_state(), "data": self.data,
                 **job.state_dict()}
-
-    # Entries of the loop's part of a checkpoint that a resume cannot do without (a file that lacks one is
-    # incomplete: cut short by an older version, or not written by this loop).
-    LOOP_KEYS = ("epoch", "step_in_epoch", "global_step", "metrics", "rng")
-
-    def _restore(self, job: TrainingJob) -> tuple[int, int, float]:
-        """Load the newest usable checkpoint (or --init-from's) into `job` and the loop; (epoch, step, elapsed)."""
-        def check(ckpt, same_experiment=True) -> str | None:
-            if not isinstance(ckpt, dict):
-                return f"holds a {type(ckpt).__name__}, not a checkpoint"
-            if ckpt.get("script", self.script) != self.script:
-                return f"is a {ckpt['script']} checkpoint, not a {self.script} one"
-            differing = settings_differ(ckpt.get("experiment", {}), self.plan.experiment) if same_experiment else []
-            if differing:
-                return f"belongs to another experiment ({'; '.join(differing)})"
-            present = set(ckpt) | set(ckpt["per_rank"][0] if "per_rank" in ckpt else ())
-            missing = sorted(set(job.state_dict()) - present)
-            if missing:
-                return f"lacks {', '.join(missing)} (not a {self.script} checkpoint)"
-            missing = [key for key in self.LOOP_KEYS if key not in present]
-            if missing:
-                return f"lacks {', '.join(missing)} (incomplete: written by an older version?)"
-            try:  # the trial: a checkpoint that does not fit this model is damaged for this run
-                self._apply(job, ckpt, rank=0, quiet=True)
-            except Exception as err:  # size mismatches (RuntimeError), a wrong entry's type or shape ...
-                return f"does not fit this model ({type(err).__name__}: {one_line(err)})"
-            return None
-
-        if self.plan.init_from:
-            found = self._on_main(lambda: (load_checkpoint(self.plan.init_from, lambda c: check(c, False)), None))
-        else:
-            found = self._on_main(lambda: load_newest_checkpoint(self.dir, log=self.log, check=check))
-        if found is None:
-            return 0, 0, 0.0
-        ckpt, self.good_ckpt = found
-        self.good_ckpt_verified = bool(self.good_ckpt and checksum_path(self.good_ckpt).exists())
-        saved_world = ckpt.get("world_size", 1)
-        if saved_world != self.world_size:
-            raise UserError(f"the checkpoint in {self.dir} was written by {saved_world} process(es); resume it with "
-                            f"the same number (torchrun --nproc_per_node {saved_world}, or plain python for 1)")
-        if not self.plan.init_from:
-            self._check_same_data(ckpt.get("data"))
-        self._apply(job, ckpt, rank=self.rank)
-        self.metrics, self.best_fid = ckpt["metrics"], ckpt.get("best_fid", math.inf)
-        self.epoch, self.global_step = ckpt["epoch"], ckpt["global_step"]
-        if ckpt.get("precision", precision_name(job.amp)) != precision_name(job.amp):  # --amp changed, or auto chose
-            self.log(f"note: the checkpoint was trained in {ckpt['precision']}, this start trains in "
-                     f"{precision_name(job.amp)} (--amp {self.config.get('amp')}): the numbers differ from here on")
-        source = f" from {self.plan.init_from}" if self.plan.init_from else ""
-        self.log(f"resumed at epoch {ckpt['epoch'] + 1}, step {ckpt['step_in_epoch']}/{self.steps_per_epoch}{source}")
-        return ckpt["epoch"], ckpt["step_in_epoch"], ckpt.get("epoch_elapsed_s", 0.0)
-
-    def _apply(self, job: TrainingJob, ckpt: dict, rank: int, quiet: bool = False) -> None:
-        """Put a checkpoint's state into the job and the random number generators (`rank`'s own entries); `quiet`
-        for the trial load, whose notes the real one repeats."""
-        if "per_rank" in ckpt:
-            ckpt = {**ckpt, **ckpt["per_rank"][rank]}
-        job.load_state_dict(ckpt)
-        set_rng_state(ckpt["rng"], log=(lambda _: None) if quiet else self.log)
-
-    def _check_same_data(self, saved: dict | None) -> None:
-        """A resume trains on the data its checkpoint was trained on, or it is not the same run any more (another
-        epoch order, wrong images_seen). Checkpoints from before the data was recorded are not checked."""
-        if not saved or self.config.get("allow_other_data"):
-            return
-        same = (saved.get("dataset"), saved.get("images"), saved.get("fingerprint")) == \
-            (self.data["dataset"], self.data["images"], self.data["fingerprint"])
-        if not same:
-            raise UserError(f"refusing to resume {self.dir} on other training data: its checkpoint was trained on "
-                            f"{describe_data(saved)}, this start has {describe_data(self.data)}. Point --data-dir "
-                            f"at the data the run used, or add --allow-other-data to continue on these images")
 
     def append_csv(self, path: Path, columns: list[str], row: dict) -> None:
         """A row of metrics.csv or steps.csv, also shown live (TensorBoard) at its training step."""
