@@ -99,11 +99,16 @@ gpu-check: $(VENV)/.installed
 	$(PY) tools/gpu_check.py $(ARGS)
 
 # The quick tests; `make test-all` also runs those marked slow (bench, --compile, torchrun, the SIGKILL soak).
+# The test files run in parallel (pytest-xdist): one worker per core, at most 4 (each holds torch, ~1 GB), each
+# file on one worker so that its module fixtures are made once. TEST_WORKERS=0 runs them all in this process.
+TEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest tests -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
+
 test: $(VENV)/.installed-test
-	$(PY) -m pytest tests -q -m "not slow" $(ARGS)
+	$(PYTEST) -m "not slow" $(ARGS)
 
 test-all: $(VENV)/.installed-test
-	$(PY) -m pytest tests -q $(ARGS)
+	$(PYTEST) $(ARGS)
 
 # The sbatch scripts under a real one-node SLURM cluster that the test starts and stops (tests/test_slurm_real.py,
 # a few minutes); as root it installs Debian's slurm-wlm and munge when missing, and skips, saying why, when it can't.
