@@ -317,6 +317,25 @@ def run_with_signal(script: str, target: str, n: int, *args, timeout: float = 30
                           env=script_env(), timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def vae_run(mnist_dir, tmp_path_factory) -> Path:
+    """A finished 1-epoch VAE run (beta 1) at the hostile tests' settings, copied by the tests that need a run
+    folder to damage."""
+    from hostile import vae  # tests/support/hostile.py imports this module
+    run_dir = tmp_path_factory.mktemp("vae") / "run"
+    run_script("vae_train.py", *vae(mnist_dir, "--run-dir", run_dir, "--epochs", 1))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def gan_run(cifar_dir, tmp_path_factory) -> Path:
+    """A finished 1-epoch DCGAN run at the hostile tests' settings, the same way."""
+    from hostile import gan
+    run_dir = tmp_path_factory.mktemp("gan") / "run"
+    run_script("dcgan_train.py", *gan(cifar_dir, "--run-dir", run_dir, "--epochs", 1))
+    return run_dir
+
+
 # A tiny VAE that learns the synthetic digits (its reconstructions beat the mean test image, as check_submission.py
 # demands; 1 epoch at batch 64 does not): about 3 s on one CPU thread.
 VAE_THAT_LEARNS = ["--epochs", "5", "--batch-size", "16", "--lr", "3e-3", "--latent-dim", "4"]
