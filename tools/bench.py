@@ -268,7 +268,8 @@ def bare(name: str, images_uint8: torch.Tensor, device: torch.device, repeats: i
         best = min(timed_steps(step, batches, device) for _ in range(repeats))
         ops = bare_ops_per_step(step, batches, op_steps)
     return {"images_per_s": len(batches) * args.batch_size / best, "batch_size": args.batch_size,
-            "amp": str(common.amp_dtype(args.amp, device)), "ops_per_step": ops, **cuda_peak(device)}
+            "amp": common.precision_name(common.amp_dtype(args.amp, device)), "ops_per_step": ops,
+            **cuda_peak(device)}
 
 
 def cuda_peak(device: torch.device) -> dict:
