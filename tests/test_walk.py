@@ -40,8 +40,13 @@ def copy_repo(dest: Path) -> Path:
 
 def make(repo: Path, target: str, *variables: str) -> str:
     """`make TARGET` in the copy with this interpreter (PY=...) and without building a .venv (-o); its output."""
+    # Not the variables of a make that runs these tests (make test-all ARGS=...): make passes them on to the
+    # commands it runs, in their environment and in MAKEFLAGS.
+    makefile_variables = set(re.findall(r"^([A-Z_]+)\s*[?:]?=", (repo / "Makefile").read_text(), re.M))
+    env = {k: v for k, v in script_env().items()
+           if k not in makefile_variables | {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"}}
     proc = subprocess.run(["make", "-o", ".venv/.installed", target, f"PY={sys.executable}", *variables], cwd=repo,
-                          env=script_env(), capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"make {target} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout + proc.stderr
 
