@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,34 +18,12 @@ import analyze_gan
 import common
 import dcgan_train
 from common import gan_metrics
-from conftest import REPO, hook_calls, run_script, run_with_signal, script_env, sigterm_to_this_process
+from conftest import hook_calls, run_script, run_with_signal, sigterm_to_this_process
+from hostile import KILL, after_call, run_patched, same_tensors
 from tiny_data import synthetic_digits
 
 TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--log-every", "3", "--ckpt-every-min", "1000",
         "--device", "cpu"]  # the numbers compared are CPU numbers, also on a machine with a GPU
-
-# Runs dcgan_train.main() in a fresh process after some patch code. hook_call() writes a patch that wraps one
-# function and runs a statement after its N-th call: a SIGKILL at an exact optimiser step, which this process
-# must not receive itself. (Other faults, a SIGTERM or a NaN loss, are patched in this process: conftest.hook_calls.)
-PRELUDE = "import os, signal, sys\nsys.path.insert(0, {repo!r})\nimport torch, common, dcgan_train\n"
-
-
-def hook_call(owner: str, name: str, at: int, action: str) -> str:
-    return (f"original, calls = {owner}.{name}, [0]\n"
-            f"def wrapped(*args, **kwargs):\n"
-            f"    calls[0] += 1\n"
-            f"    result = original(*args, **kwargs)\n"
-            f"    if calls[0] == {at}:\n"
-            f"        {action}\n"
-            f"    return result\n"
-            f"{owner}.{name} = wrapped\n")
-
-
-def run_patched(args, patch: str) -> subprocess.CompletedProcess:
-    code = PRELUDE.format(repo=str(REPO)) + patch + "common.run_main(dcgan_train.main, sys.argv[1:])\n"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          env=script_env(), timeout=300)
-
 
 def sigterm_after(result):
     sigterm_to_this_process()
@@ -61,22 +37,6 @@ def read_rows(path):
 
 def final_checkpoint(run_dir):
     return torch.load(common.list_checkpoints(run_dir)[0], map_location="cpu", weights_only=True)
-
-
-def assert_same_tensors(a, b, where=""):
-    """Every tensor in two nested checkpoint structures is torch.equal; other leaves are ==."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same_tensors(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tensors(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"tensors differ at {where}"
-    else:
-        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +106,7 @@ def test_kill_and_sigterm_mid_epoch_then_resume_equals_uninterrupted(cifar_dir, 
     run_script("dcgan_train.py", *args, "--run-dir", straight)
     # Adam.step runs for D every step and for G every 2nd. Call 16 is D's step 11 of 12: SIGKILL there leaves the
     # epoch-1 checkpoint (step 6) and a steps.csv row (step 9) past it, which the resume must drop.
-    proc = run_patched([*args, "--run-dir", resumed], hook_call("torch.optim.Adam", "step", 16,
-                                                                 "os.kill(os.getpid(), signal.SIGKILL)"))
+    proc = run_patched("dcgan_train.py", after_call("torch.optim.Adam", "step", 16, KILL), *args, "--run-dir", resumed)
     assert proc.returncode == -9
     assert final_checkpoint(resumed)["global_step"] == 6
     assert [r["global_step"] for r in read_rows(resumed / "steps.csv")] == ["3", "6", "9"]
@@ -164,7 +123,7 @@ def test_kill_and_sigterm_mid_epoch_then_resume_equals_uninterrupted(cifar_dir, 
 
     a, b = final_checkpoint(straight), final_checkpoint(resumed)
     for key in ("generator", "discriminator", "generator_ema", "opt_g", "opt_d", "scaler_g", "scaler_d", "rng"):
-        assert_same_tensors(a[key], b[key], key)
+        same_tensors(a[key], b[key], key)
     drop_time = [{k: v for k, v in row.items() if not k.endswith("_time_s")}
                  for row in read_rows(straight / "metrics.csv")]
     assert drop_time == [{k: v for k, v in row.items() if not k.endswith("_time_s")}

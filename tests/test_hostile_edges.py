@@ -24,7 +24,7 @@ import torch
 
 from conftest import REPO, VAE_THAT_LEARNS, run_script, script_env
 from hostile import (GAN_TINY, KILL, LINUX_PROC, VAE_STEPS, after_call, copy_run, epochs_in, flip_a_byte, in_process,
-                     newest_checkpoint, on_replace, one_error_line, run_patched, snapshot, vae)
+                     newest_checkpoint, on_replace, one_error_line, run_patched, same_tensors, snapshot, vae)
 from tiny_data import make_image_folder, make_mnist
 
 import common
@@ -34,24 +34,6 @@ import vae_train
 
 # ----------------------------------------------------------------------------------------------------------------
 # The soak: SIGKILL at random moments, the same command each time, the end bit for bit an uninterrupted run's
-
-
-def same_tensors(a, b, where="") -> None:
-    """Every tensor of two nested checkpoint structures is torch.equal; other leaves are equal. Wall-clock
-    entries (*_time_s, epoch_elapsed_s) are the only ones allowed to differ."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            if not (str(key).endswith("_time_s") or key == "epoch_elapsed_s"):
-                same_tensors(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            same_tensors(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"tensors differ at {where}"
-    else:
-        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"
 
 
 def without_time(rows: list[dict]) -> list[dict]:
@@ -138,15 +120,12 @@ def test_sigkill_soak_ends_equal_to_an_uninterrupted_run(soak_mnist, tmp_path):
 
 
 # ================================================================================================================
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Round 2 (issue 21): an SSH drop, a flipped bit, a stale Drive copy, a wrong clock, and nothing lost
 
 
 @pytest.fixture
 def finished_two_epochs(mnist_dir, tmp_path, capsys) -> Path:
-    """A finished 2-epoch VAE run made here: step-5 and step-10 checkpoints, milestones epoch-001 and epoch-002."""
+    """A finished 2-epoch VAE run made here: step-4 and step-8 checkpoints, milestones epoch-001 and epoch-002."""
     run_dir = tmp_path / "two"
     code, out, err = in_process(vae_train, vae(mnist_dir, "--run-dir", run_dir, "--epochs", 2, "--milestone-every",
                                                 1), capsys)

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=None,
                         help="a root with MNIST (default: ../shared/data if present, else synthetic files)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--repeats", type=int, default=2,
+    parser.add_argument("--repeats", type=int, default=3,
                         help="timed epochs of each script (after a first), bare loop, classic pipeline and FID: the best "
                              "is kept")
     parser.add_argument("--op-steps", type=int, default=8, help="steps profiled for the aten-op counts")

@@ -1,4 +1,4 @@
-"""What the hostile-input tests (test_hostile.py, test_hostile_edges.py) share: the tiny settings of their runs,
+"""What the hostile-input tests (test_hostile.py, test_hostile_edges.py) share, and test_dcgan.py's kill test: the tiny settings of their runs,
 a script run in this process or in a fresh one with a fault injected at an exact call (run_patched: a SIGKILL,
 which the test process must not receive), and small checks of a run folder and of the one error line."""
 from __future__ import annotations
@@ -129,3 +129,21 @@ def flip_a_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def same_tensors(a, b, where="") -> None:
+    """Every tensor of two nested checkpoint structures is torch.equal; other leaves are equal. Wall-clock
+    entries (*_time_s, epoch_elapsed_s) are the only ones allowed to differ."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            if not (str(key).endswith("_time_s") or key == "epoch_elapsed_s"):
+                same_tensors(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            same_tensors(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"tensors differ at {where}"
+    else:
+        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"
