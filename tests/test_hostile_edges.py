@@ -216,19 +216,19 @@ def test_a_flipped_byte_is_caught_by_the_checksum_and_the_one_before_is_used(fin
     assert code == 0, err
     warnings = [line for line in out.splitlines() if line.startswith("warning: checkpoint")]
     assert len(warnings) == 1 and str(newest) in warnings[0] and "checksum" in warnings[0], out
-    assert f"resumed at epoch 2, step 0/{VAE_STEPS}" in out  # from step-5, the end of epoch 1
+    assert f"resumed at epoch 2, step 0/{VAE_STEPS}" in out  # from the checkpoint of the end of epoch 1
     assert (newest.parent / (newest.name + ".corrupt")).exists() and epochs_in(run_dir) == [1, 2, 3]
 
 
 def test_misfitting_incomplete_and_damaged_checkpoints_fall_back_to_a_milestone(finished_two_epochs, capsys):
-    """step-10 from another model shape, step-5 from a version without 'rng', epoch-002.pt damaged: each set aside
-    with one line saying why, and the run goes on from checkpoints/epoch-001.pt."""
+    """The end of epoch 2's step checkpoint from another model shape, epoch 1's from a version without 'rng',
+    epoch-002.pt damaged: each set aside with one line saying why, and the run goes on from epoch-001.pt."""
     ckpts = finished_two_epochs / "checkpoints"
-    step10, step5 = ckpts / f"step-{2 * VAE_STEPS:010d}.pt", ckpts / f"step-{VAE_STEPS:010d}.pt"
-    misfit, incomplete = torch.load(step10, weights_only=True), torch.load(step5, weights_only=True)
+    second, first = ckpts / f"step-{2 * VAE_STEPS:010d}.pt", ckpts / f"step-{VAE_STEPS:010d}.pt"
+    misfit, incomplete = torch.load(second, weights_only=True), torch.load(first, weights_only=True)
     misfit["model"]["encoder.0.weight"] = torch.zeros(3, 1, 4, 4)
     del incomplete["rng"]
-    for path, state in ((step10, misfit), (step5, incomplete)):
+    for path, state in ((second, misfit), (first, incomplete)):
         path.unlink()  # not through the hard link: the milestones keep their own bytes
         (ckpts / (path.name + ".sha256")).unlink()  # as a file written before checksums
         torch.save(state, path)
@@ -240,11 +240,11 @@ def test_misfitting_incomplete_and_damaged_checkpoints_fall_back_to_a_milestone(
     assert code == 0 and "Traceback" not in err, err
     warnings = [line for line in out.splitlines() if line.startswith("warning: checkpoint")]
     assert len(warnings) == 3, out
-    assert str(step10) in warnings[0] and "does not fit this model" in warnings[0] and "size mismatch" in warnings[0]
-    assert str(step5) in warnings[1] and "lacks rng" in warnings[1]
+    assert str(second) in warnings[0] and "does not fit this model" in warnings[0] and "size mismatch" in warnings[0]
+    assert str(first) in warnings[1] and "lacks rng" in warnings[1]
     assert str(damaged) in warnings[2] and "checksum" in warnings[2]
     assert f"resumed at epoch 2, step 0/{VAE_STEPS}" in out and epochs_in(finished_two_epochs) == [1, 2, 3]
-    assert all((ckpts / f"{p.name}.corrupt").exists() for p in (step10, step5, damaged))
+    assert all((ckpts / f"{p.name}.corrupt").exists() for p in (second, first, damaged))
 
 
 def test_checkpoints_from_before_checksums_still_load(finished_two_epochs, capsys):
