@@ -38,8 +38,6 @@ import dcgan_train
 import vae_train
 
 
-
-
 def the_error_line(proc, *names: str) -> str:
     """The process failed with exit 2 and exactly one line on stderr, `error: ...`, naming each of `names`."""
     assert proc.returncode == common.EXIT_USER_ERROR, f"exit {proc.returncode}\n{proc.stdout[-2000:]}{proc.stderr}"
@@ -53,7 +51,6 @@ def the_error_line(proc, *names: str) -> str:
 
 def no_run_folder(runs_root: Path) -> bool:
     return not runs_root.exists() or not any(runs_root.iterdir())
-
 
 
 def all_finite(state) -> bool:
@@ -87,9 +84,6 @@ def make_nan(result):
     return (result[0] * float("nan"), *result[1:]) if isinstance(result, tuple) else result * float("nan")
 
 
-
-
-
 def assert_exported_model_is_the_newest_checkpoint(run_dir: Path) -> None:
     """export.json names the newest checkpoint's step, and VAE_model.pth computes what its weights compute."""
     ckpt = newest_checkpoint(run_dir)
@@ -99,7 +93,6 @@ def assert_exported_model_is_the_newest_checkpoint(run_dir: Path) -> None:
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(torch.jit.load(str(run_dir / "VAE_model.pth"))(x)[0], model.eval()(x)[0], atol=1e-6)
-
 
 
 def test_the_readme_promises_the_exit_codes_checked_here():
@@ -484,8 +477,6 @@ def test_read_only_folders_are_one_line(mnist_dir, vae_run, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Signals in the first seconds: 76 before the first step, 75 after it, never the default action's 143
-
-
 
 
 @LINUX_PROC

@@ -1,6 +1,7 @@
-"""What the hostile-input tests (test_hostile.py, test_hostile_edges.py) share, and test_dcgan.py's kill test: the tiny settings of their runs,
-a script run in this process or in a fresh one with a fault injected at an exact call (run_patched: a SIGKILL,
-which the test process must not receive), and small checks of a run folder and of the one error line."""
+"""What the hostile-input tests (test_hostile.py, test_hostile_edges.py) share, test_dcgan.py's kill test too: the
+tiny settings of their runs, a script run in this process or in a fresh one with a fault injected at an exact call
+(run_patched: a SIGKILL, which the test process must not receive), and small checks of a run folder, of two
+checkpoints and of the one error line."""
 from __future__ import annotations
 
 import re
@@ -29,18 +30,15 @@ def gan(cifar_dir, *extra) -> list:
     return ["--data-dir", cifar_dir, *GAN_TINY, *extra]
 
 
-
 def newest_checkpoint(run_dir: Path) -> dict:
     paths = common.list_checkpoints(run_dir)
     assert paths, f"no checkpoint in {run_dir}"
     return torch.load(paths[0], map_location="cpu", weights_only=True)
 
 
-
 def copy_run(run_dir: Path, to: Path) -> Path:
     shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns(".lock"))
     return to
-
 
 
 LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc")
