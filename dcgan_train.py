@@ -34,8 +34,17 @@ import torch.nn.functional as F
 from torchvision import transforms
 from torchvision.utils import save_image
 
-import common
-from common import gan_metrics
+from common import devices, gan_metrics
+from common.checkpoints import load_checkpoint, one_line, save_torchscript, seed_everything
+from common.data import epoch_permutation, load_image_folder, load_images
+from common.errors import UserError, run_main
+from common.files import atomic_path
+from common.flags import (ArgumentParser, add_run_args, at_least, checked, non_negative_float, positive_float,
+                          unit_interval)
+from common.progress import still_running
+from common.readers import read_run_config
+from common.run import Meter, Run, open_run
+from common.runs import resolve_run
 
 # What a grader applies to real images before D(x), and how G's outputs in [-1, 1] map back to pixels in [0, 1].
 # Normalize with one mean and std broadcasts over 1 or 3 channels.
@@ -46,13 +55,10 @@ def denorm(x: torch.Tensor) -> torch.Tensor:
     return (x.clamp(-1, 1) + 1) / 2
 
 
-# d_real = D(x), from D's step; loss_g and d_fake = D(G(z)), from G's step (one D pass: the same moment); D gives
-# raw logits, these are mean sigmoids. train_time_s: the training steps alone (no grid, FID, checkpoint); cfid,
-# class_min, class_max: common/gan_metrics.py's classifier FID (MNIST, Fashion-MNIST); blank where not measured.
-QUALITY_COLUMNS = ["fid", "inception_score", "cfid", "class_min", "class_max"]  # each evaluation's; else blank
-METRIC_COLUMNS = ["epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", *QUALITY_COLUMNS, "train_time_s",
-                  "epoch_time_s"]
-STEP_COLUMNS = ["global_step", "epoch", "images_seen", "loss_d", "loss_g", "d_real", "d_fake", "noise_sigma"]
+# metrics.csv's columns beside the meter's (loss_d, d_real, loss_g, d_fake): the quality numbers, blank where not
+# measured. cfid, class_min, class_max: common/gan_metrics.py's classifier FID (MNIST, Fashion-MNIST).
+QUALITY_COLUMNS = ["fid", "inception_score", "cfid", "class_min", "class_max"]
+MODEL_FILES = ("DCGAN_model_G.pth", "DCGAN_model_D.pth")  # what the coursework's grader loads with torch.jit.load
 MAX_PARAMS = 25_000_000
 GRAY_DATASETS = ("mnist", "fashion-mnist")
 DIFFAUG_OPS = ("color", "translation", "cutout")
@@ -66,15 +72,15 @@ def _diffaug_policy(text: str) -> str:
     return text
 
 
-_smoothing_target = common.checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+_smoothing_target = checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
-def build_parser() -> common.ArgumentParser:
-    parser = common.ArgumentParser(description=__doc__)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__)
     g = parser.group("model", resumable=False)
-    g.add_argument("--nz", type=common.at_least(1), default=100, help="size of the noise vector z (Radford et al.: 100)")
-    g.add_argument("--ngf", type=common.at_least(1), default=64, help="generator width: its last hidden layer's channels")
-    g.add_argument("--ndf", type=common.at_least(1), default=64, help="discriminator width: its first layer's channels")
+    g.add_argument("--nz", type=at_least(1), default=100, help="size of the noise vector z (Radford et al.: 100)")
+    g.add_argument("--ngf", type=at_least(1), default=64, help="generator width: its last hidden layer's channels")
+    g.add_argument("--ndf", type=at_least(1), default=64, help="discriminator width: its first layer's channels")
     g.add_argument("--image-size", type=int, default=32, choices=[32, 64], help="side of the generated images")
     g.add_argument("--d-norm", default="batch", choices=["batch", "spectral", "none"],
                    help="normalisation in D: batch norm (DCGAN), spectral norm (Miyato et al., 2018), or none")
@@ -86,18 +92,18 @@ def build_parser() -> common.ArgumentParser:
                    help="bce: BCE with logits, non-saturating G loss (Goodfellow et al., 2014); hinge: Lim & Ye, 2017")
     g.add_argument("--label-smoothing", type=_smoothing_target, default=1.0,
                    help="target for real images in D's BCE loss (one-sided, e.g. 0.9; Salimans et al., 2016); 1: off")
-    g.add_argument("--instance-noise", type=common.non_negative_float, default=0.0,
+    g.add_argument("--instance-noise", type=non_negative_float, default=0.0,
                    help="std of Gaussian noise added to D's inputs, annealed linearly to 0 over --epochs "
                         "(Sonderby et al., 2017); 0: off")
-    g.add_argument("--d-steps", type=common.at_least(1), default=1, help="D updates per G update")
+    g.add_argument("--d-steps", type=at_least(1), default=1, help="D updates per G update")
     # Two time-scales (Heusel et al., 2017), G the faster: 8x and 4x Radford et al.'s 2e-4, the largest gain of the
     # quality benchmark (docs/gan-quality.md); D the faster (SAGAN's 4e-4 / 1e-4) collapsed there.
-    g.add_argument("--lr-g", type=common.positive_float, default=1.6e-3,
+    g.add_argument("--lr-g", type=positive_float, default=1.6e-3,
                    help="Adam learning rate of G (Radford et al.: 2e-4)")
-    g.add_argument("--lr-d", type=common.positive_float, default=8e-4,
+    g.add_argument("--lr-d", type=positive_float, default=8e-4,
                    help="Adam learning rate of D (Radford et al.: 2e-4)")
-    g.add_argument("--beta1", type=common.unit_interval, default=0.5, help="Adam beta1 (Radford et al.: 0.5, not 0.9)")
-    g.add_argument("--ema", type=common.unit_interval, default=0.999,
+    g.add_argument("--beta1", type=unit_interval, default=0.5, help="Adam beta1 (Radford et al.: 0.5, not 0.9)")
+    g.add_argument("--ema", type=unit_interval, default=0.999,
                    help="decay of the moving average of G's weights used for samples, FID and export (its batch-norm "
                         "statistics recomputed from its own outputs at every epoch end); 0: off")
     g.add_argument("--diffaug", type=_diffaug_policy, default="none",
@@ -113,11 +119,11 @@ def build_parser() -> common.ArgumentParser:
     g.add_argument("--inception-weights", default=None, metavar="PATH",
                    help=f"FID/IS Inception weights ({gan_metrics.INCEPTION_FILE} from torch-fidelity's v0.2.0 "
                         f"release); default: torch's hub cache, downloaded there when missing")
-    g.add_argument("--fid-every", type=common.at_least(1), default=5, help="epochs between FIDs (and after the last)")
-    g.add_argument("--fid-samples", type=common.at_least(2), default=10_000,
+    g.add_argument("--fid-every", type=at_least(1), default=5, help="epochs between FIDs (and after the last)")
+    g.add_argument("--fid-samples", type=at_least(2), default=10_000,
                    help="generated images per FID evaluation (Inception: against as many training images; "
                         "classifier: against the test set)")
-    common.add_run_args(parser, epochs=50, batch_size=64, dataset="cifar10",
+    add_run_args(parser, epochs=50, batch_size=64, dataset="cifar10",
                         datasets=["cifar10", "mnist", "fashion-mnist", "folder"])
     return parser
 
@@ -212,9 +218,9 @@ def count_params(args) -> int:
 def load_training_images(args) -> torch.Tensor:
     """The training set as uint8 [N, C, image_size, image_size]; grey sets padded from 28 to 32 with black."""
     if args.dataset == "folder":
-        images = common.load_image_folder(args.data_dir, args.image_size)
+        images = load_image_folder(args.data_dir, args.image_size)
     else:
-        images, _ = common.load_images(args.dataset, args.data_dir, train=True)
+        images, _ = load_images(args.dataset, args.data_dir, train=True)
         if args.dataset in GRAY_DATASETS:
             images = F.pad(images, (2, 2, 2, 2))  # 28 -> 32, digits stay centred
     if args.train_limit:
@@ -343,218 +349,152 @@ def save_samples(generator: nn.Module, fixed_noise: torch.Tensor, path: Path) ->
     generator.eval()
     images = denorm(generator(fixed_noise))
     generator.train(was_training)
-    with common.atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         save_image(images, tmp, nrow=8, format="png")
 
 
 def export_model(model: nn.Module, path: Path) -> None:
-    """TorchScript for torch.jit.load (common.save_torchscript), spectral norm baked into plain weights first:
+    """TorchScript for torch.jit.load (save_torchscript), spectral norm baked into plain weights first:
     TorchScript cannot script the parametrisation."""
     model = copy.deepcopy(model)
     for module in model.modules():
         if nn.utils.parametrize.is_parametrized(module, "weight"):
             nn.utils.parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-    common.save_torchscript(model, path)
+    save_torchscript(model, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
 
-class DCGANTraining(common.TrainingJob):
-    """G, D, the EMA of G, their optimisers and loss scalers, and the running sums: everything a checkpoint holds
-    for the DCGAN (state_dict is the one list), plus the steps of its loop (common.Run.train calls them)."""
+def train(args, run: Run, state: dict, train_images: torch.Tensor, evaluate) -> None:
+    """The training loop: D's step and G's step (every --d-steps) on each full batch, in the order of
+    epoch_permutation(seed, epoch), from where run.restore says; samples and quality at each epoch end."""
+    generator, discriminator, meter = state["generator"], state["discriminator"], state["meter"]
+    opt_g, opt_d, scaler_g, scaler_d = state["opt_g"], state["opt_d"], state["scaler_g"], state["scaler_d"]
+    device, batch_size, total_steps = train_images.device, args.batch_size, args.epochs * run.steps_per_epoch
+    amp = devices.amp_dtype(args.amp, device)  # the autocast dtype; None: float32
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    # Compiled views share the parameters; checkpoints and export use the plain modules. D in G's step (weights
+    # frozen, input differentiated) is another graph: a frame of its own (the lambda), not a recompile.
+    nets = (generator, discriminator, lambda x: discriminator(x))
+    train_g, train_d, d_in_g_step = [devices.compiled(n, device) if args.compile else n for n in nets]
 
-    best_column = "fid"  # on_start: "fid" with Inception, "cfid" with the classifier FID alone
-    divergence_hint = "lower --lr-d/--lr-g (e.g. half), or another --seed"
-    live_images = {"fixed_noise": "epoch_{epoch:03d}.png"}  # the per-epoch grid of samples/, in TensorBoard
+    start_epoch, start_step = run.restore(state)
+    for epoch in range(start_epoch, args.epochs):
+        order = epoch_permutation(args.seed, epoch, len(train_images), device)
+        for step in range(start_step if epoch == start_epoch else 0, run.steps_per_epoch):
+            if args.compile:  # CUDA graphs: a new step begins (G's backward is pending across D's; pytorch#148439)
+                torch.compiler.cudagraph_mark_step_begin()
+            global_step = epoch * run.steps_per_epoch + step
+            sigma = noise_sigma(args.instance_noise, global_step, total_steps)
+            batch = order[step * batch_size:(step + 1) * batch_size][run.rank::run.world_size]  # this rank's share
+            real = to_float(train_images[batch]).contiguous(memory_format=memory_format)
 
-    def __init__(self, args, train_images: torch.Tensor, device: torch.device, rank: int, world_size: int):
-        self.args, self.device, self.train_images, self.n_images = args, device, train_images, len(train_images)
-        self.steps_per_epoch = common.full_batches(self.n_images, args.batch_size)  # as common.Run: full batches
-        common.seed_everything(args.seed)
-        self.generator, self.discriminator = (m.to(device) for m in build_models(args, train_images.shape[1]))
-        if world_size > 1:
-            common.seed_everything(args.seed + rank)  # same initial weights on every rank, different noise
-        self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False) if args.ema > 0 else None
-        self.opt_g = common.adam(self.generator.parameters(), device, lr=args.lr_g, betas=(args.beta1, 0.999))
-        self.opt_d = common.adam(self.discriminator.parameters(), device, lr=args.lr_d, betas=(args.beta1, 0.999))
-        # GPU speed flags (common.add_run_args); on CPU with the defaults none of them changes a number.
-        self.amp = common.amp_dtype(args.amp, device)
-        self.scaler_g, self.scaler_d = common.grad_scaler(device, self.amp), common.grad_scaler(device, self.amp)
-        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-        self.generator.to(memory_format=self.memory_format)
-        self.discriminator.to(memory_format=self.memory_format)
-        # Compiled views share the parameters; checkpoints and export keep using the plain modules. D in G's step
-        # (weights frozen, input differentiated) is another graph: a frame of its own (the lambda), not a recompile.
-        nets = (self.generator, self.discriminator, lambda x: self.discriminator(x))
-        self.train_g, self.train_d, self.d_in_g_step = [common.compiled(n, device) if args.compile else n for n in nets]
-        self.sampler = self.generator_ema if self.generator_ema is not None else self.generator  # samples, FID, export
-        # Sums of (loss_d, d_real, d_fake, D updates, loss_g, G updates) over the epoch and the --log-every window:
-        # two rows of one tensor, checkpointed (a resumed epoch reports the same means), checked by Run for NaNs.
-        sum_dtype = torch.float32 if device.type == "mps" else torch.float64
-        self.sums = torch.zeros((2, 6), dtype=sum_dtype, device=device)
-        self.epoch_sums, self.window_sums = self.sums[0], self.sums[1]
-        self.one, self.zero, self.no_g_step = (torch.ones(1, device=device), torch.zeros(1, device=device),
-                                               torch.zeros(2, device=device))  # float32
-        # 64 noise vectors from their own generator: the same grid positions show the same z all run long.
-        noise_gen = torch.Generator().manual_seed(args.seed)
-        self.fixed_noise = torch.randn((64, args.nz, 1, 1), generator=noise_gen).to(device)
-        self.inception_path, self.use_classifier, self.fid_note = None, False, None  # main() sets them
-        self.evaluate_fid = self.evaluate_cfid = None
+            # (1) D's step: real images towards 1 (or the smoothed target), G's images towards 0.
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                fake = train_g(torch.randn((len(real), args.nz, 1, 1), device=device))
+                fake = fake.float() if amp else fake  # D sees float32 real and fake images: one compiled graph
+                real_logits = train_d(add_noise(diff_augment(real, args.diffaug), sigma))
+                fake_logits = train_d(add_noise(diff_augment(fake.detach(), args.diffaug), sigma))
+                loss_d = d_loss(real_logits, fake_logits, args.loss, args.label_smoothing)
+            opt_d.zero_grad(set_to_none=True)
+            scaler_d.scale(loss_d).backward()
+            devices.average_gradients(discriminator)  # torchrun: one all-reduce; nothing with one process
+            scaler_d.step(opt_d)
+            scaler_d.update()
+            meter.add(loss_d=loss_d, d_real=mean_output(real_logits))
 
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.state_dict(), "discriminator": self.discriminator.state_dict(),
-                "generator_ema": self.generator_ema.state_dict() if self.generator_ema is not None else {},
-                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-                "scaler_g": self.scaler_g.state_dict(), "scaler_d": self.scaler_d.state_dict(),
-                "epoch_sums": self.epoch_sums.clone().cpu(), "window_sums": self.window_sums.clone().cpu()}
+            # (2) G's step on the same fakes, every --d-steps D steps: D(G(z)) towards 1. D's weights are frozen
+            # while the graph is built: G's gradient flows through D's input, D's own (8% of a step) is skipped.
+            if (global_step + 1) % args.d_steps == 0:
+                discriminator.requires_grad_(False)
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    g_logits = d_in_g_step(add_noise(diff_augment(fake, args.diffaug), sigma))
+                    loss_g = g_loss(g_logits, args.loss)
+                discriminator.requires_grad_(True)
+                opt_g.zero_grad(set_to_none=True)
+                scaler_g.scale(loss_g).backward()
+                devices.average_gradients(generator)
+                scaler_g.step(opt_g)
+                scaler_g.update()
+                if "generator_ema" in state:
+                    g_updates = (global_step + 1) // args.d_steps - 1
+                    update_ema(state["generator_ema"], generator, ema_decay(args.ema, g_updates))
+                # d_fake: D(G(z)) in G's step, the same moment as loss_g (D's step has already moved D on)
+                meter.add(loss_g=loss_g, d_fake=mean_output(g_logits))
+            run.step_done(state)  # non-finite check, checkpoint when due or signalled, stop
 
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.load_state_dict(state["generator"])
-        self.discriminator.load_state_dict(state["discriminator"])
-        if self.generator_ema is not None:
-            self.generator_ema.load_state_dict(state["generator_ema"] or state["generator"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
-        common.load_scaler(self.scaler_g, state["scaler_g"])  # --amp may change on resume
-        common.load_scaler(self.scaler_d, state["scaler_d"])
-        self.epoch_sums.copy_(state["epoch_sums"])
-        self.window_sums.copy_(state["window_sums"])
-        for optimizer, lr in ((self.opt_g, self.args.lr_g), (self.opt_d, self.args.lr_d)):
-            for group in optimizer.param_groups:  # --init-from may start from another run with other rates
-                group["lr"] = lr
-
-    def on_start(self, run: common.Run, global_step: int) -> None:
-        """steps.csv keeps the rows up to the checkpoint; rank 0 sets up the quality evaluations (--fid)."""
-        self.steps_path = run.dir / "steps.csv"
-        # best.pt follows Inception's FID when the run has it, else the classifier FID.
-        self.best_column = "fid" if self.inception_path else "cfid" if self.use_classifier else None
-        if not run.is_main:
-            return  # rank 0 alone samples, measures FID and exports
-        common.write_csv(self.steps_path, STEP_COLUMNS, common.read_step_rows(self.steps_path, global_step))
-        if self.fid_note:
-            run.log(self.fid_note)
-        # Building the evaluators draws init weights (Inception) or trains a classifier: keep training's RNG.
-        with torch.random.fork_rng(devices=[]):
-            if self.inception_path is not None:
-                run.log(f"FID and IS every {self.args.fid_every} epochs on {self.args.fid_samples:,} images "
-                        f"({self.inception_path})")
-                self.evaluate_fid = gan_metrics.FIDEvaluator(self.inception_path, self.train_images, self.args,
-                                                             self.device, log=run.log)
-            if self.use_classifier:
-                self.evaluate_cfid = gan_metrics.ClassifierFID.for_dataset(self.args.dataset, self.args.data_dir,
-                                                                              self.device, log=run.log)
-                run.log(f"classifier FID every {self.args.fid_every} epochs on {self.args.fid_samples:,} samples "
-                        f"against the {self.args.dataset} test set")
-
-    def train_step(self, batch: torch.Tensor, global_step: int, epoch_progress: float) -> dict:
-        args, device = self.args, self.device
-        sigma = noise_sigma(args.instance_noise, global_step, args.epochs * self.steps_per_epoch)
-        real = to_float(self.train_images[batch]).contiguous(memory_format=self.memory_format)
-        with common.autocast(device, self.amp):
-            fake = self.train_g(torch.randn((len(real), args.nz, 1, 1), device=device))
-            # D step: real images towards 1 (or the smoothed target), G's images towards 0.
-            real_logits = self.train_d(add_noise(diff_augment(real, args.diffaug), sigma))
-            fake_logits = self.train_d(add_noise(diff_augment(fake.detach(), args.diffaug), sigma))
-            loss_d = d_loss(real_logits, fake_logits, args.loss, args.label_smoothing)
-        self.opt_d.zero_grad(set_to_none=True)
-        self.scaler_d.scale(loss_d).backward()
-        common.average_gradients(self.discriminator)
-        self.scaler_d.step(self.opt_d)
-        self.scaler_d.update()
-
-        # G step on the same fakes, once every --d-steps D steps. D's weights are frozen while the graph is built:
-        # G's gradient flows through D's inputs, and D's own weight gradients (8% of the step) are never computed.
-        d_fake, g_sums = self.zero, [self.no_g_step]  # D(G(z)) and (loss_g, G updates) of a step without a G step
-        if (global_step + 1) % args.d_steps == 0:
-            self.discriminator.requires_grad_(False)
-            with common.autocast(device, self.amp):
-                g_logits = self.d_in_g_step(add_noise(diff_augment(fake, args.diffaug), sigma))
-                loss_g = g_loss(g_logits, args.loss)
-            self.discriminator.requires_grad_(True)
-            self.opt_g.zero_grad(set_to_none=True)
-            self.scaler_g.scale(loss_g).backward()
-            common.average_gradients(self.generator)
-            self.scaler_g.step(self.opt_g)
-            self.scaler_g.update()
-            if self.generator_ema is not None:
-                g_updates = (global_step + 1) // args.d_steps - 1
-                update_ema(self.generator_ema, self.generator, ema_decay(args.ema, g_updates))
-            # D(G(z)) from the D pass of G's loss: the same moment as loss_g (D's step has already moved D on)
-            d_fake, g_sums = torch.sigmoid(g_logits.detach().float()).mean().view(1), [loss_g.view(1), self.one]
-        with torch.no_grad():  # one cat (float32), one add into both rows (the epoch's and the window's)
-            d_real = torch.sigmoid(real_logits.float()).mean().view(1)
-            step_sums = torch.cat([loss_d.view(1), d_real, d_fake, self.one, *g_sums])
-            self.sums += step_sums
-        return common.Shown(step_sums, {"loss_d": 0, "loss_g": 4, "d_real": 1, "d_fake": 2})
-
-    def running_sums(self) -> list[torch.Tensor]:
-        return [self.sums]
-
-    def log_window(self, run: common.Run, global_step: int) -> None:
-        """A row of steps.csv: the means over the last --log-every steps."""
-        common.all_reduce_sum(self.window_sums)
-        run.append_csv(self.steps_path, STEP_COLUMNS, {  # every step a full batch (common.Run.train)
-            "global_step": global_step, "epoch": global_step / self.steps_per_epoch,
-            "images_seen": global_step * min(self.args.batch_size, self.n_images),
-            **means(self.window_sums),
-            "noise_sigma": noise_sigma(self.args.instance_noise, global_step - 1,
-                                       self.args.epochs * self.steps_per_epoch)})
-        self.window_sums.zero_()
-
-    def end_epoch(self, run: common.Run, epoch: int) -> dict:
-        common.all_reduce_sum(self.epoch_sums)
-        if self.generator_ema is not None:  # on every rank, before samples, FID, the checkpoint and the export
-            standing_stats(self.generator_ema, self.args.batch_size, self.args.seed + STANDING_STATS_SEED_OFFSET)
-        if run.is_main:
-            save_samples(self.sampler, self.fixed_noise, run.samples_dir / f"epoch_{epoch + 1:03d}.png")
-        row = {**means(self.epoch_sums), **dict.fromkeys(QUALITY_COLUMNS, "")}
-        self.epoch_sums.zero_()
-        if (epoch + 1) % self.args.fid_every == 0 or epoch + 1 == self.args.epochs:
-            if self.evaluate_fid is not None:
-                row["fid"], row["inception_score"] = self.evaluate_fid(self.sampler)
-            if self.evaluate_cfid is not None:  # the same noise as Inception's FID: --seed + 1
-                scores = self.evaluate_cfid(self.sampler, self.args.nz, n_samples=self.args.fid_samples,
-                                            seed=self.args.seed + gan_metrics.FID_NOISE_SEED_OFFSET)
-                row.update({key: scores[key] for key in ("cfid", "class_min", "class_max")})
-        return row
-
-    def summary(self, row: dict) -> str:
-        fid = f"  FID {row['fid']:7.2f}" if row["fid"] != "" else ""
-        if row["cfid"] != "":
-            fid += f"  cFID {row['cfid']:7.2f} (classes {row['class_min']:.1%}-{row['class_max']:.1%})"
-        return (f"loss D {row['loss_d']:6.3f}  G {row['loss_g']:6.3f}  D(x) {row['d_real']:5.3f}  "
-                f"D(G(z)) {row['d_fake']:5.3f}{fid}")
-
-    def export(self, folder: Path) -> list[Path]:
-        """G: z [N, nz, 1, 1] -> images in [-1, 1] (denorm maps to [0, 1]); D: images -> one logit each."""
-        paths = [folder / "DCGAN_model_G.pth", folder / "DCGAN_model_D.pth"]
-        export_model(self.sampler, paths[0])
-        export_model(self.discriminator, paths[1])
-        return paths
+        run.epoch_done(state, *end_of_epoch(args, run, epoch, state, evaluate))
 
 
-def means(sums: torch.Tensor) -> dict:
-    """Per-update means from sums of (loss_d, d_real, d_fake, D updates, loss_g, G updates); d_fake: at G's."""
-    loss_d, d_real, d_fake, n_d, loss_g, n_g = sums.tolist()
-    return {"loss_d": loss_d / max(n_d, 1), "loss_g": loss_g / n_g if n_g else math.nan,
-            "d_real": d_real / max(n_d, 1), "d_fake": d_fake / n_g if n_g else math.nan}
+@torch.no_grad()
+def mean_output(logits: torch.Tensor) -> torch.Tensor:
+    """The batch's mean sigmoid(D(x)): D's probability of "real" under --loss bce; under hinge, only a squashed
+    score (hinge logits are not log-odds)."""
+    return torch.sigmoid(logits.float()).mean()
+
+
+def end_of_epoch(args, run: Run, epoch: int, state: dict, evaluate) -> tuple[dict, dict]:
+    """The EMA G's own batch-norm statistics, the fixed-noise grid, and the quality numbers every --fid-every
+    epochs: (metrics columns, {TensorBoard tag: grid file})."""
+    sampler = state.get("generator_ema", state["generator"])  # samples, FID and export use the EMA G
+    if "generator_ema" in state:  # on every rank, before samples, FID, the checkpoint and the export
+        standing_stats(sampler, args.batch_size, args.seed + STANDING_STATS_SEED_OFFSET)
+    columns, grids = dict.fromkeys(QUALITY_COLUMNS, ""), {}
+    if run.is_main:
+        grids["fixed_noise"] = run.samples_dir / f"epoch_{epoch + 1:03d}.png"
+        save_samples(sampler, fixed_noise(args, sampler), grids["fixed_noise"])
+        if (epoch + 1) % args.fid_every == 0 or epoch + 1 == args.epochs:
+            with still_running("the epoch's evaluation", run.log):  # FID on a CPU takes minutes: no silence
+                columns.update(evaluate(sampler))
+    return columns, grids
+
+
+def fixed_noise(args, generator: nn.Module) -> torch.Tensor:
+    """64 noise vectors from their own generator: the same grid positions show the same z all run long."""
+    noise = torch.randn((64, args.nz, 1, 1), generator=torch.Generator().manual_seed(args.seed))
+    return noise.to(next(generator.parameters()).device)
+
+
+def quality(args, train_images: torch.Tensor, device: torch.device, inception_path, use_classifier: bool, log):
+    """The epoch-end quality evaluation (rank 0): generator -> {fid, inception_score, cfid, class_min, class_max}.
+    Building it draws init weights (Inception) or trains a classifier: the training RNG is kept out of it."""
+    with torch.random.fork_rng(devices=[]):
+        fid = cfid = None
+        if inception_path is not None:
+            log(f"FID and IS every {args.fid_every} epochs on {args.fid_samples:,} images ({inception_path})")
+            fid = gan_metrics.FIDEvaluator(inception_path, train_images, args, device, log=log)
+        if use_classifier:
+            cfid = gan_metrics.ClassifierFID.for_dataset(args.dataset, args.data_dir, device, log=log)
+            log(f"classifier FID every {args.fid_every} epochs on {args.fid_samples:,} samples against the "
+                f"{args.dataset} test set")
+
+    def evaluate(generator: nn.Module) -> dict:
+        scores = {}
+        if fid is not None:
+            scores["fid"], scores["inception_score"] = fid(generator)
+        if cfid is not None:  # the same noise as Inception's FID: --seed + 1
+            got = cfid(generator, args.nz, n_samples=args.fid_samples,
+                       seed=args.seed + gan_metrics.FID_NOISE_SEED_OFFSET)
+            scores.update({key: got[key] for key in ("cfid", "class_min", "class_max")})
+        return scores
+    return evaluate
 
 
 def models_from_checkpoint(ckpt: dict, run_dir, source=None) -> tuple[Generator, Discriminator]:
     """G and D in eval mode from a checkpoint (read from `source`) of the DCGAN run in `run_dir` (its config.json
     gives the architecture): G is the EMA generator when the run used one."""
     args = build_parser().parse_args([])
-    vars(args).update(common.read_run_config(run_dir, "dcgan")["args"])
+    vars(args).update(read_run_config(run_dir, "dcgan")["args"])
     generator, discriminator = build_models(args, dataset_channels(args.dataset))
     try:
-        generator.load_state_dict(ckpt["generator_ema"] or ckpt["generator"])
+        generator.load_state_dict(ckpt.get("generator_ema") or ckpt["generator"])
         discriminator.load_state_dict(ckpt["discriminator"])
     except (RuntimeError, KeyError, TypeError, ValueError) as err:  # another model's, or an incomplete file
-        raise common.UserError(f"checkpoint {source or run_dir} does not fit this run's model ({type(err).__name__}: "
-                               f"{common.checkpoints.one_line(err)})") from None
-    if ckpt["generator_ema"] and ckpt.get("step_in_epoch"):  # mid-epoch: the EMA G's statistics: last epoch end's
+        raise UserError(f"checkpoint {source or run_dir} does not fit this run's model ({type(err).__name__}: "
+                               f"{one_line(err)})") from None
+    if ckpt.get("generator_ema") and ckpt.get("step_in_epoch"):  # mid-epoch: the EMA G's statistics: last epoch end's
         standing_stats(generator, args.batch_size, args.seed + STANDING_STATS_SEED_OFFSET)
     return generator.eval(), discriminator.eval()
 
@@ -563,38 +503,60 @@ def export_checkpoint(ckpt_path, out_dir) -> tuple[Path, Path]:
     """DCGAN_model_G.pth and DCGAN_model_D.pth from any checkpoint of a DCGAN run (e.g. a milestone
     checkpoints/epoch-NNN.pt chosen by its quality): G is the EMA generator when the run used one."""
     ckpt_path, out_dir = Path(ckpt_path), Path(out_dir)
-    ckpt = common.load_checkpoint(ckpt_path)  # its checksum verified: a damaged file is one line, not a model
+    ckpt = load_checkpoint(ckpt_path)  # its checksum verified: a damaged file is one line, not a model
     generator, discriminator = models_from_checkpoint(ckpt, ckpt_path.parent.parent, ckpt_path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = out_dir / "DCGAN_model_G.pth", out_dir / "DCGAN_model_D.pth"
+    paths = tuple(out_dir / name for name in MODEL_FILES)
     export_model(generator, paths[0])
     export_model(discriminator, paths[1])
     return paths
 
 
 def main(argv=None) -> int:
-    plan = common.resolve_run(build_parser(), argv, script="dcgan")
+    plan = resolve_run(build_parser(), argv, script="dcgan")
     args = plan.args
     if args.loss == "hinge" and args.label_smoothing != 1.0:
-        raise common.UserError("--label-smoothing applies to the BCE loss only; drop it or use --loss bce")
+        raise UserError("--label-smoothing applies to the BCE loss only; drop it or use --loss bce")
     n_params = count_params(args)
     if n_params > MAX_PARAMS:
-        raise common.UserError(f"G plus D would have {n_params:,} parameters, above the {MAX_PARAMS:,} limit; "
-                               f"lower --ngf / --ndf (or --image-size)")
+        raise UserError(f"G plus D would have {n_params:,} parameters, above the {MAX_PARAMS:,} limit; lower "
+                        f"--ngf / --ndf (or --image-size)")
     gan_metrics.find_inception_weights(args.inception_weights)  # a wrong path fails now, before any folder is made
-    with common.determinism(args.deterministic):  # before any CUDA work (cuBLAS reads its setting at start)
-        rank, world_size, device = common.init_distributed(args.device)  # torchrun: one process per GPU
+    with devices.determinism(args.deterministic):  # before any CUDA work (cuBLAS reads its setting at start)
+        rank, world_size, device = devices.init_distributed(args.device)  # torchrun: one process per GPU
         train_images = load_training_images(args).to(device)  # missing data fails here, before a word about FID
-        evaluations = gan_metrics.choose_evaluations(args, is_main=rank == 0)
-        job = DCGANTraining(args, train_images, device, rank, world_size)
-        job.inception_path, job.use_classifier, job.fid_note = evaluations
-        with common.open_run(plan, script="dcgan", device=device, metric_columns=METRIC_COLUMNS) as run:
+        inception_path, use_classifier, fid_note = gan_metrics.choose_evaluations(args, is_main=rank == 0)
+        seed_everything(args.seed)
+        generator, discriminator = (m.to(device) for m in build_models(args, train_images.shape[1]))
+        if args.channels_last:  # before the EMA copy, so that both have one layout (one fused EMA update)
+            generator.to(memory_format=torch.channels_last)
+            discriminator.to(memory_format=torch.channels_last)
+        if world_size > 1:
+            seed_everything(args.seed + rank)  # same initial weights on every rank, different noise
+        amp, meter = devices.amp_dtype(args.amp, device), Meter(device)
+        # What a checkpoint holds: each object's state_dict, loaded in place on resume (common/checkpoints.py).
+        # fp16 gradients underflow without loss scaling; bf16 has float32's range (a disabled scaler passes through).
+        state = dict(generator=generator, discriminator=discriminator,
+                     opt_g=devices.adam(generator.parameters(), device, lr=args.lr_g, betas=(args.beta1, 0.999)),
+                     opt_d=devices.adam(discriminator.parameters(), device, lr=args.lr_d, betas=(args.beta1, 0.999)),
+                     scaler_g=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
+                     scaler_d=torch.amp.GradScaler(device.type, enabled=amp == torch.float16), meter=meter)
+        if args.ema > 0:
+            state["generator_ema"] = copy.deepcopy(generator).requires_grad_(False)
+        best = "fid" if inception_path else "cfid" if use_classifier else None  # best.pt follows it
+        with open_run(plan, script="dcgan", device=device, images=train_images, meter=meter, best_column=best,
+                      divergence_hint="lower --lr-d/--lr-g (e.g. half), or another --seed") as run:
             run.log(f"DCGAN {args.image_size}x{args.image_size}x{train_images.shape[1]}, {n_params:,} parameters "
                     f"(G+D); {len(train_images):,} training images")
-            run.train(job, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-            run.export(job)
+            if fid_note:
+                run.log(fid_note)
+            evaluate = quality(args, train_images, device, inception_path, use_classifier, run.log) \
+                if run.is_main else None
+            train(args, run, state, train_images, evaluate)
+            run.export(dict(zip(MODEL_FILES, (state.get("generator_ema", generator), discriminator))),
+                       save=export_model)
     return 0
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

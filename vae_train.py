@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from torchvision import transforms
 from torchvision.utils import save_image
 
-import common
+from common import devices
+from common.checkpoints import save_torchscript, seed_everything
+from common.data import epoch_permutation, load_images
+from common.errors import run_main
+from common.files import atomic_path
+from common.flags import ArgumentParser, add_run_args, at_least, non_negative_float, positive_float
+from common.run import Meter, Run, open_run
+from common.runs import resolve_run
 
 # What a grader applies to test images before model(x), and how model outputs map back to pixels: the VAE works
 # on grey levels in [0, 1] directly, so denorm only clamps.
@@ -36,24 +43,21 @@ def denorm(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-# Losses per image in nats. train_time_s: the epoch's training steps alone (no evaluation, grids or epoch-end
-# checkpoint), for throughput; epoch_time_s: the whole epoch.
-METRIC_COLUMNS = ["epoch", "images_seen", "train_loss", "train_recon", "train_kl", "test_loss", "test_recon",
-                  "test_kl", "beta", "train_time_s", "epoch_time_s"]
+MODEL_FILE = "VAE_model.pth"  # what the coursework's grader loads with torch.jit.load
 
 
-def build_parser() -> common.ArgumentParser:
-    parser = common.ArgumentParser(description=__doc__)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__)
     g = parser.group("model and loss", resumable=False)
     g.add_argument("--arch", default="conv", choices=["conv", "mlp"], help="conv VAE, or the MLP baseline")
-    g.add_argument("--latent-dim", type=common.at_least(1), default=16, help="size of z (docs/results.md: why 16)")
-    g.add_argument("--beta", type=common.non_negative_float, default=1.0, help="weight of the KL term (1: the ELBO)")
+    g.add_argument("--latent-dim", type=at_least(1), default=16, help="size of z (docs/results.md: why 16)")
+    g.add_argument("--beta", type=non_negative_float, default=1.0, help="weight of the KL term (1: the ELBO)")
     g.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "gaussian"],
                    help="p(x|z): Bernoulli on grey levels (BCE), or Gaussian with one learned sigma")
-    g.add_argument("--kl-warmup-epochs", type=common.non_negative_float, default=0.0,
+    g.add_argument("--kl-warmup-epochs", type=non_negative_float, default=0.0,
                    help="ramp the KL weight linearly from 0 to beta over this many epochs (0: off)")
-    g.add_argument("--lr", type=common.positive_float, default=1e-3, help="Adam learning rate")
-    common.add_run_args(parser, epochs=10, batch_size=128, dataset="mnist", datasets=["mnist", "fashion-mnist"])
+    g.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    add_run_args(parser, epochs=10, batch_size=128, dataset="mnist", datasets=["mnist", "fashion-mnist"])
     return parser
 
 
@@ -163,126 +167,92 @@ def evaluate(model: VAE, images: torch.Tensor, beta: float, seed: int, batch_siz
 
 
 @torch.no_grad()
-def save_samples(model: VAE, test_images: torch.Tensor, fixed_z: torch.Tensor, samples_dir, epoch: int) -> None:
-    """Test images above their reconstructions, and images decoded from the same fixed z every epoch."""
+def save_samples(model: VAE, test_images: torch.Tensor, fixed_z: torch.Tensor, samples_dir, epoch: int) -> dict:
+    """Test images above their reconstructions, and images decoded from the same fixed z every epoch; returns
+    {TensorBoard tag: file}."""
     model.eval()
     x = to_float(test_images)
     recon, _, _ = model(x)
-    with common.atomic_path(samples_dir / f"recon_epoch_{epoch:03d}.png") as tmp:
+    grids = {"reconstructions": samples_dir / f"recon_epoch_{epoch:03d}.png",
+             "prior_samples": samples_dir / f"prior_epoch_{epoch:03d}.png"}
+    with atomic_path(grids["reconstructions"]) as tmp:
         save_image(torch.cat([x, recon]), tmp, nrow=len(x), format="png")
-    with common.atomic_path(samples_dir / f"prior_epoch_{epoch:03d}.png") as tmp:
+    with atomic_path(grids["prior_samples"]) as tmp:
         save_image(torch.sigmoid(model.decoder(fixed_z)), tmp, nrow=8, format="png")
     model.train()
+    return grids
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
 
-class VAETraining(common.TrainingJob):
-    """The VAE, its optimiser and loss scaler, and the epoch's running sums: everything a checkpoint holds for it
-    (state_dict is the one list), plus the steps of its loop (common.Run.train calls them)."""
+def train(args, run: Run, state: dict, train_images: torch.Tensor, test_images: torch.Tensor) -> None:
+    """The training loop: from where run.restore says, every epoch's full batches in the order of
+    epoch_permutation(seed, epoch), then the test loss and the sample grids at each epoch end."""
+    model, optimizer, scaler, meter = state["model"], state["optimizer"], state["scaler"], state["meter"]
+    device, batch_size = train_images.device, args.batch_size
+    amp = devices.amp_dtype(args.amp, device)  # the autocast dtype; None: float32
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    train_float = to_float(train_images)  # converted once (188 MB for MNIST): a step gathers its batch in one op
+    terms = devices.compiled(vae_terms, device) if args.compile else vae_terms
+    fixed_z = torch.randn((64, args.latent_dim), generator=torch.Generator().manual_seed(args.seed)).to(device)
 
-    divergence_hint = "a lower --lr (e.g. a tenth)"
-    live_images = {"reconstructions": "recon_epoch_{epoch:03d}.png", "prior_samples": "prior_epoch_{epoch:03d}.png"}
+    start_epoch, start_step = run.restore(state)
+    for epoch in range(start_epoch, args.epochs):
+        order = epoch_permutation(args.seed, epoch, len(train_images), device)
+        for step in range(start_step if epoch == start_epoch else 0, run.steps_per_epoch):
+            batch = order[step * batch_size:(step + 1) * batch_size][run.rank::run.world_size]  # this rank's share
+            x = train_float[batch].contiguous(memory_format=memory_format)
+            beta = kl_weight(args.beta, args.kl_warmup_epochs, epoch + step / run.steps_per_epoch)
+            # The noise is drawn outside the (possibly compiled) loss: compiled code has its own random streams.
+            eps = torch.randn((len(x), args.latent_dim), device=device)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                recon_nll, kl = terms(model, x, eps)
+                loss = (recon_nll + beta * kl).mean()
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            devices.average_gradients(model)  # torchrun: one all-reduce; nothing with one process
+            scaler.step(optimizer)
+            scaler.update()
+            meter.add(train_loss=loss, train_recon=recon_nll.mean(), train_kl=kl.mean())  # nats per image
+            run.step_done(state)  # non-finite check, checkpoint when due or signalled, stop
 
-    def __init__(self, args, train_images: torch.Tensor, test_images: torch.Tensor, device: torch.device,
-                 rank: int, world_size: int):
-        self.args, self.device, self.n_images = args, device, len(train_images)
-        self.train_images, self.test_images = train_images, test_images  # uint8: the data's identity, as loaded
-        # Converted once (188 MB for MNIST): a step then gathers its batch in one op, nothing converts it again.
-        self.train_float = to_float(train_images)
-        common.seed_everything(args.seed)
-        self.model = VAE(args.arch, args.latent_dim, args.likelihood).to(device)
-        self.optimizer = common.adam(self.model.parameters(), device, lr=args.lr)
-        # GPU speed flags (common.add_run_args); on CPU with the defaults none of them changes a number.
-        self.amp = common.amp_dtype(args.amp, device)
-        self.scaler = common.grad_scaler(device, self.amp)
-        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-        self.model.to(memory_format=self.memory_format)
-        self.terms = common.compiled(vae_terms, device) if args.compile else vae_terms
-        if world_size > 1:
-            common.seed_everything(args.seed + rank)  # same initial weights on every rank, different noise
-        # Sums over the epoch so far of (loss, recon, kl) over images; checkpointed, so a resumed epoch reports the
-        # same means as an uninterrupted one; checked for NaNs by Run (running_sums). float32 on MPS (no float64).
-        self.sums = torch.zeros(3, dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
-        # Fixed things for the per-epoch image grids: the first 16 test images, and 64 latent codes.
-        self.fixed_z = torch.randn((64, args.latent_dim), generator=torch.Generator().manual_seed(args.seed))
-        self.fixed_z = self.fixed_z.to(device)
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "epoch_sums": self.sums.cpu()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        common.load_scaler(self.scaler, state["scaler"])  # --amp may change on resume
-        self.sums = state["epoch_sums"].to(device=self.device, dtype=self.sums.dtype)
-        for group in self.optimizer.param_groups:  # --init-from may start from another run with another --lr
-            group["lr"] = self.args.lr
-
-    def train_step(self, batch: torch.Tensor, global_step: int, epoch_progress: float) -> dict:
-        args = self.args
-        beta = kl_weight(args.beta, args.kl_warmup_epochs, epoch_progress)
-        x = self.train_float[batch].contiguous(memory_format=self.memory_format)
-        # The noise is drawn outside the (possibly compiled) loss: compiled code has its own random streams.
-        eps = torch.randn((len(x), args.latent_dim), device=self.device)
-        with common.autocast(self.device, self.amp):
-            recon_nll, kl = self.terms(self.model, x, eps)
-            loss = (recon_nll + beta * kl).mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        common.average_gradients(self.model)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        with torch.no_grad():  # the step's per-image means (recon and KL in one reduction), added x images at once
-            step_means = torch.cat([loss.view(1), torch.stack([recon_nll, kl]).mean(1)])
-            self.sums.add_(step_means, alpha=len(x))
-        return common.Shown(step_means, {"loss": 0, "kl": 2})
-
-    def running_sums(self) -> list[torch.Tensor]:
-        return [self.sums]
-
-    def end_epoch(self, run: common.Run, epoch: int) -> dict:
-        beta = kl_weight(self.args.beta, self.args.kl_warmup_epochs, epoch + 1)
-        common.all_reduce_sum(self.sums)
-        train_loss, train_recon, train_kl = (self.sums / run.images_per_epoch).tolist()
-        self.sums.zero_()
-        row = {"train_loss": train_loss, "train_recon": train_recon, "train_kl": train_kl,
-               **evaluate(self.model, self.test_images, beta, self.args.seed), "beta": beta}
-        if run.is_main:
-            save_samples(self.model, self.test_images[:16], self.fixed_z, run.samples_dir, epoch + 1)
-        return row
-
-    def summary(self, row: dict) -> str:
-        return (f"train {row['train_loss']:8.2f} (recon {row['train_recon']:7.2f}, KL {row['train_kl']:6.2f})  "
-                f"test {row['test_loss']:8.2f}  beta {row['beta']:g}")
-
-    def export(self, folder: Path) -> list[Path]:
-        """VAE_model.pth: torch.jit.load it; model(x)[0] is the reconstruction."""
-        path = folder / "VAE_model.pth"
-        common.save_torchscript(self.model, path)
-        return [path]
+        beta = kl_weight(args.beta, args.kl_warmup_epochs, epoch + 1)
+        columns = {**evaluate(model, test_images, beta, args.seed), "beta": beta}
+        grids = save_samples(model, test_images[:16], fixed_z, run.samples_dir, epoch + 1) if run.is_main else {}
+        run.epoch_done(state, columns, grids)  # metrics row, log line, checkpoint (a milestone when due)
 
 
 def main(argv=None) -> int:
-    plan = common.resolve_run(build_parser(), argv, script="vae")
+    plan = resolve_run(build_parser(), argv, script="vae")
     args = plan.args
-    with common.determinism(args.deterministic):  # before any CUDA work (cuBLAS reads its setting at start)
-        rank, world_size, device = common.init_distributed(args.device)  # torchrun: one process per GPU
-        train_images, _ = common.load_images(args.dataset, args.data_dir, train=True)
-        test_images, _ = common.load_images(args.dataset, args.data_dir, train=False)
+    with devices.determinism(args.deterministic):  # before any CUDA work (cuBLAS reads its setting at start)
+        rank, world_size, device = devices.init_distributed(args.device)  # torchrun: one process per GPU
+        train_images, _ = load_images(args.dataset, args.data_dir, train=True)
+        test_images, _ = load_images(args.dataset, args.data_dir, train=False)
         if args.train_limit:
             train_images = train_images[:args.train_limit]
-        job = VAETraining(args, train_images.to(device), test_images.to(device), device, rank, world_size)
-        with common.open_run(plan, script="vae", device=device, metric_columns=METRIC_COLUMNS) as run:
-            n_params = sum(p.numel() for p in job.model.parameters())
+        seed_everything(args.seed)
+        model = VAE(args.arch, args.latent_dim, args.likelihood).to(device)
+        if args.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if world_size > 1:
+            seed_everything(args.seed + rank)  # same initial weights on every rank, different noise
+        meter = Meter(device)
+        # What a checkpoint holds: each object's state_dict, loaded in place on resume (common/checkpoints.py).
+        state = dict(model=model, optimizer=devices.adam(model.parameters(), device, lr=args.lr),
+                     scaler=torch.amp.GradScaler(device.type, enabled=devices.amp_dtype(args.amp, device) ==
+                                                 torch.float16),  # fp16 gradients underflow without loss scaling
+                     meter=meter)
+        with open_run(plan, script="vae", device=device, images=train_images, meter=meter,
+                      divergence_hint="a lower --lr (e.g. a tenth)") as run:
+            n_params = sum(p.numel() for p in model.parameters())
             run.log(f"{args.arch} VAE, {n_params:,} parameters; {len(train_images):,} training images")
-            run.train(job, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-            run.export(job)
+            train(args, run, state, train_images.to(device), test_images.to(device))
+            run.export({MODEL_FILE: model}, save=save_torchscript)  # model(x)[0] is the reconstruction
     return 0
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

@@ -16,10 +16,9 @@ Where things live (a module imports only the ones above it in this list):
     devices.py       --device (never a silent CPU run), precision, determinism, fused Adam, torchrun
     progress.py      the progress bar or log line with the run's ETA
     data.py          MNIST / Fashion-MNIST / CIFAR-10 as uint8 tensors, each epoch's data order, data identity
-    folder.py        RunFolder: the run folder owned by one process (lock, config.json, log.txt, latest links)
+    folder.py        the run folder's files: claim, lock, config.json with each start's code, latest links
     live.py          the live view: TensorBoard events of a run's CSV rows, sample grids and settings (RUN_DIR/tb/)
-    restore.py       Run's restore: the newest usable checkpoint, checked (script, experiment, model, data), loaded
-    loop.py          TrainingJob (what a script hands over) and Run (the loop: steps, epoch ends, saves, stops)
+    run.py           what a script's loop calls: Run (restore, step_done, epoch_done, export) and Meter
     experiments.py   run folders as experiments: sweeps, the run that counts, labels from differing settings
     fid.py           the Frechet distance (FID) from feature statistics; the real images' statistics, cached
     gan_metrics.py   GAN evaluation: seeded sampling, diversity, Inception features, FID, IS, classifier FID
@@ -28,15 +27,9 @@ Where things live (a module imports only the ones above it in this list):
     page.py          a report page (report.py): text, tables, code and figures as Markdown and HTML, paths relative
     testcell.py      the notebook's test cells: each script's transform and denorm, run in a clean Python
 
-A training script uses it in this order (vae_train.main is the shortest example):
-
-    args = parser.parse_args(argv)                                   # flags, range-checked (exit 2)
-    plan = common.resolve_run(parser, argv, script="vae")            # which folder, which settings
-    ... load the data (fails before any folder exists), build a TrainingJob (models, optimisers: its state_dict
-    ... is the one place a checkpoint's contents are listed)
-    with common.open_run(plan, script="vae", device=..., metric_columns=...) as run:   # folder, lock, config, log
-        run.train(job, epochs=..., batch_size=..., seed=...)         # resume, steps, epoch ends, saves
-        run.export(job)                                              # the model files, once per step
+The training scripts import what they use by name (`from common.run import Meter, open_run`), so an editor
+goes to the definition; their loop is their own (common/run.py's docstring shows its shape). The analysis
+scripts, tools and tests also use `common.NAME`, which loads the module that defines NAME on first use.
 
 Why a package and not one file: common.py had grown to ten jobs in 1,400 lines (docs/design.md, "Where things
 live"). Importing it has no side effects.
@@ -59,11 +52,10 @@ _NAMES = {
                     "save_torchscript"],
     "devices": ["pick_device", "init_distributed", "broadcast_object", "all_reduce_sum", "any_rank",
                 "average_gradients", "shard", "amp_dtype", "precision_name", "autocast", "grad_scaler",
-                "load_scaler", "determinism", "describe", "adam", "compiled"],
-    "progress": ["Progress", "Shown"],
+                "determinism", "describe", "adam", "compiled"],
+    "progress": ["Progress", "still_running"],
     "data": ["epoch_permutation", "full_batches", "load_images", "load_image_folder", "FASHION_MNIST_SYSTEM_DIR"],
-    "folder": ["RunFolder"],
-    "loop": ["TrainingJob", "Run", "open_run"],
+    "run": ["Meter", "Run", "open_run"],
 }
 _WHERE = {name: module for module, names in _NAMES.items() for name in names}
 

@@ -1,8 +1,9 @@
-"""Checkpoint files: writing one with its checksum, loading the newest intact one, the random number generators'
-state, and the TorchScript export.
+"""Checkpoint files and what goes in them: writing one with its checksum, loading the newest intact one, a script's
+state dict of stateful objects saved and loaded in place (with one line naming the first tensor that does not fit
+an edited model), the warm start of --init-from, the random number generators' state, and the TorchScript export.
 
-What a checkpoint holds is listed once, by TrainingJob.state_dict (the script's models and optimisers) and
-Run._state (the loop's position, metrics and RNG) in loop.py; writing one is Run._save.
+What a checkpoint holds is listed once, by the training script's `state` dict (its models, optimisers, scalers,
+meter), plus the loop's position, metrics and RNG (run.Run._checkpoint); writing one is run.Run._save.
 """
 from __future__ import annotations
 
@@ -59,47 +60,52 @@ def _set_aside(path: Path) -> Path:
     return bad
 
 
-def _read_checkpoint(path: Path, check) -> tuple[dict | None, str | None]:
-    """(the checkpoint, None), or (None or it, why it cannot be used). The checksum decides whether the bytes are
-    the ones written; the file is still read, so the line can say what is wrong in it (cut off, lacks a key)."""
+def _read_checkpoint(path: Path) -> tuple[dict | None, str | None]:
+    """(the checkpoint, None), or (None, why its bytes cannot be used: a checksum that differs, a file that does not
+    load, or one that holds no checkpoint). Only such files are damaged."""
     damaged = checksum_problem(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        problem = check(ckpt) if check else None
     except FileNotFoundError:
         raise
     except Exception as err:  # truncated, empty or garbage: torch raises several kinds
-        ckpt, problem = None, f"does not load ({type(err).__name__}: {one_line(err, 120)})"
+        why = f"does not load ({type(err).__name__}: {one_line(err, 120)})"
+        return None, f"{why}; {damaged}" if damaged else why
     if damaged:
-        problem = f"{problem}; {damaged}" if problem else f"is damaged: {damaged}"
-    return ckpt, problem
+        return None, f"is damaged: {damaged}"
+    if not isinstance(ckpt, dict):
+        return None, f"holds a {type(ckpt).__name__}, not a checkpoint"
+    return ckpt, None
 
 
 def load_newest_checkpoint(run_dir: Path, log=print, set_aside: bool = True, check=None) -> tuple[dict, Path] | None:
-    """(checkpoint, its path) of the newest checkpoint that is intact and passes `check`; a warning line for each
-    one that is not. Tried in the order of readers.checkpoint_candidates: step checkpoints, milestones, best.pt.
+    """(checkpoint, its path) of the newest intact checkpoint, tried in the order of readers.checkpoint_candidates:
+    step checkpoints, milestones, best.pt.
 
-    A checkpoint whose bytes differ from their checksum, that does not load, or that `check(ckpt)` refuses (another
-    script's, another experiment's, one that lacks an entry or does not fit the model) is treated as damaged. The
-    training script (which owns the folder) sets bad files aside as *.corrupt so they are never tried again;
-    readers such as the analysis scripts pass set_aside=False and leave the folder as it is. A file that vanishes
-    while we look (a live run pruning its old checkpoints) is skipped.
-    Returns None when the run has no checkpoint file at all. Raises UserError when there are checkpoint files but
-    none loads: starting from scratch there would silently throw away the run.
+    A damaged one (its bytes differ from their checksum, or it does not load) gets a warning line and the one before
+    is tried; the training script (which owns the folder) also renames it *.corrupt so it is never tried again,
+    readers (set_aside=False) leave the folder as it is. An intact checkpoint that `check(ckpt)` refuses (another
+    script's, another experiment's, one that does not fit an edited model) is not damaged: UserError with
+    check's line, and nothing is renamed. A file that vanishes while we look (a live run pruning its old
+    checkpoints) is skipped. None when the run has no checkpoint file at all; UserError when there are checkpoint
+    files but none loads: starting from scratch there would silently throw the run away.
     """
     paths, vanished = checkpoint_candidates(run_dir), 0
     for path in paths:
         try:
-            ckpt, problem = _read_checkpoint(path, check)
+            ckpt, damaged = _read_checkpoint(path)
         except FileNotFoundError:
             vanished += 1
             continue
-        if problem is None:
+        if damaged is None:
+            problem = check(ckpt) if check else None
+            if problem:
+                raise UserError(f"checkpoint {path} {problem}")
             return ckpt, path
         if set_aside:
-            log(f"warning: checkpoint {path} {problem}; set aside as {_set_aside(path).name}, trying the one before")
+            log(f"warning: checkpoint {path} {damaged}; set aside as {_set_aside(path).name}, trying the one before")
         else:
-            log(f"warning: checkpoint {path} {problem}; trying the one before")
+            log(f"warning: checkpoint {path} {damaged}; trying the one before")
     if paths and vanished == len(paths):  # all pruned under our feet: the newer ones are on disk now
         return load_newest_checkpoint(run_dir, log, set_aside, check)
     if paths:
@@ -118,12 +124,81 @@ def load_checkpoint(path: Path, check=None) -> dict:
     """A checkpoint file the user named (--init-from, a milestone to export): verified and loaded, or one line
     (UserError) saying what is wrong with it."""
     try:
-        ckpt, problem = _read_checkpoint(Path(path), check)
+        ckpt, problem = _read_checkpoint(Path(path))
     except FileNotFoundError:
         raise UserError(f"{path}: no such checkpoint file") from None
+    problem = problem or (check(ckpt) if check else None)
     if problem:
         raise UserError(f"checkpoint {path} {problem}")
     return ckpt
+
+
+# -- a script's state: {name: a model, optimiser, loss scaler or meter}, saved and loaded in place ------------------
+def state_dicts(state: dict) -> dict:
+    """The checkpoint entries of a script's state dict: each object's state_dict(), under its name."""
+    return {name: obj.state_dict() for name, obj in state.items()}
+
+
+def _shape(tensor) -> str:
+    return "[" + ", ".join(map(str, tensor.shape)) + "]"
+
+
+def misfits(state: dict, ckpt: dict) -> list[str]:
+    """The tensors of the state's models that a checkpoint cannot fill, each as one phrase naming it (the
+    checkpoint's shape, the model's), in the model's order; a tensor the model no longer has is named too."""
+    found = []
+    for name, obj in state.items():
+        if not isinstance(obj, torch.nn.Module):
+            continue
+        mine, saved = obj.state_dict(), ckpt.get(name)
+        if not isinstance(saved, dict):
+            found.append(f"{name} (not in the checkpoint)")
+            continue
+        for key, tensor in mine.items():
+            if key not in saved:
+                found.append(f"{name}.{key} (new in the model, {_shape(tensor)})")
+            elif not isinstance(saved[key], torch.Tensor) or saved[key].shape != tensor.shape:
+                found.append(f"{name}.{key} ({_shape(saved[key])} in the checkpoint, {_shape(tensor)} in the model)")
+        found += [f"{name}.{key} (in the checkpoint, not in the model)" for key in saved if key not in mine]
+    return found
+
+
+def load_state(state: dict, ckpt: dict) -> None:
+    """Load a checkpoint's entries into the script's objects, in place. Call misfits() first.
+
+    An optimiser keeps the hyperparameters it was built with (learning rate, betas, fused/foreach): the
+    checkpoint brings its moments and step counts only. --init-from may start with other rates, and a run moved
+    from a CPU to a GPU builds a fused Adam that must stay fused (a fused Adam's setting loaded from a CPU
+    checkpoint meets the fp16 GradScaler with the other setting and fails at its first step). A loss scaler
+    loads a saved scale where there is one (--amp may change on resume: bf16 and fp32 save none)."""
+    for name, obj in state.items():
+        saved = ckpt[name]
+        if isinstance(obj, torch.optim.Optimizer):
+            built = [{k: v for k, v in group.items() if k != "params"} for group in obj.param_groups]
+            obj.load_state_dict(saved)
+            for group, hyper in zip(obj.param_groups, built):
+                group.update(hyper)
+        elif isinstance(obj, torch.amp.GradScaler):
+            if saved:
+                obj.load_state_dict(saved)  # a no-op for a disabled scaler
+        else:
+            obj.load_state_dict(saved)
+
+
+def warm_start(state: dict, ckpt: dict) -> list[str]:
+    """--init-from into a model that may have been edited: every model tensor whose name and shape fit is loaded,
+    the others keep their fresh initialisation. The optimisers, scalers and meters are loaded only when every
+    tensor fits (their moments belong to the old shapes). Returns misfits()' list: empty when all was loaded."""
+    missing = misfits(state, ckpt)
+    if not missing:
+        load_state(state, ckpt)
+        return []
+    for name, obj in state.items():
+        if isinstance(obj, torch.nn.Module) and isinstance(ckpt.get(name), dict):
+            mine = obj.state_dict()
+            fits = {k: v for k, v in ckpt[name].items() if k in mine and getattr(v, "shape", None) == mine[k].shape}
+            obj.load_state_dict(fits, strict=False)
+    return missing
 
 
 def one_line(err: Exception, limit: int = 200) -> str:

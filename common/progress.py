@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping
 
 import torch.distributed as dist
 
@@ -59,15 +58,16 @@ class Progress:
         steps = max(1, global_step - self.start_step)
         return elapsed, steps * self.batch_size / max(elapsed, 1e-9), elapsed / steps
 
-    def update(self, global_step: int, shown: dict) -> None:
-        """`global_step` counts steps done; `shown` values become numbers (a GPU sync) only when displayed."""
+    def update(self, global_step: int, values) -> None:
+        """`global_step` counts steps done; `values()` gives the numbers to show (a GPU sync), called only when a
+        line or the bar's numbers are shown."""
         step = global_step - self.epoch_start_step
         if self.bar is not None:
             with self._terminal_may_go():
                 self.bar.update(1)
                 if step % 10 == 0 or step == self.steps_per_epoch:
                     _, _, per_step = self._eta(global_step)
-                    self.bar.set_postfix({**{k: f"{float(v):.4g}" for k, v in shown.items()},
+                    self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in values().items()},
                                           "run ETA": _clock(per_step * (self.total_steps - global_step))})
             return
         now = time.monotonic()
@@ -75,7 +75,7 @@ class Progress:
             return
         self.last_line = now
         elapsed, rate, per_step = self._eta(global_step)
-        losses = " ".join(f"{k} {float(v):.4g}" for k, v in shown.items())
+        losses = " ".join(f"{k} {v:.4g}" for k, v in values().items())
         self.log(f"{self.desc} step {step}/{self.steps_per_epoch} | {losses} | {_clock(elapsed)} elapsed, "
                  f"{rate:,.0f} img/s, epoch ETA {_clock(per_step * (self.steps_per_epoch - step))}, "
                  f"run ETA {_clock(per_step * (self.total_steps - global_step))}")
@@ -85,23 +85,6 @@ class Progress:
             with self._terminal_may_go():
                 self.bar.close()
             self.bar = None
-
-
-class Shown(Mapping):
-    """Named entries of one tensor of a step's numbers, {name: index}: each read (an indexing op, and a GPU sync
-    when turned into a number) only when a progress line shows it, not at every step."""
-
-    def __init__(self, values, index: dict[str, int]):
-        self.values, self.index = values, index
-
-    def __getitem__(self, name: str):
-        return self.values[self.index[name]]
-
-    def __iter__(self):
-        return iter(self.index)
-
-    def __len__(self) -> int:
-        return len(self.index)
 
 
 class still_running:

@@ -34,15 +34,26 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
     return list_checkpoints(run_dir) + milestones + [p for p in [ckpt_dir / "best.pt"] if p.is_file()]
 
 
+def export_record(run_dir) -> dict | None:
+    """export.json, written last by a training script's export: {"epoch", "global_step", "files"}; None when it is
+    missing or unreadable (a run that has not exported, or was killed during its export)."""
+    try:
+        record = json.loads((Path(run_dir) / "export.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("files"), list) and isinstance(record.get("epoch"), int)
+    return record if ok else None
+
+
 def finished_models(run_dir: Path, saved_args: dict, default_files=()) -> list[Path] | None:
     """The model files of a run that trained to its --epochs and exported them (export.json, written last, says
     so, and the files are there); None for a run that has not finished. One rule for the training scripts (a
     finished run is left alone) and the readers (the run that counts)."""
+    record = export_record(run_dir)
     try:
-        record = json.loads((Path(run_dir) / "export.json").read_text())
         names = record.get("files") or default_files
         done, files = record["epoch"] >= saved_args["epochs"], [Path(run_dir) / Path(f).name for f in names]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError):
         return None
     return files if done and files and all(f.is_file() for f in files) else None
 

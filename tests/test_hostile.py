@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from conftest import REPO, VAE_THAT_LEARNS, hook_calls, run_script, script_env
-from hostile import (GAN_STEPS, GAN_TINY, KILL, LINUX_PROC, VAE_STEPS, catches, copy_run, gan, newest_checkpoint,
+from hostile import (GAN_STEPS, GAN_TINY, KILL, LINUX_PROC, VAE_STEPS, catches, copy_run, snapshot, gan, newest_checkpoint,
                      on_replace, run_patched, vae)
 from tiny_data import make_image_folder, make_mnist
 
@@ -222,29 +222,23 @@ def test_all_checkpoints_damaged_stays_an_error_until_restart(mnist_dir, vae_run
     assert_exported_model_is_the_newest_checkpoint(run_dir)  # not the model of the run that was there before
 
 
-def test_a_checkpoint_of_another_script_or_experiment_is_treated_as_damaged(mnist_dir, vae_run, gan_run, tmp_path):
+def test_a_checkpoint_of_another_script_or_experiment_is_refused_and_left_as_it_is(mnist_dir, vae_run, gan_run,
+                                                                                     tmp_path):
+    """Not damaged (its checksum holds), only not this run's: one line, and nothing renamed, moved or deleted."""
     run_dir = copy_run(vae_run, tmp_path / "run")
-    good = common.list_checkpoints(run_dir)[0]
-    other_experiment = torch.load(good, weights_only=True)
+    shutil.copy(common.list_checkpoints(gan_run)[0], run_dir / "checkpoints" / "step-0000000099.pt")
+    before = snapshot(run_dir)
+    proc = run_script("vae_train.py", *vae(mnist_dir, "--run-dir", run_dir, "--epochs", 2), check=False)
+    the_error_line(proc, "step-0000000099.pt", "is a dcgan checkpoint, not a vae one")
+    assert snapshot(run_dir, but=(".lock", "log.txt")) == {k: v for k, v in before.items() if k != "log.txt"}
+
+    (run_dir / "checkpoints" / "step-0000000099.pt").unlink()
+    other_experiment = torch.load(common.list_checkpoints(run_dir)[0], weights_only=True)
     other_experiment["experiment"]["beta"] = 4.0  # a VAE checkpoint of a run with other settings
     torch.save(other_experiment, run_dir / "checkpoints" / "step-0000000098.pt")
-    shutil.copy(common.list_checkpoints(gan_run)[0], run_dir / "checkpoints" / "step-0000000099.pt")
-
-    proc = run_script("vae_train.py", *vae(mnist_dir, "--run-dir", run_dir, "--epochs", 2))
-    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: checkpoint")]
-    assert len(warnings) == 2 and "step-0000000099.pt" in warnings[0] and "step-0000000098.pt" in warnings[1]
-    assert "dcgan" in warnings[0] and "another experiment" in warnings[1]
-    assert f"resumed at epoch 2, step 0/{VAE_STEPS}" in proc.stdout  # from the good one, the end of epoch 1
-    assert (run_dir / "checkpoints" / "step-0000000099.pt.corrupt").exists()
-    assert newest_checkpoint(run_dir)["global_step"] == 2 * VAE_STEPS
-
-    # When the foreign file is the only one, there is nothing to resume: an error, not a fresh start.
-    lone = copy_run(vae_run, tmp_path / "lone")
-    for path in (lone / "checkpoints").iterdir():  # every checkpoint, milestone and checksum
-        path.unlink()
-    shutil.copy(common.list_checkpoints(gan_run)[0], lone / "checkpoints" / "step-0000000005.pt")
-    the_error_line(run_script("vae_train.py", *vae(mnist_dir, "--run-dir", lone, "--epochs", 2), check=False),
-                   "--restart")
+    proc = run_script("vae_train.py", *vae(mnist_dir, "--run-dir", run_dir, "--epochs", 2), check=False)
+    the_error_line(proc, "step-0000000098.pt", "belongs to another experiment", "beta")
+    assert (run_dir / "checkpoints" / "step-0000000098.pt").exists() and not list(run_dir.rglob("*.corrupt"))
 
 
 def test_damaged_config_json_is_one_line(mnist_dir, vae_run, tmp_path):
@@ -399,7 +393,7 @@ def test_damaged_image_in_a_folder_dataset_is_named(tmp_path):
 @LINUX_PROC
 @pytest.mark.parametrize("path_part, at, code, what", [
     ("/checkpoints/.step-", 2, "ENOSPC", "checkpoint"),   # the end-of-epoch-2 checkpoint: the disk is full
-    ("/metrics.csv", 2, "EIO", "metrics.csv"),            # epoch 2's row of metrics.csv: an I/O error
+    ("metrics.csv", 2, "EIO", "metrics.csv"),             # epoch 2 in metrics.csv (rewritten whole): an I/O error
     ("/.VAE_model.pth.tmp-", 1, "EROFS", "model"),        # the export: the file system went read-only
 ], ids=["disk-full-checkpoint", "io-error-metrics", "read-only-export"])
 def test_storage_fault_is_one_line_and_the_next_start_resumes(mnist_dir, tmp_path, path_part, at, code, what,

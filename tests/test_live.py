@@ -83,7 +83,7 @@ def test_a_run_folder_without_events_gets_its_rows_so_far(run_dir, tmp_path):
     shutil.copytree(run_dir, copy)
     shutil.rmtree(copy / "tb")
     view = live.LiveView()
-    view.open(copy, global_step=12, steps_per_epoch=6, settings={"seed": 0}, metric_columns=dcgan_train.METRIC_COLUMNS,
+    view.open(copy, global_step=12, steps_per_epoch=6, settings={"seed": 0}, metric_columns=["loss_d", "loss_g"],
               metrics=common.read_metrics_csv(copy / "metrics.csv"), log=lambda line: None)
     view.close()
     found = events(copy)

@@ -227,7 +227,7 @@ def test_every_checkpoint_loads_with_weights_only(mnist_dir, tmp_path):
     for path in paths:
         state = torch.load(path, map_location="cpu", weights_only=True)
         assert {"model", "optimizer", "epoch", "step_in_epoch", "global_step", "metrics", "rng",
-                "epoch_sums"} <= state.keys()
+                "meter"} <= state.keys()
 
 
 def test_only_the_newest_checkpoints_are_kept(reference_run):

@@ -133,61 +133,78 @@ def test_the_classifier_fid_reuses_its_cached_test_statistics(tmp_path):
 # The training step
 
 
-def test_the_non_finite_check_reads_the_sums_and_names_the_steps_since_the_last_check(tmp_path):
-    class Job(common.TrainingJob):
-        divergence_hint = "a lower --lr"
-
-        def __init__(self):
-            self.sums = torch.zeros(3, dtype=torch.float64)
-
-        def running_sums(self):
-            return [self.sums]
-
-    run, job = common.Run.__new__(common.Run), Job()
+def test_the_non_finite_check_reads_the_meter_and_names_the_steps_since_the_last_check(tmp_path):
+    run, meter = common.Run.__new__(common.Run), common.Meter(torch.device("cpu"))
+    meter.add(loss=torch.tensor(1.0), kl=torch.tensor(2.0))
+    run.meter, run.divergence_hint = meter, "a lower --lr"
     run.dir, run.script, run.steps_per_epoch, run._finite_through, run.good_ckpt = tmp_path, "vae", 10, 10, None
     run.global_step = 13
-    run._stop_if_non_finite(job)  # finite: nothing happens, the check moves on
+    run._stop_if_non_finite()  # finite: nothing happens, the check moves on
     assert run._finite_through == 13
-    job.sums[1] = math.nan
+    meter.add(loss=torch.tensor(1.0), kl=torch.tensor(math.nan))
     run.global_step = 16
     with pytest.raises(common.UserError, match=r"non-finite loss at epoch 2, steps 4-6; stopped without saving"):
-        run._stop_if_non_finite(job)
-    run._finite_through, job.sums[1] = 15, math.inf
+        run._stop_if_non_finite()
+    run._finite_through = 15
     with pytest.raises(common.UserError, match=r"non-finite loss at epoch 2, step 6;"):
-        run._stop_if_non_finite(job)
+        run._stop_if_non_finite()
 
 
-def small_gan(images_uint8: torch.Tensor, *flags):
-    args = dcgan_train.build_parser().parse_args(["--ngf", "8", "--ndf", "8", "--batch-size", "16", *flags])
-    return dcgan_train.DCGANTraining(args, images_uint8, torch.device("cpu"), 0, 1)
+def one_gan_step(tmp_path, monkeypatch, *flags) -> dict:
+    """One DCGAN step through dcgan_train.main (16 images, batch 16), with G, D and each update_ema call caught."""
+    caught = {"ema": []}
+    real_build, real_ema = dcgan_train.build_models, dcgan_train.update_ema
+
+    def build_models(args, channels):
+        caught["G"], caught["D"] = real_build(args, channels)
+        caught["G_init"] = [p.detach().clone() for p in caught["G"].parameters()]
+        caught["names"] = [name for name, _ in caught["D"].named_parameters()]
+        caught["accumulated"] = []
+        for name, param in caught["D"].named_parameters():
+            param.register_post_accumulate_grad_hook(lambda p, name=name: caught["accumulated"].append(name))
+        return caught["G"], caught["D"]
+
+    def update_ema(ema_model, model, decay):
+        real_ema(ema_model, model, decay)
+        caught["ema"].append(([p.clone() for p in ema_model.parameters()], decay))
+    monkeypatch.setattr(dcgan_train, "build_models", build_models)
+    monkeypatch.setattr(dcgan_train, "update_ema", update_ema)
+    data = make_mnist(tmp_path / "data")
+    assert dcgan_train.main(["--data-dir", str(data), "--dataset", "mnist", "--train-limit", "16", "--batch-size",
+                             "16", "--ngf", "8", "--ndf", "8", "--epochs", "1", "--fid", "off", "--device", "cpu",
+                             "--run-dir", str(tmp_path / "run"), *flags]) == 0
+    return caught
 
 
-def test_g_step_leaves_d_weight_gradients_out_and_the_ema_is_one_foreach_lerp():
-    job = small_gan(images(64, seed=0))
-    accumulated = []
-    for name, param in job.discriminator.named_parameters():
-        param.register_post_accumulate_grad_hook(lambda p, name=name: accumulated.append(name))
-    ema_before = [p.clone() for p in job.generator_ema.parameters()]
-    job.train_step(torch.arange(16), 0, 0.0)
-    names = [name for name, _ in job.discriminator.named_parameters()]
-    assert sorted(accumulated) == sorted(names), "D's weights got gradients outside D's own step"
-    assert all(p.requires_grad for p in job.discriminator.parameters())
-    decay = dcgan_train.ema_decay(job.args.ema, 0)
-    for before, p_ema, p in zip(ema_before, job.generator_ema.parameters(), job.generator.parameters()):
+def test_g_step_leaves_d_weight_gradients_out_and_the_ema_is_one_foreach_lerp(tmp_path, monkeypatch):
+    caught = one_gan_step(tmp_path, monkeypatch)
+    assert sorted(caught["accumulated"]) == sorted(caught["names"]), "D's weights got gradients outside D's own step"
+    assert all(p.requires_grad for p in caught["D"].parameters())
+    (ema_after, decay), = caught["ema"]
+    assert decay == dcgan_train.ema_decay(0.999, 0)
+    for before, p_ema, p in zip(caught["G_init"], ema_after, caught["G"].parameters()):
         assert torch.equal(p_ema, before.lerp(p, 1 - decay))
 
 
-def test_steps_show_their_numbers_lazily_and_sum_them_exactly():
-    job = small_gan(images(64, seed=0))
-    shown = job.train_step(torch.arange(16), 0, 0.0)
-    assert isinstance(shown, common.Shown) and sorted(shown) == ["d_fake", "d_real", "loss_d", "loss_g"]
-    assert torch.equal(job.epoch_sums, job.window_sums) and job.epoch_sums[3] == 1 and job.epoch_sums[5] == 1
-    assert float(shown["loss_d"]) == job.epoch_sums[0].item() and float(shown["loss_g"]) == job.epoch_sums[4].item()
-    state = job.state_dict()
-    job.train_step(torch.arange(16, 32), 1, 0.0)
-    assert not torch.equal(state["epoch_sums"], job.epoch_sums), "the checkpoint's sums are a live view"
-    job.load_state_dict(state)
-    assert torch.equal(job.epoch_sums, state["epoch_sums"]) and job.sums[0].data_ptr() == job.epoch_sums.data_ptr()
+def test_the_meter_keeps_named_sums_on_the_device_and_checkpoints_them():
+    meter = common.Meter(torch.device("cpu"))
+    meter.add(loss_d=torch.tensor(1.0), d_real=torch.tensor(0.5))  # D's step
+    meter.add(loss_g=torch.tensor(3.0), d_fake=torch.tensor(0.25))  # G's step: names added later get columns
+    meter.add(loss_d=torch.tensor(2.0), d_real=torch.tensor(0.75))  # a step without a G step
+    assert meter.names == ["loss_d", "d_real", "loss_g", "d_fake"]
+    assert meter.means(0) == {"loss_d": 1.5, "d_real": 0.625, "loss_g": 3.0, "d_fake": 0.25}
+    assert meter.latest() == {"loss_d": 2.0, "d_real": 0.75, "loss_g": 3.0, "d_fake": 0.25}
+    assert meter.sums.dtype == torch.float64 and meter.finite()
+    meter.reset(1)
+    assert math.isnan(meter.means(1)["loss_d"]) and meter.means(0)["loss_d"] == 1.5  # the window's, not the epoch's
+    state = meter.state_dict()
+    meter.add(loss_d=torch.tensor(9.0), d_real=torch.tensor(0.0))
+    assert state["sums"][0, 0] == 3.0, "the checkpoint's sums are a live view"
+    restored = common.Meter(torch.device("cpu"))
+    restored.load_state_dict(state)
+    assert restored.means(0) == {"loss_d": 1.5, "d_real": 0.625, "loss_g": 3.0, "d_fake": 0.25}
+    restored.add(loss_d=torch.tensor(float("inf")), d_real=torch.tensor(0.0))
+    assert not restored.finite()
 
 
 def test_epochs_are_whole_full_batches():
