@@ -133,6 +133,12 @@ class Run:
         self.plan, self.args, self.script, self.device, self.meter = plan, args, script, device, meter
         self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.is_main = self.rank == 0  # under torchrun only rank 0 writes anything
+        if args.batch_size % self.world_size or args.batch_size < 2 * self.world_size:
+            # Equal shares make the mean of the ranks' mean gradients the batch's mean gradient; batch norm needs
+            # two images in a share.
+            raise UserError(f"--batch-size {args.batch_size} cannot be split over {self.world_size} processes "
+                            f"(torchrun --nproc_per_node): each takes an equal share of at least 2 images; use a "
+                            f"multiple of {self.world_size}, at least {2 * self.world_size}")
         self.best_column, self.divergence_hint = best_column, divergence_hint
         self.steps_per_epoch = full_batches(len(images), args.batch_size)
         self.images_per_epoch = self.steps_per_epoch * min(args.batch_size, len(images))

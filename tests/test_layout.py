@@ -4,6 +4,7 @@ modules a training script needs before torch (stop signals, flags, run resolutio
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 
@@ -113,3 +114,23 @@ def test_each_module_imports_alone_in_a_fresh_process():
         code = f"import sys; sys.path.insert(0, {str(REPO)!r}); import {module}"
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
         assert proc.returncode == 0, f"import {module}: {proc.stderr[-1500:]}"
+
+
+def test_design_md_lists_every_module_of_common_in_the_maps_order():
+    """docs/design.md's module table is the map of common/__init__.py, in the same order: it cannot drift."""
+    text = (REPO / "docs" / "design.md").read_text()
+    listed = re.findall(r"^\| `common/(\w+)\.py` \|", text, re.M)
+    assert listed == [name for name in map_order() if name != "console"] or listed == map_order(), listed
+
+
+def test_the_readmes_line_references_point_at_the_code_they_quote():
+    """README's "Where to change what" names lines as `script.py:N` followed by the code there: each is checked."""
+    text = (REPO / "README.md").read_text()
+    found = re.findall(r"`(\w+\.py):(\d+)`(?:,\s*`(?!\w+\.py:\d)([^`]+)`)?", text)
+    assert len(found) >= 8, found
+    for name, line, code in found:
+        lines = (REPO / name).read_text().splitlines()
+        if code:  # the quoted code is on that line (a "..." stands for the rest of it)
+            assert code.split("...")[0].strip() in lines[int(line) - 1], f"{name}:{line} is not `{code}`"
+        else:  # a bare reference names a definition
+            assert lines[int(line) - 1].startswith(("def ", "class ")), f"{name}:{line} is not a definition"

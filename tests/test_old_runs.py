@@ -54,12 +54,14 @@ def run_main(main, argv) -> int:
 
 
 def refused_untouched(main, run_dir, capsys) -> None:
-    """Continuing an old run: exit 2, one line saying what its checkpoint lacks and what to do; nothing changed."""
-    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    """Continuing an old run: exit 2, one line saying what its checkpoint lacks and what to do; nothing changed but
+    the log's new lines."""
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name not in (".lock", "log.txt")}
     assert run_main(main, ["--resume", run_dir, "--epochs", 2, "--device", "cpu"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "lacks meter" in err[0] and "--new-run" in err[0], err
-    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name not in (".lock", "log.txt")} \
+        == before
 
 
 def test_an_old_vae_run_is_refused_in_one_line_and_still_analysed(old_code, mnist_dir, tmp_path, capsys):
