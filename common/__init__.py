@@ -51,7 +51,7 @@ _NAMES = {
     "checkpoints": ["load_latest_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "seed_everything",
                     "save_torchscript"],
     "devices": ["pick_device", "init_distributed", "broadcast_object", "all_reduce_sum", "any_rank",
-                "average_gradients", "shard", "amp_dtype", "precision_name", "autocast", "grad_scaler",
+                "average_gradients", "amp_dtype", "precision_name", "autocast", "grad_scaler",
                 "determinism", "describe", "adam", "compiled"],
     "progress": ["Progress", "still_running"],
     "data": ["epoch_permutation", "full_batches", "load_images", "load_image_folder", "FASHION_MNIST_SYSTEM_DIR"],

@@ -151,28 +151,23 @@ def any_rank(flag: bool) -> bool:
     return bool(tensor.item())
 
 
-def average_gradients(*models: torch.nn.Module) -> None:
-    """What DistributedDataParallel does after backward, done by hand: average each gradient over ranks.
+def average_gradients(model: torch.nn.Module) -> None:
+    """What DistributedDataParallel does after backward, done by hand: average the gradients over the ranks, all
+    of a model's in one flattened all-reduce (a step of these small models is bound by launches and latency, so one
+    collective a model, not one a parameter). Nothing with one process.
 
     By hand, because the GAN calls D twice per step (real, then fake) and the VAE's loss goes through encode()
-    and decoder() rather than forward(): DDP's hooks expect one forward per backward. Without bucketing this is
-    slower than DDP for large models, but it cannot silently skip a parameter.
-    """
+    and decoder() rather than forward(): DDP's hooks expect one forward per backward. Every rank takes an equal
+    share of the batch (run.Run refuses a batch that does not split), so the mean of the ranks' mean gradients
+    is the gradient of the whole batch's mean loss."""
     if not dist.is_initialized():
         return
-    world_size = dist.get_world_size()
-    for model in models:
-        for param in model.parameters():
-            if param.grad is not None:
-                dist.all_reduce(param.grad)
-                param.grad.div_(world_size)
-
-
-def shard(batch_indices: torch.Tensor) -> torch.Tensor:
-    """This rank's share of a global batch: every world_size-th index, starting at its rank."""
-    if not dist.is_initialized():
-        return batch_indices
-    return batch_indices[dist.get_rank()::dist.get_world_size()]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(averaged)
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -199,14 +194,6 @@ def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
     """fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none. A disabled scaler
     passes everything straight through (scale() returns the loss, step() calls optimizer.step())."""
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-
-def load_scaler(scaler: torch.amp.GradScaler, state: dict) -> None:
-    """A checkpoint's scaler state, where both sides have one. A run resumed with another --amp gets a fresh
-    scaler when the checkpoint (bf16, fp32) has none, and drops the saved one when it (bf16, fp32) needs none;
-    the loss scale is relearned within a few steps."""
-    if state:
-        scaler.load_state_dict(state)  # a no-op for a disabled scaler
 
 
 @contextlib.contextmanager
