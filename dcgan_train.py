@@ -388,7 +388,8 @@ def train(args, run: Run, state: dict, train_images: torch.Tensor, evaluate) -> 
                 torch.compiler.cudagraph_mark_step_begin()
             global_step = epoch * run.steps_per_epoch + step
             sigma = noise_sigma(args.instance_noise, global_step, total_steps)
-            batch = order[step * batch_size:(step + 1) * batch_size][run.rank::run.world_size]  # this rank's share
+            # This rank's share of the batch: every world_size-th image from its rank on (all of it with one process).
+            batch = order[step * batch_size + run.rank:(step + 1) * batch_size:run.world_size]
             real = to_float(train_images[batch]).contiguous(memory_format=memory_format)
 
             # (1) D's step: real images towards 1 (or the smoothed target), G's images towards 0.

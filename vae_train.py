@@ -202,20 +202,22 @@ def train(args, run: Run, state: dict, train_images: torch.Tensor, test_images: 
     for epoch in range(start_epoch, args.epochs):
         order = epoch_permutation(args.seed, epoch, len(train_images), device)
         for step in range(start_step if epoch == start_epoch else 0, run.steps_per_epoch):
-            batch = order[step * batch_size:(step + 1) * batch_size][run.rank::run.world_size]  # this rank's share
+            # This rank's share of the batch: every world_size-th image from its rank on (all of it with one process).
+            batch = order[step * batch_size + run.rank:(step + 1) * batch_size:run.world_size]
             x = train_float[batch].contiguous(memory_format=memory_format)
             beta = kl_weight(args.beta, args.kl_warmup_epochs, epoch + step / run.steps_per_epoch)
             # The noise is drawn outside the (possibly compiled) loss: compiled code has its own random streams.
             eps = torch.randn((len(x), args.latent_dim), device=device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                recon_nll, kl = terms(model, x, eps)
-                loss = (recon_nll + beta * kl).mean()
+                recon_nll, kl = terms(model, x, eps)  # per image, nats
+                recon, kl = recon_nll.mean(), kl.mean()
+                loss = recon + beta * kl  # the negative ELBO (beta = 1), per image
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             devices.average_gradients(model)  # torchrun: one all-reduce; nothing with one process
             scaler.step(optimizer)
             scaler.update()
-            meter.add(train_loss=loss, train_recon=recon_nll.mean(), train_kl=kl.mean())  # nats per image
+            meter.add(train_loss=loss, train_recon=recon, train_kl=kl)  # their epoch means: metrics.csv
             run.step_done(state)  # non-finite check, checkpoint when due or signalled, stop
 
         beta = kl_weight(args.beta, args.kl_warmup_epochs, epoch + 1)

@@ -50,70 +50,90 @@ class Meter:
 
     A name is new the first time it is added; from then on it has a column in metrics.csv (the epoch's mean) and
     steps.csv (the mean over each --log-every window), a place in the progress line and in TensorBoard. The sums
-    stay on the device (an add is one stack and one add, never a host sync); they are read at log windows and
-    epoch ends, where Run also checks them: a NaN or inf stays in a sum until it is reset, so it is never missed.
+    stay on the device (an add is one cat and one add, never a host sync); they are read at log windows and epoch
+    ends, where Run also checks them: a NaN or inf stays in a sum until the epoch ends, so it is never missed.
     Checkpointed (a resumed epoch reports the same means), and per process under torchrun.
     """
 
     def __init__(self, device: torch.device):
         self.names: list[str] = []
-        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        self.sums = torch.zeros((2, 0), dtype=dtype, device=device)  # row 0: the epoch's, row 1: the window's
-        self.counts = [[], []]  # adds per name in each row (Python ints: counting costs no device op)
+        # float32, the steps' own dtype: a float64 sum would cost a conversion at every add (4 ops), and float32
+        # sums of an epoch's step means (a few thousand) keep 6 to 7 significant digits.
+        self.sums = torch.zeros(0, device=device)  # this epoch's, per name
+        self.window_start = torch.zeros(0, device=device)  # the sums when the --log-every window began
+        self.counts: list[int] = []  # adds per name this epoch (Python ints: counting costs no device op)
+        self.window_counts: list[int] = []  # ... when the window began
         self.shown: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (its last add, index): read when displayed
-        self._index: dict[tuple, tuple] = {}  # the names of an add -> (their columns as a tensor or None, list)
+        self._where: dict[tuple, tuple] = {}  # the names of an add -> (where they are added to, their positions)
 
     @torch.no_grad()
     def add(self, **values: torch.Tensor) -> None:
         names = tuple(values)
-        if names not in self._index:
-            for name in names:
-                if name not in self.names:
-                    self.names.append(name)
-                    self.sums = torch.cat([self.sums, self.sums.new_zeros(2, 1)], 1)
-                    self.counts[0].append(0)
-                    self.counts[1].append(0)
-                    self._index = {}  # a whole-row add is a partial one now
-            positions = [self.names.index(name) for name in names]
-            whole = positions == list(range(len(self.names)))
-            self._index[names] = (None if whole else torch.tensor(positions, device=self.sums.device), positions)
-        index, positions = self._index[names]
-        step = torch.stack([v if isinstance(v, torch.Tensor) else torch.tensor(v) for v in values.values()])
-        if index is None:
-            self.sums += step  # both rows at once (broadcast)
+        if names not in self._where:
+            self._locate(names)
+        target, positions = self._where[names]
+        # One cat of views: the fewest ops (each is a kernel launch on a GPU); a stack would add 2 per value.
+        step = torch.cat([(v if isinstance(v, torch.Tensor) else torch.tensor(v)).view(1) for v in values.values()])
+        if target.dtype == torch.int64:  # columns apart (names added in another order than first seen)
+            self.sums.index_add_(0, target, step.to(self.sums.dtype))
         else:
-            self.sums.index_add_(1, index, step.to(self.sums.dtype).expand(2, -1))
+            target += step  # a view of the sums: added in place
         for i, (name, position) in enumerate(zip(names, positions)):
-            self.counts[0][position] += 1
-            self.counts[1][position] += 1
+            self.counts[position] += 1
             self.shown[name] = (step, i)
+
+    def _locate(self, names: tuple) -> None:
+        """Columns for new names; where an add of `names` goes: a view of adjacent columns, else their indices."""
+        new = [name for name in names if name not in self.names]
+        if new:
+            self.names += new
+            self.sums = torch.cat([self.sums, self.sums.new_zeros(len(new))])
+            self.window_start = torch.cat([self.window_start, self.window_start.new_zeros(len(new))])
+            self.counts += [0] * len(new)
+            self.window_counts += [0] * len(new)
+            self._where = {}  # the views were of the old tensor
+        positions = [self.names.index(name) for name in names]
+        first = positions[0]
+        if positions == list(range(first, first + len(names))):
+            self._where[names] = (self.sums[first:first + len(names)], positions)
+        else:
+            self._where[names] = (torch.tensor(positions, device=self.sums.device), positions)
+
+    def means(self, window: bool = False) -> dict:
+        """The epoch's means so far (or the --log-every window's) over every process; a name not added: nan."""
+        sums = self.sums - self.window_start if window else self.sums.clone()
+        counts = [n - w for n, w in zip(self.counts, self.window_counts)] if window else self.counts
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return {name: total / (n * world) if n else math.nan
+                for name, total, n in zip(self.names, all_reduce_sum(sums).tolist(), counts)}
+
+    def next_window(self) -> None:
+        self.window_start.copy_(self.sums)
+        self.window_counts = list(self.counts)
+
+    def next_epoch(self) -> None:
+        self.sums.zero_()
+        self.window_start.zero_()
+        self.counts, self.window_counts = [0] * len(self.names), [0] * len(self.names)
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.sums).all())
+
+    def state_dict(self) -> dict:
+        return {"names": list(self.names), "sums": self.sums.detach().cpu().clone(),
+                "window_start": self.window_start.detach().cpu().clone(),
+                "counts": torch.tensor([self.counts, self.window_counts], dtype=torch.int64).reshape(2, -1)}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.sums.device
+        self.names = list(state["names"])
+        self.sums, self.window_start = state["sums"].to(device), state["window_start"].to(device)
+        self.counts, self.window_counts = state["counts"].tolist()
+        self._where, self.shown = {}, {}
 
     def latest(self) -> dict:
         """The last value added under each name, as numbers (a host sync: for the progress line only)."""
         return {name: float(step[i]) for name, (step, i) in self.shown.items()}
-
-    def means(self, row: int) -> dict:
-        """The means of row 0 (the epoch) or 1 (the window) over every process; a name not added there: nan."""
-        sums = all_reduce_sum(self.sums[row].clone()).tolist()
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        return {name: total / (n * world) if n else math.nan
-                for name, total, n in zip(self.names, sums, self.counts[row])}
-
-    def reset(self, row: int) -> None:
-        self.sums[row].zero_()
-        self.counts[row] = [0] * len(self.names)
-
-    def finite(self) -> bool:
-        return bool(torch.isfinite(self.sums).all()) if self.names else True
-
-    def state_dict(self) -> dict:
-        return {"names": list(self.names), "sums": self.sums.detach().cpu().clone(),
-                "counts": torch.tensor(self.counts, dtype=torch.int64).reshape(2, -1)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.names = list(state["names"])
-        self.sums = state["sums"].to(device=self.sums.device, dtype=self.sums.dtype)
-        self.counts, self._index, self.shown = state["counts"].tolist(), {}, {}
 
 
 class Run:
@@ -401,8 +421,9 @@ class Run:
     def _step_row(self) -> None:
         """A row of steps.csv: the meter's means over the last --log-every steps."""
         row = {"global_step": self.global_step, "epoch": self.global_step / self.steps_per_epoch,
-               "images_seen": self.global_step * min(self.args.batch_size, self.images_per_epoch), **self.meter.means(1)}
-        self.meter.reset(1)
+               "images_seen": self.global_step * min(self.args.batch_size, self.images_per_epoch),
+               **self.meter.means(window=True)}
+        self.meter.next_window()
         if self.is_main:
             path = self.dir / "steps.csv"
             with self.writing(path.name, path):
@@ -422,9 +443,9 @@ class Run:
         epoch, now = self.global_step // self.steps_per_epoch, time.monotonic()
         # images_seen adds up: --allow-other-data may change the number of images from one start to the next
         seen = self.metrics[-1].get("images_seen", (epoch - 1) * self.images_per_epoch) if self.metrics else 0
-        row = {"epoch": epoch, "images_seen": seen + self.images_per_epoch, **self.meter.means(0),
+        row = {"epoch": epoch, "images_seen": seen + self.images_per_epoch, **self.meter.means(),
                **columns, "train_time_s": self._train_end - self._epoch_start, "epoch_time_s": now - self._epoch_start}
-        self.meter.reset(0)
+        self.meter.next_epoch()
         self.metrics.append(row)
         self.epoch = epoch
         if self.is_main:

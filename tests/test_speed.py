@@ -192,19 +192,23 @@ def test_the_meter_keeps_named_sums_on_the_device_and_checkpoints_them():
     meter.add(loss_g=torch.tensor(3.0), d_fake=torch.tensor(0.25))  # G's step: names added later get columns
     meter.add(loss_d=torch.tensor(2.0), d_real=torch.tensor(0.75))  # a step without a G step
     assert meter.names == ["loss_d", "d_real", "loss_g", "d_fake"]
-    assert meter.means(0) == {"loss_d": 1.5, "d_real": 0.625, "loss_g": 3.0, "d_fake": 0.25}
+    assert meter.means() == meter.means(window=True) == {"loss_d": 1.5, "d_real": 0.625, "loss_g": 3.0, "d_fake": 0.25}
     assert meter.latest() == {"loss_d": 2.0, "d_real": 0.75, "loss_g": 3.0, "d_fake": 0.25}
-    assert meter.sums.dtype == torch.float64 and meter.finite()
-    meter.reset(1)
-    assert math.isnan(meter.means(1)["loss_d"]) and meter.means(0)["loss_d"] == 1.5  # the window's, not the epoch's
+    meter.next_window()
+    meter.add(d_real=torch.tensor(0.5), loss_d=torch.tensor(4.0))  # another order: the columns are found
+    window = meter.means(window=True)
+    assert (window["loss_d"], window["d_real"]) == (4.0, 0.5) and math.isnan(window["loss_g"])
+    assert meter.means()["loss_d"] == 7.0 / 3 and meter.finite()
     state = meter.state_dict()
     meter.add(loss_d=torch.tensor(9.0), d_real=torch.tensor(0.0))
-    assert state["sums"][0, 0] == 3.0, "the checkpoint's sums are a live view"
+    assert state["sums"][0] == 7.0, "the checkpoint's sums are a live view"
     restored = common.Meter(torch.device("cpu"))
     restored.load_state_dict(state)
-    assert restored.means(0) == {"loss_d": 1.5, "d_real": 0.625, "loss_g": 3.0, "d_fake": 0.25}
+    assert restored.means()["loss_d"] == 7.0 / 3 and restored.means(window=True)["d_real"] == 0.5
     restored.add(loss_d=torch.tensor(float("inf")), d_real=torch.tensor(0.0))
     assert not restored.finite()
+    restored.next_epoch()
+    assert restored.finite() and all(math.isnan(v) for v in restored.means().values())
 
 
 def test_epochs_are_whole_full_batches():
