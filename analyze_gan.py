@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(run_dir: Path) -> argparse.Namespace:
-    return argparse.Namespace(**common.read_run_config(run_dir, "dcgan")["args"])
+    return common.readers.run_namespace(run_dir, "dcgan", dcgan_train.build_parser())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -378,10 +378,7 @@ def analysis_key(run_dir: Path, opts, device, metrics, steps) -> str:
 
 def exported_epoch(run_dir: Path) -> int | None:
     """The epoch of the run's own model files (export.json), None before its export."""
-    try:
-        return json.loads((run_dir / "export.json").read_text()).get("epoch")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return (common.readers.read_export(run_dir) or {}).get("epoch")
 
 
 def sample_figures(run_dir: Path, args, train_images, reference, made, summary: dict, log) -> None:

@@ -33,6 +33,7 @@ from sklearn.manifold import TSNE
 
 import common
 from common import experiments, figures, sweep_figures
+import vae_train
 from vae_train import VAE, evaluate, pixel_nll, to_float
 
 CLASS_NAMES = {
@@ -83,12 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
 def read_run(run_dir: str) -> dict:
     """config.json args, metrics.csv rows and the newest checkpoint of a VAE run; UserError when it is not one."""
     path = Path(run_dir)
-    config = common.read_run_config(path, "vae")
+    args = vars(common.readers.run_namespace(path, "vae", vae_train.build_parser()))  # flags added since: defaults
     ckpt = _load_checkpoint(path)
     if ckpt is None:
         raise common.UserError(f"{run_dir} has no checkpoint yet (checkpoints/step-*.pt); one is written at the "
                                f"end of each epoch, so wait for the first epoch to finish")
-    return {"dir": path.resolve(), "args": config["args"], "metrics": common.read_metrics_csv(path / "metrics.csv"),
+    return {"dir": path.resolve(), "args": args, "metrics": common.read_metrics_csv(path / "metrics.csv"),
             "ckpt": ckpt}
 
 
@@ -99,7 +100,7 @@ def _load_checkpoint(run_dir: Path) -> dict | None:
 
 def load_model(run: dict, device: torch.device) -> VAE:
     args = run["args"]
-    model = VAE(args["arch"], args["latent_dim"], args.get("likelihood", "bernoulli"))
+    model = VAE(args["arch"], args["latent_dim"], args["likelihood"])
     model.load_state_dict(run["ckpt"]["model"])
     return model.to(device).eval()
 
@@ -286,7 +287,7 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
     fig_dir = run["dir"] / "figures"
     fig_dir.mkdir(exist_ok=True)
     epoch = ckpt["epoch"]
-    data_key = (run_args.get("dataset", "mnist"), args.data_dir or run_args["data_dir"])
+    data_key = (run_args["dataset"], args.data_dir or run_args["data_dir"])
     key = analysis_key(run, args, device, data_key)
     print(f"{run['dir']}: {run_args['arch']} VAE, latent {run_args['latent_dim']}, beta {run_args['beta']}, "
           f"checkpoint at epoch {epoch} (+{ckpt.get('step_in_epoch', 0)} steps)", flush=True)
@@ -319,7 +320,7 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
 
     summary = {
         "run_dir": str(run["dir"]), "arch": run_args["arch"], "latent_dim": run_args["latent_dim"],
-        "beta": run_args["beta"], "likelihood": run_args.get("likelihood", "bernoulli"),
+        "beta": run_args["beta"], "likelihood": run_args["likelihood"],
         "dataset": data_key[0], "epoch": epoch, "step_in_epoch": ckpt.get("step_in_epoch", 0),
         "test_images": len(images),
         "test_elbo": -elbo_terms["test_loss"],
@@ -432,7 +433,7 @@ def write_comparison(runs: list[dict], infos: list[experiments.RunInfo], summari
                                                              "train (top), test (bottom)"),
                         out / "loss_curves.png")
 
-    data_keys = {(run["args"].get("dataset", "mnist"), args.data_dir or run["args"]["data_dir"]) for run in runs}
+    data_keys = {(run["args"]["dataset"], args.data_dir or run["args"]["data_dir"]) for run in runs}
     if len({key[0] for key in data_keys}) == 1:
         images, _ = test_set(sorted(data_keys)[0], data_cache)
         with torch.no_grad():

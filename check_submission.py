@@ -46,7 +46,7 @@ import torch
 
 import common
 
-VAE_FILE, GEN_FILE, DISC_FILE = "VAE_model.pth", "DCGAN_model_G.pth", "DCGAN_model_D.pth"
+(VAE_FILE,), (GEN_FILE, DISC_FILE) = common.readers.MODEL_FILES["vae"], common.readers.MODEL_FILES["dcgan"]
 CIFAR_SHAPE = (3, 32, 32)   # the coursework's DCGAN works on CIFAR-10: RGB, 32 x 32
 MNIST_SHAPE = (1, 28, 28)
 
@@ -431,10 +431,9 @@ def model_paths(args) -> tuple[Path, Path, Path, list[Path]]:
     for script, flag, needed in (("vae", "vae_run", not args.vae), ("dcgan", "gan_run", not (args.gen and args.disc))):
         explicit = getattr(args, flag)
         if explicit or (needed and folder is None):
-            how = f"--{flag.replace('_', '-')} RUN_DIR (make submission {flag.upper()}=RUN_DIR)"
-            run, reason = experiments.counted_run(args.runs_root, script, explicit, how,
+            run, reason = experiments.counted_run(args.runs_root, script, explicit, f"make submission {flag.upper()}",
                                                   log=lambda msg: print(msg, flush=True))
-            print(f"{'VAE' if script == 'vae' else 'DCGAN'}: {reason}", flush=True)
+            print(f"{'VAE' if script == 'vae' else 'DCGAN'}: {run.name}: {reason}", flush=True)
             runs[script] = run.dir
     vae_dir = runs.get("vae", folder)
     gan_dir = runs.get("dcgan", folder)
@@ -488,10 +487,7 @@ def check_report_shows(checks: Checks, figures: Path, run_dirs: list[Path | None
 
 def exported_step(run_dir: Path) -> int | None:
     """The global step of a run's model files (export.json), None when it has none."""
-    try:
-        return json.loads((run_dir / "export.json").read_text()).get("global_step")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return (common.readers.read_export(run_dir) or {}).get("global_step")
 
 
 def check_test_cells(checks: Checks, paths: dict[str, Path], data_dirs: list[tuple[Path, str]], nz: int) -> None:

@@ -92,12 +92,10 @@ def choose_runs(args, runs_root: Path, log=print) -> dict:
         log(message)
         notes.append(message.removeprefix("note: "))
 
-    vae, vae_why = experiments.counted_run(runs_root, "vae", args.vae_run, "--vae-run RUN_DIR (make report "
-                                           "VAE_RUN=RUN_DIR)", log=log)
-    gan, gan_why = experiments.counted_run(runs_root, "dcgan", args.gan_run, "--gan-run RUN_DIR (make report "
-                                           "GAN_RUN=RUN_DIR)", log=log)
-    log(f"report: VAE: {vae_why}")
-    log(f"report: DCGAN: {gan_why}")
+    vae, vae_why = experiments.counted_run(runs_root, "vae", args.vae_run, "make report VAE_RUN", log=log)
+    gan, gan_why = experiments.counted_run(runs_root, "dcgan", args.gan_run, "make report GAN_RUN", log=log)
+    log(f"report: VAE: {vae.name}: {vae_why}")
+    log(f"report: DCGAN: {gan.name}: {gan_why}")
     vae_sweep = experiments.sweep_runs(runs_root, "vae", args.vae_sweep, log=note)
     gan_sweep = experiments.sweep_runs(runs_root, "dcgan", args.gan_sweep, log=note)
     for name, sweep in ((args.vae_sweep, vae_sweep), (args.gan_sweep, gan_sweep)):
@@ -147,17 +145,17 @@ def read_summary(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def vae_param_count(config: dict) -> int:
+def vae_param_count(vae: experiments.RunInfo) -> int:
     from vae_train import VAE
-    args = config["args"]
+    args = vae.settings
     with torch.device("meta"):
-        model = VAE(args["arch"], args["latent_dim"], args.get("likelihood", "bernoulli"))
+        model = VAE(args.arch, args.latent_dim, args.likelihood)
     return sum(p.numel() for p in model.parameters())
 
 
-def gan_param_counts(config: dict) -> tuple[int, int]:
+def gan_param_counts(gan: experiments.RunInfo) -> tuple[int, int]:
     import dcgan_train
-    args = argparse.Namespace(**config["args"])
+    args = gan.settings
     with torch.device("meta"):
         generator, discriminator = dcgan_train.build_models(args, dcgan_train.dataset_channels(args.dataset))
     return (sum(p.numel() for p in generator.parameters()), sum(p.numel() for p in discriminator.parameters()))
@@ -229,7 +227,7 @@ def write_vae_section(report: Report, vae: experiments.RunInfo, why: str, sweep:
                       runs_root: Path) -> dict:
     config = vae.config
     run_args, summary = config["args"], read_summary(vae.dir)
-    n_params = vae_param_count(config)
+    n_params = vae_param_count(vae)
     figures = vae.dir / "figures"
     likelihood = run_args.get("likelihood", "bernoulli")
     about = (f"{run_args['arch']} VAE, latent {run_args['latent_dim']}, beta {run_args['beta']:g}, "
@@ -275,7 +273,7 @@ def gan_settings(run_args: dict) -> str:
 def write_gan_section(report: Report, gan: experiments.RunInfo, why: str) -> dict:
     config = gan.config
     run_args, summary = config["args"], read_summary(gan.dir)
-    n_g, n_d = gan_param_counts(config)
+    n_g, n_d = gan_param_counts(gan)
     figures = gan.dir / "figures"
     last = summary.get("last_epoch", {})
     best_fid = summary.get("best_fid")
