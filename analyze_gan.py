@@ -83,9 +83,10 @@ def plot_losses(metrics, steps, args, title: str) -> Figure:
     ax = fig.subplots()
     window = int(args.log_every)
     span_steps = round(window / max(1 - figures.ema_weight(len(steps)), 1e-9))
-    smoothed = figures.is_smoothed(len(steps))
+    curves = figures.step_curves(len(steps), len(metrics))
+    smoothed = curves == "smoothed"
     for key, name, color in (("loss_d", "D loss", "tab:blue"), ("loss_g", "G loss", "tab:orange")):
-        if len(steps) > len(metrics):
+        if curves != "none":
             x, y = figures.column(steps, "epoch"), figures.column(steps, key)
             ax.plot(x, y, color=color, alpha=0.2 if smoothed else 0.5, linewidth=0.8,
                     label=f"{name}: mean of each {window} steps")
@@ -106,7 +107,7 @@ def plot_d_outputs(metrics, steps, args, title: str) -> Figure:
     ax = fig.subplots()
     for key, label, color in (("d_real", "D(x): real images, in D's steps", "tab:green"),
                               ("d_fake", "D(G(z)): generated images, in G's steps", "tab:red")):
-        if steps:  # the means of every --log-every steps, smoothed when there are enough of them
+        if figures.step_curves(len(steps), len(metrics)) != "none":  # smoothed when there are enough rows
             ax.plot(figures.column(steps, "epoch"), figures.smooth(figures.column(steps, key)), color=color,
                     alpha=0.35, linewidth=1)
         ax.plot(figures.column(metrics, "epoch"), figures.column(metrics, key), "o-", color=color, markersize=4,
@@ -141,7 +142,8 @@ def plot_diversity(per_epoch: dict[int, float], reference: float | None, title: 
     ax.plot(list(per_epoch), list(per_epoch.values()), "o-", label="64 fixed-noise samples")
     if reference is not None:
         ax.axhline(reference, color="gray", linestyle="--", label="64 training images")
-    ax.set(xlabel="epoch", ylabel="mean pairwise RMS distance", ylim=(0, None), title=title)
+    ax.set(xlabel="epoch", ylabel="mean pairwise RMS distance", title=title,
+           ylim=(0, figures.top_with_room([*per_epoch.values(), reference])))
     figures.integer_epochs(ax)
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3)
@@ -160,11 +162,14 @@ def plot_fid(metrics, title: str) -> Figure:
     return fig
 
 
-def image_grid_figure(images: torch.Tensor, nrow: int, title: str) -> Figure:
+def image_grid_figure(images: torch.Tensor, nrow: int, title: str, first_column_apart: bool = False) -> Figure:
+    """Images in rows of nrow; first_column_apart: a red line sets the first column off from the others."""
     grid = make_grid(images, nrow=nrow, padding=figures.CELL_GAP, pad_value=1.0).permute(1, 2, 0).numpy()
     fig = Figure(figsize=(7.5, 7.5 * grid.shape[0] / grid.shape[1] + 0.5), layout="constrained")
     ax = fig.subplots()
     ax.imshow(grid)
+    if first_column_apart:  # in the white gap after the first column (pixel centres are at integers)
+        ax.axvline(images.shape[-1] + 1.5 * figures.CELL_GAP - 0.5, color="tab:red", linewidth=2.5)
     ax.set_axis_off()
     ax.set_title(title, fontsize=10)
     return fig
@@ -285,7 +290,7 @@ def plot_milestones(rows: list[dict], measure: QualityMeasure, best: dict | None
     better = "lower is better" if measure.lower_is_better else "closest to the training images is best"
     ax.set(xlabel="epoch", ylabel=f"{measure.name} ({better})", title=title)
     if measure.kind == "diversity":
-        ax.set_ylim(0, None)
+        ax.set_ylim(0, figures.top_with_room([*(r["value"] for r in rows), reference]))
     figures.integer_epochs(ax)
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3)
@@ -327,7 +332,8 @@ def analyze_run(run_dir: Path, opts, device: torch.device, log=print) -> dict:
         return reused
     summary = {"run_dir": str(run_dir), "dataset": args.dataset, "loss": args.loss, "epochs_done": len(metrics),
                "epochs_planned": args.epochs, "figures": [], "skipped": {}, "analysis_key": key,
-               "losses": {"step_rows": len(steps), "log_every": args.log_every}}
+               "losses": {"step_rows": len(steps), "log_every": args.log_every,
+                          "curves": figures.step_curves(len(steps), len(metrics))}}
 
     def made(fig: Figure, name: str) -> None:
         figures.save_figure(fig, fig_dir / name)
@@ -410,8 +416,9 @@ def sample_figures(run_dir: Path, args, train_images, reference, made, summary: 
         index, distance = gan_metrics.nearest_neighbours(queries, train_images, NEIGHBOURS)
         rows = [torch.cat([q[None], train_images[i].float() / 255]) for q, i in zip(queries, index)]
         made(image_grid_figure(torch.cat(rows).expand(-1, 3, -1, -1), NEIGHBOURS + 1,
-                               "Left, a sample; right, its nearest training images (L2).\n"
-                               "Copies would mean memorisation"), "nearest_neighbours.png")
+                               f"Left of the red line, a sample; right, its {NEIGHBOURS} nearest training images "
+                               f"(L2).\nCopies would mean memorisation", first_column_apart=True),
+             "nearest_neighbours.png")
         summary["nearest_neighbour_rms"] = {"median": float(distance[:, 0].median()),
                                             "min": float(distance[:, 0].min())}
 
@@ -429,7 +436,7 @@ def milestone_figure(run_dir: Path, args, opts, device, train_images, reference,
          "milestones.png")
     exported = exported_epoch(run_dir)
     summary["milestones"] = {"measure": measure.name, "kind": measure.kind, "rows": rows, "best": best,
-                             "training_images": reference, "exported_epoch": exported}
+                             "samples": measure.n_samples, "training_images": reference, "exported_epoch": exported}
     if best is not None and best["epoch"] == exported:
         log(f"  best milestone: epoch {best['epoch']} ({measure.name} {best['value']:.4g}), the epoch the run's "
             f"model files are from already")

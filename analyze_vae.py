@@ -300,7 +300,8 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
     images, labels = test_set(data_key, data_cache)
     images = images.to(device)
 
-    made = loss_figure(run, fig_dir) + image_figures(model, images, labels, data_key[0], args, epoch, fig_dir)
+    made = loss_figure(run, fig_dir) + image_figures(model, images, labels, data_key[0], args, epoch, fig_dir,
+                                                 run_args["seed"])
     seconds = {}
     started = time.monotonic()
     n_points = tsne_figure(model, images, labels, data_key[0], args, epoch, fig_dir)
@@ -372,14 +373,17 @@ def test_set(data_key: tuple[str, str], data_cache: dict) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def image_figures(model: VAE, images: torch.Tensor, labels: torch.Tensor, dataset: str, args, epoch: int,
-                  fig_dir: Path) -> list[str]:
+                  fig_dir: Path, run_seed: int) -> list[str]:
     """reconstructions.png, samples.png and interpolation.png of one run; returns their names."""
     x = to_float(images[:args.n_recon])
     figures.save_figure(plot_reconstructions(x, model(x)[0], f"Test images and their reconstructions at epoch {epoch} "
                                              f"(decoder mean at z = mu)"), fig_dir / "reconstructions.png")
-    z = prior_noise(64, model.latent_dim, args.seed).to(images.device)
-    figures.save_figure(plot_samples(torch.sigmoid(model.decoder(z)), f"64 samples from the prior z ~ N(0, I) at "
-                                     f"epoch {epoch}\n(decoder means)"), fig_dir / "samples.png")
+    # The run's own fixed z (vae_train.py draws it from the run's --seed), so samples.png continues the
+    # samples/epoch_NNN.png grids of training: the same 64 points of the prior, decoded by the newest checkpoint.
+    z = prior_noise(64, model.latent_dim, run_seed).to(images.device)
+    figures.save_figure(plot_samples(torch.sigmoid(model.decoder(z)), f"64 samples at epoch {epoch} from the same "
+                                     f"z ~ N(0, I) as the training grids\n(seed {run_seed}; decoder means)"),
+                        fig_dir / "samples.png")
 
     i, j = interpolation_pair(labels, args.interp_indices, args.interp_classes)
     mu_ends = model.encode(to_float(images[[i, j]]))[0]
