@@ -50,8 +50,7 @@ QUALITY_NAMES = {"fid": "Inception FID", "classifier-fid": "classifier FID", "di
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = common.ArgumentParser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="DCGAN run folders (runs/latest-dcgan works)")
     parser.add_argument("--out", default=None,
                         help="with several runs: the comparison folder (default: RUNS_ROOT/compare/<sweep name>); "

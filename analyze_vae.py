@@ -45,8 +45,7 @@ LOSS_PANELS = [("loss", "total (recon + beta * KL)"), ("recon", "reconstruction 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = common.ArgumentParser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders made by vae_train.py")
     parser.add_argument("--out", default=None,
                         help="comparison folder when several runs are given (default: RUNS_ROOT/compare/<sweep "

@@ -54,8 +54,7 @@ MNIST_SHAPE = (1, 28, 28)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = common.ArgumentParser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", metavar="DIR", nargs="?", default=None,
                         help=f"folder holding {VAE_FILE}, {GEN_FILE} and {DISC_FILE} (default: the run folders "
                              f"of the VAE and DCGAN runs that count)")
@@ -173,7 +172,10 @@ def load(checks: Checks, path: Path):
 
 
 def has_mnist_test_files(data_dir: Path) -> bool:
-    raw = Path(data_dir) / "MNIST" / "raw"
+    try:
+        raw = common.data.data_root("mnist", data_dir) / "MNIST" / "raw"
+    except common.UserError:  # files in the wrong folder: the WARN line says where it looked
+        return False
     return (raw / "t10k-images-idx3-ubyte").exists() and (raw / "t10k-labels-idx1-ubyte").exists()
 
 
@@ -185,7 +187,8 @@ def vae_inputs(data_dirs: list[tuple[Path, str]], n: int) -> tuple[torch.Tensor,
     for data_dir, _ in data_dirs:
         if has_mnist_test_files(data_dir):
             from torchvision.datasets import MNIST
-            test_set = MNIST(str(data_dir), train=False, transform=transform, download=False)
+            test_set = MNIST(str(common.data.data_root("mnist", data_dir)), train=False, transform=transform,
+                             download=False)
             n = min(n, len(test_set))
             mean_image = test_set.data.float().div(255).mean(0, keepdim=True)  # what ToTensor gives, averaged
             return torch.stack([test_set[i][0] for i in range(n)]), f"{n} MNIST test images from {data_dir}", mean_image
@@ -514,7 +517,7 @@ def check_test_cells(checks: Checks, paths: dict[str, Path], data_dirs: list[tup
     """The code the report gives for the notebook's test cells, run as a grader runs it (common/testcell.py). In a
     dry run the DCGAN's cell is left out: it feeds CIFAR-10's RGB 32 x 32 images, which a GAN of `dry_run` refuses."""
     from common import testcell
-    mnist_root = next((d for d, _ in data_dirs if has_mnist_test_files(d)), None)
+    mnist_root = next((common.data.data_root("mnist", d) for d, _ in data_dirs if has_mnist_test_files(d)), None)
     results = testcell.run_cells(paths, mnist_root=mnist_root, nz=nz)
     if dry_run:
         print(f"  note  {paths['gen'].name}: the DCGAN's test cell is not run in a dry run (it feeds CIFAR-10 "

@@ -52,8 +52,7 @@ DATASET_NAMES = experiments.DATASET_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = common.ArgumentParser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-root", default=str(common.DEFAULT_RUNS_ROOT),
                         help="where the runs are (default: runs/ in the repository)")
     parser.add_argument("--vae-run", default=None,
