@@ -6,23 +6,18 @@
     python analyze_gan.py RUN --quality classifier-fid --quality-samples 2000   # a quicker best-epoch search
 
 Per run, into RUN_DIR/figures/: losses.png, d_outputs.png, fixed_noise_progression.png, final_samples.png,
-diversity.png, nearest_neighbours.png, fid.png (when the run measured FID), milestones.png (a quality number per
-milestone checkpoint, checkpoints/epoch-NNN.pt) and summary.json. The quality number is, by --quality auto: the
-Inception FID when its weights are in torch's cache; else the classifier FID (gan_metrics.py) for MNIST and
-Fashion-MNIST; else the diversity of the samples. The best milestone is printed with the command that exports it:
---export-epoch E writes DCGAN_model_G.pth and DCGAN_model_D.pth from checkpoints/epoch-EEE.pt (into --out, default
-RUN_DIR/exports/epoch-EEE/), exactly as the run's own export at that epoch would have. A run analysed before from
-the same checkpoints with the same options (and the same analysis code) is not analysed again: its figures and
-summary.json are reused (summary.json's analysis_key says what they were made from).
+diversity.png, nearest_neighbours.png, fid.png (when the run measured FID), milestones.png and summary.json. The
+quality number per milestone checkpoint (checkpoints/epoch-NNN.pt) is, by --quality auto, the Inception FID when
+its weights are in torch's cache, else the classifier FID (gan_metrics.py) for MNIST and Fashion-MNIST, else the
+samples' diversity; the best is printed with the command that exports it (--export-epoch E: G and D from
+epoch-EEE.pt into --out, default RUN_DIR/exports/epoch-EEE/, as the run's own export would have). An analysis of
+the same checkpoints, options and code is reused (summary.json's analysis_key).
 
-Several runs (a shell glob may also match folders that are not DCGAN runs: they are skipped with a note): also, in
---out (default RUNS_ROOT/compare/<sweep name>/), the runs side by side, each labelled by the settings that differ
-between them (`d_norm=spectral`, `loss=hinge`), against training images seen: compare_losses.png (one panel per
-loss type), compare_d_outputs.png (BCE runs only: a hinge D gives no probabilities), compare_samples.png (every
-run's last fixed-noise grid), compare_progression.png, compare_diversity.png (with real images as a reference),
-compare_quality.png (the training-time FID and the milestones' FIDs; not made when the milestones are measured by
-diversity, compare_diversity's subject), summary.csv (also printed) and summary.json. Titles say what a figure
-shows; which run it is and its settings are the report's captions (the figures sit in the run's own folder).
+Several runs (folders of a glob that are not DCGAN runs are skipped with a note): also, in --out (default
+RUNS_ROOT/compare/<sweep name>/), the runs side by side, labelled by the settings that differ (`loss=hinge`):
+compare_losses.png, compare_d_outputs.png (BCE runs only), compare_samples.png, compare_progression.png,
+compare_diversity.png, compare_quality.png (FIDs, when measured), summary.csv (also printed) and summary.json.
+Titles say what a figure shows; which run and its settings, the report's Table 1.
 """
 from __future__ import annotations
 
@@ -76,7 +71,7 @@ def load_config(run_dir: Path) -> argparse.Namespace:
 
 def plot_losses(metrics, steps, args, title: str) -> Figure:
     """Epoch means (dots) over the steps.csv rows (faint: each the mean of --log-every steps) and, when there are
-    enough rows for it to differ from them (figures.is_smoothed), their EMA. Rows no more frequent than the epochs
+    enough rows for it to differ from them (figures.step_curves), their EMA. Rows no more frequent than the epochs
     (--log-every at least an epoch's steps) would lie under the epoch means, unseen but in the legend: left out."""
     fig = Figure(figsize=(7.5, 5), layout="constrained")
     ax = fig.subplots()
@@ -374,16 +369,11 @@ def analysis_key(run_dir: Path, opts, device, metrics, steps) -> str:
     grids; the options; whether Inception's weights are there (--quality auto uses them); the analysis code."""
     made_from = {"checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")),
                  "metrics_rows": len(metrics), "steps_rows": len(steps),
-                 "sample_grids": len(figures.sample_grids(run_dir)), "exported": exported_epoch(run_dir)}
+                 "sample_grids": len(figures.sample_grids(run_dir)), "exported": (common.readers.read_export(run_dir) or {}).get("epoch")}
     options = {"quality": opts.quality, "quality_samples": opts.quality_samples, "device": str(device),
                "inception_weights": gan_metrics.find_inception_weights(None) is not None}
     return figures.analysis_key(made_from, options, [Path(__file__), Path(figures.__file__),
                                                      Path(gan_metrics.__file__)])
-
-
-def exported_epoch(run_dir: Path) -> int | None:
-    """The epoch of the run's own model files (export.json), None before its export."""
-    return (common.readers.read_export(run_dir) or {}).get("epoch")
 
 
 def sample_figures(run_dir: Path, args, train_images, reference, made, summary: dict, log) -> None:
@@ -433,7 +423,7 @@ def milestone_figure(run_dir: Path, args, opts, device, train_images, reference,
     made(plot_milestones(rows, measure, best, reference, f"{measure.name[:1].upper()}{measure.name[1:]} per milestone "
                                                          f"checkpoint"),
          "milestones.png")
-    exported = exported_epoch(run_dir)
+    exported = (common.readers.read_export(run_dir) or {}).get("epoch")  # of the run's own model files
     summary["milestones"] = {"measure": measure.name, "kind": measure.kind, "rows": rows, "best": best,
                              "samples": measure.n_samples, "training_images": reference, "exported_epoch": exported}
     if best is not None and best["epoch"] == exported:

@@ -5,18 +5,14 @@
     python analyze_vae.py RUN --tsne-points 2000 --iw-images 1000 # quicker on a CPU
     python analyze_vae.py RUN --interp-classes 4 9                # interpolate between the first 4 and the first 9
 
-Into each RUN_DIR/figures/: loss_curves.png, reconstructions.png, samples.png, tsne.png, interpolation.png and
-summary.json (test ELBO and importance-weighted log-likelihood, nats per image). A run analysed before from the same
-checkpoint with the same options (and the same analysis code) is not analysed again: its figures and summary.json
-are reused (summary.json's analysis_key says what they were made from). With several runs (a shell glob may
-also match folders that are not VAE runs: they are skipped with a note), also into --out (default
-RUNS_ROOT/compare/<sweep name>/), each run labelled by the settings that differ between the runs (`beta=4`):
-loss_curves.png (the negative ELBO at beta = 1, i.e. recon + KL, and its two terms, train and test, per epoch, or
-against training images seen when the runs' epochs differ in size: the beta-weighted objective differs between
-betas by construction), reconstructions.png (the same test images
-through every run), samples.png (every run's decoder on the same z), summary.csv (also printed) and summary.json.
-The run folder is only read (figures/ aside), so this works on a run still in progress: it shows the state at the
-newest checkpoint that loads, and the loss curves up to the last finished epoch.
+Into each RUN_DIR/figures/: loss_curves.png, reconstructions.png, samples.png (the training grids' z), tsne.png,
+interpolation.png and summary.json (test ELBO and importance-weighted log-likelihood, nats per image); an analysis
+of the same checkpoint, options and code is reused (summary.json's analysis_key). With several runs (folders of a
+glob that are not VAE runs are skipped with a note), also into --out (default RUNS_ROOT/compare/<sweep name>/),
+labelled by the settings that differ (`beta=4`): loss_curves.png (the negative ELBO at beta = 1 and its two terms,
+train and test: the beta-weighted objective differs between betas by construction), reconstructions.png,
+samples.png (every decoder on the same z), summary.csv (also printed) and summary.json. A run folder is only read
+(figures/ aside), so a run in progress shows its newest checkpoint that loads.
 """
 from __future__ import annotations
 

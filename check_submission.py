@@ -6,20 +6,16 @@
     python check_submission.py --gen exports/DCGAN_model_G.pth --disc exports/DCGAN_model_D.pth   # e.g. a milestone
     make submission                               # the runs that count; then packs CW2.zip with report/figures
 
-Without DIR, the files come from the VAE and DCGAN runs that count: the newest finished run of each script that is
-not a sweep member (experiments.counted_run says which and why, and warns about a longer finished run), or the
-runs named by --vae-run / --gan-run. DIR holds VAE_model.pth, DCGAN_model_G.pth and DCGAN_model_D.pth instead;
---vae / --gen / --disc point at single files and win over both.
-Every check prints one PASS / FAIL / SKIP line naming the file and what is wrong; exit code 0 when all pass, 1 when
-any fails (2: a bad command line). What is checked, in the grader's own terms:
+Without DIR, the files come from the runs that count (experiments.counted_run, as make report picks them) or from
+--vae-run / --gan-run; DIR holds the three files instead; --vae / --gen / --disc name single files and win over
+both. One PASS / FAIL / SKIP line per check; exit 0 when all pass, 1 when any fails (2: a bad command line). What is
+checked, in the grader's own terms:
 
 - each file loads with torch.jit.load (no project code needed);
 - the VAE has Conv2d layers among its children's children (an MLP-only VAE does not count);
-- vae(x)[0] has the shape of x, values in [0, 1], for a batch of transformed MNIST test images (vae_train.transform;
-  real images from --data-dir, else from the VAE run's own data folder (its config.json), else data/; uniform
-  [0, 1] noise only when none of them holds the MNIST test files, with a WARN line that says where it looked);
-- on real test images, the reconstructions are closer to the inputs (MSE) than the mean test image is: a VAE
-  that collapsed to one grey blur fails;
+- vae(x)[0] has the shape of x, values in [0, 1], for transformed MNIST test images (from --data-dir, else the VAE
+  run's own data folder, else data/; uniform noise, with a WARN line, when none holds them), and is closer to them
+  (MSE) than the mean test image (a VAE collapsed to one grey blur fails);
 - G turns torch.randn(100, nz, 1, 1) into (100, 3, 32, 32) in [-1, 1], and dcgan_train.denorm maps that to [0, 1];
 - D gives one value per image for (N, 3, 32, 32) input;
 - G plus D hold at most 25,000,000 parameters (dcgan_train.MAX_PARAMS);
@@ -27,15 +23,12 @@ any fails (2: a bad command line). What is checked, in the grader's own terms:
   as DIR): a GAN of another data set is refused in report.py's words, unless --allow-non-cifar10: then its files
   are checked with its own image shape (1 x 32 x 32 for MNIST), its test cell left out, and --zip CW2.zip becomes
   CW2-NOT-FOR-HANDIN-<dataset>.zip, a dry run of the packaging for a student without CIFAR-10 yet.
-- the notebook's test cells work: each script's transform and denorm (common/testcell.py, the code the report shows
-  to paste) run in a clean Python without this project on the path, on the three files (load, forward, denorm);
-  checked last, when everything above passed (about 10 s: a fresh Python importing torch).
+- the notebook's test cells work: the report's code for them (common/testcell.py) runs in a clean Python without
+  this project, on the three files; checked last, when everything above passed (about 10 s).
 
-With --zip ZIP (and --figures DIR, which must then hold PNGs), a previous ZIP is deleted first, and ZIP is written
-only when every check passes: the three files under their coursework names and DIR as figures/, to a temporary
-file renamed into place (its folder is made when missing). So ZIP exists only after a check that passed. When DIR's
-report (report.py's report.json beside it) shows other runs than the ones checked, or models those runs exported
-since, that is a FAIL: the report's figures would not show the submitted models.
+With --zip ZIP (and --figures DIR of PNGs), a previous ZIP is deleted first and ZIP written, atomically, only when
+every check passes: so ZIP exists only after a check that passed. A report (report.json beside DIR) of other runs,
+or of models those runs exported since, is a FAIL: its figures would not show the submitted models.
 """
 from __future__ import annotations
 
@@ -273,15 +266,6 @@ def first_conv_in_channels(model) -> int | None:
     return None
 
 
-def dataset_hint(folder: Path) -> str:
-    """' (config.json there says --dataset mnist)' when the file sits in a run folder, else ''."""
-    try:
-        dataset = common.read_run_config(folder, "dcgan")["args"]["dataset"]
-    except (common.UserError, KeyError):
-        return ""
-    return f"; {folder / 'config.json'} says it was trained with --dataset {dataset}"
-
-
 def check_generator(checks: Checks, path: Path, nz_flag: int | None, n: int,
                     shape: tuple = CIFAR_SHAPE) -> tuple[object, torch.Tensor | None]:
     """Returns (G or None, its images in [-1, 1] or None). `shape`: one image's (gan_image_shape)."""
@@ -314,7 +298,7 @@ def check_generator(checks: Checks, path: Path, nz_flag: int | None, n: int,
         if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 1:
             detail = (f"G makes 1-channel (greyscale) images {got}, but the coursework needs CIFAR-10 RGB images "
                       f"{shape_str(expected)}: this generator was trained on a one-channel data set (MNIST?)"
-                      f"{dataset_hint(path.parent)}. Retrain with dcgan_train.py --dataset cifar10; {DRY_RUN}")
+                      f". Retrain with dcgan_train.py --dataset cifar10; {DRY_RUN}")
         else:
             detail = f"{z_text} gives {got}, expected {shape_str(expected)}"
         checks.record(False, path, names[0], detail)
@@ -339,10 +323,10 @@ DRY_RUN = ("--allow-non-cifar10 checks it with its own image shape and packs it 
 def gan_image_shape(checks: Checks, gen_path: Path, gan_run: Path | None, allowed: bool) -> tuple[tuple, str | None]:
     """(the image shape G and D are checked with, the data set of a dry run or None). CIFAR-10's (3, 32, 32) unless
     the GAN's run (its config.json: the run that counts, or the run folder the files are in; files elsewhere have
-    none to ask) trained on another data set: a FAIL (for a one-channel set, the shape check's), or with
+    none to ask) trained on another data set: a FAIL (an RGB image-folder G passes every shape check), or with
     --allow-non-cifar10 its own shape, for a dry run of the packaging whose zip is named as not for hand-in."""
     from common import experiments
-    from dcgan_train import GRAY_DATASETS, dataset_channels
+    from dcgan_train import dataset_channels
     run = experiments.read_run(gan_run or gen_path.parent, "dcgan")
     problem = experiments.not_cifar10(run.args) if run else None
     if problem is None:
@@ -354,9 +338,8 @@ def gan_image_shape(checks: Checks, gen_path: Path, gan_run: Path | None, allowe
         print(f"  WARN  {gen_path.name}: {run.name} was {problem} ({said}): a DRY RUN (--allow-non-cifar10), "
               f"checked with its own images {shape_str(shape)}; the zip is named NOT-FOR-HANDIN", flush=True)
         return shape, dataset
-    if dataset not in GRAY_DATASETS:  # an RGB 32 x 32 image-folder G passes every shape check: say it here
-        checks.record(False, gen_path, "trained on CIFAR-10", f"{run.name} was {problem} ({said}). Train with "
-                      f"dcgan_train.py --dataset cifar10; {DRY_RUN}")
+    checks.record(False, gen_path, "trained on CIFAR-10", f"{run.name} was {problem} ({said}). Train with "
+                  f"dcgan_train.py --dataset cifar10; {DRY_RUN}")
     return CIFAR_SHAPE, None
 
 
@@ -387,7 +370,7 @@ def check_discriminator(checks: Checks, path: Path, fake_images: torch.Tensor | 
             hint = ""
             if in_channels is not None and in_channels != shape[0]:
                 hint = (f". D's first layer takes {in_channels}-channel images, but the coursework's D gets CIFAR-10 "
-                        f"RGB images: it was trained on a one-channel data set (MNIST?){dataset_hint(path.parent)}. "
+                        f"RGB images: it was trained on a one-channel data set (MNIST?). "
                         f"Retrain with dcgan_train.py --dataset cifar10; {DRY_RUN}")
             checks.record(False, path, what, f"D fails on input of shape {shape_str(x.shape)}: "
                                              f"{short_error(err)}{hint}")
@@ -498,18 +481,14 @@ def check_report_shows(checks: Checks, figures: Path, run_dirs: list[Path | None
                                                         f"checked is {Path(run_dir).name}: run make report again "
                                                         f"(with the same runs)")
             continue
-        reported, exported = made_from.get("exported_steps", {}).get(key), exported_step(Path(run_dir))
+        reported = made_from.get("exported_steps", {}).get(key)
+        exported = (common.readers.read_export(run_dir) or {}).get("global_step")
         if reported is not None and reported != exported:
             checks.record(False, figures.parent, check, f"it shows {Path(run_dir).name} as exported at step "
                                                         f"{reported}, but its model files are from step {exported}: "
                                                         f"run make report again")
         else:
             checks.record(True, figures.parent, check, Path(run_dir).name)
-
-
-def exported_step(run_dir: Path) -> int | None:
-    """The global step of a run's model files (export.json), None when it has none."""
-    return (common.readers.read_export(run_dir) or {}).get("global_step")
 
 
 def check_test_cells(checks: Checks, paths: dict[str, Path], data_dirs: list[tuple[Path, str]], nz: int,

@@ -6,31 +6,20 @@
     python report.py --no-analysis                          # reuse the figures the analysis scripts already wrote
     python report.py --runs-root /scratch/runs --out /tmp/report
 
-Which runs it shows, printed with the reason (experiments.counted_run): the VAE is the longest finished
-vae_train.py run in RUNS_ROOT that is not a sweep member (most training images seen; the newest among equals),
-unless --vae-run names one (then anything goes, with a warning for a sweep member or an unfinished run); the DCGAN
-likewise. A newer, shorter run passed over is named, with how to choose it. The sweeps are the runs whose config.json says args.sweep == --vae-sweep (default vae-betas, as
-`make vae-betas` records it) and --gan-sweep (default dcgan-sweep, `make gan-sweep`); their comparisons are written
-to RUNS_ROOT/compare/<sweep>/, which no glob over run folders mistakes for a run (every reader skips it).
+Which runs it shows, printed with the reason (experiments.counted_run): the longest finished run of each script in
+RUNS_ROOT that is not a sweep member, unless --vae-run / --gan-run names one (with a warning for a sweep member or
+an unfinished run); a newer, shorter run passed over is named. The sweeps are the runs whose config.json says
+args.sweep == --vae-sweep (`make vae-betas`) and --gan-sweep (`make gan-sweep`); their comparisons go to
+RUNS_ROOT/compare/<sweep>/, which every reader of run folders skips.
 
 The report, in the coursework's order: a "before you hand in" box when something is missing (a sweep not run, a
-DCGAN not trained on CIFAR-10, a newer run not chosen); the runs shown, their settings and why each (Table 1); key
-numbers; the VAE (loss curves; varying beta: the sweep's negative ELBO
-at beta 1, reconstruction and KL, train and test, a table, reconstructions and samples side by side;
-reconstructions; samples; t-SNE; interpolation); the DCGAN (samples, losses, fixed-noise progression, more
-diagnostics, a quality number per milestone checkpoint); the GAN experiments (the sweep side by side: losses, D
-outputs, samples, progression, diversity, FIDs when measured, a table). Figures and tables are numbered; captions
-say what is shown (which run and its settings: Table 1), and the body holds no instructions, so it can be handed
-in as it is.
-
-The report ends with an appendix, the code for the notebook's test cells (common/testcell.py: each model's transform and denorm,
-from the training scripts' source). Paths in it are relative to the repository (or to the runs root's folder). The analysis scripts reuse what they made before of the same checkpoint with the same
-options, so a report after `make analyze-vae` / `make analyze-gan` does not redo their work.
-OUT/report.json records which runs the report shows and the step of their model files (check_submission.py fails
-when it checks other files).
-
-OUT is replaced as a whole (built beside it, then renamed into place), so it never holds a half-written report or
-figures from an older one.
+DCGAN not trained on CIFAR-10, a newer run not chosen); the runs shown and why (Table 1); key numbers; the VAE
+(losses, the beta sweep, reconstructions, samples, t-SNE, interpolation); the DCGAN (samples, losses, fixed-noise
+progression, diagnostics, a quality number per milestone); the GAN experiments; an appendix with the code for the
+notebook's test cells (common/testcell.py). Figures and tables are numbered, captions say what is shown, paths are
+relative and the body holds no instructions: it is handed in as it is. The analysis scripts reuse what they made
+before of the same checkpoint and options. OUT/report.json records the runs shown and the step of their model
+files (check_submission.py fails on other files). OUT is replaced as a whole (built beside it, then renamed).
 """
 from __future__ import annotations
 
@@ -115,15 +104,12 @@ def analyse(args, chosen: dict, runs_root: Path) -> None:
     import analyze_gan
     import analyze_vae
 
-    vae_flags = ["--device", args.device]
-    for flag, value in (("--data-dir", args.data_dir), ("--tsne-points", args.tsne_points),
-                        ("--iw-samples", args.iw_samples), ("--iw-images", args.iw_images)):
-        if value is not None:
-            vae_flags += [flag, str(value)]
-    gan_flags = ["--device", args.device]
-    for flag, value in (("--quality", args.quality), ("--quality-samples", args.quality_samples)):
-        if value is not None:
-            gan_flags += [flag, str(value)]
+    def given(*names: str) -> list[str]:  # the flags typed, passed on as typed
+        return ["--device", args.device] + [part for name in names if getattr(args, name) is not None
+                                            for part in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
+
+    vae_flags = given("data_dir", "tsne_points", "iw_samples", "iw_images")
+    gan_flags = given("quality", "quality_samples")
     for script, main, flags, run, sweep, sweep_name in (
             ("analyze_vae.py", analyze_vae.main, vae_flags, chosen["vae"], chosen["vae_sweep"], args.vae_sweep),
             ("analyze_gan.py", analyze_gan.main, gan_flags, chosen["gan"], chosen["gan_sweep"], args.gan_sweep)):
@@ -148,20 +134,15 @@ def read_summary(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def vae_param_count(vae: experiments.RunInfo) -> int:
-    from vae_train import VAE
-    args = vae.settings
-    with torch.device("meta"):
-        model = VAE(args.arch, args.latent_dim, args.likelihood)
-    return sum(p.numel() for p in model.parameters())
-
-
-def gan_param_counts(gan: experiments.RunInfo) -> tuple[int, int]:
+def param_counts(run: experiments.RunInfo) -> list[int]:
+    """Parameters of a run's models, [VAE] or [G, D], built on the meta device from its settings (no memory)."""
     import dcgan_train
-    args = gan.settings
+    import vae_train
+    args = run.settings
     with torch.device("meta"):
-        generator, discriminator = dcgan_train.build_models(args, dcgan_train.dataset_channels(args.dataset))
-    return (sum(p.numel() for p in generator.parameters()), sum(p.numel() for p in discriminator.parameters()))
+        models = ([vae_train.VAE(args.arch, args.latent_dim, args.likelihood)] if run.script == "vae" else
+                  dcgan_train.build_models(args, dcgan_train.dataset_channels(args.dataset)))
+    return [sum(p.numel() for p in model.parameters()) for model in models]
 
 
 def trained(run: experiments.RunInfo) -> str:
@@ -231,7 +212,7 @@ def vae_about(vae: experiments.RunInfo) -> str:
 def write_vae_section(report: Report, vae: experiments.RunInfo, sweep: list, sweep_name: str,
                       runs_root: Path) -> dict:
     summary, figures, args = read_summary(vae.dir), vae.dir / "figures", vae.settings
-    n_params = vae_param_count(vae)
+    n_params, = param_counts(vae)
     report.heading(2, f"VAE on {DATASET_NAMES.get(summary['dataset'], summary['dataset'])}")
     report.para(f"The VAE of Table 1 ({vae_about(vae)}), {n_params:,} parameters, at epoch {summary['epoch']} of "
                 f"{args.epochs}: test ELBO **{summary['test_elbo']:.2f}** nats per image (reconstruction "
@@ -271,7 +252,7 @@ def gan_settings(run_args: dict) -> str:
 
 def write_gan_section(report: Report, gan: experiments.RunInfo, todo: list[str]) -> dict:
     run_args, summary = gan.args, read_summary(gan.dir)
-    n_g, n_d = gan_param_counts(gan)
+    n_g, n_d = param_counts(gan)
     figures = gan.dir / "figures"
     last, best_fid = summary.get("last_epoch", {}), summary.get("best_fid")
     fid_text = (f"best FID **{best_fid['fid']:.2f}** (epoch {best_fid['epoch']}, {gan.settings.fid_samples:,} "
@@ -284,13 +265,10 @@ def write_gan_section(report: Report, gan: experiments.RunInfo, todo: list[str])
         report.para(f"**This DCGAN was {experiments.not_cifar10(run_args)}.**")
         todo.append(f"The DCGAN was {experiments.not_cifar10(run_args)}. Train one on CIFAR-10 (`make dcgan`), "
                     f"then `make report` again.")
-    report.para("D outputs one raw logit per image (no sigmoid inside the model): `torch.sigmoid(D(x))` is the "
-                "probability it gives that x is a real image. D(x) below is that probability on real images in D's "
-                "training steps; D(G(z)), on generated images in G's steps, from the same D pass as G's loss.")
-    if last:
+    if last:  # D gives a logit (the appendix says so); D(x) and D(G(z)) are its sigmoid, from D's and G's steps
         report.para(f"Last epoch (means over its steps): loss_d {last.get('loss_d', math.nan):.3f}, loss_g "
-                    f"{last.get('loss_g', math.nan):.3f}, D(x) {last.get('d_real', math.nan):.3f}, "
-                    f"D(G(z)) {last.get('d_fake', math.nan):.3f}.")
+                    f"{last.get('loss_g', math.nan):.3f}, D(x) {last.get('d_real', math.nan):.3f} on real images in "
+                    f"D's steps, D(G(z)) {last.get('d_fake', math.nan):.3f} on generated images in G's steps.")
     curves, every = step_curves(gan, summary)
     report.heading(3, "Samples")
     report.figure(figures / "final_samples.png", "gan_samples.png",
