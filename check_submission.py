@@ -266,6 +266,12 @@ def first_conv_in_channels(model) -> int | None:
     return None
 
 
+def dataset_hint(folder: Path) -> str:
+    """'; FOLDER/config.json says it was trained with --dataset mnist' when the file sits in a run folder, else ''."""
+    run = common.experiments.read_run(folder, "dcgan")
+    return f"; {folder / 'config.json'} says it was trained with --dataset {run.args['dataset']}" if run else ""
+
+
 def check_generator(checks: Checks, path: Path, nz_flag: int | None, n: int,
                     shape: tuple = CIFAR_SHAPE) -> tuple[object, torch.Tensor | None]:
     """Returns (G or None, its images in [-1, 1] or None). `shape`: one image's (gan_image_shape)."""
@@ -298,7 +304,7 @@ def check_generator(checks: Checks, path: Path, nz_flag: int | None, n: int,
         if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 1:
             detail = (f"G makes 1-channel (greyscale) images {got}, but the coursework needs CIFAR-10 RGB images "
                       f"{shape_str(expected)}: this generator was trained on a one-channel data set (MNIST?)"
-                      f". Retrain with dcgan_train.py --dataset cifar10; {DRY_RUN}")
+                      f"{dataset_hint(path.parent)}. Retrain with dcgan_train.py --dataset cifar10; {DRY_RUN}")
         else:
             detail = f"{z_text} gives {got}, expected {shape_str(expected)}"
         checks.record(False, path, names[0], detail)
@@ -323,10 +329,10 @@ DRY_RUN = ("--allow-non-cifar10 checks it with its own image shape and packs it 
 def gan_image_shape(checks: Checks, gen_path: Path, gan_run: Path | None, allowed: bool) -> tuple[tuple, str | None]:
     """(the image shape G and D are checked with, the data set of a dry run or None). CIFAR-10's (3, 32, 32) unless
     the GAN's run (its config.json: the run that counts, or the run folder the files are in; files elsewhere have
-    none to ask) trained on another data set: a FAIL (an RGB image-folder G passes every shape check), or with
+    none to ask) trained on another data set: a FAIL (here, or the shape checks' for a one-channel set), or with
     --allow-non-cifar10 its own shape, for a dry run of the packaging whose zip is named as not for hand-in."""
     from common import experiments
-    from dcgan_train import dataset_channels
+    from dcgan_train import GRAY_DATASETS, dataset_channels
     run = experiments.read_run(gan_run or gen_path.parent, "dcgan")
     problem = experiments.not_cifar10(run.args) if run else None
     if problem is None:
@@ -338,8 +344,9 @@ def gan_image_shape(checks: Checks, gen_path: Path, gan_run: Path | None, allowe
         print(f"  WARN  {gen_path.name}: {run.name} was {problem} ({said}): a DRY RUN (--allow-non-cifar10), "
               f"checked with its own images {shape_str(shape)}; the zip is named NOT-FOR-HANDIN", flush=True)
         return shape, dataset
-    checks.record(False, gen_path, "trained on CIFAR-10", f"{run.name} was {problem} ({said}). Train with "
-                  f"dcgan_train.py --dataset cifar10; {DRY_RUN}")
+    if dataset not in GRAY_DATASETS:  # an RGB image-folder G passes every shape check; a gray one fails them
+        checks.record(False, gen_path, "trained on CIFAR-10", f"{run.name} was {problem} ({said}). Train with "
+                      f"dcgan_train.py --dataset cifar10; {DRY_RUN}")
     return CIFAR_SHAPE, None
 
 
@@ -370,7 +377,7 @@ def check_discriminator(checks: Checks, path: Path, fake_images: torch.Tensor | 
             hint = ""
             if in_channels is not None and in_channels != shape[0]:
                 hint = (f". D's first layer takes {in_channels}-channel images, but the coursework's D gets CIFAR-10 "
-                        f"RGB images: it was trained on a one-channel data set (MNIST?). "
+                        f"RGB images: it was trained on a one-channel data set (MNIST?){dataset_hint(path.parent)}. "
                         f"Retrain with dcgan_train.py --dataset cifar10; {DRY_RUN}")
             checks.record(False, path, what, f"D fails on input of shape {shape_str(x.shape)}: "
                                              f"{short_error(err)}{hint}")
