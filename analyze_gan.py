@@ -369,7 +369,8 @@ def analysis_key(run_dir: Path, opts, device, metrics, steps) -> str:
     grids; the options; whether Inception's weights are there (--quality auto uses them); the analysis code."""
     made_from = {"checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")),
                  "metrics_rows": len(metrics), "steps_rows": len(steps),
-                 "sample_grids": len(figures.sample_grids(run_dir)), "exported": (common.readers.read_export(run_dir) or {}).get("epoch")}
+                 "sample_grids": len(figures.sample_grids(run_dir)),
+                 "exported": (common.readers.read_export(run_dir) or {}).get("epoch")}
     options = {"quality": opts.quality, "quality_samples": opts.quality_samples, "device": str(device),
                "inception_weights": gan_metrics.find_inception_weights(None) is not None}
     return figures.analysis_key(made_from, options, [Path(__file__), Path(figures.__file__),

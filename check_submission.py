@@ -507,7 +507,7 @@ def check_test_cells(checks: Checks, paths: dict[str, Path], data_dirs: list[tup
     results = testcell.run_cells(paths, mnist_root=mnist_root, nz=nz)
     if dry_run:
         print(f"  note  {paths['gen'].name}: the DCGAN's test cell is not run in a dry run (it feeds CIFAR-10 "
-              f"images to a GAN trained on {dry_run})", flush=True)
+              f"images to a GAN trained on {common.experiments.DATASET_NAMES.get(dry_run, dry_run)})", flush=True)
     for name, path in (("VAE", paths["vae"]),) + ((("DCGAN", paths["gen"]),) if not dry_run else ()):
         ok, detail = results[name]
         checks.record(ok, path, f"test cell ({testcell.SCRIPTS[name].name}'s transform and denorm in a clean Python)",
@@ -560,9 +560,10 @@ def main(argv=None) -> int:
                       f"no PNG figures in {figures}; build the report first (make report)")
         check_report_shows(checks, figures, run_dirs)
     ready = not checks.failed and not checks.skipped
+    trained_on = common.experiments.DATASET_NAMES.get(dry_run, dry_run)
     verdict = "NOT READY to submit" if not ready else \
-        f"all checks passed, as a DRY RUN: a DCGAN trained on {dry_run} is NOT a valid submission" if dry_run else \
-        "all checks passed"
+        f"all checks passed, as a DRY RUN: a DCGAN trained on {trained_on} is NOT a valid submission" if dry_run \
+        else "all checks passed"
     print(f"{checks.passed} passed, {checks.failed} failed, {checks.skipped} skipped: {verdict}", flush=True)
     zip_path = dry_run_zip(Path(args.zip), dry_run) if args.zip and dry_run else args.zip and Path(args.zip)
     if zip_path and not ready:

@@ -232,7 +232,7 @@ def write_vae_section(report: Report, vae: experiments.RunInfo, sweep: list, swe
     report.heading(3, "Samples")
     report.figure(figures / "samples.png", "vae_samples.png",
                   f"64 images decoded from z ~ N(0, I) ({args.likelihood.capitalize()} means) at epoch "
-                  f"{summary['epoch']}: the same 64 z as the grids saved during training (samples/epoch_NNN.png, "
+                  f"{summary['epoch']}: the same 64 z as the grids saved during training (samples/prior_epoch_NNN.png, "
                   f"drawn from the run's seed {args.seed}), so they show how these samples changed.")
     report.heading(3, "t-SNE of the latent space")
     report.figure(figures / "tsne.png", "vae_tsne.png",

@@ -319,8 +319,9 @@ def counted_run(runs_root, script: str, explicit=None, how_to_name: str = "", lo
     newer = [r for r in finished if r.started > run.started]
     if newer:
         newest = newer[-1]
+        shown = newest.dir.relative_to(Path.cwd()) if newest.dir.is_relative_to(Path.cwd()) else newest.dir
         log(f"note: not chosen: {newest.name}, newer but shorter ({newest.total_images_seen():,.0f} training images "
-            f"seen, against {run.total_images_seen():,.0f}); to use it: {how_to_name}={shlex.quote(str(newest.dir))}")
+            f"seen, against {run.total_images_seen():,.0f}); to use it: {how_to_name}={shlex.quote(str(shown))}")
     return run, f"the longest finished {script} run not in a sweep ({run.total_images_seen():,.0f} training images)"
 
 

@@ -1,6 +1,6 @@
 """A report page: headings, paragraphs, tables, code, numbered figures and a box of things to do, rendered twice, as
-Markdown and as HTML (report.py builds the coursework report with it). Every path of this machine in the text is shown relative, so the page can
-be handed in as it is. Imports no torch.
+Markdown and as HTML (report.py builds the coursework report with it). Every path of this machine in the text is
+shown relative, so the page can be handed in as it is. Imports no torch.
 """
 from __future__ import annotations
 
