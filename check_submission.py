@@ -350,11 +350,6 @@ def gan_image_shape(checks: Checks, gen_path: Path, gan_run: Path | None, allowe
     return CIFAR_SHAPE, None
 
 
-def dry_run_zip(zip_path: Path, dataset: str) -> Path:
-    """CW2.zip -> CW2-NOT-FOR-HANDIN-mnist.zip: a dry run's zip, never mistaken for the one to hand in."""
-    return zip_path.with_name(f"{zip_path.stem}-NOT-FOR-HANDIN-{dataset}{zip_path.suffix}")
-
-
 def check_discriminator(checks: Checks, path: Path, fake_images: torch.Tensor | None, n: int,
                         shape: tuple = CIFAR_SHAPE):
     discriminator = load(checks, path)
@@ -565,7 +560,9 @@ def main(argv=None) -> int:
         f"all checks passed, as a DRY RUN: a DCGAN trained on {trained_on} is NOT a valid submission" if dry_run \
         else "all checks passed"
     print(f"{checks.passed} passed, {checks.failed} failed, {checks.skipped} skipped: {verdict}", flush=True)
-    zip_path = dry_run_zip(Path(args.zip), dry_run) if args.zip and dry_run else args.zip and Path(args.zip)
+    zip_path = args.zip and Path(args.zip)
+    if zip_path and dry_run:  # CW2-NOT-FOR-HANDIN-mnist.zip: never mistaken for the one to hand in
+        zip_path = zip_path.with_name(f"{zip_path.stem}-NOT-FOR-HANDIN-{dry_run}{zip_path.suffix}")
     if zip_path and not ready:
         print(f"{zip_path} not written: fix the failures above first", flush=True)
     elif zip_path:

@@ -56,9 +56,8 @@ class ArgumentParser(argparse.ArgumentParser):
         if not message.startswith("unrecognized arguments:"):
             return ""
         known = [flag for action in self._actions for flag in action.option_strings if flag.startswith("--")]
-        meant = [f"{match} for {word.split('=')[0]}" for word in message.split(":", 1)[1].split()
-                 if word.startswith("--")
-                 for match in difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.8)]
+        typed = [word.split("=")[0] for word in message.split(":", 1)[1].split() if word.startswith("--")]
+        meant = [f"{match} for {word}" for word in typed for match in difflib.get_close_matches(word, known, 1, 0.8)]
         return f"; did you mean {', '.join(meant)}?" if meant else ""
 
 

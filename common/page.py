@@ -39,12 +39,6 @@ class Report:
     def code(self, text: str) -> None:
         self.blocks.append(("code", text.rstrip("\n")))
 
-    def box(self, title: str, items: list[str], at: int) -> None:
-        """A framed list at block `at` (report.py: what to do before handing in), or nothing when there are no
-        items."""
-        if items:
-            self.blocks.insert(at, ("box", title, items))
-
     def figure(self, source: Path, name: str, caption: str) -> None:
         """Copy `source` to figures/<name> and show it, numbered in page order when rendered ("Figure 3. caption").
         A missing source is an error, not a silent gap."""
