@@ -47,9 +47,12 @@ vae-betas: $(VENV)/.installed
 	    || exit $$?; \
 	done
 
+# RUN is one folder, spaces and all (RUN="runs/my run"), or a glob such as RUN="runs/*-vae-beta*" (expanded by the
+# shell when it holds a * or ?).
+RUN_PATHS = $(if $(findstring *,$(RUN))$(findstring ?,$(RUN)),$(RUN),"$(RUN)")
 analyze-vae: RUN ?= runs/latest-vae
 analyze-vae: $(VENV)/.installed
-	$(PY) analyze_vae.py $(RUN) $(ARGS)
+	$(PY) analyze_vae.py $(RUN_PATHS) $(ARGS)
 
 dcgan: $(VENV)/.installed
 	$(PY) dcgan_train.py --data-dir $(DATA_DIR) $(ARGS)
@@ -63,25 +66,34 @@ gan-sweep: $(VENV)/.installed
 
 analyze-gan: RUN ?= runs/latest-dcgan
 analyze-gan: $(VENV)/.installed
-	$(PY) analyze_gan.py $(RUN) $(ARGS)
+	$(PY) analyze_gan.py $(RUN_PATHS) $(ARGS)
 
 # The report (report/REPORT.md and .html): the VAE and DCGAN runs that count (the newest finished runs that are not
 # sweep members, or VAE_RUN=... GAN_RUN=...), the vae-betas sweep and the dcgan-sweep sweep.
 report: $(VENV)/.installed
-	$(PY) report.py $(if $(VAE_RUN),--vae-run $(VAE_RUN)) $(if $(GAN_RUN),--gan-run $(GAN_RUN)) $(ARGS)
+	$(PY) report.py $(if $(VAE_RUN),--vae-run "$(VAE_RUN)") $(if $(GAN_RUN),--gan-run "$(GAN_RUN)") $(ARGS)
 
 # Checks the three model files of the runs that count (as make report picks them, or VAE_RUN=... GAN_RUN=...) as a
 # grader would, then packs CW2.zip (models + report figures); nothing on failure. The VAE is checked on the test
 # images of its own run's data folder unless DATA_DIR=... is given.
 submission: $(VENV)/.installed
-	$(PY) check_submission.py $(if $(VAE_RUN),--vae-run $(VAE_RUN)) $(if $(GAN_RUN),--gan-run $(GAN_RUN)) \
-	  $(if $(filter-out file,$(origin DATA_DIR)),--data-dir $(DATA_DIR)) --figures report/figures --zip CW2.zip $(ARGS)
+	$(PY) check_submission.py $(if $(VAE_RUN),--vae-run "$(VAE_RUN)") $(if $(GAN_RUN),--gan-run "$(GAN_RUN)") \
+	  $(if $(filter-out file,$(origin DATA_DIR)),--data-dir "$(DATA_DIR)") --figures report/figures --zip CW2.zip $(ARGS)
 
-# The live view: TensorBoard on every run under runs/ (each writes RUN_DIR/tb/ as it trains), on this machine's
+# The live view: TensorBoard on every run under $(RUNS) (each writes RUN_DIR/tb/ as it trains), on this machine's
 # http://localhost:$(TB_PORT). From another machine: ssh -L 6006:localhost:6006 HOST, then open that address
-# (docs/operations.md). Ctrl-C stops it.
+# (docs/operations.md). Ctrl-C stops it. Each run once, named by its folder: --logdir would follow the runs/latest*
+# links and list a run up to three times, so the run folders are named one by one (--logdir_spec NAME:PATH,...),
+# and a run started later appears after a restart of make tensorboard.
+RUNS        ?= runs
+TENSORBOARD ?= $(VENV)/bin/tensorboard
 tensorboard: $(VENV)/.installed
-	$(VENV)/bin/tensorboard --logdir runs --port $(TB_PORT)
+	@spec=; for tb in "$(RUNS)"/*/tb; do run="$${tb%/tb}"; \
+	  [ -d "$$tb" ] && [ ! -L "$$run" ] && spec="$$spec$${spec:+,}$${run##*/}:$$run"; done; \
+	if [ -z "$$spec" ]; then echo "no run with TensorBoard events in $(RUNS)/ yet: start one, then make tensorboard"; \
+	  exit 2; fi; \
+	echo "TensorBoard on each run in $(RUNS)/ once (a run started later: restart make tensorboard)"; \
+	$(TENSORBOARD) --logdir_spec "$$spec" --port $(TB_PORT)
 
 # Speed and memory on this machine (tools/bench.py): a table and bench.json. Not part of `make test`.
 bench: $(VENV)/.installed

@@ -6,23 +6,18 @@
     python analyze_gan.py RUN --quality classifier-fid --quality-samples 2000   # a quicker best-epoch search
 
 Per run, into RUN_DIR/figures/: losses.png, d_outputs.png, fixed_noise_progression.png, final_samples.png,
-diversity.png, nearest_neighbours.png, fid.png (when the run measured FID), milestones.png (a quality number per
-milestone checkpoint, checkpoints/epoch-NNN.pt) and summary.json. The quality number is, by --quality auto: the
-Inception FID when its weights are in torch's cache; else the classifier FID (gan_metrics.py) for MNIST and
-Fashion-MNIST; else the diversity of the samples. The best milestone is printed with the command that exports it:
---export-epoch E writes DCGAN_model_G.pth and DCGAN_model_D.pth from checkpoints/epoch-EEE.pt (into --out, default
-RUN_DIR/exports/epoch-EEE/), exactly as the run's own export at that epoch would have. A run analysed before from
-the same checkpoints with the same options (and the same analysis code) is not analysed again: its figures and
-summary.json are reused (summary.json's analysis_key says what they were made from).
+diversity.png, nearest_neighbours.png, fid.png (when the run measured FID), milestones.png and summary.json. The
+quality number per milestone checkpoint (checkpoints/epoch-NNN.pt) is, by --quality auto, the Inception FID when
+its weights are in torch's cache, else the classifier FID (gan_metrics.py) for MNIST and Fashion-MNIST, else the
+samples' diversity; the best is printed with the command that exports it (--export-epoch E: G and D from
+epoch-EEE.pt into --out, default RUN_DIR/exports/epoch-EEE/, as the run's own export would have). An analysis of
+the same checkpoints, options and code is reused (summary.json's analysis_key).
 
-Several runs (a shell glob may also match folders that are not DCGAN runs: they are skipped with a note): also, in
---out (default RUNS_ROOT/compare/<sweep name>/), the runs side by side, each labelled by the settings that differ
-between them (`d_norm=spectral`, `loss=hinge`), against training images seen: compare_losses.png (one panel per
-loss type), compare_d_outputs.png (BCE runs only: a hinge D gives no probabilities), compare_samples.png (every
-run's last fixed-noise grid), compare_progression.png, compare_diversity.png (with real images as a reference),
-compare_quality.png (the training-time FID and the milestones' FIDs; not made when the milestones are measured by
-diversity, compare_diversity's subject), summary.csv (also printed) and summary.json. Titles say what a figure
-shows; which run it is and its settings are the report's captions (the figures sit in the run's own folder).
+Several runs (folders of a glob that are not DCGAN runs are skipped with a note): also, in --out (default
+RUNS_ROOT/compare/<sweep name>/), the runs side by side, labelled by the settings that differ (`loss=hinge`):
+compare_losses.png, compare_d_outputs.png (BCE runs only), compare_samples.png, compare_progression.png,
+compare_diversity.png, compare_quality.png (FIDs, when measured), summary.csv (also printed) and summary.json.
+Titles say what a figure shows; which run and its settings, the report's Table 1.
 """
 from __future__ import annotations
 
@@ -50,8 +45,7 @@ QUALITY_NAMES = {"fid": "Inception FID", "classifier-fid": "classifier FID", "di
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = common.ArgumentParser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="DCGAN run folders (runs/latest-dcgan works)")
     parser.add_argument("--out", default=None,
                         help="with several runs: the comparison folder (default: RUNS_ROOT/compare/<sweep name>); "
@@ -68,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(run_dir: Path) -> argparse.Namespace:
-    return argparse.Namespace(**common.read_run_config(run_dir, "dcgan")["args"])
+    return common.readers.run_namespace(run_dir, "dcgan", dcgan_train.build_parser())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -77,15 +71,16 @@ def load_config(run_dir: Path) -> argparse.Namespace:
 
 def plot_losses(metrics, steps, args, title: str) -> Figure:
     """Epoch means (dots) over the steps.csv rows (faint: each the mean of --log-every steps) and, when there are
-    enough rows for it to differ from them (figures.is_smoothed), their EMA. Rows no more frequent than the epochs
+    enough rows for it to differ from them (figures.step_curves), their EMA. Rows no more frequent than the epochs
     (--log-every at least an epoch's steps) would lie under the epoch means, unseen but in the legend: left out."""
     fig = Figure(figsize=(7.5, 5), layout="constrained")
     ax = fig.subplots()
     window = int(args.log_every)
     span_steps = round(window / max(1 - figures.ema_weight(len(steps)), 1e-9))
-    smoothed = figures.is_smoothed(len(steps))
+    curves = figures.step_curves(len(steps), len(metrics))
+    smoothed = curves == "smoothed"
     for key, name, color in (("loss_d", "D loss", "tab:blue"), ("loss_g", "G loss", "tab:orange")):
-        if len(steps) > len(metrics):
+        if curves != "none":
             x, y = figures.column(steps, "epoch"), figures.column(steps, key)
             ax.plot(x, y, color=color, alpha=0.2 if smoothed else 0.5, linewidth=0.8,
                     label=f"{name}: mean of each {window} steps")
@@ -106,7 +101,7 @@ def plot_d_outputs(metrics, steps, args, title: str) -> Figure:
     ax = fig.subplots()
     for key, label, color in (("d_real", "D(x): real images, in D's steps", "tab:green"),
                               ("d_fake", "D(G(z)): generated images, in G's steps", "tab:red")):
-        if steps:  # the means of every --log-every steps, smoothed when there are enough of them
+        if figures.step_curves(len(steps), len(metrics)) != "none":  # smoothed when there are enough rows
             ax.plot(figures.column(steps, "epoch"), figures.smooth(figures.column(steps, key)), color=color,
                     alpha=0.35, linewidth=1)
         ax.plot(figures.column(metrics, "epoch"), figures.column(metrics, key), "o-", color=color, markersize=4,
@@ -141,7 +136,8 @@ def plot_diversity(per_epoch: dict[int, float], reference: float | None, title: 
     ax.plot(list(per_epoch), list(per_epoch.values()), "o-", label="64 fixed-noise samples")
     if reference is not None:
         ax.axhline(reference, color="gray", linestyle="--", label="64 training images")
-    ax.set(xlabel="epoch", ylabel="mean pairwise RMS distance", ylim=(0, None), title=title)
+    ax.set(xlabel="epoch", ylabel="mean pairwise RMS distance", title=title,
+           ylim=(0, figures.top_with_room([*per_epoch.values(), reference])))
     figures.integer_epochs(ax)
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3)
@@ -160,11 +156,14 @@ def plot_fid(metrics, title: str) -> Figure:
     return fig
 
 
-def image_grid_figure(images: torch.Tensor, nrow: int, title: str) -> Figure:
+def image_grid_figure(images: torch.Tensor, nrow: int, title: str, first_column_apart: bool = False) -> Figure:
+    """Images in rows of nrow; first_column_apart: a red line sets the first column off from the others."""
     grid = make_grid(images, nrow=nrow, padding=figures.CELL_GAP, pad_value=1.0).permute(1, 2, 0).numpy()
     fig = Figure(figsize=(7.5, 7.5 * grid.shape[0] / grid.shape[1] + 0.5), layout="constrained")
     ax = fig.subplots()
     ax.imshow(grid)
+    if first_column_apart:  # in the white gap after the first column (pixel centres are at integers)
+        ax.axvline(images.shape[-1] + 1.5 * figures.CELL_GAP - 0.5, color="tab:red", linewidth=2.5)
     ax.set_axis_off()
     ax.set_title(title, fontsize=10)
     return fig
@@ -285,7 +284,7 @@ def plot_milestones(rows: list[dict], measure: QualityMeasure, best: dict | None
     better = "lower is better" if measure.lower_is_better else "closest to the training images is best"
     ax.set(xlabel="epoch", ylabel=f"{measure.name} ({better})", title=title)
     if measure.kind == "diversity":
-        ax.set_ylim(0, None)
+        ax.set_ylim(0, figures.top_with_room([*(r["value"] for r in rows), reference]))
     figures.integer_epochs(ax)
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3)
@@ -327,7 +326,8 @@ def analyze_run(run_dir: Path, opts, device: torch.device, log=print) -> dict:
         return reused
     summary = {"run_dir": str(run_dir), "dataset": args.dataset, "loss": args.loss, "epochs_done": len(metrics),
                "epochs_planned": args.epochs, "figures": [], "skipped": {}, "analysis_key": key,
-               "losses": {"step_rows": len(steps), "log_every": args.log_every}}
+               "losses": {"step_rows": len(steps), "log_every": args.log_every,
+                          "curves": figures.step_curves(len(steps), len(metrics))}}
 
     def made(fig: Figure, name: str) -> None:
         figures.save_figure(fig, fig_dir / name)
@@ -369,19 +369,12 @@ def analysis_key(run_dir: Path, opts, device, metrics, steps) -> str:
     grids; the options; whether Inception's weights are there (--quality auto uses them); the analysis code."""
     made_from = {"checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")),
                  "metrics_rows": len(metrics), "steps_rows": len(steps),
-                 "sample_grids": len(figures.sample_grids(run_dir)), "exported": exported_epoch(run_dir)}
+                 "sample_grids": len(figures.sample_grids(run_dir)),
+                 "exported": (common.readers.read_export(run_dir) or {}).get("epoch")}
     options = {"quality": opts.quality, "quality_samples": opts.quality_samples, "device": str(device),
                "inception_weights": gan_metrics.find_inception_weights(None) is not None}
     return figures.analysis_key(made_from, options, [Path(__file__), Path(figures.__file__),
                                                      Path(gan_metrics.__file__)])
-
-
-def exported_epoch(run_dir: Path) -> int | None:
-    """The epoch of the run's own model files (export.json), None before its export."""
-    try:
-        return json.loads((run_dir / "export.json").read_text()).get("epoch")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def sample_figures(run_dir: Path, args, train_images, reference, made, summary: dict, log) -> None:
@@ -413,8 +406,9 @@ def sample_figures(run_dir: Path, args, train_images, reference, made, summary: 
         index, distance = gan_metrics.nearest_neighbours(queries, train_images, NEIGHBOURS)
         rows = [torch.cat([q[None], train_images[i].float() / 255]) for q, i in zip(queries, index)]
         made(image_grid_figure(torch.cat(rows).expand(-1, 3, -1, -1), NEIGHBOURS + 1,
-                               "Left, a sample; right, its nearest training images (L2).\n"
-                               "Copies would mean memorisation"), "nearest_neighbours.png")
+                               f"Left of the red line, a sample; right, its {NEIGHBOURS} nearest training images "
+                               f"(L2).\nCopies would mean memorisation", first_column_apart=True),
+             "nearest_neighbours.png")
         summary["nearest_neighbour_rms"] = {"median": float(distance[:, 0].median()),
                                             "min": float(distance[:, 0].min())}
 
@@ -430,9 +424,9 @@ def milestone_figure(run_dir: Path, args, opts, device, train_images, reference,
     made(plot_milestones(rows, measure, best, reference, f"{measure.name[:1].upper()}{measure.name[1:]} per milestone "
                                                          f"checkpoint"),
          "milestones.png")
-    exported = exported_epoch(run_dir)
+    exported = (common.readers.read_export(run_dir) or {}).get("epoch")  # of the run's own model files
     summary["milestones"] = {"measure": measure.name, "kind": measure.kind, "rows": rows, "best": best,
-                             "training_images": reference, "exported_epoch": exported}
+                             "samples": measure.n_samples, "training_images": reference, "exported_epoch": exported}
     if best is not None and best["epoch"] == exported:
         log(f"  best milestone: epoch {best['epoch']} ({measure.name} {best['value']:.4g}), the epoch the run's "
             f"model files are from already")

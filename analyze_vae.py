@@ -5,18 +5,14 @@
     python analyze_vae.py RUN --tsne-points 2000 --iw-images 1000 # quicker on a CPU
     python analyze_vae.py RUN --interp-classes 4 9                # interpolate between the first 4 and the first 9
 
-Into each RUN_DIR/figures/: loss_curves.png, reconstructions.png, samples.png, tsne.png, interpolation.png and
-summary.json (test ELBO and importance-weighted log-likelihood, nats per image). A run analysed before from the same
-checkpoint with the same options (and the same analysis code) is not analysed again: its figures and summary.json
-are reused (summary.json's analysis_key says what they were made from). With several runs (a shell glob may
-also match folders that are not VAE runs: they are skipped with a note), also into --out (default
-RUNS_ROOT/compare/<sweep name>/), each run labelled by the settings that differ between the runs (`beta=4`):
-loss_curves.png (the negative ELBO at beta = 1, i.e. recon + KL, and its two terms, train and test, per epoch, or
-against training images seen when the runs' epochs differ in size: the beta-weighted objective differs between
-betas by construction), reconstructions.png (the same test images
-through every run), samples.png (every run's decoder on the same z), summary.csv (also printed) and summary.json.
-The run folder is only read (figures/ aside), so this works on a run still in progress: it shows the state at the
-newest checkpoint that loads, and the loss curves up to the last finished epoch.
+Into each RUN_DIR/figures/: loss_curves.png, reconstructions.png, samples.png (the training grids' z), tsne.png,
+interpolation.png and summary.json (test ELBO and importance-weighted log-likelihood, nats per image); an analysis
+of the same checkpoint, options and code is reused (summary.json's analysis_key). With several runs (folders of a
+glob that are not VAE runs are skipped with a note), also into --out (default RUNS_ROOT/compare/<sweep name>/),
+labelled by the settings that differ (`beta=4`): loss_curves.png (the negative ELBO at beta = 1 and its two terms,
+train and test: the beta-weighted objective differs between betas by construction), reconstructions.png,
+samples.png (every decoder on the same z), summary.csv (also printed) and summary.json. A run folder is only read
+(figures/ aside), so a run in progress shows its newest checkpoint that loads.
 """
 from __future__ import annotations
 
@@ -33,6 +29,7 @@ from sklearn.manifold import TSNE
 
 import common
 from common import experiments, figures, sweep_figures
+import vae_train
 from vae_train import VAE, evaluate, pixel_nll, to_float
 
 CLASS_NAMES = {
@@ -44,8 +41,7 @@ LOSS_PANELS = [("loss", "total (recon + beta * KL)"), ("recon", "reconstruction 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = common.ArgumentParser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders made by vae_train.py")
     parser.add_argument("--out", default=None,
                         help="comparison folder when several runs are given (default: RUNS_ROOT/compare/<sweep "
@@ -83,12 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
 def read_run(run_dir: str) -> dict:
     """config.json args, metrics.csv rows and the newest checkpoint of a VAE run; UserError when it is not one."""
     path = Path(run_dir)
-    config = common.read_run_config(path, "vae")
+    args = vars(common.readers.run_namespace(path, "vae", vae_train.build_parser()))  # flags added since: defaults
     ckpt = _load_checkpoint(path)
     if ckpt is None:
         raise common.UserError(f"{run_dir} has no checkpoint yet (checkpoints/step-*.pt); one is written at the "
                                f"end of each epoch, so wait for the first epoch to finish")
-    return {"dir": path.resolve(), "args": config["args"], "metrics": common.read_metrics_csv(path / "metrics.csv"),
+    return {"dir": path.resolve(), "args": args, "metrics": common.read_metrics_csv(path / "metrics.csv"),
             "ckpt": ckpt}
 
 
@@ -99,7 +95,7 @@ def _load_checkpoint(run_dir: Path) -> dict | None:
 
 def load_model(run: dict, device: torch.device) -> VAE:
     args = run["args"]
-    model = VAE(args["arch"], args["latent_dim"], args.get("likelihood", "bernoulli"))
+    model = VAE(args["arch"], args["latent_dim"], args["likelihood"])
     model.load_state_dict(run["ckpt"]["model"])
     return model.to(device).eval()
 
@@ -286,7 +282,7 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
     fig_dir = run["dir"] / "figures"
     fig_dir.mkdir(exist_ok=True)
     epoch = ckpt["epoch"]
-    data_key = (run_args.get("dataset", "mnist"), args.data_dir or run_args["data_dir"])
+    data_key = (run_args["dataset"], args.data_dir or run_args["data_dir"])
     key = analysis_key(run, args, device, data_key)
     print(f"{run['dir']}: {run_args['arch']} VAE, latent {run_args['latent_dim']}, beta {run_args['beta']}, "
           f"checkpoint at epoch {epoch} (+{ckpt.get('step_in_epoch', 0)} steps)", flush=True)
@@ -299,7 +295,8 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
     images, labels = test_set(data_key, data_cache)
     images = images.to(device)
 
-    made = loss_figure(run, fig_dir) + image_figures(model, images, labels, data_key[0], args, epoch, fig_dir)
+    made = loss_figure(run, fig_dir) + image_figures(model, images, labels, data_key[0], args, epoch, fig_dir,
+                                                 run_args["seed"])
     seconds = {}
     started = time.monotonic()
     n_points = tsne_figure(model, images, labels, data_key[0], args, epoch, fig_dir)
@@ -319,7 +316,7 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
 
     summary = {
         "run_dir": str(run["dir"]), "arch": run_args["arch"], "latent_dim": run_args["latent_dim"],
-        "beta": run_args["beta"], "likelihood": run_args.get("likelihood", "bernoulli"),
+        "beta": run_args["beta"], "likelihood": run_args["likelihood"],
         "dataset": data_key[0], "epoch": epoch, "step_in_epoch": ckpt.get("step_in_epoch", 0),
         "test_images": len(images),
         "test_elbo": -elbo_terms["test_loss"],
@@ -371,14 +368,17 @@ def test_set(data_key: tuple[str, str], data_cache: dict) -> tuple[torch.Tensor,
 
 @torch.no_grad()
 def image_figures(model: VAE, images: torch.Tensor, labels: torch.Tensor, dataset: str, args, epoch: int,
-                  fig_dir: Path) -> list[str]:
+                  fig_dir: Path, run_seed: int) -> list[str]:
     """reconstructions.png, samples.png and interpolation.png of one run; returns their names."""
     x = to_float(images[:args.n_recon])
     figures.save_figure(plot_reconstructions(x, model(x)[0], f"Test images and their reconstructions at epoch {epoch} "
                                              f"(decoder mean at z = mu)"), fig_dir / "reconstructions.png")
-    z = prior_noise(64, model.latent_dim, args.seed).to(images.device)
-    figures.save_figure(plot_samples(torch.sigmoid(model.decoder(z)), f"64 samples from the prior z ~ N(0, I) at "
-                                     f"epoch {epoch}\n(decoder means)"), fig_dir / "samples.png")
+    # The run's own fixed z (vae_train.py draws it from the run's --seed), so samples.png continues the
+    # samples/epoch_NNN.png grids of training: the same 64 points of the prior, decoded by the newest checkpoint.
+    z = prior_noise(64, model.latent_dim, run_seed).to(images.device)
+    figures.save_figure(plot_samples(torch.sigmoid(model.decoder(z)), f"64 samples at epoch {epoch} from the same "
+                                     f"z ~ N(0, I) as the training grids\n(seed {run_seed}; decoder means)"),
+                        fig_dir / "samples.png")
 
     i, j = interpolation_pair(labels, args.interp_indices, args.interp_classes)
     mu_ends = model.encode(to_float(images[[i, j]]))[0]
@@ -432,7 +432,7 @@ def write_comparison(runs: list[dict], infos: list[experiments.RunInfo], summari
                                                              "train (top), test (bottom)"),
                         out / "loss_curves.png")
 
-    data_keys = {(run["args"].get("dataset", "mnist"), args.data_dir or run["args"]["data_dir"]) for run in runs}
+    data_keys = {(run["args"]["dataset"], args.data_dir or run["args"]["data_dir"]) for run in runs}
     if len({key[0] for key in data_keys}) == 1:
         images, _ = test_set(sorted(data_keys)[0], data_cache)
         with torch.no_grad():

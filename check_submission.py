@@ -6,34 +6,29 @@
     python check_submission.py --gen exports/DCGAN_model_G.pth --disc exports/DCGAN_model_D.pth   # e.g. a milestone
     make submission                               # the runs that count; then packs CW2.zip with report/figures
 
-Without DIR, the files come from the VAE and DCGAN runs that count: the newest finished run of each script that is
-not a sweep member (experiments.counted_run says which and why, and warns about a longer finished run), or the
-runs named by --vae-run / --gan-run. DIR holds VAE_model.pth, DCGAN_model_G.pth and DCGAN_model_D.pth instead;
---vae / --gen / --disc point at single files and win over both.
-Every check prints one PASS / FAIL / SKIP line naming the file and what is wrong; exit code 0 when all pass, 1 when
-any fails (2: a bad command line). What is checked, in the grader's own terms:
+Without DIR, the files come from the runs that count (experiments.counted_run, as make report picks them) or from
+--vae-run / --gan-run; DIR holds the three files instead; --vae / --gen / --disc name single files and win over
+both. One PASS / FAIL / SKIP line per check; exit 0 when all pass, 1 when any fails (2: a bad command line). What is
+checked, in the grader's own terms:
 
 - each file loads with torch.jit.load (no project code needed);
 - the VAE has Conv2d layers among its children's children (an MLP-only VAE does not count);
-- vae(x)[0] has the shape of x, values in [0, 1], for a batch of transformed MNIST test images (vae_train.transform;
-  real images from --data-dir, else from the VAE run's own data folder (its config.json), else data/; uniform
-  [0, 1] noise only when none of them holds the MNIST test files, with a WARN line that says where it looked);
-- on real test images, the reconstructions are closer to the inputs (MSE) than the mean test image is: a VAE
-  that collapsed to one grey blur fails;
+- vae(x)[0] has the shape of x, values in [0, 1], for transformed MNIST test images (from --data-dir, else the VAE
+  run's own data folder, else data/; uniform noise, with a WARN line, when none holds them), and is closer to them
+  (MSE) than the mean test image (a VAE collapsed to one grey blur fails);
 - G turns torch.randn(100, nz, 1, 1) into (100, 3, 32, 32) in [-1, 1], and dcgan_train.denorm maps that to [0, 1];
 - D gives one value per image for (N, 3, 32, 32) input;
 - G plus D hold at most 25,000,000 parameters (dcgan_train.MAX_PARAMS);
 - the DCGAN's run trained on CIFAR-10, when its config.json is there to say (the run that counts, or a run folder
-  as DIR): an image-folder GAN is refused in report.py's words unless --allow-non-cifar10.
-- the notebook's test cells work: each script's transform and denorm (common/testcell.py, the code the report shows
-  to paste) run in a clean Python without this project on the path, on the three files (load, forward, denorm);
-  checked last, when everything above passed (about 10 s: a fresh Python importing torch).
+  as DIR): a GAN of another data set is refused in report.py's words, unless --allow-non-cifar10: then its files
+  are checked with its own image shape (1 x 32 x 32 for MNIST), its test cell left out, and --zip CW2.zip becomes
+  CW2-NOT-FOR-HANDIN-<dataset>.zip, a dry run of the packaging for a student without CIFAR-10 yet.
+- the notebook's test cells work: the report's code for them (common/testcell.py) runs in a clean Python without
+  this project, on the three files; checked last, when everything above passed (about 10 s).
 
-With --zip ZIP (and --figures DIR, which must then hold PNGs), a previous ZIP is deleted first, and ZIP is written
-only when every check passes: the three files under their coursework names and DIR as figures/, to a temporary
-file renamed into place (its folder is made when missing). So ZIP exists only after a check that passed. When DIR's
-report (report.py's report.json beside it) shows other runs than the ones checked, or models those runs exported
-since, that is a FAIL: the report's figures would not show the submitted models.
+With --zip ZIP (and --figures DIR of PNGs), a previous ZIP is deleted first and ZIP written, atomically, only when
+every check passes: so ZIP exists only after a check that passed. A report (report.json beside DIR) of other runs,
+or of models those runs exported since, is a FAIL: its figures would not show the submitted models.
 """
 from __future__ import annotations
 
@@ -46,14 +41,13 @@ import torch
 
 import common
 
-VAE_FILE, GEN_FILE, DISC_FILE = "VAE_model.pth", "DCGAN_model_G.pth", "DCGAN_model_D.pth"
+(VAE_FILE,), (GEN_FILE, DISC_FILE) = common.readers.MODEL_FILES["vae"], common.readers.MODEL_FILES["dcgan"]
 CIFAR_SHAPE = (3, 32, 32)   # the coursework's DCGAN works on CIFAR-10: RGB, 32 x 32
 MNIST_SHAPE = (1, 28, 28)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = common.ArgumentParser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", metavar="DIR", nargs="?", default=None,
                         help=f"folder holding {VAE_FILE}, {GEN_FILE} and {DISC_FILE} (default: the run folders "
                              f"of the VAE and DCGAN runs that count)")
@@ -74,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="size of G's noise vector (default: read from G's first layer, else 100)")
     parser.add_argument("--n-images", type=int, default=100, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--allow-non-cifar10", action="store_true",
-                        help="check (and pack) a DCGAN whose run config.json says it was not trained on CIFAR-10 "
-                             "(refused by default: report.py calls such a run not a valid submission)")
+                        help="a dry run of the packaging with a DCGAN trained on another data set (its config.json "
+                             "says which): checked with its own image shape, packed into ZIP-NOT-FOR-HANDIN-<dataset>"
+                             ".zip (refused by default: report.py calls such a run not a valid submission)")
     parser.add_argument("--zip", default=None, metavar="ZIP",
                         help="when every check passes, pack the three files (under their coursework names) and "
                              "--figures into ZIP, written atomically (make submission: CW2.zip)")
@@ -170,7 +165,10 @@ def load(checks: Checks, path: Path):
 
 
 def has_mnist_test_files(data_dir: Path) -> bool:
-    raw = Path(data_dir) / "MNIST" / "raw"
+    try:
+        raw = common.data.data_root("mnist", data_dir) / "MNIST" / "raw"
+    except common.UserError:  # files in the wrong folder: the WARN line says where it looked
+        return False
     return (raw / "t10k-images-idx3-ubyte").exists() and (raw / "t10k-labels-idx1-ubyte").exists()
 
 
@@ -182,7 +180,8 @@ def vae_inputs(data_dirs: list[tuple[Path, str]], n: int) -> tuple[torch.Tensor,
     for data_dir, _ in data_dirs:
         if has_mnist_test_files(data_dir):
             from torchvision.datasets import MNIST
-            test_set = MNIST(str(data_dir), train=False, transform=transform, download=False)
+            test_set = MNIST(str(common.data.data_root("mnist", data_dir)), train=False, transform=transform,
+                             download=False)
             n = min(n, len(test_set))
             mean_image = test_set.data.float().div(255).mean(0, keepdim=True)  # what ToTensor gives, averaged
             return torch.stack([test_set[i][0] for i in range(n)]), f"{n} MNIST test images from {data_dir}", mean_image
@@ -268,16 +267,14 @@ def first_conv_in_channels(model) -> int | None:
 
 
 def dataset_hint(folder: Path) -> str:
-    """' (config.json there says --dataset mnist)' when the file sits in a run folder, else ''."""
-    try:
-        dataset = common.read_run_config(folder, "dcgan")["args"]["dataset"]
-    except (common.UserError, KeyError):
-        return ""
-    return f"; {folder / 'config.json'} says it was trained with --dataset {dataset}"
+    """'; FOLDER/config.json says it was trained with --dataset mnist' when the file sits in a run folder, else ''."""
+    run = common.experiments.read_run(folder, "dcgan")
+    return f"; {folder / 'config.json'} says it was trained with --dataset {run.args['dataset']}" if run else ""
 
 
-def check_generator(checks: Checks, path: Path, nz_flag: int | None, n: int) -> tuple[object, torch.Tensor | None]:
-    """Returns (G or None, its images in [-1, 1] or None)."""
+def check_generator(checks: Checks, path: Path, nz_flag: int | None, n: int,
+                    shape: tuple = CIFAR_SHAPE) -> tuple[object, torch.Tensor | None]:
+    """Returns (G or None, its images in [-1, 1] or None). `shape`: one image's (gan_image_shape)."""
     from dcgan_train import denorm
     generator = load(checks, path)
     names = ["G(z) shape", "G(z) values in [-1, 1]", "denorm(G(z)) values in [0, 1]"]
@@ -291,7 +288,7 @@ def check_generator(checks: Checks, path: Path, nz_flag: int | None, n: int) -> 
         if nz is None:
             nz, where = 100, "the default (G's first layer not recognised; pass --nz)"
     z = torch.randn((n, nz, 1, 1), generator=torch.Generator().manual_seed(0))
-    expected = (n, *CIFAR_SHAPE)
+    expected = (n, *shape)
     try:
         with torch.no_grad():
             images = generator(z)
@@ -307,7 +304,7 @@ def check_generator(checks: Checks, path: Path, nz_flag: int | None, n: int) -> 
         if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 1:
             detail = (f"G makes 1-channel (greyscale) images {got}, but the coursework needs CIFAR-10 RGB images "
                       f"{shape_str(expected)}: this generator was trained on a one-channel data set (MNIST?)"
-                      f"{dataset_hint(path.parent)}. Retrain with dcgan_train.py --dataset cifar10")
+                      f"{dataset_hint(path.parent)}. Retrain with dcgan_train.py --dataset cifar10; {DRY_RUN}")
         else:
             detail = f"{z_text} gives {got}, expected {shape_str(expected)}"
         checks.record(False, path, names[0], detail)
@@ -325,26 +322,36 @@ def check_generator(checks: Checks, path: Path, nz_flag: int | None, n: int) -> 
     return generator, images if in_range else None
 
 
-def check_gan_data(checks: Checks, gen_path: Path, gan_run: Path | None, allowed: bool) -> None:
-    """The GAN's run trained on CIFAR-10, as its config.json says (the run that counts, or the run folder the files
-    are in): an RGB 32 x 32 G trained on an image folder passes every shape check, but is not the coursework's.
-    Files outside a run folder have no config to ask. A one-channel data set is named by the shape check already."""
+DRY_RUN = ("--allow-non-cifar10 checks it with its own image shape and packs it as a dry run of the packaging, "
+           "into a zip named NOT-FOR-HANDIN")
+
+
+def gan_image_shape(checks: Checks, gen_path: Path, gan_run: Path | None, allowed: bool) -> tuple[tuple, str | None]:
+    """(the image shape G and D are checked with, the data set of a dry run or None). CIFAR-10's (3, 32, 32) unless
+    the GAN's run (its config.json: the run that counts, or the run folder the files are in; files elsewhere have
+    none to ask) trained on another data set: a FAIL (here, or the shape checks' for a one-channel set), or with
+    --allow-non-cifar10 its own shape, for a dry run of the packaging whose zip is named as not for hand-in."""
     from common import experiments
-    from dcgan_train import GRAY_DATASETS
+    from dcgan_train import GRAY_DATASETS, dataset_channels
     run = experiments.read_run(gan_run or gen_path.parent, "dcgan")
     problem = experiments.not_cifar10(run.args) if run else None
-    if problem is None or run.args.get("dataset") in GRAY_DATASETS:
-        return
-    said = f"{run.dir / 'config.json'} says --dataset {run.args['dataset']}"
+    if problem is None:
+        return CIFAR_SHAPE, None
+    dataset, size = run.args["dataset"], run.args.get("image_size", 32)
+    said = f"{run.dir / 'config.json'} says --dataset {dataset}"
     if allowed:
-        print(f"  WARN  {gen_path.name}: {run.name} was {problem} ({said}); checked anyway (--allow-non-cifar10)",
-              flush=True)
-        return
-    checks.record(False, gen_path, "trained on CIFAR-10", f"{run.name} was {problem} ({said}). Train with "
-                  f"dcgan_train.py --dataset cifar10, or add --allow-non-cifar10 to check it anyway")
+        shape = (dataset_channels(dataset), size, size)
+        print(f"  WARN  {gen_path.name}: {run.name} was {problem} ({said}): a DRY RUN (--allow-non-cifar10), "
+              f"checked with its own images {shape_str(shape)}; the zip is named NOT-FOR-HANDIN", flush=True)
+        return shape, dataset
+    if dataset not in GRAY_DATASETS:  # an RGB image-folder G passes every shape check; a gray one fails them
+        checks.record(False, gen_path, "trained on CIFAR-10", f"{run.name} was {problem} ({said}). Train with "
+                      f"dcgan_train.py --dataset cifar10; {DRY_RUN}")
+    return CIFAR_SHAPE, None
 
 
-def check_discriminator(checks: Checks, path: Path, fake_images: torch.Tensor | None, n: int):
+def check_discriminator(checks: Checks, path: Path, fake_images: torch.Tensor | None, n: int,
+                        shape: tuple = CIFAR_SHAPE):
     discriminator = load(checks, path)
     what = "one value per image"
     if discriminator is None:
@@ -353,8 +360,8 @@ def check_discriminator(checks: Checks, path: Path, fake_images: torch.Tensor | 
     # The generator's images when it produced good ones (a grader's cell does D(G(z))), plus an odd batch size
     # to catch a batch size baked into a reshape.
     generator = torch.Generator().manual_seed(1)
-    batches = [fake_images if fake_images is not None else torch.rand((n, *CIFAR_SHAPE), generator=generator) * 2 - 1,
-               torch.rand((7, *CIFAR_SHAPE), generator=generator) * 2 - 1]
+    batches = [fake_images if fake_images is not None else torch.rand((n, *shape), generator=generator) * 2 - 1,
+               torch.rand((7, *shape), generator=generator) * 2 - 1]
     shapes = []
     for x in batches:
         try:
@@ -363,10 +370,10 @@ def check_discriminator(checks: Checks, path: Path, fake_images: torch.Tensor | 
         except Exception as err:
             in_channels = first_conv_in_channels(discriminator)
             hint = ""
-            if in_channels is not None and in_channels != CIFAR_SHAPE[0]:
+            if in_channels is not None and in_channels != shape[0]:
                 hint = (f". D's first layer takes {in_channels}-channel images, but the coursework's D gets CIFAR-10 "
                         f"RGB images: it was trained on a one-channel data set (MNIST?){dataset_hint(path.parent)}. "
-                        f"Retrain with dcgan_train.py --dataset cifar10")
+                        f"Retrain with dcgan_train.py --dataset cifar10; {DRY_RUN}")
             checks.record(False, path, what, f"D fails on input of shape {shape_str(x.shape)}: "
                                              f"{short_error(err)}{hint}")
             return discriminator
@@ -431,10 +438,9 @@ def model_paths(args) -> tuple[Path, Path, Path, list[Path]]:
     for script, flag, needed in (("vae", "vae_run", not args.vae), ("dcgan", "gan_run", not (args.gen and args.disc))):
         explicit = getattr(args, flag)
         if explicit or (needed and folder is None):
-            how = f"--{flag.replace('_', '-')} RUN_DIR (make submission {flag.upper()}=RUN_DIR)"
-            run, reason = experiments.counted_run(args.runs_root, script, explicit, how,
+            run, reason = experiments.counted_run(args.runs_root, script, explicit, f"make submission {flag.upper()}",
                                                   log=lambda msg: print(msg, flush=True))
-            print(f"{'VAE' if script == 'vae' else 'DCGAN'}: {reason}", flush=True)
+            print(f"{'VAE' if script == 'vae' else 'DCGAN'}: {run.name}: {reason}", flush=True)
             runs[script] = run.dir
     vae_dir = runs.get("vae", folder)
     gan_dir = runs.get("dcgan", folder)
@@ -477,7 +483,8 @@ def check_report_shows(checks: Checks, figures: Path, run_dirs: list[Path | None
                                                         f"checked is {Path(run_dir).name}: run make report again "
                                                         f"(with the same runs)")
             continue
-        reported, exported = made_from.get("exported_steps", {}).get(key), exported_step(Path(run_dir))
+        reported = made_from.get("exported_steps", {}).get(key)
+        exported = (common.readers.read_export(run_dir) or {}).get("global_step")
         if reported is not None and reported != exported:
             checks.record(False, figures.parent, check, f"it shows {Path(run_dir).name} as exported at step "
                                                         f"{reported}, but its model files are from step {exported}: "
@@ -486,20 +493,17 @@ def check_report_shows(checks: Checks, figures: Path, run_dirs: list[Path | None
             checks.record(True, figures.parent, check, Path(run_dir).name)
 
 
-def exported_step(run_dir: Path) -> int | None:
-    """The global step of a run's model files (export.json), None when it has none."""
-    try:
-        return json.loads((run_dir / "export.json").read_text()).get("global_step")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def check_test_cells(checks: Checks, paths: dict[str, Path], data_dirs: list[tuple[Path, str]], nz: int) -> None:
-    """The code the report gives for the notebook's test cells, run as a grader runs it (common/testcell.py)."""
+def check_test_cells(checks: Checks, paths: dict[str, Path], data_dirs: list[tuple[Path, str]], nz: int,
+                     dry_run: str | None) -> None:
+    """The code the report gives for the notebook's test cells, run as a grader runs it (common/testcell.py). In a
+    dry run the DCGAN's cell is left out: it feeds CIFAR-10's RGB 32 x 32 images, which a GAN of `dry_run` refuses."""
     from common import testcell
-    mnist_root = next((d for d, _ in data_dirs if has_mnist_test_files(d)), None)
+    mnist_root = next((common.data.data_root("mnist", d) for d, _ in data_dirs if has_mnist_test_files(d)), None)
     results = testcell.run_cells(paths, mnist_root=mnist_root, nz=nz)
-    for name, path in (("VAE", paths["vae"]), ("DCGAN", paths["gen"])):
+    if dry_run:
+        print(f"  note  {paths['gen'].name}: the DCGAN's test cell is not run in a dry run (it feeds CIFAR-10 "
+              f"images to a GAN trained on {common.experiments.DATASET_NAMES.get(dry_run, dry_run)})", flush=True)
+    for name, path in (("VAE", paths["vae"]),) + ((("DCGAN", paths["gen"]),) if not dry_run else ()):
         ok, detail = results[name]
         checks.record(ok, path, f"test cell ({testcell.SCRIPTS[name].name}'s transform and denorm in a clean Python)",
                       detail)
@@ -538,30 +542,37 @@ def main(argv=None) -> int:
     print(f"check_submission: {vae_path}, {gen_path}, {disc_path} (CPU, torch {torch.__version__})", flush=True)
     data_dirs = data_dirs_to_try(args, vae_path)
     check_vae(checks, vae_path, data_dirs, args.n_images)
-    generator, fake_images = check_generator(checks, gen_path, args.nz, args.n_images)
-    check_gan_data(checks, gen_path, run_dirs[1], args.allow_non_cifar10)
-    discriminator = check_discriminator(checks, disc_path, fake_images, args.n_images)
+    shape, dry_run = gan_image_shape(checks, gen_path, run_dirs[1], args.allow_non_cifar10)
+    generator, fake_images = check_generator(checks, gen_path, args.nz, args.n_images, shape)
+    discriminator = check_discriminator(checks, disc_path, fake_images, args.n_images, shape)
     check_param_budget(checks, gen_path, generator, discriminator)
     if not checks.failed and not checks.skipped:  # a file that fails above would only fail here again, slower
         nz = args.nz or first_layer_nz(generator) or 100
-        check_test_cells(checks, {"vae": vae_path, "gen": gen_path, "disc": disc_path}, data_dirs, nz)
+        check_test_cells(checks, {"vae": vae_path, "gen": gen_path, "disc": disc_path}, data_dirs, nz, dry_run)
     if figures is not None:  # after the model checks, so a missing report does not hide a bad model
         n_png = len(list(figures.glob("*.png"))) if figures.is_dir() else 0
         checks.record(n_png > 0, figures, "report figures to pack", f"{n_png} PNG files in {figures}" if n_png else
                       f"no PNG figures in {figures}; build the report first (make report)")
         check_report_shows(checks, figures, run_dirs)
     ready = not checks.failed and not checks.skipped
-    print(f"{checks.passed} passed, {checks.failed} failed, {checks.skipped} skipped: "
-          f"{'all checks passed' if ready else 'NOT READY to submit'}", flush=True)
-    if args.zip and not ready:
-        print(f"{args.zip} not written: fix the failures above first", flush=True)
-    elif args.zip:
+    trained_on = common.experiments.DATASET_NAMES.get(dry_run, dry_run)
+    verdict = "NOT READY to submit" if not ready else \
+        f"all checks passed, as a DRY RUN: a DCGAN trained on {trained_on} is NOT a valid submission" if dry_run \
+        else "all checks passed"
+    print(f"{checks.passed} passed, {checks.failed} failed, {checks.skipped} skipped: {verdict}", flush=True)
+    zip_path = args.zip and Path(args.zip)
+    if zip_path and dry_run:  # CW2-NOT-FOR-HANDIN-mnist.zip: never mistaken for the one to hand in
+        zip_path = zip_path.with_name(f"{zip_path.stem}-NOT-FOR-HANDIN-{dry_run}{zip_path.suffix}")
+    if zip_path and not ready:
+        print(f"{zip_path} not written: fix the failures above first", flush=True)
+    elif zip_path:
         try:
-            names = pack(Path(args.zip), {VAE_FILE: vae_path, GEN_FILE: gen_path, DISC_FILE: disc_path}, figures)
+            names = pack(zip_path, {VAE_FILE: vae_path, GEN_FILE: gen_path, DISC_FILE: disc_path}, figures)
         except OSError as err:  # a full disk, no permission: the checks passed, but there is no zip
-            raise common.UserError(f"--zip {args.zip}: could not write it ({err.strerror or err})") from None
+            raise common.UserError(f"--zip {zip_path}: could not write it ({err.strerror or err})") from None
         n_figures = len(names) - 3
-        print(f"wrote {args.zip}: {', '.join(names[:3])} and {n_figures} figure{'s' * (n_figures != 1)}", flush=True)
+        print(f"wrote {zip_path}: {', '.join(names[:3])} and {n_figures} figure{'s' * (n_figures != 1)}"
+              f"{' (a dry run of the packaging: not for hand-in)' if dry_run else ''}", flush=True)
     return 0 if ready else 1
 
 

@@ -42,7 +42,7 @@ from common.files import atomic_path
 from common.flags import (ArgumentParser, add_run_args, at_least, checked, non_negative_float, positive_float,
                           unit_interval)
 from common.progress import still_running
-from common.readers import read_run_config
+from common.readers import MODEL_FILES, run_namespace
 from common.run import Meter, Run, open_run
 from common.runs import resolve_run
 
@@ -58,7 +58,6 @@ def denorm(x: torch.Tensor) -> torch.Tensor:
 # metrics.csv's columns beside the meter's (loss_d, d_real, loss_g, d_fake): the quality numbers, blank where not
 # measured. cfid, class_min, class_max: common/gan_metrics.py's classifier FID (MNIST, Fashion-MNIST).
 QUALITY_COLUMNS = ["fid", "inception_score", "cfid", "class_min", "class_max"]
-MODEL_FILES = ("DCGAN_model_G.pth", "DCGAN_model_D.pth")  # what the coursework's grader loads with torch.jit.load
 MAX_PARAMS = 25_000_000
 GRAY_DATASETS = ("mnist", "fashion-mnist")
 DIFFAUG_OPS = ("color", "translation", "cutout")
@@ -486,8 +485,7 @@ def quality(args, train_images: torch.Tensor, device: torch.device, inception_pa
 def models_from_checkpoint(ckpt: dict, run_dir, source=None) -> tuple[Generator, Discriminator]:
     """G and D in eval mode from a checkpoint (read from `source`) of the DCGAN run in `run_dir` (its config.json
     gives the architecture): G is the EMA generator when the run used one."""
-    args = build_parser().parse_args([])
-    vars(args).update(read_run_config(run_dir, "dcgan")["args"])
+    args = run_namespace(run_dir, "dcgan", build_parser())
     generator, discriminator = build_models(args, dataset_channels(args.dataset))
     try:
         generator.load_state_dict(ckpt.get("generator_ema") or ckpt["generator"])
@@ -507,7 +505,7 @@ def export_checkpoint(ckpt_path, out_dir) -> tuple[Path, Path]:
     ckpt = load_checkpoint(ckpt_path)  # its checksum verified: a damaged file is one line, not a model
     generator, discriminator = models_from_checkpoint(ckpt, ckpt_path.parent.parent, ckpt_path)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = tuple(out_dir / name for name in MODEL_FILES)
+    paths = tuple(out_dir / name for name in MODEL_FILES["dcgan"])
     export_model(generator, paths[0])
     export_model(discriminator, paths[1])
     return paths
@@ -554,7 +552,7 @@ def main(argv=None) -> int:
             evaluate = quality(args, train_images, device, inception_path, use_classifier, run.log) \
                 if run.is_main else None
             train(args, run, state, train_images, evaluate)
-            run.export(dict(zip(MODEL_FILES, (state.get("generator_ema", generator), discriminator))),
+            run.export(dict(zip(MODEL_FILES["dcgan"], (state.get("generator_ema", generator), discriminator))),
                        save=export_model)
     return 0
 

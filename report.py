@@ -6,29 +6,20 @@
     python report.py --no-analysis                          # reuse the figures the analysis scripts already wrote
     python report.py --runs-root /scratch/runs --out /tmp/report
 
-Which runs it shows, printed with the reason (experiments.counted_run): the VAE is the newest finished
-vae_train.py run in RUNS_ROOT that is not a sweep member, unless --vae-run names one (then anything goes, with a
-warning for a sweep member or an unfinished run); the DCGAN likewise. A longer finished run of the same script
-gets a warning. The sweeps are the runs whose config.json says args.sweep == --vae-sweep (default vae-betas, as
-`make vae-betas` records it) and --gan-sweep (default dcgan-sweep, `make gan-sweep`); their comparisons are written
-to RUNS_ROOT/compare/<sweep>/, which no glob over run folders mistakes for a run (every reader skips it).
+Which runs it shows, printed with the reason (experiments.counted_run): the longest finished run of each script in
+RUNS_ROOT that is not a sweep member, unless --vae-run / --gan-run names one (with a warning for a sweep member or
+an unfinished run); a newer, shorter run passed over is named. The sweeps are the runs whose config.json says
+args.sweep == --vae-sweep (`make vae-betas`) and --gan-sweep (`make gan-sweep`); their comparisons go to
+RUNS_ROOT/compare/<sweep>/, which every reader of run folders skips.
 
-The report, in the coursework's order: key numbers; the VAE (loss curves; varying beta: the sweep's negative ELBO
-at beta 1, reconstruction and KL, train and test, a table, reconstructions and samples side by side;
-reconstructions; samples; t-SNE; interpolation); the DCGAN (samples, losses, fixed-noise progression, more
-diagnostics, a quality number per milestone checkpoint); the GAN experiments (the sweep side by side: losses, D
-outputs, samples, progression, diversity, FIDs when measured, a table). Every caption names the run(s) and their
-settings; the figures' titles say what they show.
-
-The report ends with the code for the notebook's test cells (common/testcell.py: each model's transform and denorm,
-from the training scripts' source). Paths in it are relative to the repository (or to the runs root's folder): it
-can be handed in as it is. The analysis scripts reuse what they made before of the same checkpoint with the same
-options, so a report after `make analyze-vae` / `make analyze-gan` does not redo their work.
-OUT/report.json records which runs the report shows and the step of their model files (check_submission.py fails
-when it checks other files).
-
-OUT is replaced as a whole (built beside it, then renamed into place), so it never holds a half-written report or
-figures from an older one.
+The report, in the coursework's order: a "before you hand in" box when something is missing (a sweep not run, a
+DCGAN not trained on CIFAR-10, a newer run not chosen); the runs shown and why (Table 1); key numbers; the VAE
+(losses, the beta sweep, reconstructions, samples, t-SNE, interpolation); the DCGAN (samples, losses, fixed-noise
+progression, diagnostics, a quality number per milestone); the GAN experiments; an appendix with the code for the
+notebook's test cells (common/testcell.py). Figures and tables are numbered, captions say what is shown, paths are
+relative and the body holds no instructions: it is handed in as it is. The analysis scripts reuse what they made
+before of the same checkpoint and options. OUT/report.json records the runs shown and the step of their model
+files (check_submission.py fails on other files). OUT is replaced as a whole (built beside it, then renamed).
 """
 from __future__ import annotations
 
@@ -50,14 +41,13 @@ DATASET_NAMES = experiments.DATASET_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = common.ArgumentParser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs-root", default=str(common.DEFAULT_RUNS_ROOT),
                         help="where the runs are (default: runs/ in the repository)")
     parser.add_argument("--vae-run", default=None,
-                        help="the VAE run to report (default: the newest finished VAE run not in a sweep)")
+                        help="the VAE run to report (default: the longest finished VAE run not in a sweep)")
     parser.add_argument("--gan-run", default=None,
-                        help="the DCGAN run to report (default: the newest finished DCGAN run not in a sweep)")
+                        help="the DCGAN run to report (default: the longest finished DCGAN run not in a sweep)")
     parser.add_argument("--vae-sweep", default="vae-betas",
                         help="the sweep of the beta section (default: %(default)s, as make vae-betas names it)")
     parser.add_argument("--gan-sweep", default="dcgan-sweep",
@@ -85,19 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def choose_runs(args, runs_root: Path, log=print) -> dict:
-    """The runs the report shows, each printed with the reason; sweeps by name, with notes on runs left out."""
+    """The runs the report shows, each printed with the reason; sweeps by name. The notes and warnings on runs not
+    chosen or left out also go into the report's "before you hand in" box."""
     notes = []
 
     def note(message: str) -> None:
         log(message)
-        notes.append(message.removeprefix("note: "))
+        text = message.removeprefix("note: ").removeprefix("warning: ")
+        notes.append(text[:1].upper() + text[1:] + ".")
 
-    vae, vae_why = experiments.counted_run(runs_root, "vae", args.vae_run, "--vae-run RUN_DIR (make report "
-                                           "VAE_RUN=RUN_DIR)", log=log)
-    gan, gan_why = experiments.counted_run(runs_root, "dcgan", args.gan_run, "--gan-run RUN_DIR (make report "
-                                           "GAN_RUN=RUN_DIR)", log=log)
-    log(f"report: VAE: {vae_why}")
-    log(f"report: DCGAN: {gan_why}")
+    vae, vae_why = experiments.counted_run(runs_root, "vae", args.vae_run, "make report VAE_RUN", log=note)
+    gan, gan_why = experiments.counted_run(runs_root, "dcgan", args.gan_run, "make report GAN_RUN", log=note)
+    log(f"report: VAE: {vae.name}: {vae_why}")
+    log(f"report: DCGAN: {gan.name}: {gan_why}")
     vae_sweep = experiments.sweep_runs(runs_root, "vae", args.vae_sweep, log=note)
     gan_sweep = experiments.sweep_runs(runs_root, "dcgan", args.gan_sweep, log=note)
     for name, sweep in ((args.vae_sweep, vae_sweep), (args.gan_sweep, gan_sweep)):
@@ -114,15 +104,12 @@ def analyse(args, chosen: dict, runs_root: Path) -> None:
     import analyze_gan
     import analyze_vae
 
-    vae_flags = ["--device", args.device]
-    for flag, value in (("--data-dir", args.data_dir), ("--tsne-points", args.tsne_points),
-                        ("--iw-samples", args.iw_samples), ("--iw-images", args.iw_images)):
-        if value is not None:
-            vae_flags += [flag, str(value)]
-    gan_flags = ["--device", args.device]
-    for flag, value in (("--quality", args.quality), ("--quality-samples", args.quality_samples)):
-        if value is not None:
-            gan_flags += [flag, str(value)]
+    def given(*names: str) -> list[str]:  # the flags typed, passed on as typed
+        return ["--device", args.device] + [part for name in names if getattr(args, name) is not None
+                                            for part in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
+
+    vae_flags = given("data_dir", "tsne_points", "iw_samples", "iw_images")
+    gan_flags = given("quality", "quality_samples")
     for script, main, flags, run, sweep, sweep_name in (
             ("analyze_vae.py", analyze_vae.main, vae_flags, chosen["vae"], chosen["vae_sweep"], args.vae_sweep),
             ("analyze_gan.py", analyze_gan.main, gan_flags, chosen["gan"], chosen["gan_sweep"], args.gan_sweep)):
@@ -147,31 +134,23 @@ def read_summary(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def vae_param_count(config: dict) -> int:
-    from vae_train import VAE
-    args = config["args"]
-    with torch.device("meta"):
-        model = VAE(args["arch"], args["latent_dim"], args.get("likelihood", "bernoulli"))
-    return sum(p.numel() for p in model.parameters())
-
-
-def gan_param_counts(config: dict) -> tuple[int, int]:
+def param_counts(run: experiments.RunInfo) -> list[int]:
+    """Parameters of a run's models, [VAE] or [G, D], built on the meta device from its settings (no memory)."""
     import dcgan_train
-    args = argparse.Namespace(**config["args"])
+    import vae_train
+    args = run.settings
     with torch.device("meta"):
-        generator, discriminator = dcgan_train.build_models(args, dcgan_train.dataset_channels(args.dataset))
-    return (sum(p.numel() for p in generator.parameters()), sum(p.numel() for p in discriminator.parameters()))
+        models = ([vae_train.VAE(args.arch, args.latent_dim, args.likelihood)] if run.script == "vae" else
+                  dcgan_train.build_models(args, dcgan_train.dataset_channels(args.dataset)))
+    return [sum(p.numel() for p in model.parameters()) for model in models]
 
 
-def training_minutes(run_dir: Path) -> float | None:
-    times = [row.get("epoch_time_s") for row in common.read_metrics_csv(run_dir / "metrics.csv")]
-    times = [t for t in times if t is not None and t == t]
-    return sum(times) / 60 if times else None
-
-
-def fmt_minutes(minutes: float | None) -> str:
-    return "" if minutes is None else f", {minutes:.0f} min of training" if minutes >= 1 else \
-        f", {minutes * 60:.0f} s of training"
+def trained(run: experiments.RunInfo) -> str:
+    """'8 epochs, 479,232 training images, 3 min' (the minutes from metrics.csv's epoch times, when recorded)."""
+    times = [t for t in (row.get("epoch_time_s", math.nan) for row in run.metrics) if math.isfinite(t)]
+    minutes = sum(times) / 60 if times else None
+    spent = "" if minutes is None else f", {minutes:.0f} min" if minutes >= 1 else f", {minutes * 60:.0f} s"
+    return f"{run.epochs_done} of {run.args['epochs']} epochs, {run.total_images_seen():,.0f} training images{spent}"
 
 
 def sweep_comparison(runs_root: Path, name: str, sweep: list, kind: str) -> tuple[Path, dict | list]:
@@ -189,81 +168,80 @@ def sweep_comparison(runs_root: Path, name: str, sweep: list, kind: str) -> tupl
     return folder, data
 
 
-def runs_and_labels(sweep: list, labels: list[str]) -> str:
-    return "; ".join(f"`{run.name}` ({label})" for run, label in zip(sweep, labels))
+def missing_sweep(sweep: list, name: str, runs_root: Path, make_target: str, what: str) -> str | None:
+    """The to-do line for a sweep with fewer than two runs (nothing to compare), else None."""
+    if len(sweep) >= 2:
+        return None
+    found = f"only `{sweep[0].name}`" if sweep else "no runs"
+    return (f"No {what} yet: sweep `{name}` has {found} in `{runs_root}`. Run `make {make_target}`, then `make "
+            f"report` again.")
 
 
 def write_beta_section(report: Report, sweep: list, name: str, runs_root: Path) -> None:
-    report.heading(3, f"Varying beta (sweep `{name}`)")
-    if len(sweep) < 2:
-        found = f"only `{sweep[0].name}`" if sweep else "no runs"
-        report.para(f"Sweep `{name}` has {found} in `{runs_root}`: run `make vae-betas` (or `sbatch "
-                    f"slurm/vae_betas.sh`), then `make report` again, for a comparison across betas.")
+    if len(sweep) < 2:  # the box at the top says so
         return
+    report.heading(3, f"Varying beta (sweep `{name}`)")
     folder, rows = sweep_comparison(runs_root, name, sweep, "vae")
-    labels = [row["label"] for row in rows]
-    who = runs_and_labels(sweep, labels)
     first, last = rows[0], rows[-1]
     x_name = experiments.x_axis(sweep)[0]
     report.figure(folder / "loss_curves.png", "vae_beta_curves.png",
-                  f"Sweep `{name}`, {who}: the negative ELBO at beta = 1 (recon + KL: the bound every run is judged "
-                  f"by, whatever beta it trained with), the reconstruction NLL and the KL, in nats per image, on the "
-                  f"training set (top row: means over each epoch's steps) and the test set (bottom row: at each "
-                  f"epoch's end), {'per epoch' if x_name == 'epoch' else 'against ' + x_name}. From "
-                  f"{first['label']} to {last['label']} the test KL goes from {first['test_kl']:.2f} to "
-                  f"{last['test_kl']:.2f} and the test reconstruction NLL from {first['test_recon']:.2f} to "
-                  f"{last['test_recon']:.2f}.")
-    report.table(["run", "folder", "epochs", "images seen", "test -ELBO", "recon", "KL", "IW log p(x)"],
-                 [[row["label"], f"`{Path(row['run_dir']).name}`", f"{row['epoch']}", f"{row['images_seen']:,}",
-                   f"{row['test_neg_elbo']:.2f}", f"{row['test_recon']:.2f}", f"{row['test_kl']:.2f}",
-                   f"{row['iw_log_likelihood']:.2f}"] for row in rows])
-    report.para("Test negative ELBO (beta = 1), reconstruction NLL, KL and importance-weighted log-likelihood in "
-                "nats per image at each run's newest checkpoint.")
+                  f"The runs of the beta sweep (Table 1), labelled by the settings that differ: the negative ELBO at "
+                  f"beta = 1 (recon + KL: the bound every run is judged by, whatever beta it trained with), the "
+                  f"reconstruction NLL and the KL, in nats per image, on the training set (top row: means over each "
+                  f"epoch's steps) and the test set (bottom row: at each epoch's end), "
+                  f"{'per epoch' if x_name == 'epoch' else 'against ' + x_name}. From {first['label']} to "
+                  f"{last['label']} the test KL goes from {first['test_kl']:.2f} to {last['test_kl']:.2f} and the "
+                  f"test reconstruction NLL from {first['test_recon']:.2f} to {last['test_recon']:.2f}.")
+    report.table(["run", "epochs", "images seen", "test -ELBO", "recon", "KL", "IW log p(x)"],
+                 [[row["label"], f"{row['epoch']}", f"{row['images_seen']:,}", f"{row['test_neg_elbo']:.2f}",
+                   f"{row['test_recon']:.2f}", f"{row['test_kl']:.2f}", f"{row['iw_log_likelihood']:.2f}"]
+                  for row in rows],
+                 "The beta sweep: test negative ELBO (beta = 1), reconstruction NLL, KL and importance-weighted "
+                 "log-likelihood in nats per image at each run's newest checkpoint.")
     report.figure(folder / "reconstructions.png", "vae_beta_reconstructions.png",
-                  f"Sweep `{name}`: the same test images (top row) reconstructed by each run ({who}).")
+                  "The same test images (top row) reconstructed by each run of the beta sweep.")
     report.figure(folder / "samples.png", "vae_beta_samples.png",
-                  f"Sweep `{name}`: 16 samples of each run's decoder from the same z ~ N(0, I) ({who}).")
+                  "16 samples of each run of the beta sweep, every decoder given the same z ~ N(0, I).")
 
 
-def write_vae_section(report: Report, vae: experiments.RunInfo, why: str, sweep: list, sweep_name: str,
+def vae_about(vae: experiments.RunInfo) -> str:
+    args = vae.settings
+    return f"{args.arch} VAE, latent {args.latent_dim}, beta {args.beta:g}, {args.likelihood} likelihood"
+
+
+def write_vae_section(report: Report, vae: experiments.RunInfo, sweep: list, sweep_name: str,
                       runs_root: Path) -> dict:
-    config = vae.config
-    run_args, summary = config["args"], read_summary(vae.dir)
-    n_params = vae_param_count(config)
-    figures = vae.dir / "figures"
-    likelihood = run_args.get("likelihood", "bernoulli")
-    about = (f"{run_args['arch']} VAE, latent {run_args['latent_dim']}, beta {run_args['beta']:g}, "
-             f"{likelihood} likelihood")
-    run_is = f"Run `{vae.name}` ({about})"
+    summary, figures, args = read_summary(vae.dir), vae.dir / "figures", vae.settings
+    n_params, = param_counts(vae)
     report.heading(2, f"VAE on {DATASET_NAMES.get(summary['dataset'], summary['dataset'])}")
-    report.para(f"{run_is}, {n_params:,} parameters: checkpoint at epoch {summary['epoch']} of {run_args['epochs']}"
-                f"{fmt_minutes(training_minutes(vae.dir))}; chosen as {why.split(': ', 1)[-1]}. Test ELBO "
-                f"**{summary['test_elbo']:.2f}** nats per image (reconstruction {summary['test_recon']:.2f}, KL "
-                f"{summary['test_kl']:.2f}); importance-weighted log-likelihood **{summary['iw_log_likelihood']:.2f}**"
-                f" nats per image (K = {summary['iw_samples']}, {summary['iw_images']:,} test images).")
+    report.para(f"The VAE of Table 1 ({vae_about(vae)}), {n_params:,} parameters, at epoch {summary['epoch']} of "
+                f"{args.epochs}: test ELBO **{summary['test_elbo']:.2f}** nats per image (reconstruction "
+                f"{summary['test_recon']:.2f}, KL {summary['test_kl']:.2f}); importance-weighted log-likelihood "
+                f"**{summary['iw_log_likelihood']:.2f}** nats per image (K = {summary['iw_samples']}, "
+                f"{summary['iw_images']:,} test images).")
     report.heading(3, "Loss curves")
     report.figure(figures / "loss_curves.png", "vae_loss_curves.png",
-                  f"{run_is}: train (top: means over each epoch's steps) and test (bottom: at each epoch's end) "
-                  f"loss per epoch: total (recon + beta * KL), reconstruction NLL and KL, nats per image; final test "
-                  f"ELBO {summary['test_elbo']:.2f}.")
+                  f"Train (top: means over each epoch's steps) and test (bottom: at each epoch's end) loss per epoch: "
+                  f"total (recon + beta x KL), reconstruction NLL and KL, nats per image; final test ELBO "
+                  f"{summary['test_elbo']:.2f}.")
     write_beta_section(report, sweep, sweep_name, runs_root)
     report.heading(3, "Reconstructions")
     report.figure(figures / "reconstructions.png", "vae_reconstructions.png",
-                  f"{run_is}: rows of test images, each above the row of their reconstructions (decoder mean at "
-                  f"z = mu), epoch {summary['epoch']}; reconstruction NLL {summary['test_recon']:.2f} nats per image.")
+                  f"Rows of test images, each above the row of their reconstructions (decoder mean at z = mu), epoch "
+                  f"{summary['epoch']}; reconstruction NLL {summary['test_recon']:.2f} nats per image.")
     report.heading(3, "Samples")
     report.figure(figures / "samples.png", "vae_samples.png",
-                  f"{run_is}: 64 images decoded from z ~ N(0, I) ({likelihood.capitalize()} means), epoch "
-                  f"{summary['epoch']}.")
+                  f"64 images decoded from z ~ N(0, I) ({args.likelihood.capitalize()} means) at epoch "
+                  f"{summary['epoch']}: the same 64 z as the grids saved during training (samples/prior_epoch_NNN.png, "
+                  f"drawn from the run's seed {args.seed}), so they show how these samples changed.")
     report.heading(3, "t-SNE of the latent space")
     report.figure(figures / "tsne.png", "vae_tsne.png",
-                  f"{run_is}: t-SNE of the {run_args['latent_dim']}-d latent means of {summary['tsne_points']:,} "
-                  f"test images, coloured by class.")
+                  f"t-SNE of the {args.latent_dim}-d latent means of {summary['tsne_points']:,} test images, coloured "
+                  f"by class.")
     report.heading(3, "Interpolation")
     report.figure(figures / "interpolation.png", "vae_interpolation.png",
-                  f"{run_is}: decoded points on the straight line between the latent means of two test images "
-                  f"(red frames).")
-    return {"run": vae.name, "about": about, "params": n_params, **summary}
+                  "Decoded points on the straight line between the latent means of two test images (red frames).")
+    return {"params": n_params, **summary}
 
 
 def gan_settings(run_args: dict) -> str:
@@ -272,70 +250,68 @@ def gan_settings(run_args: dict) -> str:
             f"{run_args['batch_size']}")
 
 
-def write_gan_section(report: Report, gan: experiments.RunInfo, why: str) -> dict:
-    config = gan.config
-    run_args, summary = config["args"], read_summary(gan.dir)
-    n_g, n_d = gan_param_counts(config)
+def write_gan_section(report: Report, gan: experiments.RunInfo, todo: list[str]) -> dict:
+    run_args, summary = gan.args, read_summary(gan.dir)
+    n_g, n_d = param_counts(gan)
     figures = gan.dir / "figures"
-    last = summary.get("last_epoch", {})
-    best_fid = summary.get("best_fid")
-    fid_text = (f"best FID **{best_fid['fid']:.2f}** (epoch {best_fid['epoch']})" if best_fid else
-                "FID not measured during training (no Inception weights)")
-    data_name = DATASET_NAMES.get(run_args["dataset"], run_args["dataset"])
-    run_is = f"Run `{gan.name}` ({gan_settings(run_args)})"
-    report.heading(2, f"DCGAN on {data_name}")
-    report.para(f"{run_is}: G {n_g:,} + D {n_d:,} = **{n_g + n_d:,}** parameters (limit 25,000,000); "
-                f"{summary['epochs_done']} of {summary['epochs_planned']} epochs"
-                f"{fmt_minutes(training_minutes(gan.dir))}; chosen as {why.split(': ', 1)[-1]}; {fid_text}.")
+    last, best_fid = summary.get("last_epoch", {}), summary.get("best_fid")
+    fid_text = (f"best FID **{best_fid['fid']:.2f}** (epoch {best_fid['epoch']}, {gan.settings.fid_samples:,} "
+                f"samples)" if best_fid else "FID not measured during training (no Inception weights)")
+    report.heading(2, f"DCGAN on {DATASET_NAMES.get(run_args['dataset'], run_args['dataset'])}")
+    report.para(f"The DCGAN of Table 1 ({gan_settings(run_args)}): G {n_g:,} + D {n_d:,} = **{n_g + n_d:,}** "
+                f"parameters (limit 25,000,000); {summary['epochs_done']} of {summary['epochs_planned']} epochs; "
+                f"{fid_text}.")
     if experiments.not_cifar10(run_args):
-        report.para(f"**Warning:** this run was {experiments.not_cifar10(run_args)}. Its generator makes "
-                    f"{'1-channel' if run_args['dataset'] in ('mnist', 'fashion-mnist') else 'non-CIFAR'} images "
-                    f"and fails the coursework's checks (`check_submission.py`). Train with "
-                    f"`dcgan_train.py --dataset cifar10` for the submission.")
-    report.para("D outputs one raw logit per image (no sigmoid inside the model): `torch.sigmoid(D(x))` is the "
-                "probability it gives that x is a real image. D(x) below is that probability on real images in D's "
-                "training steps; D(G(z)), on generated images in G's steps, from the same D pass as G's loss.")
-    if last:
+        report.para(f"**This DCGAN was {experiments.not_cifar10(run_args)}.**")
+        todo.append(f"The DCGAN was {experiments.not_cifar10(run_args)}. Train one on CIFAR-10 (`make dcgan`), "
+                    f"then `make report` again.")
+    if last:  # D gives a logit (the appendix says so); D(x) and D(G(z)) are its sigmoid, from D's and G's steps
         report.para(f"Last epoch (means over its steps): loss_d {last.get('loss_d', math.nan):.3f}, loss_g "
-                    f"{last.get('loss_g', math.nan):.3f}, D(x) {last.get('d_real', math.nan):.3f}, "
-                    f"D(G(z)) {last.get('d_fake', math.nan):.3f}.")
-    checkpoint = summary.get("checkpoint", {})
+                    f"{last.get('loss_g', math.nan):.3f}, D(x) {last.get('d_real', math.nan):.3f} on real images in "
+                    f"D's steps, D(G(z)) {last.get('d_fake', math.nan):.3f} on generated images in G's steps.")
+    curves, every = step_curves(gan, summary)
     report.heading(3, "Samples")
     report.figure(figures / "final_samples.png", "gan_samples.png",
-                  f"{run_is}: 100 samples from the {'EMA ' if run_args.get('ema', 0) > 0 else ''}generator at "
-                  f"epoch {checkpoint.get('epoch', '?')}{'; ' + fid_text.replace('**', '') if best_fid else ''}.")
+                  f"100 samples from the {'EMA ' if run_args.get('ema', 0) > 0 else ''}generator at epoch "
+                  f"{summary.get('checkpoint', {}).get('epoch', '?')}"
+                  f"{'; ' + fid_text.replace('**', '') if best_fid else ''}.")
     report.heading(3, "Discriminator and generator losses")
-    report.figure(figures / "losses.png", "gan_losses.png", f"{run_is}: {losses_caption(gan, summary)}.")
+    report.figure(figures / "losses.png", "gan_losses.png", losses_caption(curves, every))
     report.heading(3, "Fixed-noise progression")
     epochs = summary.get("progression_epochs") or []
     at = (f"epochs {', '.join(map(str, epochs[:-1]))} and {epochs[-1]} (rows)" if len(epochs) > 1 else
           f"epoch {epochs[0]}, the only epoch with a grid (one row)" if epochs else "evenly spaced epochs (rows)")
     report.figure(figures / "fixed_noise_progression.png", "gan_fixed_noise_progression.png",
-                  f"{run_is}: the same 8 noise vectors (columns) decoded at {at}.")
-    milestones = write_gan_diagnostics(report, gan, summary, run_is, fid_text)
-    return {"run": gan.name, "dataset": run_args["dataset"], "params_g": n_g, "params_d": n_d,
-            "best_fid": best_fid, "epochs_done": summary["epochs_done"], "milestones": milestones, "last": last}
+                  f"The same 8 noise vectors (columns) decoded at {at}.")
+    milestones = write_gan_diagnostics(report, gan, summary, fid_text, todo)
+    return {"dataset": run_args["dataset"], "params_g": n_g, "params_d": n_d, "best_fid": best_fid,
+            "fid_samples": gan.settings.fid_samples, "milestones": milestones, "last": last}
 
 
-def step_rows(gan: experiments.RunInfo, summary: dict) -> tuple[int, int]:
-    """(rows of steps.csv behind the loss figure, --log-every), from the analysis (or the CSV, for an old one)."""
-    losses = summary.get("losses") or {"step_rows": len(common.read_metrics_csv(gan.dir / "steps.csv")),
-                                       "log_every": gan.args["log_every"]}
-    return losses["step_rows"], losses["log_every"]
+def step_curves(gan: experiments.RunInfo, summary: dict) -> tuple[str, int]:
+    """(what losses.png and d_outputs.png draw of steps.csv beside the epoch means: figures.step_curves, the rule the
+    plots follow; --log-every), from the analysis (or the CSVs, for an analysis made before it recorded it)."""
+    losses = summary.get("losses") or {}
+    n_rows = losses.get("step_rows", len(common.read_metrics_csv(gan.dir / "steps.csv")))
+    curves = losses.get("curves") or common.figures.step_curves(n_rows, summary["epochs_done"])
+    return curves, losses.get("log_every", gan.args["log_every"])
 
 
-def losses_caption(gan: experiments.RunInfo, summary: dict) -> str:
-    """What losses.png draws, which depends on how many steps.csv rows the run had (one per --log-every steps)."""
-    n_rows, every = step_rows(gan, summary)
-    if n_rows == 0:
-        return (f"D and G losses, the mean of each epoch (dots); no finer curve, since the run took fewer steps "
-                f"than --log-every ({every}), the steps between the rows of steps.csv")
-    if n_rows == 1:
-        return f"D and G losses, the mean of each epoch (dots) and the one row of steps.csv ({per_row(every)})"
-    if not common.figures.is_smoothed(n_rows):
-        return f"D and G losses: the mean of each epoch (dots) over {per_row(every)} (faint)"
-    return (f"D and G losses: the mean of each epoch (dots), over {per_row(every)} (faint) and its smoothed trend "
-            f"(an exponential moving average)")
+def losses_caption(curves: str, every: int) -> str:
+    """What losses.png draws (analyze_gan.plot_losses, by the same figures.step_curves)."""
+    finer = {"none": "", "faint": f", and {per_row(every)} (faint)",
+             "smoothed": f", {per_row(every)} (faint) and its smoothed trend (an exponential moving average)"}
+    return f"D and G losses: the mean of each epoch (dots){finer[curves]}."
+
+
+def d_outputs_caption(loss: str, curves: str, every: int) -> str:
+    """What d_outputs.png draws (analyze_gan.plot_d_outputs, by the same figures.step_curves)."""
+    trend = {"none": "", "faint": f"; faint: {per_row(every)}", "smoothed": f"; faint: {per_row(every)}, smoothed"}
+    if loss == "bce":
+        return (f"D(x), D's mean probability on the real images of its steps, and D(G(z)), on the generated images "
+                f"of G's steps, per epoch (dots{trend[curves]}); 0.5: D cannot tell them apart.")
+    return (f"The mean sigmoid of D's logits on real and generated images per epoch (dots{trend[curves]}); a hinge D "
+            f"gives no probabilities: read the gap between the lines.")
 
 
 def per_row(every: int) -> str:
@@ -343,74 +319,65 @@ def per_row(every: int) -> str:
     return "each step's value" if every == 1 else f"the mean of every {every} steps"
 
 
-def write_gan_diagnostics(report: Report, gan: experiments.RunInfo, summary: dict, run_is: str, fid_text: str) -> dict:
+def write_gan_diagnostics(report: Report, gan: experiments.RunInfo, summary: dict, fid_text: str,
+                          todo: list[str]) -> dict:
     """The DCGAN's extra figures that its analysis made (D's outputs, FID, diversity, nearest neighbours,
     milestones), each with its caption; returns the milestone summary."""
-    run_args, figures = gan.config["args"], gan.dir / "figures"
     milestones = summary.get("milestones") or {}
-    n_rows, every = step_rows(gan, summary)
-    trend = (f"; faint: {per_row(every)}" + (", smoothed" if common.figures.is_smoothed(n_rows) else "")
-             if n_rows else "")
-    d_caption = (f"D(x), D's mean probability on the real images of its steps, and D(G(z)), on the generated "
-                 f"images of G's steps, per epoch (dots{trend}); 0.5: D cannot tell them apart"
-                 if run_args["loss"] == "bce" else
-                 f"the mean sigmoid of D's logits on real and generated images per epoch (dots{trend}); a hinge D "
-                 f"gives no probabilities: read the gap between the lines")
     reference = (summary.get("diversity") or {}).get("training_images") is not None
-    extras = [("d_outputs.png", "gan_d_outputs.png", f"{run_is}: {d_caption}."),
-              ("fid.png", "gan_fid.png", f"{run_is}: FID against the training set per evaluation; "
-                                         f"{fid_text.replace('**', '')}."),
-              ("diversity.png", "gan_diversity.png", f"{run_is}: diversity of the 64 fixed-noise samples per epoch "
-                                                     f"(their mean pairwise RMS distance; a drop means mode "
-                                                     f"collapse){'; dashed: 64 training images' * reference}."),
-              ("nearest_neighbours.png", "gan_nearest_neighbours.png", f"{run_is}: samples (left) beside their "
-                                                                       f"nearest training images in pixel space: "
-                                                                       f"copies would mean memorisation."),
-              ("milestones.png", "gan_milestones.png", f"{run_is}: {milestone_caption(gan, milestones)}.")]
+    extras = [("d_outputs.png", "gan_d_outputs.png", d_outputs_caption(gan.args["loss"], *step_curves(gan, summary))),
+              ("fid.png", "gan_fid.png", f"FID against the training set per evaluation; {fid_text.replace('**', '')}."),
+              ("diversity.png", "gan_diversity.png", f"Diversity of the 64 fixed-noise samples per epoch (their mean "
+                                                     f"pairwise RMS distance; a drop means mode collapse)"
+                                                     f"{'; dashed: 64 training images' * reference}."),
+              ("nearest_neighbours.png", "gan_nearest_neighbours.png", "Samples (left of the red line) beside their "
+                                                                       "nearest training images in pixel space: "
+                                                                       "copies would mean memorisation."),
+              ("milestones.png", "gan_milestones.png", milestone_caption(gan, milestones, todo))]
     extras = [extra for extra in extras if extra[0] in summary.get("figures", [])]
     if extras:
         report.heading(3, "More GAN diagnostics")
         for source, name, caption in extras:
-            report.figure(figures / source, name, caption)
+            report.figure(gan.dir / "figures" / source, name, caption)
     return milestones
 
 
-def milestone_caption(gan: experiments.RunInfo, milestones: dict) -> str:
-    """The measure named by what it is, the best milestone, and how to export it (unless the run's files are it)."""
-    measure, best = milestones.get("measure", ""), milestones.get("best")
+def milestone_caption(gan: experiments.RunInfo, milestones: dict, todo: list[str]) -> str:
+    """The measure named by what it is and its sample count, the best milestone; how to export the best one goes to
+    the to-do list (unless the run's model files are from it)."""
+    measure, best, n = milestones.get("measure", ""), milestones.get("best"), milestones.get("samples")
+    samples = f", {n:,} samples each" if n else ""
     if milestones.get("kind") == "diversity":
-        what = ("the diversity of each milestone checkpoint's samples (checkpoints/epoch-NNN.pt; the mean pairwise "
-                "RMS distance of 500 of them). With no FID here, the best is the one closest to the training "
-                "images' diversity (dashed)")
+        what = (f"The diversity of each milestone checkpoint's samples (checkpoints/epoch-NNN.pt; the mean pairwise "
+                f"RMS distance{samples}). With no FID here, the best is the one closest to the training images' "
+                f"diversity (dashed)")
     else:
-        what = f"the {measure} of each milestone checkpoint (checkpoints/epoch-NNN.pt; lower is better)"
+        what = f"The {measure} of each milestone checkpoint (checkpoints/epoch-NNN.pt{samples}; lower is better)"
     if best is None:
-        return f"{what}; no best epoch by this measure"
-    text = f"{what}; best: epoch {best['epoch']} ({measure} {best['value']:.4g})"
-    if best["epoch"] == milestones.get("exported_epoch"):
-        return text + ", the epoch the run's model files are from"
-    return text + f"; `python analyze_gan.py {gan.dir} --export-epoch {best['epoch']}` exports G and D from it"
+        return f"{what}; no best epoch by this measure."
+    if best["epoch"] != milestones.get("exported_epoch"):
+        todo.append(f"The DCGAN's best milestone by {measure} is epoch {best['epoch']}, not the epoch of its model "
+                    f"files: `python analyze_gan.py {gan.dir} --export-epoch {best['epoch']}` exports G and D from "
+                    f"it, if you would rather hand those in.")
+        return f"{what}; best: epoch {best['epoch']} ({measure} {best['value']:.4g})."
+    return f"{what}; best: epoch {best['epoch']} ({measure} {best['value']:.4g}), the epoch of the model files."
 
 
 def write_gan_sweep_section(report: Report, sweep: list, name: str, runs_root: Path) -> None:
-    report.heading(2, f"GAN experiments (sweep `{name}`)")
-    if len(sweep) < 2:
-        found = f"only `{sweep[0].name}`" if sweep else "no runs"
-        report.para(f"Sweep `{name}` has {found} in `{runs_root}`: run `make gan-sweep` (the variants of "
-                    f"`slurm/dcgan_sweep.txt`; or `sbatch slurm/dcgan_sweep.sh`), then `make report` again.")
+    if len(sweep) < 2:  # the box at the top says so
         return
+    report.heading(2, f"GAN experiments (sweep `{name}`)")
     folder, data = sweep_comparison(runs_root, name, sweep, "dcgan")
-    labels, made = data["labels"], data["figures"]
-    shared = sweep[0].args
+    made, shared = data["figures"], sweep[0].args
     x_text = ("The x axes count epochs: every variant trains on the same images per epoch"
               if data.get("x_axis") == "epoch" else
               "The x axes count training images seen, so runs on different amounts of data compare fairly")
-    report.para(f"{len(sweep)} variants, each labelled by the settings that differ between them: "
-                f"{runs_and_labels(sweep, labels)}. Shared: {DATASET_NAMES.get(shared['dataset'], shared['dataset'])}"
-                f", batch {shared['batch_size']}, {shared['epochs']} epochs planned. {x_text}.")
+    report.para(f"{len(sweep)} variants (Table 1), each labelled by the settings that differ between them: "
+                f"{', '.join(data['labels'])}. Shared: {DATASET_NAMES.get(shared['dataset'], shared['dataset'])}, "
+                f"batch {shared['batch_size']}, {shared['epochs']} epochs planned. {x_text}.")
     for source, target, caption in sweep_figure_captions(data):
         if source in made:
-            report.figure(folder / source, target, f"Sweep `{name}`: {caption}.")
+            report.figure(folder / source, target, f"{caption}.")
     measure = next((row["best_milestone_measure"] for row in data["table"] if row["best_milestone_measure"]), "")
     with_fid = any(math.isfinite(row["best_fid"]) for row in data["table"])
     columns = (["run", "loss", "epochs", "images seen", "loss_d", "loss_g", "D(x)", "D(G(z))", "diversity (last "
@@ -422,10 +389,9 @@ def write_gan_sweep_section(report: Report, sweep: list, name: str, runs_root: P
                 if row["best_milestone_epoch"] != "" else ""] if measure else [])
             + ([f"{row['best_fid']:.2f}" if math.isfinite(row["best_fid"]) else ""] if with_fid else [])
             for row in data["table"]]
-    report.table(columns, rows)
-    report.para("loss_d, loss_g, D(x), D(G(z)): means over each variant's last epoch; diversity: of its last "
-                "fixed-noise grid" + (f"; best milestone: the milestone checkpoint with the best {measure}"
-                                      if measure else "") + f". Also in `{folder / 'summary.csv'}`.")
+    report.table(columns, rows, "The GAN variants. loss_d, loss_g, D(x), D(G(z)): means over each variant's last "
+                                "epoch; diversity: of its last fixed-noise grid" +
+                 (f"; best milestone: the milestone checkpoint with the best {measure}" if measure else "") + ".")
 
 
 def sweep_figure_captions(data: dict) -> list[tuple[str, str, str]]:
@@ -434,47 +400,62 @@ def sweep_figure_captions(data: dict) -> list[tuple[str, str, str]]:
                if (s.get("milestones") or {}).get("kind") not in (None, "diversity") and s["milestones"]["rows"]][:1]
     fid = ["Inception FID during training"] if any(s.get("best_fid") for s in data["summaries"]) else []
     return [("compare_losses.png", "gan_sweep_losses.png",
-             "D loss (top) and G loss (bottom), epoch means; one column per loss type, since BCE and hinge "
-             "values are not on one scale"),
+             "The GAN variants' D loss (top) and G loss (bottom), epoch means; one column per loss type, since BCE "
+             "and hinge values are not on one scale"),
             ("compare_d_outputs.png", "gan_sweep_d_outputs.png",
-             "mean D probability on real (left) and generated (right) images, BCE runs only (a hinge D gives no "
-             "probabilities)"),
+             "Mean D probability on real (left) and generated (right) images, BCE variants only (a hinge D gives "
+             "no probabilities)"),
             ("compare_samples.png", "gan_sweep_samples.png",
-             "each variant's samples from its fixed noise at its last epoch (the same noise for the same seed)"),
+             "Each variant's samples from its fixed noise at its last epoch (the same noise for the same seed)"),
             ("compare_progression.png", "gan_sweep_progression.png",
-             "the first fixed noise vectors (columns) at evenly spaced epochs (rows), per variant: rows that "
+             "The first fixed noise vectors (columns) at evenly spaced epochs (rows), per variant: rows that "
              "stop changing, or columns that look alike, mean collapse"),
             ("compare_diversity.png", "gan_sweep_diversity.png",
-             "mean pairwise RMS distance of the 64 fixed-noise samples (a drop means mode collapse); dashed: "
-             "64 training images"),
-            ("compare_quality.png", "gan_sweep_quality.png", " and ".join(fid + quality) or "sample quality")]
+             "Mean pairwise RMS distance of each variant's 64 fixed-noise samples (a drop means mode collapse); "
+             "dashed: 64 training images"),
+            ("compare_quality.png", "gan_sweep_quality.png",
+             "The GAN variants' " + (" and ".join(fid + quality) or "sample quality"))]
+
+
+def runs_table(report: Report, args, chosen: dict) -> None:
+    """Table 1: every run the report shows, its settings, how long it trained and why it is the one shown."""
+    rows = [["VAE", f"`{chosen['vae'].name}`", vae_about(chosen["vae"]), trained(chosen["vae"]), chosen["vae_why"]],
+            ["DCGAN", f"`{chosen['gan'].name}`", gan_settings(chosen["gan"].args), trained(chosen["gan"]),
+             chosen["gan_why"]]]
+    for role, name, sweep in (("beta sweep", args.vae_sweep, chosen["vae_sweep"]),
+                              ("GAN variant", args.gan_sweep, chosen["gan_sweep"])):
+        rows += [[role, f"`{run.name}`", label, trained(run), f"sweep `{name}`, the newest run of these settings"]
+                 for run, label in zip(sweep, experiments.run_labels(sweep))] if len(sweep) > 1 else []
+    report.table(["shown as", "run folder", "settings", "trained", "why this run"], rows,
+                 "The runs shown; the sweeps' runs labelled by the settings that differ between them.")
 
 
 def build(args, build_dir: Path, chosen: dict, runs_root: Path) -> None:
     report = Report(build_dir, shown_folders(args, chosen, runs_root))
     report.heading(1, "Coursework report: a VAE on MNIST and a DCGAN")
+    box_at = len(report.blocks)  # what to do before handing in goes here, once the sections have been read
+    runs_table(report, args, chosen)
     key_at = len(report.blocks)  # the key-number table goes here, once the sections have been read
-    vae = write_vae_section(report, chosen["vae"], chosen["vae_why"], chosen["vae_sweep"], args.vae_sweep,
-                            runs_root)
-    gan = write_gan_section(report, chosen["gan"], chosen["gan_why"])
+    todo = [missing for missing in (
+        missing_sweep(chosen["vae_sweep"], args.vae_sweep, runs_root, "vae-betas", "beta comparison"),
+        missing_sweep(chosen["gan_sweep"], args.gan_sweep, runs_root, "gan-sweep", "GAN experiments")) if missing]
+    vae = write_vae_section(report, chosen["vae"], chosen["vae_sweep"], args.vae_sweep, runs_root)
+    gan = write_gan_section(report, chosen["gan"], todo)
     write_gan_sweep_section(report, chosen["gan_sweep"], args.gan_sweep, runs_root)
     write_test_cell_section(report, chosen["gan"].args)
-    for note in chosen["notes"]:
-        report.para(f"Note: {note}.")
-    made = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    report.blocks[key_at:key_at] = [
-        ("para", f"Made by `report.py` on {made} from `{runs_root}`. Numbers are per image in nats (natural log); "
-                 f"higher ELBO and log p(x) are better, lower FID is better."),
-        ("para", f"Which runs: VAE {chosen['vae_why']}; DCGAN {chosen['gan_why']}."),
-        ("table", ["key number", "value"], key_numbers(vae, gan))]
+    report.blocks.insert(key_at, ("table", ["key number", "value"], key_numbers(vae, gan),
+                                  "Key numbers, per image in nats (natural log): higher ELBO and log p(x) are better, "
+                                  "lower FID is better."))
+    if todo or chosen["notes"]:  # a framed list (page.py's "box" block)
+        report.blocks.insert(box_at, ("box", "Before you hand in", todo + chosen["notes"]))
     common.atomic_write_text(build_dir / "REPORT.md", report.markdown())
     common.atomic_write_text(build_dir / "REPORT.html", report.html("Coursework report: VAE and DCGAN"))
     # For check_submission.py: the runs shown, and the step their model files were at (a run trained on since
     # exports other files, which this report does not show).
     exported = {key: (chosen[run].export or {}).get("global_step") for key, run in (("vae_run", "vae"),
                                                                                    ("gan_run", "gan"))}
-    shown = {"made": made, "runs_root": str(runs_root), "vae_run": str(chosen["vae"].dir),
-             "gan_run": str(chosen["gan"].dir), "exported_steps": exported,
+    shown = {"made": datetime.datetime.now().isoformat(timespec="seconds"), "runs_root": str(runs_root),
+             "vae_run": str(chosen["vae"].dir), "gan_run": str(chosen["gan"].dir), "exported_steps": exported,
              "vae_sweep": {"name": args.vae_sweep, "runs": [str(run.dir) for run in chosen["vae_sweep"]]},
              "gan_sweep": {"name": args.gan_sweep, "runs": [str(run.dir) for run in chosen["gan_sweep"]]}}
     common.atomic_write_text(build_dir / "report.json", json.dumps(shown, indent=2) + "\n")
@@ -501,28 +482,32 @@ def shown_folders(args, chosen: dict, runs_root: Path) -> dict[str, str]:
 
 
 def key_numbers(vae: dict, gan: dict) -> list[list[str]]:
-    fid = (f"{gan['best_fid']['fid']:.2f} (epoch {gan['best_fid']['epoch']})" if gan["best_fid"]
-           else "not measured during training (no Inception weights)")
+    """One number per quantity and epoch: a milestone measured at an epoch that training measured too (with its own
+    sample count) is named, not given a second value."""
     rows = [
-        ["VAE", f"`{vae['run']}`: {vae['about']}"],
         ["VAE test ELBO", f"{vae['test_elbo']:.2f} nats per image (epoch {vae['epoch']})"],
         ["VAE importance-weighted log p(x)", f"{vae['iw_log_likelihood']:.2f} nats per image (K = "
                                              f"{vae['iw_samples']}, {vae['iw_images']:,} test images)"],
         ["VAE parameters", f"{vae['params']:,}"],
-        ["DCGAN", f"`{gan['run']}`: {gan['dataset']}, {gan['epochs_done']} epochs"
-                  + ("" if gan["dataset"] == "cifar10" else
-                     f" (**{experiments.not_cifar10({'dataset': gan['dataset']})}**)")],
-        ["DCGAN FID", fid],
+        ["DCGAN FID (Inception)", f"best {gan['best_fid']['fid']:.2f} at epoch {gan['best_fid']['epoch']} "
+                                  f"({gan['fid_samples']:,} samples)" if gan["best_fid"] else
+                                  "not measured during training (no Inception weights)"],
     ]
+    at_epoch = {"fid": (gan["best_fid"] or {}).get("epoch")}
     if "cfid" in gan["last"]:  # gan_metrics.py, measured during training on MNIST and Fashion-MNIST
         last = gan["last"]
-        rows.append(["DCGAN classifier FID (last epoch)",
-                     f"{last['cfid']:.1f} at epoch {last['epoch']:.0f}; class shares {last['class_min']:.1%} "
-                     f"to {last['class_max']:.1%} of the samples"])
-    best = (gan["milestones"] or {}).get("best")
+        at_epoch["classifier-fid"] = int(last["epoch"])
+        rows.append(["DCGAN classifier FID", f"{last['cfid']:.1f} at epoch {last['epoch']:.0f}, the last "
+                                             f"({gan['fid_samples']:,} samples); class shares {last['class_min']:.1%} "
+                                             f"to {last['class_max']:.1%} of the samples"])
+    milestones = gan["milestones"] or {}
+    best = milestones.get("best")
     if best:
-        rows.append([f"DCGAN best milestone ({gan['milestones']['measure']})",
-                     f"epoch {best['epoch']}: {best['value']:.4g}"])
+        measured = best["epoch"] == at_epoch.get(milestones.get("kind"))
+        n = f", {milestones['samples']:,} samples" if milestones.get("samples") else ""
+        rows.append([f"DCGAN best milestone ({milestones['measure']})",
+                     f"epoch {best['epoch']} (its {milestones['measure']} is in the row above)" if measured else
+                     f"epoch {best['epoch']}: {best['value']:.4g}{n}"])
     rows.append(["DCGAN parameters", f"G {gan['params_g']:,} + D {gan['params_d']:,} = "
                                      f"{gan['params_g'] + gan['params_d']:,} (limit 25,000,000)"])
     return rows
@@ -532,12 +517,10 @@ def write_test_cell_section(report: Report, gan_args: dict) -> None:
     """The code for the coursework notebook's test cells: each model's transform and denorm, as the training
     scripts define them (common/testcell.py takes them from their source; check_submission.py runs them)."""
     from common import testcell
-    report.heading(2, "Code for the notebook's test cells")
-    report.para("The coursework's test cells need the data transform and the denorm function of the models handed "
-                "in. These are the training scripts' own definitions, with the imports they need. Paste the first "
-                "block into the VAE's test cell and the second into the DCGAN's (both define `transform` and "
-                "`denorm`, so not both into one cell). `make submission` runs each block in a clean Python, "
-                "without this project, on the three model files before it writes CW2.zip.")
+    report.heading(2, "Appendix: code for the notebook's test cells")
+    report.para("The data transform and the denorm function of the models handed in, as the training scripts define "
+                "them, with the imports they need: the first block for the VAE's test cell, the second for the "
+                "DCGAN's (both define `transform` and `denorm`).")
     report.para("VAE (`vae_train.py`): `VAE_model.pth` takes MNIST images through `transform`, shape (N, 1, 28, "
                 "28), and returns (reconstruction, mu, logvar); the reconstruction is in [0, 1], as `denorm` leaves "
                 "it.")

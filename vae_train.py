@@ -31,6 +31,7 @@ from common.data import epoch_permutation, load_images
 from common.errors import run_main
 from common.files import atomic_path
 from common.flags import ArgumentParser, add_run_args, at_least, non_negative_float, positive_float
+from common.readers import MODEL_FILES
 from common.run import Meter, Run, open_run
 from common.runs import resolve_run
 
@@ -43,7 +44,6 @@ def denorm(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-MODEL_FILE = "VAE_model.pth"  # what the coursework's grader loads with torch.jit.load
 
 
 def build_parser() -> ArgumentParser:
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
             n_params = sum(p.numel() for p in model.parameters())
             run.log(f"{args.arch} VAE, {n_params:,} parameters; {len(train_images):,} training images")
             train(args, run, state, train_images.to(device), test_images.to(device))
-            run.export({MODEL_FILE: model}, save=save_torchscript)  # model(x)[0] is the reconstruction
+            run.export({MODEL_FILES["vae"][0]: model}, save=save_torchscript)  # model(x)[0] is the reconstruction
     return 0
 
 

@@ -65,6 +65,21 @@ _MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-imag
 _RAW_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 
 
+def data_root(dataset: str, data_dir) -> Path:
+    """--data-dir as torchvision wants it: the folder above MNIST/raw. A DATA_DIR that holds the IDX files itself
+    (the MNIST/raw folder was given) is read from its grandparent; files in some other folder are refused with
+    where they must go (torchvision would ask for DATA_DIR/MNIST/raw and try to download into it)."""
+    data_dir = Path(data_dir)
+    if dataset not in _RAW_FOLDER or (data_dir / _RAW_FOLDER[dataset] / "raw").is_dir() or not any(
+            (data_dir / name).exists() or (data_dir / f"{name}.gz").exists() for name in _MNIST_FILES):
+        return data_dir
+    if data_dir.name == "raw" and data_dir.parent.name == _RAW_FOLDER[dataset]:
+        return data_dir.parent.parent
+    raise UserError(f"the {dataset} files are in {data_dir} itself, but --data-dir names the folder above "
+                    f"{_RAW_FOLDER[dataset]}/raw: move them into {data_dir / _RAW_FOLDER[dataset] / 'raw'} and "
+                    f"keep --data-dir {data_dir}")
+
+
 def _copy_system_fashion_mnist(data_dir: Path) -> None:
     """Unpack Debian's Fashion-MNIST .gz files into torchvision's layout, once, so FashionMNIST reads them."""
     raw = data_dir / "FashionMNIST" / "raw"
@@ -124,7 +139,11 @@ def _missing_data_message(dataset: str, data_dir: Path, train: bool, err: Except
         what = ("data_batch_1 .. data_batch_5, test_batch, batches.meta (unpack cifar-10-python.tar.gz from "
                 "https://www.cs.toronto.edu/~kriz/cifar.html)")
         where = data_dir / "cifar-10-batches-py"
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    # torchvision's download error is "Error downloading NAME:" then the mirrors tried, each with its reason: the
+    # first line alone gave no reason; the last one says why (no network, a 404).
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    first_line = (" ".join(lines[:1] + lines[-1:]) if lines[0].endswith(":") else lines[0]) if lines else \
+        type(err).__name__
     return (f"{dataset} is not in {data_dir} and could not be downloaded ({first_line}). "
             f"Put {what} into {where}, or pass --data-dir pointing at a folder that has them.")
 
@@ -162,7 +181,7 @@ def load_images(dataset: str, data_dir, train: bool) -> tuple[torch.Tensor, torc
     from contextlib import redirect_stdout
     from torchvision import datasets
 
-    data_dir = Path(data_dir)
+    data_dir = data_root(dataset, data_dir)
     if dataset == "fashion-mnist":
         _copy_system_fashion_mnist(data_dir)
     _raise_if_damaged(dataset, data_dir, train)

@@ -19,13 +19,14 @@ import functools
 import importlib
 import json
 import math
+import shlex
 from pathlib import Path
 
 from . import readers
 from .errors import UserError
 
 SCRIPTS = readers.SCRIPTS
-MODEL_FILES = {"vae": ["VAE_model.pth"], "dcgan": ["DCGAN_model_G.pth", "DCGAN_model_D.pth"]}
+MODEL_FILES = readers.MODEL_FILES
 # Training images per epoch of each data set, for runs whose metrics.csv has no images_seen column.
 DATASET_SIZES = {"mnist": 60_000, "fashion-mnist": 60_000, "cifar10": 50_000}
 # Flags that say where or how a run was done (folders, logging, checkpoints, evaluation, speed), not what was
@@ -48,10 +49,7 @@ class RunInfo:
         self.args: dict = config["args"]
         self.script: str = config["script"]
         self.metrics = readers.read_metrics_csv(self.dir / "metrics.csv")
-        try:
-            self.export = json.loads((self.dir / "export.json").read_text())
-        except (OSError, ValueError):
-            self.export = None
+        self.export = readers.read_export(self.dir)
 
     def __repr__(self) -> str:
         return f"RunInfo({self.dir.name})"
@@ -69,6 +67,13 @@ class RunInfo:
         """When the run first started (POSIX seconds, whatever time zone the machine that made it was in; the folder
         name as a tie-breaker), for "newest" comparisons: readers.started_at, as the training scripts use it."""
         return readers.started_at(self.config, self.dir), self.name
+
+    @functools.cached_property
+    def settings(self):
+        """The run's flags as an argparse Namespace from its script's parser (readers.run_namespace): a flag added
+        to the script since the run was made has its default."""
+        parser = importlib.import_module(SCRIPTS[self.script].removesuffix(".py")).build_parser()
+        return readers.run_namespace(self.dir, self.script, parser)
 
     @property
     def epochs_done(self) -> int:
@@ -277,54 +282,47 @@ def x_axis(runs: list[RunInfo]) -> tuple[str, list[list[float]]]:
 
 
 def counted_run(runs_root, script: str, explicit=None, how_to_name: str = "", log=print) -> tuple[RunInfo, str]:
-    """The run a report or a submission uses, and why (one line, also printed by the caller).
+    """The run a report or a submission uses, and why (a few words, which the caller prints after its name).
 
     Named explicitly (`explicit`, a folder): that run, whatever it is; a sweep member or an unfinished run gets a
-    warning. Otherwise: the newest finished run of `script` in runs_root that is not a sweep member, so the last
-    run of a sweep, or a run still training, never becomes the submitted model unnoticed; UserError when there is
-    none. Either way a warning names a finished run of the same script that saw more training images.
-    `how_to_name` is how the user names a run explicitly (e.g. "--vae-run RUN_DIR"), for the messages.
+    warning. Otherwise: the longest finished run of `script` in runs_root that is not a sweep member (the most
+    training images seen; the newest among equals). So a sweep's last run, a run still training, or a one-epoch
+    check made after the main run never becomes the submitted model unnoticed; a newer run passed over is named
+    in one line with how to choose it (`how_to_name`, e.g. "--vae-run RUN_DIR"). UserError when there is none.
+    The runs/latest* links keep meaning the newest run, for the commands that take the run just made.
     """
-    runs_root = Path(runs_root)
-    what = f"{script} run ({SCRIPTS[script]})"
-    link = runs_root / f"latest-{script}"
+    how_to_name = how_to_name or "name it"
+    finished = [r for r in find_runs(runs_root, script) if r.finished and not r.sweep]
     if explicit:
         run = read_run(explicit, script)
         if run is None:
             readers.read_run_config(explicit, script)  # raises the UserError that says what is wrong
-        reason = f"{explicit} -> {run.name}: named explicitly"
         if run.sweep:
             log(f"warning: {run.name} is a member of sweep {run.sweep!r}, used because it was named explicitly")
         if not run.finished:
             log(f"warning: {run.name} is {run.status()} (no export.json for the last epoch)")
-    else:
-        candidates = [r for r in find_runs(runs_root, script) if r.finished and not r.sweep]
+        longer = [r for r in finished if r.total_images_seen() > run.total_images_seen()]
+        if longer:
+            best = max(longer, key=lambda r: (r.total_images_seen(), r.started))
+            log(f"warning: {best.name} is a longer finished {script} run ({best.total_images_seen():,.0f} training "
+                f"images seen, against {run.total_images_seen():,.0f}); it counts when no run is named")
+        return run, "named explicitly"
+    if not finished:
+        link = Path(runs_root) / f"latest-{script}"
         linked = read_run(link, script) if link.exists() else None
-        if not candidates:
-            about_link = ""
-            if linked is not None:
-                about_link = (f"; {link} -> {linked.name} is " +
-                              (f"a member of sweep {linked.sweep!r}" if linked.sweep else linked.status()))
-            raise UserError(f"no finished {what} that is not a sweep member in {runs_root}{about_link}. "
-                                   f"Train one to the end (make {script}; a stopped run continues with "
-                                   f"--resume), or name a run with {how_to_name or 'its folder'}")
-        run = candidates[-1]
-        why = f"the newest finished {script} run that is not a sweep member"
-        if linked is not None and linked.dir == run.dir:
-            reason = f"{link} -> {run.name}: {why}"
-        else:
-            reason = f"{run.name}: {why}"
-            if linked is not None:
-                reason += (f" ({link} -> {linked.name} is " +
-                           (f"a member of sweep {linked.sweep!r})" if linked.sweep else f"{linked.status()})"))
-    longer = [r for r in find_runs(runs_root, script)
-              if r.finished and r.dir != run.dir and r.total_images_seen() > run.total_images_seen()]
-    if longer:
-        best = max(longer, key=RunInfo.total_images_seen)
-        log(f"warning: {best.name} is a longer finished {script} run ({best.total_images_seen():,.0f} training "
-            f"images seen, against {run.total_images_seen():,.0f}); to use it, name it: "
-            f"{how_to_name or 'its folder'} {best.dir}")
-    return run, reason
+        about_link = "" if linked is None else (f"; {link} -> {linked.name} is " + (
+            f"a member of sweep {linked.sweep!r}" if linked.sweep else linked.status()))
+        raise UserError(f"no finished {script} run ({SCRIPTS[script]}) that is not a sweep member in {runs_root}"
+                        f"{about_link}. Train one to the end (make {script}; a stopped run continues with --resume), "
+                        f"or name a run: {how_to_name}=RUN_DIR")
+    run = max(finished, key=lambda r: (r.total_images_seen(), r.started))
+    newer = [r for r in finished if r.started > run.started]
+    if newer:
+        newest = newer[-1]
+        shown = newest.dir.relative_to(Path.cwd()) if newest.dir.is_relative_to(Path.cwd()) else newest.dir
+        log(f"note: not chosen: {newest.name}, newer but shorter ({newest.total_images_seen():,.0f} training images "
+            f"seen, against {run.total_images_seen():,.0f}); to use it: {how_to_name}={shlex.quote(str(shown))}")
+    return run, f"the longest finished {script} run not in a sweep ({run.total_images_seen():,.0f} training images)"
 
 
 def compare_dir(runs_root, name: str) -> Path:

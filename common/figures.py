@@ -32,9 +32,21 @@ def ema_weight(n_points: int) -> float:
     return float(np.clip(1 - 10 / max(n_points, 1), 0.0, 0.98))
 
 
-def is_smoothed(n_points: int) -> bool:
-    """Whether smooth() changes a curve of n_points at all (too few points: it returns them as they are)."""
-    return ema_weight(n_points) > 0
+def step_curves(n_step_rows: int, n_epoch_rows: int) -> str:
+    """What a figure draws of steps.csv beside the epoch means, one rule for the plots and the report's captions:
+    "none" when its rows are no finer than the epochs (--log-every at least an epoch's steps: they would hide under
+    the epoch means), else "faint" (each row) or "smoothed" (each row faint, and their EMA, when smooth() changes a
+    curve of that many rows at all)."""
+    if n_step_rows <= n_epoch_rows:
+        return "none"
+    return "smoothed" if ema_weight(n_step_rows) > 0 else "faint"
+
+
+def top_with_room(values) -> float:
+    """A y-axis top above every value and reference line, with room for a line's width and its legend entry (a
+    reference at the top frame was drawn half clipped)."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return 1.15 * max(finite, default=1.0)
 
 
 def smooth(values: np.ndarray) -> np.ndarray:

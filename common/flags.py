@@ -6,6 +6,7 @@ define the experiment and are fixed; evaluation, logging, speed and the device m
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import sys
 import unicodedata
@@ -24,15 +25,17 @@ DEFAULT_DATA_DIR = REPO_ROOT / "data"
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the defaults shown in --help, errors as one line (exit 2), and groups of flags that say
-    whether they may change on resume (`parser.group(title, resumable=...)`)."""
+    """argparse with the defaults shown in --help, errors as one line (exit 2) that suggest the flag meant, and groups
+    of flags that say whether they may change on resume (`parser.group(title, resumable=...)`). The analysis and
+    report scripts, whose help strings say their defaults, pass their own formatter_class."""
 
     class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
 
-    def __init__(self, description: str):
+    def __init__(self, description: str, formatter_class=None):
         # allow_abbrev=False: `--epoch 2` is refused with a message, not silently taken as --epochs 2
-        super().__init__(description=description, formatter_class=self._Formatter, allow_abbrev=False)
+        super().__init__(description=description, formatter_class=formatter_class or self._Formatter,
+                         allow_abbrev=False)
         self._resumable_groups = []
 
     def group(self, title: str, *, resumable: bool):
@@ -45,8 +48,17 @@ class ArgumentParser(argparse.ArgumentParser):
         return {action.dest for group in self._resumable_groups for action in group._group_actions}
 
     def error(self, message: str):
-        print(f"error: {message} (see --help)", file=sys.stderr, flush=True)
+        print(f"error: {message}{self._did_you_mean(message)} (see --help)", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+
+    def _did_you_mean(self, message: str) -> str:
+        """'; did you mean --epochs?' for unrecognised flags close to real ones (a typo, or a flag cut short)."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [flag for action in self._actions for flag in action.option_strings if flag.startswith("--")]
+        typed = [word.split("=")[0] for word in message.split(":", 1)[1].split() if word.startswith("--")]
+        meant = [f"{match} for {word}" for word in typed for match in difflib.get_close_matches(word, known, 1, 0.8)]
+        return f"; did you mean {', '.join(meant)}?" if meant else ""
 
 
 def checked(kind, ok, rule: str):

@@ -23,7 +23,7 @@ from .console import say
 from .errors import UserError
 from .files import atomic_symlink, atomic_write_text
 from .flags import REPO_ROOT
-from .readers import export_record, list_checkpoints, read_run_config
+from .readers import read_export, list_checkpoints, read_run_config
 from .runs import utc_stamp
 
 # The code a run's numbers depend on: the training script and the library. Hashed at every start, so a copy of
@@ -77,7 +77,7 @@ def set_aside_replaced_run(run_dir: Path) -> None:
     record and model files go into one folder beside them, so nothing of it is mistaken for the new run's; nothing
     is deleted."""
     old = [run_dir / name for name in ("checkpoints", "metrics.csv", "steps.csv", "samples", "export.json")]
-    old += [run_dir / name for name in (export_record(run_dir) or {}).get("files", [])]
+    old += [run_dir / name for name in (read_export(run_dir) or {}).get("files", [])]
     if not any(p.exists() for p in old):
         return
     aside = run_dir / f"replaced-{utc_stamp()}"

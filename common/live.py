@@ -1,11 +1,13 @@
 """The live view of a run: TensorBoard event files in RUN_DIR/tb/, beside the CSVs, written by rank 0 as training
 goes (`make tensorboard`, or `tensorboard --logdir runs`; docs/operations.md shows it over SSH and on Colab).
 
-What a run writes there, every row as it is appended to its CSV, at the training step it belongs to:
-    epoch/<column>   each metrics.csv column, one point per epoch (at the epoch's last step)
-    steps/<column>   each steps.csv column (the DCGAN's means over --log-every steps)
-    samples/<name>   the image grids of samples/ of each epoch (TrainingJob.live_images says which)
-    hparams          the settings that define the experiment, with the epoch metrics, in TensorBoard's HPARAMS tab
+What a run writes there, every row as it is appended to its CSV, at the training step it belongs to (SCRIPT is
+vae or dcgan, config.json's "script": TensorBoard groups charts by the first part of a tag, so no chart mixes the
+two models, whose steps and losses are on different scales):
+    SCRIPT/epoch/<column>   each metrics.csv column, one point per epoch (at the epoch's last step)
+    SCRIPT/steps/<column>   each steps.csv column (the DCGAN's means over --log-every steps)
+    SCRIPT/samples/<name>   the image grids of samples/ of each epoch (TrainingJob.live_images says which)
+    hparams                 the settings that define the experiment, with the epoch metrics, in the HPARAMS tab
 
 The CSVs stay the record (the figures are made from them); the events are a view of the same numbers. A resumed
 run opens its writer with purge_step one past the checkpoint's step, so TensorBoard drops what the stopped process
@@ -18,7 +20,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .readers import read_metrics_csv
+from .errors import UserError
+from .readers import read_metrics_csv, read_run_config
 
 TB_FOLDER = "tb"
 NOT_SCALARS = {"epoch", "global_step", "images_seen"}  # x values, not quantities to plot
@@ -29,7 +32,7 @@ class LiveView:
     """TensorBoard events of one run; every method does nothing when the view is off (other ranks, no package)."""
 
     def __init__(self):
-        self.writer, self.log = None, print
+        self.writer, self.log, self.group = None, print, "run"
 
     def open(self, run_dir: Path, *, global_step: int, steps_per_epoch: int, settings: dict,
              metric_columns: list[str], metrics: list[dict], log) -> None:
@@ -43,6 +46,10 @@ class LiveView:
                 "written as always")
             return
         folder, self.log = Path(run_dir) / TB_FOLDER, log
+        try:
+            self.group = read_run_config(run_dir, None)["script"]
+        except UserError:  # no config.json (a test's bare folder): one group all the same
+            pass
         backfill = not list(folder.glob("events.out.tfevents.*"))
         try:
             # purge_step: events at or after it, from an earlier process, are dropped by TensorBoard's reader. The
@@ -50,7 +57,7 @@ class LiveView:
             # (a new run, a crash before the first checkpoint, --restart) drops them all.
             self.writer = SummaryWriter(str(folder), purge_step=global_step + 1 if global_step else 0,
                                         flush_secs=FLUSH_SECONDS)
-            self._hparams(settings, [f"epoch/{c}" for c in metric_columns if c not in NOT_SCALARS])
+            self._hparams(settings, [f"{self.group}/epoch/{c}" for c in metric_columns if c not in NOT_SCALARS])
         except Exception as err:  # noqa: BLE001  (a folder it cannot write: the run goes on without the view)
             self._give_up(err)
             return
@@ -59,8 +66,7 @@ class LiveView:
                 self.row("epoch", row, int(row["epoch"]) * steps_per_epoch)
             for row in read_metrics_csv(Path(run_dir) / "steps.csv"):
                 self.row("steps", row, row.get("global_step"))
-        log(f"live view: TensorBoard events in {folder} (make tensorboard, or tensorboard --logdir "
-            f"{Path(run_dir).parent})")
+        log(f"live view: TensorBoard events in {folder} (make tensorboard, or tensorboard --logdir {folder})")
 
     def _hparams(self, settings: dict, metrics: list[str]) -> None:
         """The settings as TensorBoard hparams, in this run's own event file (SummaryWriter.add_hparams would make
@@ -71,7 +77,7 @@ class LiveView:
             self.writer.file_writer.add_summary(summary)
 
     def row(self, kind: str, row: dict, step) -> None:
-        """One CSV row as scalars `kind/<column>` at `step`; blank or non-numeric cells are left out."""
+        """One CSV row as scalars `SCRIPT/kind/<column>` at `step`; blank or non-numeric cells are left out."""
         if self.writer is None or step is None:
             return
         try:
@@ -81,7 +87,7 @@ class LiveView:
                 except (TypeError, ValueError):
                     continue
                 if key not in NOT_SCALARS and math.isfinite(value):
-                    self.writer.add_scalar(f"{kind}/{key}", value, int(step))
+                    self.writer.add_scalar(f"{self.group}/{kind}/{key}", value, int(step))
         except Exception as err:  # noqa: BLE001  (the writer's thread failed: a full disk, a vanished folder)
             self._give_up(err)
 
@@ -95,7 +101,7 @@ class LiveView:
             for tag, path in paths.items():
                 if path.exists():
                     pixels = np.asarray(Image.open(path).convert("RGB"))
-                    self.writer.add_image(f"samples/{tag}", pixels, step, dataformats="HWC")
+                    self.writer.add_image(f"{self.group}/samples/{tag}", pixels, step, dataformats="HWC")
             self.writer.flush()  # once per epoch: a watcher sees the epoch's points and grids now
         except Exception as err:  # noqa: BLE001
             self._give_up(err)

@@ -6,25 +6,21 @@ nothing newer is overwritten by something older, in either direction. Imports no
 """
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
 
 from .console import say
 from .files import _sha256, atomic_path, checksum_path
-from .readers import list_checkpoints
+from .readers import list_checkpoints, read_export
 
 
 def newest_step(folder: Path) -> int | None:
     """How far the run in `folder` got, in global steps: its newest step checkpoint, or its export (a finished run
     whose checkpoints were deleted); None when it holds neither."""
     steps = [int(m.group(1)) for p in list_checkpoints(folder) if (m := re.fullmatch(r"step-(\d+)\.pt", p.name))]
-    try:
-        steps.append(int(json.loads((Path(folder) / "export.json").read_text())["global_step"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return max(steps, default=None)
+    exported = (read_export(folder) or {}).get("global_step")
+    return max(steps + ([int(exported)] if isinstance(exported, int) else []), default=None)
 
 
 def mirror_run(run_dir: Path, mirror: Path, log=print) -> None:

@@ -3,6 +3,7 @@ For the resume logic and for the analysis scripts, which may read a run that is 
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import json
@@ -21,6 +22,8 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 SCRIPTS = {"vae": "vae_train.py", "dcgan": "dcgan_train.py"}  # what a run folder's config.json may name
+# The coursework's model files each script exports into its run folder (export.json lists them too).
+MODEL_FILES = {"vae": ("VAE_model.pth",), "dcgan": ("DCGAN_model_G.pth", "DCGAN_model_D.pth")}
 
 
 def checkpoint_candidates(run_dir: Path) -> list[Path]:
@@ -34,9 +37,10 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
     return list_checkpoints(run_dir) + milestones + [p for p in [ckpt_dir / "best.pt"] if p.is_file()]
 
 
-def export_record(run_dir) -> dict | None:
-    """export.json, written last by a training script's export: {"epoch", "global_step", "files"}; None when it is
-    missing or unreadable (a run that has not exported, or was killed during its export)."""
+def read_export(run_dir) -> dict | None:
+    """export.json of a run, written last by a training script's export: {"epoch", "global_step", "files"}; None
+    when it is missing or unreadable (not exported yet, or killed during its export). The one reader of it, for
+    resume, the analysis scripts, the report and the submission check."""
     try:
         record = json.loads((Path(run_dir) / "export.json").read_text())
     except (OSError, ValueError):
@@ -49,7 +53,7 @@ def finished_models(run_dir: Path, saved_args: dict, default_files=()) -> list[P
     """The model files of a run that trained to its --epochs and exported them (export.json, written last, says
     so, and the files are there); None for a run that has not finished. One rule for the training scripts (a
     finished run is left alone) and the readers (the run that counts)."""
-    record = export_record(run_dir)
+    record = read_export(run_dir)
     try:
         names = record.get("files") or default_files
         done, files = record["epoch"] >= saved_args["epochs"], [Path(run_dir) / Path(f).name for f in names]
@@ -96,6 +100,14 @@ def read_run_config(run_dir, script: str | None) -> dict:
     if script is not None and config["script"] != script:
         raise UserError(f"{run_dir} is a {config['script']!r} run, not a {script.upper()} run ({made_by})")
     return config
+
+
+def run_namespace(run_dir, script: str, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """A run's settings as the Namespace its script's `parser` would give: config.json's args over the parser's
+    defaults, so a flag added to the script since the run was made has its default rather than being missing."""
+    args = parser.parse_args([])
+    vars(args).update(read_run_config(run_dir, script)["args"])
+    return args
 
 
 def read_metrics_csv(path) -> list[dict]:

@@ -41,7 +41,7 @@ from .files import append_csv, atomic_write_text, checksum_path, write_csv
 from .live import LiveView
 from .mirror import mirror_run
 from .progress import Progress
-from .readers import export_record, list_checkpoints, read_step_rows
+from .readers import read_export, list_checkpoints, read_step_rows
 from .runs import RunPlan, settings_differ
 
 
@@ -552,7 +552,7 @@ class Run:
         an export, or more --epochs, exports again."""
         if not self.is_main:
             return
-        done = export_record(self.dir) or {}
+        done = read_export(self.dir) or {}
         if done.get("global_step") == self.global_step and all((self.dir / f).exists() for f in done["files"]):
             return
         with self.writing("the exported model", self.dir):

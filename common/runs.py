@@ -17,7 +17,8 @@ from .errors import AlreadyFinished, UserError
 from .files import checksum_problem
 from .flags import ArgumentParser
 from .mirror import newest_step, restore_from_mirror
-from .readers import checkpoint_candidates, finished_models, read_metrics_csv, read_run_config, started_at
+from .readers import (checkpoint_candidates, finished_models, read_export, read_metrics_csv, read_run_config,
+                      started_at)
 
 
 class RunPlan:
@@ -169,7 +170,7 @@ def _stop_if_finished(run_dir: Path, args, script: str, explicit: set[str],
     models = finished_models(run_dir, saved)
     asked = args.epochs if "epochs" in explicit else saved["epochs"]
     if models is not None:
-        done = json.loads((run_dir / "export.json").read_text())["epoch"]
+        done = read_export(run_dir)["epoch"]
         if asked <= done:
             raise AlreadyFinished(f"run already finished ({done} of {saved['epochs']} epochs): {run_dir}; its "
                                   f"models: {', '.join(map(str, models))}. Raise --epochs to train it longer, "
@@ -265,7 +266,7 @@ def _check_fresh_start_allowed(run_dir: Path, args, parser: ArgumentParser, scri
     if list((run_dir / "checkpoints").glob("*.corrupt")) and not args.restart:
         raise UserError(f"{run_dir}: every checkpoint is damaged (set aside as checkpoints/*.corrupt). Restore one "
                         f"from a backup, or add --restart to train from scratch in this folder")
-    rows, exported = len(read_metrics_csv(run_dir / "metrics.csv")), (run_dir / "export.json").exists()
+    rows, exported = len(read_metrics_csv(run_dir / "metrics.csv")), read_export(run_dir) is not None
     if has_config and (rows or exported):
         what = ", ".join([f"metrics.csv with {rows} epochs"] * bool(rows) + ["exported models"] * exported)
         raise UserError(f"{run_dir} holds a run's results ({what}) but no checkpoint to continue from; nothing is "

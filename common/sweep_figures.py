@@ -173,7 +173,8 @@ def compare_diversity(runs, labels, summaries, x_name, title: str) -> Figure:
                   if s.get("diversity", {}).get("training_images") is not None}
     for dataset, value in references.items():
         ax.axhline(value, color="gray", linestyle="--", linewidth=1, label=f"64 {dataset} training images")
-    ax.set(ylabel="mean pairwise RMS distance", ylim=(0, None), title=title)
+    values = [v for line in ax.get_lines() for v in line.get_ydata()] + list(references.values())
+    ax.set(ylabel="mean pairwise RMS distance", ylim=(0, figures.top_with_room(values)), title=title)
     experiments.label_x_axis(ax, x_name)
     ax.grid(alpha=0.3)
     experiments.legend_below(fig)

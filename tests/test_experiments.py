@@ -139,40 +139,41 @@ def test_a_sweep_is_the_runs_with_its_name_newest_per_setting(tmp_path):
                              "note: sweep vae-betas: old-b4 left out: new-b4 is a newer run of the same settings"]
 
 
-def test_the_run_that_counts_is_the_newest_finished_one_outside_sweeps(tmp_path):
-    main = make_run(tmp_path, "20250101-vae", started="2025-01-01T00:00:00")
-    make_run(tmp_path, "20250102-vae-beta4", beta=4.0, sweep="vae-betas", started="2025-01-02T00:00:00")
-    link(tmp_path, "latest-vae", main.name)
-    lines = []
-    run, why = experiments.counted_run(tmp_path, "vae", log=lines.append)
-    assert run.dir == main and lines == []
-    assert why == (f"{tmp_path / 'latest-vae'} -> 20250101-vae: the newest finished vae run that is not a sweep "
-                   f"member")
-
-    # A newer run still training moves latest-vae (as the training scripts do): it does not count yet.
+def test_the_run_that_counts_is_the_longest_finished_one_outside_sweeps(tmp_path):
+    """Issue 29: a one-epoch check made after the main run (and moving latest-vae) does not become the run that
+    counts; one line names it, with how to choose it. A longer sweep member and a run still training never count."""
+    main = make_run(tmp_path, "20250101-vae", epochs=8, epochs_done=8, started="2025-01-01T00:00:00")
+    make_run(tmp_path, "20250102-vae-beta4", beta=4.0, sweep="vae-betas", epochs=30, epochs_done=30,
+             started="2025-01-02T00:00:00")
     make_run(tmp_path, "20250103-vae", started="2025-01-03T00:00:00", epochs_done=1, finished=False, epochs=10)
-    (tmp_path / "latest-vae").unlink()
-    link(tmp_path, "latest-vae", "20250103-vae")
-    run, why = experiments.counted_run(tmp_path, "vae", log=lines.append)
+    toy = make_run(tmp_path, "my run", epochs=1, epochs_done=1, train_limit=2000, started="2025-01-04T00:00:00")
+    link(tmp_path, "latest-vae", toy.name)
+    lines = []
+    run, why = experiments.counted_run(tmp_path, "vae", how_to_name="make report VAE_RUN", log=lines.append)
     assert run.dir == main
-    assert why == (f"20250101-vae: the newest finished vae run that is not a sweep member "
-                   f"({tmp_path / 'latest-vae'} -> 20250103-vae is unfinished: 1 of 10 epochs)")
+    assert why == "the longest finished vae run not in a sweep (480,000 training images)"
+    assert lines == [f"note: not chosen: my run, newer but shorter (2,000 training images seen, against 480,000); "
+                     f"to use it: make report VAE_RUN='{toy}'"]
+
+    # Runs of the same length: the newest.
+    again = make_run(tmp_path, "20250105-vae", epochs=8, epochs_done=8, started="2025-01-05T00:00:00")
+    assert experiments.counted_run(tmp_path, "vae", log=lines.append)[0].dir == again
 
 
 def test_no_run_that_counts_says_why_and_how_to_name_one(tmp_path):
     make_run(tmp_path, "20250102-vae-beta4", beta=4.0, sweep="vae-betas")
     link(tmp_path, "latest-vae", "20250102-vae-beta4")  # as a sweep made before sweeps were recorded would
     with pytest.raises(common.UserError) as err:
-        experiments.counted_run(tmp_path, "vae", how_to_name="--vae-run RUN_DIR")
+        experiments.counted_run(tmp_path, "vae", how_to_name="make report VAE_RUN")
     assert "no finished vae run (vae_train.py) that is not a sweep member" in str(err.value)
-    assert "is a member of sweep 'vae-betas'" in str(err.value) and "--vae-run RUN_DIR" in str(err.value)
+    assert "is a member of sweep 'vae-betas'" in str(err.value) and "make report VAE_RUN=RUN_DIR" in str(err.value)
 
 
 def test_a_run_named_explicitly_is_used_with_warnings(tmp_path):
     member = make_run(tmp_path, "20250102-vae-beta4", beta=4.0, sweep="vae-betas", epochs_done=1, finished=False)
     lines = []
     run, why = experiments.counted_run(tmp_path, "vae", explicit=member, log=lines.append)
-    assert run.dir == member and why == f"{member} -> 20250102-vae-beta4: named explicitly"
+    assert run.dir == member and why == "named explicitly"
     assert lines == ["warning: 20250102-vae-beta4 is a member of sweep 'vae-betas', used because it was named "
                      "explicitly",
                      "warning: 20250102-vae-beta4 is unfinished: 1 of 2 epochs (no export.json for the last epoch)"]
@@ -180,11 +181,11 @@ def test_a_run_named_explicitly_is_used_with_warnings(tmp_path):
         experiments.counted_run(tmp_path, "vae", explicit=make_run(tmp_path, "gan", script="dcgan"))
 
 
-def test_a_longer_finished_run_gets_a_warning(tmp_path):
-    make_run(tmp_path, "long", epochs=30, epochs_done=30, started="2025-01-01T00:00:00", sweep="vae-betas")
+def test_a_shorter_run_named_explicitly_gets_a_warning(tmp_path):
+    make_run(tmp_path, "long", epochs=30, epochs_done=30, started="2025-01-01T00:00:00")
     short = make_run(tmp_path, "short", epochs=2, started="2025-01-02T00:00:00")
     lines = []
-    run, _ = experiments.counted_run(tmp_path, "vae", how_to_name="--vae-run RUN_DIR", log=lines.append)
+    run, _ = experiments.counted_run(tmp_path, "vae", explicit=short, log=lines.append)
     assert run.dir == short
-    assert lines == [f"warning: long is a longer finished vae run (1,800,000 training images seen, against "
-                     f"120,000); to use it, name it: --vae-run RUN_DIR {tmp_path / 'long'}"]
+    assert lines == ["warning: long is a longer finished vae run (1,800,000 training images seen, against 120,000); "
+                     "it counts when no run is named"]

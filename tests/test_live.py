@@ -44,15 +44,15 @@ def test_events_hold_the_csv_rows_the_grids_and_the_settings(run_dir):
     metrics = common.read_metrics_csv(run_dir / "metrics.csv")
     steps = common.read_metrics_csv(run_dir / "steps.csv")
     for column in ("loss_d", "loss_g", "d_real", "d_fake"):
-        epoch_points = found.Scalars(f"epoch/{column}")
+        epoch_points = found.Scalars(f"dcgan/epoch/{column}")
         assert [p.step for p in epoch_points] == [6, 12]  # each epoch at its last training step
         assert [p.value for p in epoch_points] == pytest.approx([row[column] for row in metrics], rel=1e-6)
-        step_points = found.Scalars(f"steps/{column}")
+        step_points = found.Scalars(f"dcgan/steps/{column}")
         assert [p.step for p in step_points] == [int(row["global_step"]) for row in steps] == [3, 6, 9, 12]
         assert [p.value for p in step_points] == pytest.approx([row[column] for row in steps], rel=1e-6)
-    assert "epoch/fid" not in found.Tags()["scalars"]  # blank cells (no FID measured) are not plotted as 0
-    assert [image.step for image in found.Images("samples/fixed_noise")] == [6, 12]
-    assert found.Images("samples/fixed_noise")[0].width > 200  # the 8 x 8 grid of samples/epoch_001.png
+    assert "dcgan/epoch/fid" not in found.Tags()["scalars"]  # blank cells (no FID measured) are not plotted as 0
+    assert [image.step for image in found.Images("dcgan/samples/fixed_noise")] == [6, 12]
+    assert found.Images("dcgan/samples/fixed_noise")[0].width > 200  # the 8 x 8 grid of samples/epoch_001.png
     hparams = found.summary_metadata["_hparams_/session_start_info"].plugin_data.content
     assert b"lr_g" in hparams and b"d_norm" in hparams  # the settings that define the experiment
 
@@ -69,11 +69,11 @@ def test_a_resumed_run_shows_one_unbroken_curve(run_dir, cifar_dir, tmp_path):
     train("--resume", copy, *TINY)
     found = events(copy)
     steps = common.read_metrics_csv(copy / "steps.csv")
-    points = found.Scalars("steps/loss_d")
+    points = found.Scalars("dcgan/steps/loss_d")
     assert [p.step for p in points] == [3, 6, 9, 12]  # without purge_step: 3, 6, 9, 12, 9, 12
     assert [p.value for p in points] == pytest.approx([row["loss_d"] for row in steps], rel=1e-6)
-    assert [p.step for p in found.Scalars("epoch/loss_g")] == [6, 12]
-    assert [image.step for image in found.Images("samples/fixed_noise")] == [6, 12]
+    assert [p.step for p in found.Scalars("dcgan/epoch/loss_g")] == [6, 12]
+    assert [image.step for image in found.Images("dcgan/samples/fixed_noise")] == [6, 12]
     assert len(list((copy / "tb").glob("events.out.tfevents.*"))) == 2  # one file per process
 
 
@@ -87,8 +87,8 @@ def test_a_run_folder_without_events_gets_its_rows_so_far(run_dir, tmp_path):
               metrics=common.read_metrics_csv(copy / "metrics.csv"), log=lambda line: None)
     view.close()
     found = events(copy)
-    assert [p.step for p in found.Scalars("epoch/loss_d")] == [6, 12]
-    assert [p.step for p in found.Scalars("steps/loss_d")] == [3, 6, 9, 12]
+    assert [p.step for p in found.Scalars("dcgan/epoch/loss_d")] == [6, 12]
+    assert [p.step for p in found.Scalars("dcgan/steps/loss_d")] == [3, 6, 9, 12]
 
 
 def test_without_the_tensorboard_package_one_line_and_nothing_else(tmp_path, monkeypatch):
@@ -120,9 +120,10 @@ def test_a_start_from_step_0_drops_the_events_of_an_earlier_attempt(run_dir, tmp
     """A crash before the first checkpoint (or --restart): training starts again at step 0, and so do the curves."""
     copy = tmp_path / "run"
     shutil.copytree(run_dir / "tb", copy / "tb")
+    shutil.copy(run_dir / "config.json", copy)  # its script names the tags' group
     view = live.LiveView()
     view.open(copy, global_step=0, steps_per_epoch=6, settings={}, metric_columns=["epoch", "loss_d"], metrics=[],
               log=lambda line: None)
     view.row("steps", {"loss_d": 5.0}, 3)
     view.close()
-    assert [(p.step, p.value) for p in events(copy).Scalars("steps/loss_d")] == [(3, 5.0)]
+    assert [(p.step, p.value) for p in events(copy).Scalars("dcgan/steps/loss_d")] == [(3, 5.0)]

@@ -94,27 +94,28 @@ def test_the_report_shows_the_main_runs_not_the_newest_sweep_members(built, runs
     shown = json.loads((out / "report.json").read_text())
     assert shown["vae_run"] == str(main_vae)
     assert shown["gan_run"] == str((runs_root / "latest-dcgan").resolve())
-    assert (f"report: VAE: {runs_root / 'latest-vae'} -> {main_vae.name}: the newest finished vae run that is not "
-            f"a sweep member") in printed
+    assert f"report: VAE: {main_vae.name}: the longest finished vae run not in a sweep" in printed
     assert [Path(p).name.split("-", 2)[-1] for p in shown["vae_sweep"]["runs"]] == ["vae-beta1", "vae-beta4"]
-    assert f"Which runs: VAE runs/latest-vae -> {main_vae.name}" in (out / "REPORT.md").read_text()  # relative
+    assert f"| VAE | `{main_vae.name}` | conv VAE, latent 4, beta 1" in (out / "REPORT.md").read_text()
 
 
-def test_each_caption_names_the_runs_and_their_settings(built, runs_root):
+def test_captions_are_numbered_and_name_no_run_which_table_1_does(built, runs_root):
+    """Issue 29: a document to hand in: figures numbered in order, no run folder (time stamp) heading a caption;
+    the runs and their settings in Table 1, with why each was chosen."""
     out, _ = built
     page = (out / "REPORT.html").read_text()
     assert page.count("<figcaption>") == len(FIGURE_ORDER)
-    main_vae, main_gan = (runs_root / "latest-vae").resolve().name, (runs_root / "latest-dcgan").resolve().name
-    for name, caption in captions(out).items():
-        assert caption.startswith("*") and caption.endswith("*") and len(caption) > 30, (name, caption)
-        if name.startswith(("vae_beta", "gan_sweep")):
-            assert "Sweep `" in caption, (name, caption)
-        elif name.startswith("vae_"):
-            assert f"Run `{main_vae}` (conv VAE, latent 4, beta 1" in caption, (name, caption)
-        else:
-            assert f"Run `{main_gan}` (32x32" in caption and "bce loss" in caption, (name, caption)
+    for number, (name, caption) in enumerate(captions(out).items(), start=1):
+        assert caption.startswith(f"*Figure {number}. ") and caption.endswith("*") and len(caption) > 40, caption
+        assert not re.search(r"\d{8}-\d{6}", caption), (name, caption)
+    assert re.findall(r"<figcaption>Figure (\d+)\.", page) == [str(n) for n in range(1, len(FIGURE_ORDER) + 1)]
+    table_1 = (out / "REPORT.md").read_text().split("Table 1.", 1)[0]
+    main_gan = (runs_root / "latest-dcgan").resolve().name
+    assert f"| DCGAN | `{main_gan}` | 32x32, nz 100, ngf 8, ndf 8, bce loss" in table_1
+    assert "the longest finished dcgan run not in a sweep" in table_1
+    assert table_1.count("| beta sweep |") == 2 and table_1.count("| GAN variant |") == 2
     beta_caption = captions(out)["vae_beta_curves.png"]
-    assert "(beta=1)" in beta_caption and "(beta=4)" in beta_caption and "the negative ELBO at beta = 1" in \
+    assert "From beta=1 to beta=4" in beta_caption and "the negative ELBO at beta = 1" in \
         beta_caption and "training set (top row" in beta_caption and "test set (bottom row" in beta_caption
 
 
@@ -129,7 +130,7 @@ def test_key_numbers_come_from_the_summaries(built, runs_root):
                 for name in ("DCGAN_model_G.pth", "DCGAN_model_D.pth"))
     expected = [f"{vae['test_elbo']:.2f} nats per image", f"{vae['iw_log_likelihood']:.2f} nats per image",
                 "K = 4, 20 test images", f"{n_vae:,}", f"G {n_g:,} + D {n_d:,} = {n_g + n_d:,}",
-                f"{min(FAKE_FID.values()):.2f} (epoch 2)", "DCGAN best milestone (diversity)"]
+                f"best {min(FAKE_FID.values()):.2f} at epoch 2 (10,000 samples)", "DCGAN best milestone (diversity)"]
     for text in expected:
         assert text in markdown, text
         assert text in page, text
@@ -144,7 +145,8 @@ def test_beta_table_lists_the_sweep_by_setting(built, runs_root):
     for row, beta in zip(rows, (1, 4)):
         run_dir = next(runs_root.glob(f"*-vae-beta{beta}"))
         summary = json.loads((run_dir / "figures" / "summary.json").read_text())
-        assert f"`{run_dir.name}`" in row and f"{-summary['test_elbo']:.2f}" in row
+        assert f"{-summary['test_elbo']:.2f}" in row
+        assert f"| beta sweep | `{run_dir.name}` | beta={beta} |" in markdown  # Table 1 names its folder
     assert (runs_root / "compare" / "vae-betas" / "loss_curves.png").exists()
 
 
@@ -154,8 +156,8 @@ def test_gan_experiments_are_labelled_by_setting(built, runs_root):
     section = markdown.split("## GAN experiments (sweep `dcgan-sweep`)", 1)[1]
     assert [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| loss=")] == \
         ["| loss=bce", "| loss=hinge"]
-    for name in ("dcgan-baseline", "dcgan-hinge"):
-        assert f"`{next(runs_root.glob(f'*-{name}')).name}` (loss=" in section
+    for name, label in (("dcgan-baseline", "loss=bce"), ("dcgan-hinge", "loss=hinge")):
+        assert f"| GAN variant | `{next(runs_root.glob(f'*-{name}')).name}` | {label} |" in markdown
 
 
 def test_a_glob_over_the_runs_still_works_after_the_report(built, runs_root):
@@ -187,5 +189,33 @@ def test_refuses_what_it_cannot_report(runs_root, tmp_path):
         report.main(["--runs-root", str(runs_root), "--out", str(tmp_path / "mine"), "--no-analysis"])
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     (tmp_path / "empty-runs").mkdir()
-    with pytest.raises(common.UserError, match="no finished vae run .* that is not a sweep member.*--vae-run"):
+    with pytest.raises(common.UserError, match="no finished vae run .* that is not a sweep member.*VAE_RUN="):
         report.main(["--runs-root", str(tmp_path / "empty-runs"), "--out", str(tmp_path / "r2")])
+
+
+INSTRUCTIONS = re.compile(r"\bmake (vae|dcgan|report|submission|gan-sweep|vae-betas)\b|python \w+\.py|\brun `|Made by|"
+                          r"then `make")
+
+
+def body_of(markdown: str) -> str:
+    """The report after its "before you hand in" box, without the code blocks of the appendix."""
+    body = "\n".join(line for line in markdown.splitlines() if not line.startswith(">"))
+    return re.sub(r"```python.*?```", "", body, flags=re.S)
+
+
+def test_what_is_missing_is_listed_at_the_top_and_the_body_holds_no_instructions(built, runs_root, tmp_path):
+    """Issue 29: nothing to edit before hand-in. A complete set of runs: nothing missing, no instruction, no tool
+    line in the body (the box holds only the best milestone's export); a sweep not run: one line in the box at the
+    top, and no section for it."""
+    out, _ = built
+    markdown = (out / "REPORT.md").read_text()
+    assert "yet: sweep" not in markdown and not INSTRUCTIONS.search(body_of(markdown))
+    missing = tmp_path / "missing"
+    assert report.main(["--runs-root", str(runs_root), "--out", str(missing), "--no-analysis", "--vae-sweep",
+                        "not-run"]) == 0
+    markdown = (missing / "REPORT.md").read_text()
+    title, box = markdown.split("\n\n", 2)[:2]
+    assert title.startswith("# ") and box.startswith("> **Before you hand in**")
+    assert "No beta comparison yet: sweep `not-run` has no runs" in box and "`make vae-betas`" in box
+    assert "Varying beta" not in markdown and not INSTRUCTIONS.search(body_of(markdown))
+    assert '<aside class="todo"><strong>Before you hand in</strong>' in (missing / "REPORT.html").read_text()

@@ -66,17 +66,17 @@ def test_the_walk_gives_a_report_of_the_main_runs_with_settings_as_labels(tmp_pa
     assert sorted(p.name.split("-", 2)[-1] for p in runs.glob("*-vae-beta*")) == ["vae-beta1", "vae-beta4"]
 
     out = make(repo, "report", f"ARGS={REPORT_ARGS}")
-    assert f"report: VAE: {runs / 'latest-vae'} -> {main_vae.name}: the newest finished vae run" in out
+    assert f"report: VAE: {main_vae.name}: the longest finished vae run" in out
     shown = json.loads((repo / "report" / "report.json").read_text())
     assert shown["vae_run"] == str(main_vae) and shown["gan_run"] == str(main_gan)
     markdown = (repo / "report" / "REPORT.md").read_text()
-    for label in ("| beta=1 |", "| beta=4 |", "(defaults)",
-                  "(d_norm=spectral)", "(instance_noise=0.1, label_smoothing=0.9)", "(loss=hinge)"):
+    for label in ("| beta=1 |", "| beta=4 |", "| defaults |",  # the sweeps' rows of Table 1
+                  "| d_norm=spectral |", "| instance_noise=0.1, label_smoothing=0.9 |", "| loss=hinge |"):
         assert label in markdown, label
-    assert f"Run `{main_vae.name}` (conv VAE, latent 4, beta 1" in markdown
+    assert f"| VAE | `{main_vae.name}` | conv VAE, latent 4, beta 1" in markdown
 
     out = make(repo, "submission")
-    assert f"VAE: {runs / 'latest-vae'} -> {main_vae.name}" in out
+    assert f"VAE: {main_vae.name}: the longest finished vae run" in out
     assert f"MNIST test images from {mnist_dir}" in out  # the run's own data, no DATA_DIR given
     assert "all checks passed" in out
     with zipfile.ZipFile(repo / "CW2.zip") as bundle:
@@ -91,8 +91,8 @@ def test_the_walk_gives_a_report_of_the_main_runs_with_settings_as_labels(tmp_pa
     # The live view: the events of the main runs load with TensorBoard's own reader (what make tensorboard serves),
     # one point per epoch; and the report names no folder of this machine, so it is handed in as it is.
     from tensorboard.backend.event_processing import event_accumulator
-    for run_dir, tag, grid in ((main_vae, "epoch/test_loss", "samples/reconstructions"),
-                               (main_gan, "epoch/loss_d", "samples/fixed_noise")):
+    for run_dir, tag, grid in ((main_vae, "vae/epoch/test_loss", "vae/samples/reconstructions"),
+                               (main_gan, "dcgan/epoch/loss_d", "dcgan/samples/fixed_noise")):
         found = event_accumulator.EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0})
         found.Reload()
         epochs = len(common.read_metrics_csv(run_dir / "metrics.csv"))

@@ -168,7 +168,7 @@ def measure_run(evaluator, run_dir: Path, n_samples: int, n_draws: int) -> tuple
     config = common.read_run_config(run_dir, "dcgan")
     with warnings.catch_warnings():  # torch.jit.load is deprecated upstream; the coursework's format all the same
         warnings.simplefilter("ignore", FutureWarning)
-        generator = torch.jit.load(str(run_dir / "DCGAN_model_G.pth"), map_location=evaluator.device)
+        generator = torch.jit.load(str(run_dir / common.readers.MODEL_FILES["dcgan"][0]), map_location=evaluator.device)
     draws = [evaluator.sample(generator, config["args"]["nz"], n_samples, seed=EVAL_SEED + d) for d in range(n_draws)]
     metrics = common.read_metrics_csv(run_dir / "metrics.csv")
     return {**score_draws(evaluator, draws), "diversity": diversity(draws[0]),
