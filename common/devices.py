@@ -18,8 +18,9 @@ from .errors import EXIT_USER_ERROR, UserError
 # The fixes for a GPU that PyTorch cannot use, in one line each (docs/operations.md, "An older driver or GPU"). A
 # plain `pip install ... --index-url .../cu126` keeps the torch already in .venv (==2.14.1 matches 2.14.1+cu130):
 # the make target replaces it.
-INSTALL_FIX = ("replace this PyTorch by the CUDA 12.6 build, which runs on drivers from 525 and on GPUs from compute "
-               "capability 5.0 (V100, P100): make torch TORCH_INDEX=cu126 (docs/operations.md, 'An older driver or GPU')")
+INSTALL_FIX = ("replace this PyTorch by the CUDA 12.6 build, which runs on drivers from 525 and on GPUs from "
+               "compute capability 5.0 (V100, P100): make torch TORCH_INDEX=cu126 (docs/operations.md, 'An older "
+               "driver or GPU')")
 CPU_FIX = "or pass --device cpu to train on the CPU on purpose"
 # The NVIDIA kernel driver's folder: there on a machine with an NVIDIA GPU even when nvidia-smi is not (the tests
 # point it elsewhere).

@@ -316,16 +316,36 @@ def test_gpu_check_compares_checkpoints_tensor_for_tensor():
     assert gpu_check.differences({**same, "model": {"w": torch.ones(3, dtype=torch.float64)}}, state) == ["/model/w"]
 
 
-@pytest.mark.slow  # about 35 s: six tiny training runs, two at a time
-def test_gpu_check_runs_its_cpu_checks_and_passes_without_a_gpu():
+def test_gpu_check_fails_the_device_torch_cannot_use_whatever_device_is_asked(monkeypatch, no_gpu_given, tmp_path):
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path / "bin"))
+    driver_too_old(monkeypatch)
+    for flag in ("auto", "cpu"):
+        device, machine, refusal = gpu_check.describe_machine(flag)
+        assert "1 x Tesla V100-SXM2-16GB, driver 535.183.01" in machine
+        assert device == (None if flag == "auto" else torch.device("cpu"))
+        assert "NVIDIA GPU (1 x Tesla V100-SXM2-16GB" in refusal and "make torch TORCH_INDEX=cu126" in refusal
+    monkeypatch.setenv("PATH", str(tmp_path / "no-programs"))  # no GPU: nothing to fail
+    assert gpu_check.describe_machine("auto")[::2] == (torch.device("cpu"), None)
+
+
+def test_gpu_check_times_fid_where_training_computes_it():
+    assert gpu_check.check_fid_timing(torch.device("cpu"), 64).startswith("FID of 64 x 32 features on cpu")
+
+
+@pytest.mark.slow  # 3-7 minutes on 2 cores: 20 tiny training runs, 3 of them compiled, 2 under torchrun
+def test_gpu_check_rehearses_every_gpu_check_on_the_cpu():
+    """What .ci/run runs: every check make gpu-check runs on a GPU, at tiny size, passes on the CPU."""
     env = {k: v for k, v in script_env().items() if k not in GPU_VARIABLES}
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--device", "cpu"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--device", "cpu", "--full",
+                           "--images", "64"], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "no CUDA GPU in use here" in proc.stdout
-    for check in ("vae resume", "dcgan resume"):
-        assert f"PASS  {check}: stopped at step 11 and resumed = uninterrupted" in proc.stdout
-    assert "summary: 3 passed, 0 failed, 1 skipped" in proc.stdout
+    for check in ("vae resume", "dcgan resume", "vae resume --amp fp16 --compile --channels-last",
+                  "dcgan resume --amp fp16 --compile --channels-last --fid auto",
+                  "dcgan resume under torchrun --nproc_per_node 2"):
+        assert f"PASS  {check}" in proc.stdout and "and resumed = uninterrupted, all" in proc.stdout
+    for check in ("vae throughput", "dcgan throughput", "FID timing"):
+        assert f"PASS  {check}: " in proc.stdout
+    assert "summary: 9 passed, 0 failed, 0 skipped" in proc.stdout
 
 
 @pytest.mark.cuda
@@ -333,4 +353,4 @@ def test_gpu_check_runs_its_cpu_checks_and_passes_without_a_gpu():
 def test_vae_resume_is_bit_exact_on_cuda(tmp_path, mnist_dir):
     """The promise of --deterministic on (the default), on the GPU there is: make gpu-check's resume check."""
     device = common.pick_device("cuda")
-    assert gpu_check.check_resume("vae", tmp_path, mnist_dir, device).startswith("stopped at step 11")
+    assert gpu_check.check_resume("vae", tmp_path, mnist_dir, device).startswith("stopped at optimiser step 11")
