@@ -54,12 +54,13 @@ def pick_device(name: str) -> torch.device:
 
 def unusable_gpu() -> str | None:
     """Where torch.cuda.is_available() is False: 'this job was given a GPU (NAME=value)' or 'this machine has an
-    NVIDIA GPU (its name, driver ...)', or None when there is no GPU to miss (or CUDA_VISIBLE_DEVICES hides them)."""
+    NVIDIA GPU (its name, driver ...)', or None when there is no GPU to miss. The machine's GPUs do not count in a
+    SLURM job (a CPU job on a GPU node; its GPUs are SLURM's to give) or when CUDA_VISIBLE_DEVICES hides them."""
     given = gpus_given()
     if given:
         return f"this job was given a GPU ({given})"
-    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
-        return None  # set, and naming no device: the GPUs are hidden on purpose
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None or os.environ.get("SLURM_JOB_ID"):
+        return None
     gpu = nvidia_gpu()
     return f"this machine has an NVIDIA GPU ({gpu})" if gpu else None
 

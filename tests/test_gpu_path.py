@@ -27,7 +27,7 @@ from common import devices, gan_metrics
 sys.path.insert(0, str(REPO / "tools"))
 import gpu_check  # noqa: E402
 
-GPU_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES")
+GPU_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID")
 TOO_OLD = ("The NVIDIA driver on your system is too old (found version 12020). Please update your GPU driver by "
            "downloading and installing a new version from the URL: http://www.nvidia.com/Download/index.aspx")
 CU130_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # torch 2.14's default (PyPI) build
@@ -107,6 +107,9 @@ def test_auto_takes_the_cpu_when_no_gpu_was_given(monkeypatch, no_gpu_given, tmp
     monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path / "bin"))  # GPUs hidden on purpose: still the CPU
     assert common.pick_device("auto") == torch.device("cpu")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")  # a SLURM job without GPUs on a GPU node: the CPU, as SLURM gave it
+    assert common.pick_device("auto") == torch.device("cpu")
+    monkeypatch.delenv("SLURM_JOB_ID")
     with pytest.raises(common.UserError, match="this machine has an NVIDIA GPU"):
         common.pick_device("auto")
 

@@ -148,7 +148,7 @@ def describe_machine(device_flag: str) -> tuple[torch.device | None, str, str | 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. Bit-exact resume
+# 2, 3. Bit-exact resume: the default flags; on a GPU the speed flags, and torchrun
 
 
 def train_command(name: str, run_dir: Path, data_dir: Path, device: torch.device, extra=(), stop: bool = False,
