@@ -4,6 +4,7 @@
 #   make gpu-check           on a new GPU or cluster, first: the device, bit-exact resume, speed (tools/gpu_check.py)
 #   make dcgan, make vae-betas, make gan-sweep, make analyze-vae RUN=..., make analyze-gan RUN=...   (see README.md)
 #   make report, make submission (VAE_RUN=... GAN_RUN=... name the runs), make tensorboard, make bench, make gan-quality
+#   make torch TORCH_INDEX=cu126|cpu   another PyTorch build in .venv: an older driver or GPU, or no GPU
 PYTHON   ?= python3
 VENV     := .venv
 PY       := $(VENV)/bin/python
@@ -17,10 +18,10 @@ TB_PORT  ?= 6006
 BETAS    ?= $(strip $(shell sed 's/\#.*//' slurm/betas.txt))
 
 .PHONY: help vae vae-betas analyze-vae dcgan gan-sweep analyze-gan report submission tensorboard bench gan-quality gpu-check test \
-	test-all test-slurm clean-venv
+	test-all test-slurm clean-venv torch
 
 help:
-	@sed -n '2,6p' Makefile
+	@sed -n '2,7p' Makefile
 
 # Two stamp files: .installed for the scripts (requirements.txt), .installed-test adds the test suite's extras
 # (requirements-test.txt). Each is rewritten when its files change (constraints.txt for both), so edits reinstall.
@@ -34,6 +35,22 @@ $(VENV)/.installed: requirements.txt constraints.txt
 $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt requirements.txt constraints.txt
 	$(PIP_INSTALL) -r requirements-test.txt
 	touch $@
+
+# Another PyTorch build in .venv (docs/operations.md, "An older driver or GPU"), from PyTorch's index: cu126 for an
+# NVIDIA driver older than 580 or a GPU older than Turing (V100, P100), cpu without a GPU, cu130 for pip's default
+# back. The builds are named with their label (torch==2.14.1+cu126): a plain `pip install torch` keeps the torch in
+# .venv, as 2.14.1+cu130 satisfies ==2.14.1, but no other build satisfies this one, so pip replaces torch and
+# torchvision (the same release as constraints.txt's) and installs what the new build needs; the other build's
+# NVIDIA libraries stay, unused (for the small CPU-only .venv, start from `make clean-venv`). Later `make` runs keep it.
+TORCH_INDEX ?= cu126
+TORCH_PIP_SOURCE ?= --index-url https://download.pytorch.org/whl/$(TORCH_INDEX) --extra-index-url https://pypi.org/simple
+TORCH_BUILD = $(foreach p,torch torchvision,$(p)==$(shell sed -n 's/^$(p)==//p' constraints.txt)+$(TORCH_INDEX))
+
+torch:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) $(TORCH_BUILD) $(TORCH_PIP_SOURCE)
+	$(PY) -c "import torch, torchvision; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
+	  'torchvision', torchvision.__version__)"
 
 vae: $(VENV)/.installed
 	$(PY) vae_train.py --data-dir $(DATA_DIR) $(ARGS)
@@ -105,8 +122,9 @@ gan-quality: $(VENV)/.installed
 	$(PY) tools/gan_quality.py --data-dir $(DATA_DIR) $(ARGS)
 
 # The doctor for a new GPU or cluster (tools/gpu_check.py): the device, driver and CUDA build; tiny VAE and DCGAN
-# runs stopped by SIGTERM and resumed, equal to uninterrupted ones; on a GPU also --amp, --compile, throughput and
-# FID timing. Under a minute on a CPU (the CPU checks only), a few minutes on a GPU; exit 1 on a FAIL.
+# runs stopped by SIGTERM and resumed, equal to uninterrupted ones; on a GPU also the same with --amp fp16 --compile
+# --channels-last, under torchrun, throughput and FID timing. Under a minute on a CPU (the CPU checks only), about
+# 5 minutes on a T4; exit 1 on a FAIL. ARGS="--device cpu --full --images 64" rehearses every check on a CPU (CI).
 gpu-check: $(VENV)/.installed
 	$(PY) tools/gpu_check.py $(ARGS)
 

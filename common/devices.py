@@ -6,22 +6,36 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import warnings
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from .errors import EXIT_USER_ERROR, UserError
 
-# The fixes for a GPU that PyTorch cannot use, in one line each (docs/operations.md, "An older driver or GPU").
-INSTALL_FIX = ("install the PyTorch build for this driver and GPU first (docs/operations.md, 'An older driver or GPU': "
-               "pip install torch torchvision -c constraints.txt --index-url https://download.pytorch.org/whl/cu126)")
+# The fixes for a GPU that PyTorch cannot use, in one line each (docs/operations.md, "An older driver or GPU"). A
+# plain `pip install ... --index-url .../cu126` keeps the torch already in .venv (==2.14.1 matches 2.14.1+cu130):
+# the make target replaces it.
+INSTALL_FIX = ("replace this PyTorch by the CUDA 12.6 build, which runs on drivers from 525 and on GPUs from "
+               "compute capability 5.0 (V100, P100): make torch TORCH_INDEX=cu126 (docs/operations.md, 'An older "
+               "driver or GPU')")
 CPU_FIX = "or pass --device cpu to train on the CPU on purpose"
+# The NVIDIA kernel driver's folder: there on a machine with an NVIDIA GPU even when nvidia-smi is not (the tests
+# point it elsewhere).
+NVIDIA_PROC = Path("/proc/driver/nvidia")
 
 
 def pick_device(name: str) -> torch.device:
-    """--device: auto picks CUDA, then MPS, then the CPU, but never the CPU when this job was given a GPU (a
-    SLURM GPU job, CUDA_VISIBLE_DEVICES naming devices) that PyTorch cannot use: that is a UserError saying why."""
-    if name in ("auto", "cuda") and torch.cuda.is_available():
+    """--device: auto picks CUDA, then MPS, then the CPU, but never the CPU when this machine has an NVIDIA GPU, or
+    this job was given one (a SLURM GPU job, CUDA_VISIBLE_DEVICES naming devices), that PyTorch cannot use: that
+    is a UserError saying which GPU, which driver, why and what to do. CUDA_VISIBLE_DEVICES set to no device (empty,
+    -1) hides the GPUs on purpose: the CPU, quietly."""
+    with warnings.catch_warnings():  # its reason, once: why_no_cuda() quotes PyTorch's own words on the one line
+        warnings.simplefilter("ignore")
+        cuda = name in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda:
         check_cuda_kernels()
         return torch.device("cuda")
     if name == "cuda":
@@ -31,11 +45,45 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.backends.mps.is_available():
             return torch.device("mps")
-        given = gpus_given()
-        if given:
-            raise UserError(f"this job was given a GPU ({given}) but PyTorch cannot use it, and a long run is not "
-                            f"moved to the CPU without a word: {why_no_cuda()}, {CPU_FIX}")
+        gpu = unusable_gpu()
+        if gpu:
+            raise UserError(f"{gpu} but PyTorch cannot use it, and a run is not moved to the CPU without a word: "
+                            f"{why_no_cuda()}, {CPU_FIX}")
     return torch.device("cpu" if name == "auto" else name)
+
+
+def unusable_gpu() -> str | None:
+    """Where torch.cuda.is_available() is False: 'this job was given a GPU (NAME=value)' or 'this machine has an
+    NVIDIA GPU (its name, driver ...)', or None when there is no GPU to miss. The machine's GPUs do not count in a
+    SLURM job (a CPU job on a GPU node; its GPUs are SLURM's to give) or when CUDA_VISIBLE_DEVICES hides them."""
+    given = gpus_given()
+    if given:
+        return f"this job was given a GPU ({given})"
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None or os.environ.get("SLURM_JOB_ID"):
+        return None
+    gpu = nvidia_gpu()
+    return f"this machine has an NVIDIA GPU ({gpu})" if gpu else None
+
+
+def nvidia_gpu() -> str | None:
+    """'NAME, driver VERSION' of this machine's NVIDIA GPU(s), whether or not PyTorch can use them, from nvidia-smi,
+    else from the kernel driver's NVIDIA_PROC folder; None when neither shows one."""
+    try:
+        proc = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=60)
+        rows = [line.rsplit(",", 1) for line in proc.stdout.splitlines() if "," in line]
+        if proc.returncode == 0 and rows:
+            names = sorted({name.strip() for name, _ in rows})
+            return f"{len(rows)} x {' + '.join(names)}, driver {rows[0][1].strip()}"
+    except (OSError, subprocess.SubprocessError):  # no nvidia-smi, or it hangs: ask the kernel driver
+        pass
+    if not NVIDIA_PROC.is_dir():
+        return None
+    models = [line.split(":", 1)[1].strip() for info in sorted(NVIDIA_PROC.glob("gpus/*/information"))
+              for line in info.read_text(errors="replace").splitlines() if line.startswith("Model:")]
+    version = (NVIDIA_PROC / "version").read_text(errors="replace") if (NVIDIA_PROC / "version").exists() else ""
+    driver = next((w for w in version.split() if w[:1].isdigit() and "." in w), "unknown")
+    return f"{' + '.join(models) or 'model unknown'}, driver {driver}"
 
 
 def gpus_given() -> str | None:
@@ -52,8 +100,8 @@ def gpus_given() -> str | None:
 def why_no_cuda() -> str:
     """Why torch.cuda.is_available() is False, in PyTorch's own words where it has them, and what to do."""
     if torch.version.cuda is None:
-        return (f"this PyTorch ({torch.__version__}) is a CPU-only build; install a CUDA build (pip's default on "
-                f"x86_64 Linux, or docs/operations.md, 'An older driver or GPU')")
+        return (f"this PyTorch ({torch.__version__}) is a CPU-only build; replace it by a CUDA build: make torch "
+                f"TORCH_INDEX=cu130 (cu126 for a driver older than 580 or a GPU older than Turing: docs/operations.md)")
     try:
         torch.cuda.init()  # raises the reason is_available() only warned about (once, maybe before we looked)
         reason = "PyTorch sees no CUDA GPU"

@@ -12,11 +12,12 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
-from conftest import REPO, script_env
+from conftest import REPO, run_script, script_env
 
 import common
 import dcgan_train
@@ -26,7 +27,7 @@ from common import devices, gan_metrics
 sys.path.insert(0, str(REPO / "tools"))
 import gpu_check  # noqa: E402
 
-GPU_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES")
+GPU_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID")
 TOO_OLD = ("The NVIDIA driver on your system is too old (found version 12020). Please update your GPU driver by "
            "downloading and installing a new version from the URL: http://www.nvidia.com/Download/index.aspx")
 CU130_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # torch 2.14's default (PyPI) build
@@ -36,10 +37,29 @@ GAN = ["--dataset", "mnist", "--ngf", "8", "--ndf", "8", "--fid", "off", "--trai
 
 
 @pytest.fixture
-def no_gpu_given(monkeypatch):
+def no_gpu_given(monkeypatch, tmp_path):
+    """No GPU variables, no MPS, no nvidia-smi on the PATH and no NVIDIA kernel driver (whatever this machine has)."""
     for name in GPU_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-programs"))
+    monkeypatch.setattr(devices, "NVIDIA_PROC", tmp_path / "no-driver")
+
+
+def fake_nvidia_smi(folder, line="Tesla V100-SXM2-16GB, 535.183.01") -> str:
+    """A folder for PATH with an `nvidia-smi` that lists one GPU as --query-gpu=name,driver_version does."""
+    folder.mkdir(exist_ok=True)
+    program = folder / "nvidia-smi"
+    program.write_text(f"#!/bin/sh\necho '{line}'\n")
+    program.chmod(0o755)
+    return str(folder)
+
+
+def driver_too_old(monkeypatch):
+    """torch.cuda as it is with pip's CUDA 13 build on a driver of the 535 series (a V100 workstation)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "init", lambda: (_ for _ in ()).throw(RuntimeError(TOO_OLD)))
 
 
 def fake_gpu(monkeypatch, capability=(8, 0), count=1, archs=CU130_ARCHS):
@@ -56,15 +76,13 @@ def fake_gpu(monkeypatch, capability=(8, 0), count=1, archs=CU130_ARCHS):
                                              ("CUDA_VISIBLE_DEVICES", "0")])
 def test_auto_refuses_the_cpu_when_the_job_was_given_a_gpu(monkeypatch, no_gpu_given, variable, value):
     monkeypatch.setenv(variable, value)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(torch.cuda, "init", lambda: (_ for _ in ()).throw(RuntimeError(TOO_OLD)))
+    driver_too_old(monkeypatch)
     with pytest.raises(common.UserError) as refused:
         common.pick_device("auto")
     message = str(refused.value)
     assert f"{variable}={value}" in message and "driver is too old for this PyTorch's CUDA 13.0 build" in message
     assert "found version 12020" in message  # PyTorch's own words
-    assert "whl/cu126" in message and "--device cpu" in message  # the two ways out
+    assert "make torch TORCH_INDEX=cu126" in message and "--device cpu" in message  # the two ways out
     assert common.pick_device("cpu") == torch.device("cpu")  # which is what --device cpu does
 
 
@@ -81,11 +99,50 @@ def test_the_refusal_says_when_no_gpu_is_visible_or_the_build_is_cpu_only(monkey
 
 
 @pytest.mark.parametrize("value", ["", "-1", "NoDevFiles"])
-def test_auto_takes_the_cpu_when_no_gpu_was_given(monkeypatch, no_gpu_given, value):
+def test_auto_takes_the_cpu_when_no_gpu_was_given(monkeypatch, no_gpu_given, tmp_path, value):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "0")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    driver_too_old(monkeypatch)
     assert common.pick_device("auto") == torch.device("cpu")
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path / "bin"))  # GPUs hidden on purpose: still the CPU
+    assert common.pick_device("auto") == torch.device("cpu")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")  # a SLURM job without GPUs on a GPU node: the CPU, as SLURM gave it
+    assert common.pick_device("auto") == torch.device("cpu")
+    monkeypatch.delenv("SLURM_JOB_ID")
+    with pytest.raises(common.UserError, match="this machine has an NVIDIA GPU"):
+        common.pick_device("auto")
+
+
+def test_auto_on_a_machine_whose_gpu_torch_cannot_use_stops_in_one_line(monkeypatch, no_gpu_given, tmp_path,
+                                                                        mnist_dir):
+    """A V100 workstation on driver R535 with pip's CUDA 13 build, outside SLURM: exit 2, one line naming the GPU,
+    the driver and the fix, no run folder; PyTorch's own warning is not printed beside it."""
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path / "bin"))
+    driver_too_old(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: warnings.warn(TOO_OLD) or False)
+    run_dir = tmp_path / "run"
+    proc = run_script("vae_train.py", "--data-dir", mnist_dir, "--run-dir", run_dir, "--epochs", 1, check=False)
+    assert proc.returncode == common.EXIT_USER_ERROR and not run_dir.exists()
+    [line] = proc.stderr.strip().splitlines()
+    assert "this machine has an NVIDIA GPU (1 x Tesla V100-SXM2-16GB, driver 535.183.01)" in line
+    assert "make torch TORCH_INDEX=cu126" in line and "--device cpu" in line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_script("vae_train.py", "--data-dir", mnist_dir, "--run-dir", run_dir, "--epochs", 1, "--train-limit",
+                      32, "--arch", "mlp", "--device", "cpu").returncode == 0  # the CPU, on purpose
+
+
+def test_the_kernel_driver_shows_a_gpu_without_nvidia_smi(monkeypatch, no_gpu_given, tmp_path):
+    proc_dir = tmp_path / "proc-driver-nvidia"
+    (proc_dir / "gpus" / "0000:00:04.0").mkdir(parents=True)
+    (proc_dir / "gpus" / "0000:00:04.0" / "information").write_text("Model: \t\t Tesla P100-PCIE-16GB\nIRQ: 35\n")
+    (proc_dir / "version").write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  470.256.02  Thu May  2 14:37:44 "
+                                      "UTC 2024\nGCC version:  gcc version 10.2.1\n")
+    monkeypatch.setattr(devices, "NVIDIA_PROC", proc_dir)
+    assert devices.nvidia_gpu() == "Tesla P100-PCIE-16GB, driver 470.256.02"
+    driver_too_old(monkeypatch)
+    with pytest.raises(common.UserError, match=r"NVIDIA GPU \(Tesla P100-PCIE-16GB, driver 470.256.02\)"):
+        common.pick_device("auto")
 
 
 @pytest.mark.parametrize("capability, archs, usable", [
@@ -104,7 +161,7 @@ def test_a_gpu_without_kernels_in_this_build_is_refused(monkeypatch, capability,
     with pytest.raises(common.UserError) as refused:
         common.pick_device("auto")
     assert f"no kernels for the GPU Fake GPU (compute capability {capability[0]}.{capability[1]}" in str(refused.value)
-    assert "whl/cu126" in str(refused.value)
+    assert "make torch TORCH_INDEX=cu126" in str(refused.value)
 
 
 # -- item 4: the right precision, and --amp changed on resume ------------------------------------------------------
@@ -262,16 +319,36 @@ def test_gpu_check_compares_checkpoints_tensor_for_tensor():
     assert gpu_check.differences({**same, "model": {"w": torch.ones(3, dtype=torch.float64)}}, state) == ["/model/w"]
 
 
-@pytest.mark.slow  # about 35 s: six tiny training runs, two at a time
-def test_gpu_check_runs_its_cpu_checks_and_passes_without_a_gpu():
+def test_gpu_check_fails_the_device_torch_cannot_use_whatever_device_is_asked(monkeypatch, no_gpu_given, tmp_path):
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path / "bin"))
+    driver_too_old(monkeypatch)
+    for flag in ("auto", "cpu"):
+        device, machine, refusal = gpu_check.describe_machine(flag)
+        assert "1 x Tesla V100-SXM2-16GB, driver 535.183.01" in machine
+        assert device == (None if flag == "auto" else torch.device("cpu"))
+        assert "NVIDIA GPU (1 x Tesla V100-SXM2-16GB" in refusal and "make torch TORCH_INDEX=cu126" in refusal
+    monkeypatch.setenv("PATH", str(tmp_path / "no-programs"))  # no GPU: nothing to fail
+    assert gpu_check.describe_machine("auto")[::2] == (torch.device("cpu"), None)
+
+
+def test_gpu_check_times_fid_where_training_computes_it():
+    assert gpu_check.check_fid_timing(torch.device("cpu"), 64).startswith("FID of 64 x 32 features on cpu")
+
+
+@pytest.mark.slow  # 3-7 minutes on 2 cores: 20 tiny training runs, 3 of them compiled, 2 under torchrun
+def test_gpu_check_rehearses_every_gpu_check_on_the_cpu():
+    """What .ci/run runs: every check make gpu-check runs on a GPU, at tiny size, passes on the CPU."""
     env = {k: v for k, v in script_env().items() if k not in GPU_VARIABLES}
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--device", "cpu"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_check.py"), "--device", "cpu", "--full",
+                           "--images", "64"], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "no CUDA GPU in use here" in proc.stdout
-    for check in ("vae resume", "dcgan resume"):
-        assert f"PASS  {check}: stopped at step 11 and resumed = uninterrupted" in proc.stdout
-    assert "summary: 3 passed, 0 failed, 1 skipped" in proc.stdout
+    for check in ("vae resume", "dcgan resume", "vae resume --amp fp16 --compile --channels-last",
+                  "dcgan resume --amp fp16 --compile --channels-last --fid auto",
+                  "dcgan resume under torchrun --nproc_per_node 2"):
+        assert f"PASS  {check}" in proc.stdout and "and resumed = uninterrupted, all" in proc.stdout
+    for check in ("vae throughput", "dcgan throughput", "FID timing"):
+        assert f"PASS  {check}: " in proc.stdout
+    assert "summary: 9 passed, 0 failed, 0 skipped" in proc.stdout
 
 
 @pytest.mark.cuda
@@ -279,4 +356,4 @@ def test_gpu_check_runs_its_cpu_checks_and_passes_without_a_gpu():
 def test_vae_resume_is_bit_exact_on_cuda(tmp_path, mnist_dir):
     """The promise of --deterministic on (the default), on the GPU there is: make gpu-check's resume check."""
     device = common.pick_device("cuda")
-    assert gpu_check.check_resume("vae", tmp_path, mnist_dir, device).startswith("stopped at step 11")
+    assert gpu_check.check_resume("vae", tmp_path, mnist_dir, device).startswith("stopped at optimiser step 11")

@@ -205,9 +205,10 @@ def full_float_batches(images_uint8: torch.Tensor, batch_size: int, to_float, de
     return list(images[:len(images) // batch_size * batch_size].split(batch_size))
 
 
-def bare_vae(arch: str, device: torch.device):
-    """The VAE's step at vae_train.py's defaults (model, batch, precision), nothing else; (step, its args)."""
-    args = vae_train.build_parser().parse_args(["--arch", arch])
+def bare_vae(arch: str, device: torch.device, options=()):
+    """The VAE's step at vae_train.py's defaults (model, batch, precision) or `options`, nothing else; (step, its
+    args)."""
+    args = vae_train.build_parser().parse_args(["--arch", arch, *options])
     torch.manual_seed(0)
     model = vae_train.VAE(args.arch, args.latent_dim, args.likelihood).to(device)
     optimizer = common.adam(model.parameters(), device, lr=args.lr)
@@ -224,10 +225,10 @@ def bare_vae(arch: str, device: torch.device):
     return step, args
 
 
-def bare_dcgan(device: torch.device):
-    """The DCGAN's step at dcgan_train.py's defaults (models, losses, batch, precision, EMA), nothing else: D's
-    weights frozen in G's step, as a hand-written loop that cares would; (step, its args)."""
-    args = dcgan_train.build_parser().parse_args([])
+def bare_dcgan(device: torch.device, options=()):
+    """The DCGAN's step at dcgan_train.py's defaults (models, losses, batch, precision, EMA) or `options`, nothing
+    else: D's weights frozen in G's step, as a hand-written loop that cares would; (step, its args)."""
+    args = dcgan_train.build_parser().parse_args(list(options))
     torch.manual_seed(0)
     generator, discriminator = (m.to(device) for m in dcgan_train.build_models(args, 3))
     generator_ema = copy.deepcopy(generator) if args.ema > 0 else None
@@ -256,10 +257,12 @@ def bare_dcgan(device: torch.device):
     return step, args
 
 
-def bare(name: str, images_uint8: torch.Tensor, device: torch.device, repeats: int, op_steps: int) -> dict:
+def bare(name: str, images_uint8: torch.Tensor, device: torch.device, repeats: int, op_steps: int,
+         options=()) -> dict:
     """The bare loop of `name` (vae_conv, vae_mlp, dcgan): images per second (best of `repeats`), aten ops per
-    step, the batch and precision it ran at (the script's defaults), and the CUDA peak."""
-    step, args = bare_dcgan(device) if name == "dcgan" else bare_vae(name.split("_")[1], device)
+    step, the batch and precision it ran at (the script's defaults, or its flags in `options`), the CUDA peak."""
+    step, args = (bare_dcgan(device, options) if name == "dcgan" else
+                  bare_vae(name.split("_")[1], device, options))
     to_float = dcgan_train.to_float if name == "dcgan" else vae_train.to_float
     batches = full_float_batches(images_uint8, args.batch_size, to_float, device)
     # Under the script's default --deterministic (on), as the script runs: deterministic kernels dispatch more ops
