@@ -9,6 +9,7 @@ edits the model class in this process."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch.nn as nn
 
 import common
 import vae_train
+from common import folder
 from conftest import REPO, script_env
 from hostile import VAE_STEPS, epochs_in, in_process, one_error_line, snapshot, vae
 
@@ -97,39 +99,49 @@ def run_copy(repo: Path, *args, stop_at: int = 0) -> subprocess.CompletedProcess
     return subprocess.run(command, capture_output=True, text=True, env=script_env(), timeout=300, cwd=repo)
 
 
-def test_an_edit_that_keeps_the_shapes_continues_and_the_run_records_which_code_ran(mnist_dir, tmp_path):
+def test_edits_that_keep_the_shapes_continue_the_run_which_records_the_code_and_the_new_logged_value(mnist_dir,
+                                                                                                      tmp_path):
+    """One epoch; then ReLU -> LeakyReLU and a value logged in one line, the same command with --epochs 2, stopped
+    by SIGTERM in epoch 2 and resumed: the change is named once, its diff kept, and the new value is in
+    metrics.csv and steps.csv from the edit on."""
     repo, run_dir = scripts_copy(tmp_path), tmp_path / "run"
     first = run_copy(repo, *vae(mnist_dir, "--run-dir", run_dir, "--epochs", 1))
     assert first.returncode == 0, first.stderr
     edit(repo / "vae_train.py", "nn.Linear(latent_dim, 256), nn.ReLU(),", "nn.Linear(latent_dim, 256), nn.LeakyReLU(),")
-    second = run_copy(repo, *vae(mnist_dir, "--run-dir", run_dir, "--epochs", 2))
-    assert second.returncode == 0, second.stderr
+    added = "            meter.add(pixel_mean=x.mean())  # the student's new logged value\n"
+    edit(repo / "vae_train.py", "            run.step_done(state)", added + "            run.step_done(state)")
+    command = vae(mnist_dir, "--run-dir", run_dir, "--epochs", 2)
+    stopped = run_copy(repo, *command, stop_at=2)  # SIGTERM at the second step of epoch 2
+    assert stopped.returncode == common.EXIT_PREEMPTED, stopped.stderr
     note = "note: the code changed since this run's last start: vae_train.py"
-    assert note in second.stdout and note in (run_dir / "log.txt").read_text()
+    assert note in stopped.stdout and note in (run_dir / "log.txt").read_text()
+    resumed = run_copy(repo, *command)
+    assert resumed.returncode == 0 and f"resumed at epoch 2, step 2/{VAE_STEPS}" in resumed.stdout, resumed.stderr
+    assert "the code changed" not in resumed.stdout  # the same code as the start before
 
     starts = json.loads((run_dir / "config.json").read_text())["starts"]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-    assert [s["git_commit"] for s in starts] == [commit, commit]
-    assert starts[0]["uncommitted_diff"] is None and starts[1]["uncommitted_diff"] == "code/start-002.diff"
-    assert "+                nn.Linear(latent_dim, 256), nn.LeakyReLU()," in (run_dir / "code/start-002.diff").read_text()
+    assert [s["git_commit"] for s in starts] == [commit] * 3
+    assert [s["uncommitted_diff"] for s in starts] == [None, "code/start-002.diff", "code/start-003.diff"]
+    diff = (run_dir / "code/start-002.diff").read_text()
+    assert "+                nn.Linear(latent_dim, 256), nn.LeakyReLU()," in diff and "+" + added.rstrip() in diff
     assert {"vae_train.py", "common/run.py"} <= starts[0]["code_files"].keys()
     assert starts[0]["code_files"]["vae_train.py"] != starts[1]["code_files"]["vae_train.py"]
     assert starts[0]["code_files"]["common/run.py"] == starts[1]["code_files"]["common/run.py"]
 
-
-def test_a_value_logged_in_one_line_survives_a_stop_and_a_resume(mnist_dir, tmp_path):
-    repo, run_dir = scripts_copy(tmp_path), tmp_path / "run"
-    shutil.rmtree(repo / ".git")  # a copy without git: the hashes alone record the code
-    added = "            meter.add(pixel_mean=x.mean())  # the student's new logged value\n"
-    edit(repo / "vae_train.py", "            run.step_done(state)", added + "            run.step_done(state)")
-    command = vae(mnist_dir, "--run-dir", run_dir, "--epochs", 2)
-    stopped = run_copy(repo, *command, stop_at=VAE_STEPS + 2)  # SIGTERM in epoch 2
-    assert stopped.returncode == common.EXIT_PREEMPTED, stopped.stderr
-    assert json.loads((run_dir / "config.json").read_text())["starts"][0]["git_commit"] == "not a git checkout"
-    resumed = run_copy(repo, *command)
-    assert resumed.returncode == 0 and f"resumed at epoch 2, step 2/{VAE_STEPS}" in resumed.stdout, resumed.stderr
     rows = common.read_metrics_csv(run_dir / "metrics.csv")
-    assert [row["epoch"] for row in rows] == [1, 2] and all(0 < row["pixel_mean"] < 1 for row in rows)
+    assert [row["epoch"] for row in rows] == [1, 2] and 0 < rows[1]["pixel_mean"] < 1
+    assert math.isnan(rows[0]["pixel_mean"])  # epoch 1 ran before the edit: a blank cell
     steps = common.read_metrics_csv(run_dir / "steps.csv")  # --log-every 1: one row per step, none twice
     assert [row["global_step"] for row in steps] == list(range(1, 2 * VAE_STEPS + 1))
-    assert all(0 < row["pixel_mean"] < 1 for row in steps)
+    assert all(0 < row["pixel_mean"] < 1 for row in steps[VAE_STEPS:])
+
+
+def test_a_copy_without_git_is_recorded_by_its_hashes(tmp_path, monkeypatch):
+    copy = tmp_path / "copy"
+    shutil.copytree(REPO / "common", copy / "common", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "vae_train.py", copy)
+    monkeypatch.setattr(folder, "REPO_ROOT", copy)
+    code = folder.code_state("vae")
+    assert code["commit"] == "not a git checkout" and code["diff"] == ""
+    assert len(code["files"]["vae_train.py"]) == 16 and "common/run.py" in code["files"]

@@ -62,9 +62,10 @@ def test_a_run_moves_from_the_cpu_to_the_gpu_recipe_and_back(cpu_run, mnist_dir,
     moved = newest_checkpoint(run_dir)
     assert moved["epoch"] == 2 and bool(moved["optimizer"]["param_groups"][0]["fused"]) == fused  # as built here
     assert bool(moved["scaler"]) == (amp == "fp16")  # a scale is learnt (and kept) only under fp16
-    assert main_with(False, vae(mnist_dir, "--run-dir", run_dir, "--epochs", 3, *SMALL, "--amp", "off")) == 0  # back
-    back = newest_checkpoint(run_dir)
-    assert back["epoch"] == 3 and not back["optimizer"]["param_groups"][0]["fused"] and back["scaler"] == {}
+    if fused and amp == "fp16" and channels_last:  # the whole recipe, back to the plain CPU
+        assert main_with(False, vae(mnist_dir, "--run-dir", run_dir, "--epochs", 3, *SMALL, "--amp", "off")) == 0
+        back = newest_checkpoint(run_dir)
+        assert back["epoch"] == 3 and not back["optimizer"]["param_groups"][0]["fused"] and back["scaler"] == {}
 
 
 def test_the_gpu_recipe_resumes_bit_exact(mnist_dir, tmp_path, monkeypatch):
