@@ -126,14 +126,17 @@ def add_run_args(parser: ArgumentParser, *, epochs: int, batch_size: int, datase
     g.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start a NEW run from another run's checkpoint (a .pt file, or a run folder: its newest "
                         "checkpoint): weights, optimiser state, epoch and metrics so far, with this command's "
-                        "flags (e.g. a lower learning rate after a divergence)")
+                        "flags (e.g. a lower learning rate after a divergence); into an edited model, every tensor "
+                        "that still fits, the others fresh (listed), optimiser, epoch and metrics fresh")
     g.add_argument("--new-run", action="store_true",
                    help="start a new run even if this same command left an unfinished one (which it would continue)")
     g.add_argument("--allow-other-data", action="store_true",
                    help="continue a run on training data other than its checkpoint's (another copy, size or "
                         "content, say after the data set changed); without it such a resume is refused")
     g.add_argument("--restart", action="store_true",
-                   help="start from scratch in a --run-dir whose checkpoints are all damaged (*.corrupt)")
+                   help="start from scratch in a --run-dir that cannot be continued: its checkpoints all damaged "
+                        "(*.corrupt), its config.json damaged or another experiment's, or its results (metrics, "
+                        "models) left without a checkpoint; the old files are set aside in replaced-<time>/")
     g.add_argument("--ckpt-every-min", type=positive_float, default=10.0,
                    help="minutes between mid-epoch checkpoints (one is always written at each epoch end)")
     g.add_argument("--keep-ckpts", type=at_least(1), default=2, help="how many recent step-*.pt checkpoints to keep")
@@ -141,7 +144,9 @@ def add_run_args(parser: ArgumentParser, *, epochs: int, batch_size: int, datase
                    help="keep checkpoints/epoch-NNN.pt every N epochs and at the last, never rotated "
                         "(0: about five per run, every max(1, epochs // 5))")
     g.add_argument("--log-every", type=at_least(1), default=100,
-                   help="steps between progress lines when not on a terminal (also one at least every 30 s)")
+                   help="steps between a row of steps.csv (the meter's means over them), the check for a "
+                        "non-finite loss, and a progress line when not on a terminal (also one at least every 30 s); "
+                        "under torchrun, also how often the processes agree on saves and stops")
     g.add_argument("--mirror-dir", default=None,
                    help="copy the run folder here after every checkpoint, verified (e.g. Google Drive on Colab); "
                         "a run folder missing locally is restored from it first")
