@@ -74,6 +74,7 @@ def test_an_old_vae_run_is_refused_in_one_line_and_still_analysed(old_code, mnis
     assert (run_dir / "figures" / "tsne.png").exists()
 
 
+@pytest.mark.slow  # the VAE's test above covers the refusal in the quick suite
 def test_an_old_dcgan_run_is_refused_in_one_line_and_still_analysed(old_code, cifar_dir, tmp_path, capsys):
     run_dir = tmp_path / "old-dcgan"
     train_with_old_code(old_code, "dcgan_train.py", "--data-dir", cifar_dir, "--run-dir", run_dir, *GAN_TINY)
