@@ -1,6 +1,6 @@
 # Set-up is automatic: the first target that needs Python creates .venv and installs requirements.txt into it.
 #   make vae                 train the recommended VAE (ARGS="--epochs 3" passes options, DATA_DIR=... the data root)
-#   make test                the quick tests (CPU, about 2.5 minutes on 2 cores); make test-all adds the slow ones
+#   make test                the quick tests (CPU, about 3 minutes on 2 cores); make test-all adds the slow ones
 #   make gpu-check           on a new GPU or cluster, first: the device, bit-exact resume, speed (tools/gpu_check.py)
 #   make dcgan, make vae-betas, make gan-sweep, make analyze-vae RUN=..., make analyze-gan RUN=...   (see README.md)
 #   make report, make submission (VAE_RUN=... GAN_RUN=... name the runs), make tensorboard, make bench, make gan-quality
