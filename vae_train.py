@@ -17,7 +17,6 @@ if __name__ == "__main__":
     stop_signals.install()  # first, before the slow imports: a stop during start-up is honoured, not fatal
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn

@@ -16,8 +16,8 @@ Where things live (a module imports only the ones above it in this list):
     devices.py       --device (never a silent CPU run), precision, determinism, fused Adam, torchrun
     progress.py      the progress bar or log line with the run's ETA
     data.py          MNIST / Fashion-MNIST / CIFAR-10 as uint8 tensors, each epoch's data order, data identity
-    folder.py        the run folder's files: claim, lock, config.json with each start's code, latest links
     live.py          the live view: TensorBoard events of a run's CSV rows, sample grids and settings (RUN_DIR/tb/)
+    folder.py        RunFolder: the run folder's files (lock, log, config.json with each start's code, CSVs, export)
     run.py           what a script's loop calls: Run (restore, step_done, epoch_done, export) and Meter
     experiments.py   run folders as experiments: sweeps, the run that counts, labels from differing settings
     fid.py           the Frechet distance (FID) from feature statistics; the real images' statistics, cached

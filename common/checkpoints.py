@@ -20,11 +20,14 @@ import torch
 
 from .errors import UserError
 from .files import atomic_path, checksum_path, checksum_problem, write_checksum
-from .readers import checkpoint_candidates
+from .readers import checkpoint_candidates, list_checkpoints
+from .runs import settings_differ
 
 
-def write_checkpoint(path: Path, data) -> None:
-    """Write the serialised checkpoint `data` to `path` atomically, then its checksum beside it (path.sha256).
+def write_checkpoint(path: Path, data, links=(), keep: int | None = None) -> None:
+    """Write the serialised checkpoint `data` to `path` atomically, then its checksum beside it (path.sha256); link
+    it under the names `links` (epoch-NNN.pt, best.pt) and keep only the newest `keep` step checkpoints (the links
+    survive rotation).
 
     The old checksum goes first: a kill at any moment leaves the old file or the new one, either with its own
     checksum or with none (taken on trust, like a checkpoint from before checksums), never with the other's."""
@@ -32,6 +35,10 @@ def write_checkpoint(path: Path, data) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     write_checksum(path, hashlib.sha256(data).hexdigest())
+    for name in links:
+        link_checkpoint(path, path.parent / name)
+    for old in list_checkpoints(path.parent.parent)[keep:] if keep else []:
+        remove_checkpoint(old)
 
 
 def link_checkpoint(path: Path, link: Path) -> None:
@@ -134,6 +141,35 @@ def load_checkpoint(path: Path, check=None) -> dict:
 
 
 # -- a script's state: {name: a model, optimiser, loss scaler or meter}, saved and loaded in place ------------------
+# The loop's part of a checkpoint, beside the script's state: a file without them is not this version's.
+LOOP_KEYS = ("script", "epoch", "step_in_epoch", "global_step", "metrics", "rng")
+
+
+def refusal(ckpt: dict, state: dict, script: str, run_dir: Path, experiment: dict | None = None) -> str | None:
+    """Why a run of `script` with this `state` cannot continue from an intact checkpoint (one line, with the ways
+    on), or None. Without `experiment` (--init-from) another experiment or an edited model is fine: warm_start
+    takes what fits."""
+    if ckpt.get("script", script) != script:
+        return f"is a {ckpt['script']} checkpoint, not a {script} one"
+    present = set(ckpt) | set(ckpt["per_rank"][0] if "per_rank" in ckpt else ())
+    missing = [key for key in (*state, *LOOP_KEYS) if key not in present]
+    if missing:
+        return f"lacks {', '.join(missing)} (written by another version of {script}_train.py?); start a new run " \
+               f"with --new-run"
+    if experiment is None:
+        return None
+    differing = settings_differ(ckpt.get("experiment", {}), experiment)
+    if differing:
+        return f"belongs to another experiment ({'; '.join(differing)})"
+    edits = misfits(state, ckpt)
+    if edits:
+        return (f"does not fit the model as the code now builds it: {edits[0]}"
+                f"{f' and {len(edits) - 1} more' if len(edits) > 1 else ''}. The checkpoints are untouched. Undo "
+                f"the edit to continue this run; or add --new-run to start a new one; or warm-start a new run "
+                f"from this one: --init-from {run_dir}")
+    return None
+
+
 def state_dicts(state: dict) -> dict:
     """The checkpoint entries of a script's state dict: each object's state_dict(), under its name."""
     return {name: obj.state_dict() for name, obj in state.items()}

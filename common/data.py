@@ -55,6 +55,15 @@ def describe_data(identity: dict) -> str:
             f"{identity.get('fingerprint')}{where})")
 
 
+def check_same_data(saved: dict | None, current: dict, run_dir) -> None:
+    """A resume trains on the data its checkpoint was trained on, or it is not the same run any more (another
+    epoch order, wrong images_seen): UserError unless the identities match (or the checkpoint has none)."""
+    if saved and any(saved.get(k) != current[k] for k in ("dataset", "images", "fingerprint")):
+        raise UserError(f"refusing to resume {run_dir} on other training data: its checkpoint was trained on "
+                        f"{describe_data(saved)}, this start has {describe_data(current)}. Point --data-dir at the "
+                        f"data the run used, or add --allow-other-data to continue on these images")
+
+
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 
 

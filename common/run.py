@@ -21,28 +21,23 @@ rank 0 alone writes.
 from __future__ import annotations
 
 import io
-import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from . import folder, stop_signals
-from .checkpoints import (link_checkpoint, load_checkpoint, load_newest_checkpoint, load_state, misfits,
-                          remove_checkpoint, rng_state, set_rng_state, state_dicts, warm_start, write_checkpoint)
-from .console import say
-from .data import data_identity, describe_data, full_batches
+from . import stop_signals
+from .checkpoints import (load_checkpoint, load_newest_checkpoint, load_state, refusal, rng_state, set_rng_state,
+                          state_dicts, warm_start, write_checkpoint)
+from .data import check_same_data, data_identity, full_batches
 from .devices import all_reduce_sum, amp_dtype, any_rank, broadcast_object, describe, precision_name
 from .errors import Preempted, StoppedAtStartup, UserError
-from .files import append_csv, atomic_write_text, checksum_path, write_csv
-from .live import LiveView
-from .mirror import mirror_run
+from .files import checksum_path
+from .folder import RunFolder
 from .progress import Progress
-from .readers import read_export, list_checkpoints, read_step_rows
-from .runs import RunPlan, settings_differ
+from .runs import RunPlan
 
 
 class Meter:
@@ -144,8 +139,6 @@ class Run:
     # Checkpoint entries that differ between processes under torchrun: saved once per rank, each rank gets its own
     # back (the meter's sums are per process too). Everything else is the same on every rank.
     PER_RANK_KEYS = ("rng",)
-    # The loop's part of a checkpoint, beside the script's state: a file without them is not this version's.
-    LOOP_KEYS = ("script", "epoch", "step_in_epoch", "global_step", "metrics", "rng")
 
     def __init__(self, plan: RunPlan, *, script: str, device: torch.device, images: torch.Tensor, meter: Meter,
                  best_column: str | None = None, divergence_hint: str = "a lower learning rate"):
@@ -165,8 +158,9 @@ class Run:
         self.data = data_identity(args.dataset, images, args.data_dir)  # in each checkpoint
         self.precision = precision_name(amp_dtype(args.amp, device))
         self.environment = describe(device, self.precision)
-        self.dir = plan.dir  # a new folder's final name is known once __enter__ has claimed it
-        self.mirror_dir = Path(args.mirror_dir) if args.mirror_dir else None
+        self.folder = RunFolder(plan, script=script, environment=self.environment, world_size=self.world_size,
+                                is_main=self.is_main)
+        self.log, self.dir = self.folder.log, plan.dir
         self.metrics: list[dict] = []
         self.best = math.inf
         self.epoch = self.global_step = 0  # where training stands
@@ -174,15 +168,8 @@ class Run:
         self.good_ckpt_verified = False     # ... and whether a checksum vouches for it
         self.preempted_by: str | None = None
         self._finite_through = 0  # the global step up to which the meter was checked finite
-        self._log_file = self._lock_file = self.progress = None
-        self._remove_folder = False  # a new folder stopped during start-up holds nothing worth keeping
+        self.progress = None
         self.last_save = self._epoch_start = self._train_end = time.monotonic()
-        self.step_columns: list[str] = []
-        self.live = LiveView()
-
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.dir / "checkpoints"
 
     @property
     def samples_dir(self) -> Path:
@@ -191,56 +178,13 @@ class Run:
     # -- entering and leaving -------------------------------------------------------------------------------------
     def __enter__(self) -> Run:
         stop_signals.install()  # the training scripts call it at their first line; here for any other caller
-        self.dir = Path(self._on_main(self._take_folder))  # rank 0's choice (a new folder's name holds the time)
-        ranks = f" ({self.world_size} processes)" if self.world_size > 1 else ""
-        self.log(f"{'resuming' if self.plan.resuming else 'new'} {self.script} run in {self.dir} on "
-                 f"{self.device}{ranks}")
-        env = self.environment
-        capability = f", compute capability {env['capability']}" if "capability" in env else ""
-        self.log(f"device {env['device']} ({env['device_name']}{capability}), precision {env['precision']}, "
-                 f"deterministic {self.args.deterministic}; torch {env['torch']}, "
-                 f"CUDA {env['cuda'] or 'none (CPU-only build)'}, cuDNN {env['cudnn']}")
-        self.log("config: " + json.dumps(vars(self.args), sort_keys=True))
+        self.dir = self.folder.dir = Path(self._on_main(self.folder.take))  # rank 0's (a new one's name: the time)
         return self
 
     def __exit__(self, *exc_info) -> bool:
-        self.live.close()
-        for f in (self._log_file, self._lock_file):
-            if f:
-                f.close()  # closing the lock file releases the flock
-        self._log_file = self._lock_file = None
+        self.folder.close()
         stop_signals.restore()
-        if self._remove_folder:
-            shutil.rmtree(self.dir, ignore_errors=True)
         return False
-
-    def _take_folder(self) -> str:
-        if self.plan.new_folder:
-            self.dir = folder.claim_new_folder(self.dir)
-        with self.writing("the run folder", self.dir):
-            if self.args.restart and not self.plan.resuming:
-                folder.set_aside_replaced_run(self.dir)
-            for d in (self.dir, self.ckpt_dir, self.samples_dir):
-                d.mkdir(parents=True, exist_ok=True)
-            self._lock_file = folder.lock_folder(self.dir)
-            self._log_file = open(self.dir / "log.txt", "a", buffering=1)
-            folder.clean_stray_temp_files(self.dir, self.log)
-            if not self.plan.resuming:  # a resumed run's record changes once its checkpoint has loaded (restore)
-                self._record_start()
-        return str(self.dir)
-
-    def _record_start(self) -> None:
-        """This start in config.json (settings, environment, the code that runs); when the code changed since the
-        run's last start, one line naming the files (the log keeps it)."""
-        code = folder.code_state(self.script)
-        previous = folder.write_config(self.dir, script=self.script, args=vars(self.args),
-                                       resuming=self.plan.resuming, new_folder=self.plan.new_folder,
-                                       environment=self.environment, code=code)
-        changed = folder.changed_files(previous.get("code_files") or {}, code["files"]) if previous else []
-        if changed:
-            diff = f"; this start's uncommitted diff: {self.dir / 'code'}" if code["diff"] else ""
-            self.log(f"note: the code changed since this run's last start: {', '.join(changed)} (commit "
-                     f"{code['commit'][:12]}{diff})")
 
     def _on_main(self, fn):
         """Run `fn` on rank 0 only and hand its result to every rank; a UserError there stops every rank (rather
@@ -272,13 +216,13 @@ class Run:
         if self._stop_requested():  # a signal while we imported torch, loaded data, built models: nothing to save
             again = "Re-run the same command to continue."
             if self.plan.new_folder and self.is_main:  # nothing in it but this start's config and log
-                self._remove_folder = True
+                self.folder.remove_on_close = True
                 again = f"Nothing was trained yet, so {self.dir} is removed; re-run the same command to start."
             self.log(f"stopped by {self.preempted_by} during start-up, before any training step; nothing new to "
                      f"save. {again}")
             raise StoppedAtStartup()
         if self.is_main:  # only now does the folder's record change: a refused start leaves it as it was
-            self._start_files()
+            self.folder.start(self.metrics, self.global_step, self.steps_per_epoch)
         if self.epoch >= self.args.epochs:
             self.log(f"run already finished ({self.epoch} of {self.args.epochs} epochs); raise --epochs to train "
                      f"longer")
@@ -293,37 +237,16 @@ class Run:
         """The checkpoint to start from (rank 0): --init-from's file, else the run's newest intact one; damaged
         files are set aside, one that does not fit is refused in one line (nothing renamed)."""
         if self.plan.init_from:
-            ckpt = load_checkpoint(self.plan.init_from, lambda c: self._refusal(c, state, init=True))
+            ckpt = load_checkpoint(self.plan.init_from, lambda c: refusal(c, state, self.script, self.dir))
             ckpt["source"] = str(self.plan.init_from)
             return ckpt
-        found = load_newest_checkpoint(self.dir, log=self.log, check=lambda c: self._refusal(c, state))
+        found = load_newest_checkpoint(self.dir, log=self.log,
+                                       check=lambda c: refusal(c, state, self.script, self.dir, self.plan.experiment))
         if found is None:
             return None
         ckpt, self.good_ckpt = found
         self.good_ckpt_verified = checksum_path(self.good_ckpt).exists()
         return ckpt
-
-    def _refusal(self, ckpt: dict, state: dict, init: bool = False) -> str | None:
-        """Why this run cannot continue from an intact checkpoint (one line, with the ways on), or None."""
-        if ckpt.get("script", self.script) != self.script:
-            return f"is a {ckpt['script']} checkpoint, not a {self.script} one"
-        present = set(ckpt) | set(ckpt["per_rank"][0] if "per_rank" in ckpt else ())
-        missing = [key for key in (*state, *self.LOOP_KEYS) if key not in present]
-        if missing:
-            return (f"lacks {', '.join(missing)} (written by another version of {self.script}_train.py?); start "
-                    f"a new run with --new-run")
-        if init:
-            return None  # another experiment, an edited model: warm_start takes what fits
-        differing = settings_differ(ckpt.get("experiment", {}), self.plan.experiment)
-        if differing:
-            return f"belongs to another experiment ({'; '.join(differing)})"
-        edits = misfits(state, ckpt)
-        if edits:
-            return (f"does not fit the model as the code now builds it: {edits[0]}"
-                    f"{f' and {len(edits) - 1} more' if len(edits) > 1 else ''}. The checkpoints are untouched. "
-                    f"Undo the edit to continue this run; or add --new-run to start a new one; or warm-start a "
-                    f"new run from this one: --init-from {self.dir}")
-        return None
 
     def _load(self, state: dict, ckpt: dict) -> None:
         """Put a checkpoint (rank 0's, broadcast) into `state` and the loop, this rank's own entries and RNG."""
@@ -341,7 +264,8 @@ class Run:
                          f"{', '.join(not_loaded)}. The optimiser state, epoch and metrics start fresh too.")
                 return
         else:
-            self._check_same_data(ckpt.get("data"))
+            if not self.args.allow_other_data:
+                check_same_data(ckpt.get("data"), self.data, self.dir)
             load_state(state, ckpt)
         set_rng_state(ckpt["rng"], log=self.log)
         self.metrics, self.best = ckpt["metrics"], ckpt.get("best_fid", math.inf)
@@ -351,44 +275,6 @@ class Run:
                      f"{self.precision} (--amp {self.args.amp}): the numbers differ from here on")
         self.log(f"resumed at epoch {ckpt['epoch'] + 1}, step {ckpt['step_in_epoch']}/{self.steps_per_epoch}"
                  f"{f' from {source}' if source else ''}")
-
-    def _check_same_data(self, saved: dict | None) -> None:
-        """A resume trains on the data its checkpoint was trained on, or it is not the same run any more (another
-        epoch order, wrong images_seen)."""
-        if not saved or self.args.allow_other_data:
-            return
-        keys = ("dataset", "images", "fingerprint")
-        if any(saved.get(k) != self.data[k] for k in keys):
-            raise UserError(f"refusing to resume {self.dir} on other training data: its checkpoint was trained on "
-                            f"{describe_data(saved)}, this start has {describe_data(self.data)}. Point --data-dir "
-                            f"at the data the run used, or add --allow-other-data to continue on these images")
-
-    def _start_files(self) -> None:
-        """Rank 0, once a checkpoint has loaded: config.json gets this start, metrics.csv and steps.csv hold
-        exactly the checkpoint's rows (no epoch twice), the latest links, the live view."""
-        if self.plan.resuming:
-            with self.writing("config.json", self.dir / "config.json"):
-                self._record_start()
-        with self.writing("metrics.csv", self.dir / "metrics.csv"):
-            self._write_metrics()
-            steps = read_step_rows(self.dir / "steps.csv", self.global_step)
-            self.step_columns = _columns(steps)
-            if steps:
-                write_csv(self.dir / "steps.csv", self.step_columns, steps)
-            else:
-                (self.dir / "steps.csv").unlink(missing_ok=True)
-        if not self.args.sweep:  # sweep members never become "the" run of their script
-            folder.link_latest(self.dir, Path(self.args.runs_root), self.script)
-        self.live.open(self.dir, global_step=self.global_step, steps_per_epoch=self.steps_per_epoch,
-                       settings=self.plan.experiment, metric_columns=_columns(self.metrics), metrics=self.metrics,
-                       log=self.log)
-
-    def _write_metrics(self) -> None:
-        """metrics.csv, whole, from the rows so far (atomic): a column a later epoch adds gets a header too."""
-        if self.metrics:
-            write_csv(self.dir / "metrics.csv", _columns(self.metrics), self.metrics)
-        else:  # a new run, or one stopped before its first epoch end: no row to show
-            (self.dir / "metrics.csv").unlink(missing_ok=True)
 
     # -- the loop's boundaries ------------------------------------------------------------------------------------
     def step_done(self, state: dict) -> None:
@@ -425,15 +311,7 @@ class Run:
                **self.meter.means(window=True)}
         self.meter.next_window()
         if self.is_main:
-            path = self.dir / "steps.csv"
-            with self.writing(path.name, path):
-                if list(row) != self.step_columns:  # a value added since the header: rewrite with it
-                    rows = read_step_rows(path, self.global_step)
-                    self.step_columns = _columns([*rows, row])
-                    write_csv(path, self.step_columns, [*rows, row])
-                else:
-                    append_csv(path, self.step_columns, row)
-            self.live.row("steps", row, self.global_step)
+            self.folder.append_step_row(row)
 
     def epoch_done(self, state: dict, columns: dict, images: dict[str, Path] | None = None) -> None:
         """After the epoch's evaluation: its row in metrics.csv (epoch, images seen, the meter's epoch means, the
@@ -449,10 +327,9 @@ class Run:
         self.metrics.append(row)
         self.epoch = epoch
         if self.is_main:
-            with self.writing("metrics.csv", self.dir / "metrics.csv"):
-                self._write_metrics()
-            self.live.row("epoch", row, self.global_step)
-            self.live.images(images or {}, self.global_step)
+            self.folder.write_metrics(self.metrics)
+            self.folder.live.row("epoch", row, self.global_step)
+            self.folder.live.images(images or {}, self.global_step)
         shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float) and not k.endswith("_s"))
         self.log(f"epoch {epoch:>{len(str(self.args.epochs))}}/{self.args.epochs}  {shown}  "
                  f"({row['epoch_time_s']:.0f} s)")
@@ -524,7 +401,7 @@ class Run:
         Under torchrun every rank calls this at the same step: the per-rank entries (RNG, the meter) are gathered,
         rank 0 writes, and all ranks agree on whether a signal arrived (so they all stop at the same step)."""
         ckpt = self._checkpoint(state)
-        path = self.ckpt_dir / f"step-{self.global_step:010d}.pt"
+        path = self.dir / "checkpoints" / f"step-{self.global_step:010d}.pt"
         if self.world_size > 1:
             per_rank = [k for k in ckpt if k in self.PER_RANK_KEYS or isinstance(state.get(k), Meter)]
             gathered = [None] * self.world_size
@@ -534,58 +411,19 @@ class Run:
         if self.is_main:
             buffer = io.BytesIO()  # serialised in memory: a full disk then fails in write(), with a clear errno
             torch.save(ckpt, buffer)
-            with self.writing("a checkpoint", path):
-                write_checkpoint(path, buffer.getbuffer())
-                links = ([f"epoch-{self.epoch:03d}.pt"] if milestone else []) + (["best.pt"] if best else [])
-                for name in links:
-                    link_checkpoint(path, self.ckpt_dir / name)
-                for old in list_checkpoints(self.dir)[self.args.keep_ckpts:]:
-                    remove_checkpoint(old)
-            self.sync_mirror()
+            links = ([f"epoch-{self.epoch:03d}.pt"] if milestone else []) + (["best.pt"] if best else [])
+            with self.folder.writing("a checkpoint", path):
+                write_checkpoint(path, buffer.getbuffer(), links=links, keep=self.args.keep_ckpts)
+            self.folder.sync_mirror()
         self.good_ckpt, self.good_ckpt_verified = path, True
         self.last_save = time.monotonic()
         return path
 
     def export(self, models: dict, save) -> None:
-        """Write the model files ({file name: model}, each with `save(model, path)`) from the state training ended
-        in (the newest checkpoint's), unless export.json says they already hold exactly that step. A kill during
-        an export, or more --epochs, exports again."""
-        if not self.is_main:
-            return
-        done = read_export(self.dir) or {}
-        if done.get("global_step") == self.global_step and all((self.dir / f).exists() for f in done["files"]):
-            return
-        with self.writing("the exported model", self.dir):
-            for name, model in models.items():
-                save(model, self.dir / name)
-            atomic_write_text(self.dir / "export.json", json.dumps(
-                {"epoch": self.epoch, "global_step": self.global_step, "files": list(models)}, indent=2) + "\n")
-        self.log(f"exported {', '.join(models)} (epoch {self.epoch}, step {self.global_step})")
-        self.sync_mirror()
-
-    # -- output ---------------------------------------------------------------------------------------------------
-    def log(self, message: str) -> None:
-        """Print a line and append it to log.txt (rank 0 only). A closed or broken stdout loses only the print."""
-        if not self.is_main:
-            return
-        say(message)
-        if self._log_file:
-            self._log_file.write(message + "\n")
-
-    def writing(self, what: str, path: Path):
-        """Storage faults while writing `what` become one line naming the intact checkpoint (folder.py)."""
-        return folder.storage_errors(what, path, self.dir)
-
-    def sync_mirror(self) -> None:
-        """Bring the --mirror-dir copy up to date (after each checkpoint, and once more after the export)."""
-        if self.is_main and self.mirror_dir:
-            with self.writing("the mirror copy", self.mirror_dir):
-                mirror_run(self.dir, self.mirror_dir, log=self.log)
-
-
-def _columns(rows: list[dict]) -> list[str]:
-    """Every key of the rows, in the order first seen: a value added to the meter later gets a column too."""
-    return list(dict.fromkeys(key for row in rows for key in row))
+        """The model files ({file name: model}, each written by `save(model, path)`) from the state training ended
+        in, the newest checkpoint's; export.json records the epoch and step (folder.RunFolder.export)."""
+        if self.is_main:
+            self.folder.export(models, save, self.epoch, self.global_step)
 
 
 def open_run(plan: RunPlan, *, script: str, device: torch.device, images: torch.Tensor, meter: Meter,
