@@ -230,7 +230,8 @@ class Run:
                                  self.steps_per_epoch, start_step=self.global_step, batch_size=self.args.batch_size,
                                  log_every=self.args.log_every, log=self.log)
         self.progress.start_epoch(self.epoch, self.args.epochs)
-        self._epoch_start = time.monotonic() - (ckpt or {}).get("epoch_elapsed_s", 0.0)
+        # Mid-epoch, the epoch's time so far counts (a warm start of an edited model begins at step 0: none does).
+        self._epoch_start = time.monotonic() - ((ckpt or {}).get("epoch_elapsed_s", 0.0) if step else 0.0)
         return self.epoch, step
 
     def _find_checkpoint(self, state: dict) -> dict | None:

@@ -100,13 +100,13 @@ def run_copy(repo: Path, *args, stop_at: int = 0) -> subprocess.CompletedProcess
 
 
 def test_edits_that_keep_the_shapes_continue_the_run_which_records_the_code_and_the_new_logged_value(mnist_dir,
-                                                                                                      tmp_path):
-    """One epoch; then ReLU -> LeakyReLU and a value logged in one line, the same command with --epochs 2, stopped
-    by SIGTERM in epoch 2 and resumed: the change is named once, its diff kept, and the new value is in
-    metrics.csv and steps.csv from the edit on."""
+                                                                                                      tmp_path, capsys):
+    """One epoch (in this process: the copy's files are byte for byte this repository's); then ReLU -> LeakyReLU
+    and a value logged in one line, the same command with --epochs 2, stopped by SIGTERM in epoch 2 and resumed:
+    the change is named once, its diff kept, and the new value is in metrics.csv and steps.csv from the edit on."""
     repo, run_dir = scripts_copy(tmp_path), tmp_path / "run"
-    first = run_copy(repo, *vae(mnist_dir, "--run-dir", run_dir, "--epochs", 1))
-    assert first.returncode == 0, first.stderr
+    code, _, err = in_process(vae_train, vae(mnist_dir, "--run-dir", run_dir, "--epochs", 1), capsys)
+    assert code == 0, err
     edit(repo / "vae_train.py", "nn.Linear(latent_dim, 256), nn.ReLU(),", "nn.Linear(latent_dim, 256), nn.LeakyReLU(),")
     added = "            meter.add(pixel_mean=x.mean())  # the student's new logged value\n"
     edit(repo / "vae_train.py", "            run.step_done(state)", added + "            run.step_done(state)")
@@ -121,8 +121,8 @@ def test_edits_that_keep_the_shapes_continue_the_run_which_records_the_code_and_
 
     starts = json.loads((run_dir / "config.json").read_text())["starts"]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-    assert [s["git_commit"] for s in starts] == [commit] * 3
-    assert [s["uncommitted_diff"] for s in starts] == [None, "code/start-002.diff", "code/start-003.diff"]
+    assert [s["git_commit"] for s in starts[1:]] == [commit] * 2  # the first start's: this repository's
+    assert [s["uncommitted_diff"] for s in starts[1:]] == ["code/start-002.diff", "code/start-003.diff"]
     diff = (run_dir / "code/start-002.diff").read_text()
     assert "+                nn.Linear(latent_dim, 256), nn.LeakyReLU()," in diff and "+" + added.rstrip() in diff
     assert {"vae_train.py", "common/run.py"} <= starts[0]["code_files"].keys()
@@ -145,3 +145,24 @@ def test_a_copy_without_git_is_recorded_by_its_hashes(tmp_path, monkeypatch):
     code = folder.code_state("vae")
     assert code["commit"] == "not a git checkout" and code["diff"] == ""
     assert len(code["files"]["vae_train.py"]) == 16 and "common/run.py" in code["files"]
+
+
+def test_the_refusal_lines_of_an_intact_checkpoint(tmp_path):
+    """checkpoints.refusal, which decides that an intact checkpoint is not this run's (nothing renamed): another
+    script's, an older version's (an entry missing), another experiment's, a model edited since."""
+    from common.checkpoints import LOOP_KEYS, refusal
+    model = vae_train.VAE("conv", 4, "bernoulli")
+    state = {"model": model}
+    ckpt = {"model": model.state_dict(), "script": "vae", "experiment": {"beta": 1.0},
+            **{key: 0 for key in LOOP_KEYS if key != "script"}}
+    assert refusal(ckpt, state, "vae", tmp_path, {"beta": 1.0}) is None
+    assert "is a dcgan checkpoint, not a vae one" in refusal({**ckpt, "script": "dcgan"}, state, "vae", tmp_path)
+    older = {k: v for k, v in ckpt.items() if k != "rng"}
+    assert "lacks rng" in refusal(older, state, "vae", tmp_path) and "--new-run" in refusal(older, state, "vae",
+                                                                                              tmp_path)
+    assert "another experiment (beta: saved 1.0, now 4.0)" in refusal(ckpt, state, "vae", tmp_path, {"beta": 4.0})
+    edited = {"model": WiderVAE("conv", 4, "bernoulli")}
+    line = refusal(ckpt, edited, "vae", tmp_path, {"beta": 1.0})
+    assert line.startswith("does not fit the model as the code now builds it: model.encoder.5.weight ([256, 3136] "
+                           "in the checkpoint, [300, 3136] in the model) and 2 more")
+    assert refusal(ckpt, edited, "vae", tmp_path) is None  # --init-from: warm_start takes what fits

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 from conftest import REPO
 
 
@@ -36,6 +38,7 @@ def make_wheel(folder, name: str, version: str, cuda) -> None:
             wheel.writestr(path, text)
 
 
+@pytest.mark.slow  # a venv of its own and pip: about 8 s
 def test_make_torch_replaces_the_build_in_the_venv(tmp_path):
     torch_version, vision_version = constraint("torch"), constraint("torchvision")
     pypi, index = tmp_path / "pypi", tmp_path / "index"  # pip's default build (no label), and PyTorch's CPU index

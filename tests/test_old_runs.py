@@ -64,6 +64,7 @@ def refused_untouched(main, run_dir, capsys) -> None:
         == before
 
 
+@pytest.mark.slow  # a process of the old code; checkpoints.refusal's lines are in test_edits
 def test_an_old_vae_run_is_refused_in_one_line_and_still_analysed(old_code, mnist_dir, tmp_path, capsys):
     run_dir = tmp_path / "old-vae"
     train_with_old_code(old_code, "vae_train.py", "--data-dir", mnist_dir, "--run-dir", run_dir, *VAE_TINY)
@@ -74,7 +75,7 @@ def test_an_old_vae_run_is_refused_in_one_line_and_still_analysed(old_code, mnis
     assert (run_dir / "figures" / "tsne.png").exists()
 
 
-@pytest.mark.slow  # the VAE's test above covers the refusal in the quick suite
+@pytest.mark.slow
 def test_an_old_dcgan_run_is_refused_in_one_line_and_still_analysed(old_code, cifar_dir, tmp_path, capsys):
     run_dir = tmp_path / "old-dcgan"
     train_with_old_code(old_code, "dcgan_train.py", "--data-dir", cifar_dir, "--run-dir", run_dir, *GAN_TINY)
