@@ -104,6 +104,7 @@ def signal_after(job: subprocess.Popen, marker: str, sig=signal.SIGUSR1) -> str:
     return "".join(seen)
 
 
+@pytest.mark.slow  # a twin on a real cluster runs in CI: make test-slurm (tests/test_slurm_real.py)
 def test_warning_signal_checkpoints_requeues_and_the_requeued_job_finishes(fake_slurm, mnist_dir):
     env, calls, runs_root = fake_slurm
     job = start_job("vae.sh", env, *vae_options(mnist_dir, runs_root, 200))
@@ -131,6 +132,7 @@ def continue_command(output: str) -> list[str]:
     return shlex.split(line.split("to continue the run in a new job:", 1)[1])
 
 
+@pytest.mark.slow  # a twin on a real cluster runs in CI: make test-slurm (tests/test_slurm_real.py)
 def test_scancel_checkpoints_without_requeue_and_the_printed_command_continues_the_run(fake_slurm, mnist_dir):
     env, calls, runs_root = fake_slurm
     job = start_job("vae.sh", env, *vae_options(mnist_dir, runs_root, 200))
@@ -223,6 +225,7 @@ def test_folder_options_that_cannot_work_stop_before_python(fake_slurm, options,
     assert proc.returncode == 2 and message in proc.stderr, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # a twin on a real cluster runs in CI: make test-slurm (tests/test_slurm_real.py)
 def test_array_tasks_get_their_own_run_folders(fake_slurm, mnist_dir):
     env, _, runs_root = fake_slurm
     tasks = []  # the first two lines of slurm/betas.txt, an array of 4 tasks as its header asks; at once, as SLURM
