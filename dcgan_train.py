@@ -392,7 +392,7 @@ def train(args, run: Run, state: dict, train_images: torch.Tensor, evaluate) -> 
             real = to_float(train_images[batch]).contiguous(memory_format=memory_format)
 
             # (1) D's step: real images towards 1 (or the smoothed target), G's images towards 0.
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            with devices.autocast(device, amp):
                 fake = train_g(torch.randn((len(real), args.nz, 1, 1), device=device))
                 fake = fake.float() if amp else fake  # D sees float32 real and fake images: one compiled graph
                 real_logits = train_d(add_noise(diff_augment(real, args.diffaug), sigma))
@@ -409,7 +409,7 @@ def train(args, run: Run, state: dict, train_images: torch.Tensor, evaluate) -> 
             # while the graph is built: G's gradient flows through D's input, D's own (8% of a step) is skipped.
             if (global_step + 1) % args.d_steps == 0:
                 discriminator.requires_grad_(False)
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                with devices.autocast(device, amp):
                     g_logits = d_in_g_step(add_noise(diff_augment(fake, args.diffaug), sigma))
                     loss_g = g_loss(g_logits, args.loss)
                 discriminator.requires_grad_(True)
@@ -534,12 +534,10 @@ def main(argv=None) -> int:
             seed_everything(args.seed + rank)  # same initial weights on every rank, different noise
         amp, meter = devices.amp_dtype(args.amp, device), Meter(device)
         # What a checkpoint holds: each object's state_dict, loaded in place on resume (common/checkpoints.py).
-        # fp16 gradients underflow without loss scaling; bf16 has float32's range (a disabled scaler passes through).
         state = dict(generator=generator, discriminator=discriminator,
                      opt_g=devices.adam(generator.parameters(), device, lr=args.lr_g, betas=(args.beta1, 0.999)),
                      opt_d=devices.adam(discriminator.parameters(), device, lr=args.lr_d, betas=(args.beta1, 0.999)),
-                     scaler_g=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
-                     scaler_d=torch.amp.GradScaler(device.type, enabled=amp == torch.float16), meter=meter)
+                     scaler_g=devices.grad_scaler(device, amp), scaler_d=devices.grad_scaler(device, amp), meter=meter)
         if args.ema > 0:
             state["generator_ema"] = copy.deepcopy(generator).requires_grad_(False)
         best = "fid" if inception_path else "cfid" if use_classifier else None  # best.pt follows it

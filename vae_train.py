@@ -207,7 +207,7 @@ def train(args, run: Run, state: dict, train_images: torch.Tensor, test_images: 
             beta = kl_weight(args.beta, args.kl_warmup_epochs, epoch + step / run.steps_per_epoch)
             # The noise is drawn outside the (possibly compiled) loss: compiled code has its own random streams.
             eps = torch.randn((len(x), args.latent_dim), device=device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            with devices.autocast(device, amp):
                 recon_nll, kl = terms(model, x, eps)  # per image, nats
                 recon, kl = recon_nll.mean(), kl.mean()
                 loss = recon + beta * kl  # the negative ELBO (beta = 1), per image
@@ -243,9 +243,7 @@ def main(argv=None) -> int:
         meter = Meter(device)
         # What a checkpoint holds: each object's state_dict, loaded in place on resume (common/checkpoints.py).
         state = dict(model=model, optimizer=devices.adam(model.parameters(), device, lr=args.lr),
-                     scaler=torch.amp.GradScaler(device.type, enabled=devices.amp_dtype(args.amp, device) ==
-                                                 torch.float16),  # fp16 gradients underflow without loss scaling
-                     meter=meter)
+                     scaler=devices.grad_scaler(device, devices.amp_dtype(args.amp, device)), meter=meter)
         with open_run(plan, script="vae", device=device, images=train_images, meter=meter,
                       divergence_hint="a lower --lr (e.g. a tenth)") as run:
             n_params = sum(p.numel() for p in model.parameters())
