@@ -68,7 +68,8 @@ class Meter:
             self._locate(names)
         target, positions = self._where[names]
         # One cat of views: the fewest ops (each is a kernel launch on a GPU); a stack would add 2 per value.
-        step = torch.cat([(v if isinstance(v, torch.Tensor) else torch.tensor(v)).view(1) for v in values.values()])
+        step = torch.cat([(v if isinstance(v, torch.Tensor) else torch.tensor(v, device=self.sums.device)).view(1)
+                          for v in values.values()])  # a Python number goes where the sums are (a GPU)
         if target.dtype == torch.int64:  # columns apart (names added in another order than first seen)
             self.sums.index_add_(0, target, step.to(self.sums.dtype))
         else:

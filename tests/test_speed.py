@@ -205,6 +205,8 @@ def test_the_meter_keeps_named_sums_on_the_device_and_checkpoints_them():
     restored = common.Meter(torch.device("cpu"))
     restored.load_state_dict(state)
     assert restored.means()["loss_d"] == 7.0 / 3 and restored.means(window=True)["d_real"] == 0.5
+    restored.add(loss_d=2.0, d_real=0.5)  # Python numbers too
+    assert restored.means(window=True)["d_real"] == 0.5
     restored.add(loss_d=torch.tensor(float("inf")), d_real=torch.tensor(0.0))
     assert not restored.finite()
     restored.next_epoch()
