@@ -43,7 +43,7 @@ from common.flags import (ArgumentParser, add_run_args, at_least, checked, non_n
                           unit_interval)
 from common.progress import still_running
 from common.readers import MODEL_FILES, run_namespace
-from common.run import Meter, Run, open_run
+from common.run import Meter, Run
 from common.runs import resolve_run
 
 # What a grader applies to real images before D(x), and how G's outputs in [-1, 1] map back to pixels in [0, 1].
@@ -541,8 +541,8 @@ def main(argv=None) -> int:
         if args.ema > 0:
             state["generator_ema"] = copy.deepcopy(generator).requires_grad_(False)
         best = "fid" if inception_path else "cfid" if use_classifier else None  # best.pt follows it
-        with open_run(plan, script="dcgan", device=device, images=train_images, meter=meter, best_column=best,
-                      divergence_hint="lower --lr-d/--lr-g (e.g. half), or another --seed") as run:
+        with Run(plan, script="dcgan", device=device, images=train_images, meter=meter, best_column=best,
+                 divergence_hint="lower --lr-d/--lr-g (e.g. half), or another --seed") as run:
             run.log(f"DCGAN {args.image_size}x{args.image_size}x{train_images.shape[1]}, {n_params:,} parameters "
                     f"(G+D); {len(train_images):,} training images")
             if fid_note:

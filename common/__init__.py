@@ -27,7 +27,7 @@ Where things live (a module imports only the ones above it in this list):
     page.py          a report page (report.py): text, tables, code and figures as Markdown and HTML, paths relative
     testcell.py      the notebook's test cells: each script's transform and denorm, run in a clean Python
 
-The training scripts import what they use by name (`from common.run import Meter, open_run`), so an editor
+The training scripts import what they use by name (`from common.run import Meter, Run`), so an editor
 goes to the definition; their loop is their own (common/run.py's docstring shows its shape). The analysis
 scripts, tools and tests also use `common.NAME`, which loads the module that defines NAME on first use.
 
@@ -56,7 +56,7 @@ _NAMES = {
                 "determinism", "describe", "adam", "compiled"],
     "progress": ["Progress", "still_running"],
     "data": ["epoch_permutation", "full_batches", "load_images", "load_image_folder", "FASHION_MNIST_SYSTEM_DIR"],
-    "run": ["Meter", "Run", "open_run"],
+    "run": ["Meter", "Run"],
 }
 _WHERE = {name: module for module, names in _NAMES.items() for name in names}
 

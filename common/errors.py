@@ -11,14 +11,8 @@ from . import console
 
 # Exit codes a job scheduler or wrapper script can act on. 75 is EX_TEMPFAIL from sysexits.h: "try again later".
 EXIT_OK = 0
-
-
 EXIT_USER_ERROR = 2           # bad flags, missing data, refused resume, full disk: fix it, then re-run
-
-
 EXIT_PREEMPTED = 75           # stopped by a signal after writing a checkpoint: re-run the same command to continue
-
-
 EXIT_STOPPED_AT_STARTUP = 76  # stopped by a signal before the first training step: nothing new to save; re-run
 
 

@@ -3,7 +3,7 @@ where it stopped: `restore` (where to start), `step_done` (after each optimiser 
 epoch's evaluation), `export`; and `Meter`, the named running means the loop adds to.
 
     state = dict(model=model, optimizer=optimizer, scaler=scaler, meter=meter)   # what a checkpoint holds
-    with open_run(plan, script="vae", device=device, images=train_images, meter=meter) as run:
+    with Run(plan, script="vae", device=device, images=train_images, meter=meter) as run:
         start_epoch, start_step = run.restore(state)          # loaded in place; where to continue
         for epoch in range(start_epoch, args.epochs):
             for step in range(start_step if epoch == start_epoch else 0, run.steps_per_epoch):
@@ -427,9 +427,3 @@ class Run:
         if self.is_main:
             self.folder.export(models, save, self.epoch, self.global_step)
 
-
-def open_run(plan: RunPlan, *, script: str, device: torch.device, images: torch.Tensor, meter: Meter,
-             best_column: str | None = None, divergence_hint: str = "a lower learning rate") -> Run:
-    """The Run of a training script's resolved plan (runs.resolve_run): use it as `with open_run(...) as run:`."""
-    return Run(plan, script=script, device=device, images=images, meter=meter, best_column=best_column,
-               divergence_hint=divergence_hint)

@@ -8,7 +8,6 @@ import argparse
 import copy
 import datetime
 import fcntl
-import json
 import os
 from pathlib import Path
 
@@ -126,13 +125,13 @@ def _same_command_folders(runs_root: Path, script: str, args, parser: ArgumentPa
     found = []
     for folder in (p for p in runs_root.iterdir() if p.is_dir() and not p.is_symlink()):
         try:
-            config = json.loads((folder / "config.json").read_text())
-            saved = config["args"]
-            same_command = (config.get("script") == script and config.get("origin") == "new-folder"
-                            and all(saved.get(k) == getattr(args, k) for k in ("name", "sweep", "init_from"))
-                            and not settings_differ({k: v for k, v in saved.items() if k not in resumable}, mine))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            config = read_run_config(folder, script)
+        except UserError:  # not a run of this script's
             continue
+        saved = config["args"]
+        same_command = (config.get("origin") == "new-folder"
+                        and all(saved.get(k) == getattr(args, k) for k in ("name", "sweep", "init_from"))
+                        and not settings_differ({k: v for k, v in saved.items() if k not in resumable}, mine))
         if same_command:
             found.append((started_at(config, folder), folder.name, folder, saved))
     for _, _, folder, saved in sorted(found, key=lambda item: item[:2], reverse=True):
@@ -216,8 +215,8 @@ def _mirror_of(args, run_dir: Path) -> Path | None:
     if args.mirror_dir is not None:
         return Path(args.mirror_dir) if args.mirror_dir else None
     try:
-        saved = json.loads((Path(run_dir) / "config.json").read_text())["args"].get("mirror_dir")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        saved = read_run_config(run_dir, None)["args"].get("mirror_dir")
+    except UserError:
         return None
     return Path(saved) if saved else None
 
@@ -232,6 +231,8 @@ def _take_newer_mirror(mirror: Path, run_dir: Path) -> None:
         return
     why = "" if mine is None else f" (its newest checkpoint is step {theirs}, the local one step {mine})"
     restore_from_mirror(mirror, run_dir, why)
+
+
 def _check_writable(folder: Path, flag: str, what: str = "create run folders there", hint: str = "") -> None:
     """Fail now, with one line, if `folder` cannot be made or written (a file, read-only, no permission): the
     runs root, or the --mirror-dir copy."""

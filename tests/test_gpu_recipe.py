@@ -119,6 +119,6 @@ def test_a_batch_torchrun_cannot_split_is_refused_before_any_folder(mnist_dir, t
                                                          str(batch_size), "--runs-root", str(tmp_path / "runs")],
                               script="vae")
     with pytest.raises(common.UserError, match=f"--batch-size {batch_size} .* {world} processes"):
-        common.open_run(plan, script="vae", device=torch.device("cpu"), images=torch.zeros(10, 1, 28, 28,
+        common.Run(plan, script="vae", device=torch.device("cpu"), images=torch.zeros(10, 1, 28, 28,
                         dtype=torch.uint8), meter=common.Meter(torch.device("cpu")))
     assert not list((tmp_path / "runs").glob("*"))  # no run folder
