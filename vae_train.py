@@ -31,7 +31,7 @@ from common.errors import run_main
 from common.files import atomic_path
 from common.flags import ArgumentParser, add_run_args, at_least, non_negative_float, positive_float
 from common.readers import MODEL_FILES
-from common.run import Meter, Run, open_run
+from common.run import Meter, Run
 from common.runs import resolve_run
 
 # What a grader applies to test images before model(x), and how model outputs map back to pixels: the VAE works
@@ -210,7 +210,9 @@ def train(args, run: Run, state: dict, train_images: torch.Tensor, test_images: 
             with devices.autocast(device, amp):
                 recon_nll, kl = terms(model, x, eps)  # per image, nats
                 recon, kl = recon_nll.mean(), kl.mean()
-                loss = recon + beta * kl  # the negative ELBO (beta = 1), per image
+                # recon + beta * kl, the negative ELBO (beta = 1) per image, as one op: a Python float times a tensor
+                # costs two more ops (the float is made a tensor) forward and again backward.
+                loss = torch.add(recon, kl, alpha=beta)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             devices.average_gradients(model)  # torchrun: one all-reduce; nothing with one process
@@ -244,8 +246,8 @@ def main(argv=None) -> int:
         # What a checkpoint holds: each object's state_dict, loaded in place on resume (common/checkpoints.py).
         state = dict(model=model, optimizer=devices.adam(model.parameters(), device, lr=args.lr),
                      scaler=devices.grad_scaler(device, devices.amp_dtype(args.amp, device)), meter=meter)
-        with open_run(plan, script="vae", device=device, images=train_images, meter=meter,
-                      divergence_hint="a lower --lr (e.g. a tenth)") as run:
+        with Run(plan, script="vae", device=device, images=train_images, meter=meter,
+                 divergence_hint="a lower --lr (e.g. a tenth)") as run:
             n_params = sum(p.numel() for p in model.parameters())
             run.log(f"{args.arch} VAE, {n_params:,} parameters; {len(train_images):,} training images")
             train(args, run, state, train_images.to(device), test_images.to(device))
