@@ -65,12 +65,8 @@ def check_same_data(saved: dict | None, current: dict, run_dir) -> None:
 
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
-
-
 _MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                 "t10k-labels-idx1-ubyte"]
-
-
 _RAW_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 
 
@@ -197,17 +193,12 @@ def load_images(dataset: str, data_dir, train: bool) -> tuple[torch.Tensor, torc
     missing = _missing_folders(dataset, data_dir)
     try:
         with redirect_stdout(sys.stderr):  # torchvision prints download progress; keep stdout for our log
-            if dataset == "mnist":
-                ds = datasets.MNIST(data_dir, train=train, download=True)
-                images = ds.data.unsqueeze(1)
-            elif dataset == "fashion-mnist":
-                ds = datasets.FashionMNIST(data_dir, train=train, download=True)
-                images = ds.data.unsqueeze(1)
-            elif dataset == "cifar10":
-                ds = datasets.CIFAR10(data_dir, train=train, download=True)
-                images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # HWC -> CHW
-            else:
+            classes = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
+            if dataset not in classes:
                 raise UserError(f"unknown dataset {dataset!r}")
+            ds = classes[dataset](data_dir, train=train, download=True)
+            # MNIST's data: a uint8 tensor [N, 28, 28]; CIFAR-10's: a numpy array [N, 32, 32, 3] (HWC -> CHW)
+            images = ds.data.unsqueeze(1) if dataset != "cifar10" else torch.from_numpy(ds.data).permute(0, 3, 1, 2)
     except UserError:
         _remove_empty(missing)
         raise
@@ -217,7 +208,7 @@ def load_images(dataset: str, data_dir, train: bool) -> tuple[torch.Tensor, torc
         _remove_empty(missing)
         raise UserError(message) from None
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
-    return images.to(torch.uint8), labels
+    return images.contiguous().to(torch.uint8), labels
 
 
 def load_image_folder(data_dir, image_size: int) -> torch.Tensor:

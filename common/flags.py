@@ -16,11 +16,7 @@ from .errors import EXIT_USER_ERROR
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
 DEFAULT_RUNS_ROOT = REPO_ROOT / "runs"
-
-
 DEFAULT_DATA_DIR = REPO_ROOT / "data"
 
 
@@ -77,11 +73,7 @@ def at_least(minimum: int):
 
 
 positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-
-
 non_negative_float = checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
-
-
 unit_interval = checked(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 

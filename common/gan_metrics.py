@@ -394,23 +394,14 @@ class ClassifierFID:
         classifier, info, test_images = load_or_train(dataset, data_dir, log)
         return cls(classifier, test_images, device, info, statistics_dir(dataset, data_dir), log)
 
-    @torch.no_grad()
-    def _features(self, images_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return extract_features(self.extractor, images_uint8, batch_size=BATCH)
-
     def score_images(self, images_uint8: torch.Tensor) -> dict:
         """cfid, class_min, class_max (and every class_shares) of uint8 images [N, 1, 32, 32], generated or real."""
-        features, logits = self._features(images_uint8)
+        features, logits = extract_features(self.extractor, images_uint8, batch_size=BATCH)
         shares = torch.bincount(logits.argmax(1), minlength=N_CLASSES).double() / len(logits)
         return {"cfid": frechet_distance(*self.reference_stats, *feature_statistics(features)),
                 "class_min": float(shares.min()), "class_max": float(shares.max()), "class_shares": shares.tolist()}
 
-    @torch.no_grad()
-    def sample(self, generator: nn.Module, nz: int, n_samples: int = 5000, seed: int = 0) -> torch.Tensor:
-        """n_samples uint8 images from `generator` in eval mode, from noise of its own torch.Generator: the same
-        z at every call, and the global RNG (a training run's) is never drawn from."""
-        return to_uint8(sample(generator, nz, n_samples, seed, BATCH))
-
     def __call__(self, generator: nn.Module, nz: int, n_samples: int = 5000, seed: int = 0) -> dict:
-        """{"cfid", "class_min", "class_max", "class_shares"} for n_samples images of `generator`."""
-        return self.score_images(self.sample(generator, nz, n_samples, seed))
+        """{"cfid", "class_min", "class_max", "class_shares"} for n_samples images of `generator` (sample(): its own
+        noise, the same at every call)."""
+        return self.score_images(to_uint8(sample(generator, nz, n_samples, seed, BATCH)))

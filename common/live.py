@@ -5,8 +5,8 @@ What a run writes there, every row as it is appended to its CSV, at the training
 vae or dcgan, config.json's "script": TensorBoard groups charts by the first part of a tag, so no chart mixes the
 two models, whose steps and losses are on different scales):
     SCRIPT/epoch/<column>   each metrics.csv column, one point per epoch (at the epoch's last step)
-    SCRIPT/steps/<column>   each steps.csv column (the DCGAN's means over --log-every steps)
-    SCRIPT/samples/<name>   the image grids of samples/ of each epoch (TrainingJob.live_images says which)
+    SCRIPT/steps/<column>   each steps.csv column (the meter's means over --log-every steps)
+    SCRIPT/samples/<name>   the image grids of samples/ each epoch's run.epoch_done is handed
     hparams                 the settings that define the experiment, with the epoch metrics, in the HPARAMS tab
 
 The CSVs stay the record (the figures are made from them); the events are a view of the same numbers. A resumed
