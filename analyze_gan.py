@@ -124,27 +124,6 @@ def plot_progression(grids: dict[int, Path], image_size: int, title: str) -> Fig
     return fig
 
 
-def plot_diversity(per_epoch: dict[int, float], reference: float | None, title: str) -> Figure:
-    fig, ax = figures.one_panel()
-    ax.plot(list(per_epoch), list(per_epoch.values()), "o-", label="64 fixed-noise samples")
-    if reference is not None:
-        ax.axhline(reference, color="gray", linestyle="--", label="64 training images")
-    ax.set(ylabel="mean pairwise RMS distance", title=title,
-           ylim=(0, figures.top_with_room([*per_epoch.values(), reference])))
-    figures.epoch_axis(ax)
-    return fig
-
-
-def plot_fid(metrics, title: str) -> Figure:
-    fig, ax = figures.one_panel()
-    epochs, fid = figures.column(metrics, "epoch"), figures.column(metrics, "fid")
-    keep = np.isfinite(fid)
-    ax.plot(epochs[keep], fid[keep], "o-")
-    ax.set(ylabel="FID (lower is better)", title=title)
-    figures.epoch_axis(ax, legend=False)
-    return fig
-
-
 def image_grid_figure(images: torch.Tensor, nrow: int, title: str, first_column_apart: bool = False) -> Figure:
     """Images in rows of nrow; first_column_apart: a red line sets the first column off from the others."""
     grid = make_grid(images, nrow=nrow, padding=figures.CELL_GAP, pad_value=1.0).permute(1, 2, 0).numpy()
@@ -317,7 +296,7 @@ def analyze_run(run: experiments.RunInfo, opts, device: torch.device, log=print)
         summary["last_epoch"] = {k: v for k, v in metrics[-1].items() if np.isfinite(v)}
     fid = figures.column(metrics, "fid")
     if np.isfinite(fid).any():
-        made(plot_fid(metrics, "FID against the training set"), "fid.png")
+        made(sweep_figures.compare_quality([run], ["this run"], [{}], "epoch"), "fid.png")
         best = int(np.nanargmin(fid))
         summary["best_fid"] = {"epoch": int(metrics[best]["epoch"]), "fid": float(fid[best])}
     else:
@@ -329,7 +308,7 @@ def analyze_run(run: experiments.RunInfo, opts, device: torch.device, log=print)
     except UserError as err:
         log(f"warning: training data not found ({err}); nearest-neighbour figure and reference diversity skipped")
     reference = gan_metrics.real_diversity(train_images) if train_images is not None else None
-    sample_figures(run_dir, args, train_images, reference, made, summary, log)
+    sample_figures(run, train_images, reference, made, summary, log)
     if opts.quality != "off" and milestone_checkpoints(run_dir):
         milestone_figure(run_dir, args, opts, device, train_images, reference, made, summary, log)
     elif opts.quality != "off":
@@ -351,17 +330,19 @@ def analysis_key(run_dir: Path, opts, device, metrics, steps) -> str:
     return figures.analysis_key(made_from, options, [Path(__file__), Path(gan_metrics.__file__)])
 
 
-def sample_figures(run_dir: Path, args, train_images, reference, made, summary: dict, log) -> None:
+def sample_figures(run: experiments.RunInfo, train_images, reference, made, summary: dict, log) -> None:
     """The fixed-noise progression and its diversity, the newest G's samples and their nearest training images."""
+    run_dir, args = run.dir, run.settings
     grids = figures.sample_grids(run_dir)
     if grids:
         per_epoch = {e: gan_metrics.diversity(figures.grid_cells(p, args.image_size)) for e, p in grids.items()}
         made(plot_progression(grids, args.image_size, "The same 8 fixed noise vectors (columns) across epochs"),
              "fixed_noise_progression.png")
         summary["progression_epochs"] = figures.spread(sorted(grids), PROGRESSION_ROWS)
-        made(plot_diversity(per_epoch, reference, "Sample diversity (a drop means mode collapse)"), "diversity.png")
         summary["diversity"] = {"per_epoch": per_epoch, "training_images": reference,
                                 "last_over_max": per_epoch[max(per_epoch)] / max(max(per_epoch.values()), 1e-12)}
+        made(sweep_figures.compare_diversity([run], ["64 fixed-noise samples"], [summary], "epoch",
+                                             "Sample diversity (a drop means mode collapse)"), "diversity.png")
     else:
         summary["skipped"]["fixed_noise_progression.png"] = "no sample grids yet"
 
@@ -406,15 +387,7 @@ def milestone_figure(run_dir: Path, args, opts, device, train_images, reference,
             f"model files are from already")
     elif best is not None:
         log(f"  best milestone: epoch {best['epoch']} ({measure.name} {best['value']:.4g}); export it with: "
-            f"python analyze_gan.py {shown_path(run_dir)} --export-epoch {best['epoch']}")
-
-
-def shown_path(path: Path) -> str:
-    """`path` relative to the working directory when it is below it (a command to copy), else as it is."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
+            f"python analyze_gan.py {experiments.shown_path(run_dir)} --export-epoch {best['epoch']}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -500,9 +473,10 @@ def main(argv=None) -> int:
         if len(runs) != 1:
             raise UserError("--export-epoch takes one run folder")
         g_path, d_path = export_milestone(runs[0].dir, opts.export_epoch, opts.out)
+        shown = [experiments.shown_path(path) for path in (g_path, d_path)]
         print(f"exported {g_path} and {d_path} from {runs[0].name}, epoch {opts.export_epoch}. Check and pack them "
-              f"with: python check_submission.py --gen {shown_path(g_path)} --disc {shown_path(d_path)} --figures "
-              f"report/figures --zip CW2.zip", flush=True)
+              f"with: python check_submission.py --gen {shown[0]} --disc {shown[1]} --figures report/figures "
+              f"--zip CW2.zip", flush=True)
         return 0
     device = pick_device(opts.device)
     summaries = [analyze_run(run, opts, device) for run in runs]

@@ -183,6 +183,7 @@ def compare_quality(runs, labels, summaries, x_name) -> Figure | None:
         ax.set(title=name, ylabel=ylabel)
         experiments.label_x_axis(ax, x_name)
         ax.grid(alpha=0.3)
-    fig.suptitle(" and ".join(name for _, name, _ in panels))
+    if len(panels) > 1:  # one panel's title is the figure's
+        fig.suptitle(" and ".join(name for _, name, _ in panels))
     experiments.legend_below(fig)
     return fig
