@@ -33,9 +33,13 @@ import torch
 from matplotlib.figure import Figure  # no pyplot: Figure.savefig draws PNGs with Agg and sets no global backend
 from torchvision.utils import make_grid
 
-import common
 import dcgan_train
-from common import experiments, figures, gan_metrics, sweep_figures
+from common import experiments, figures, files, gan_metrics, readers, sweep_figures
+from common.checkpoints import load_checkpoint, load_latest_checkpoint
+from common.devices import pick_device
+from common.errors import UserError, run_main
+from common.flags import ArgumentParser, at_least
+from common.progress import still_running
 
 PROGRESSION_ROWS = 8  # epochs shown in one run's fixed-noise progression
 NEIGHBOUR_QUERIES, NEIGHBOURS = 6, 5
@@ -45,7 +49,7 @@ QUALITY_NAMES = {"fid": "Inception FID", "classifier-fid": "classifier FID", "di
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.ArgumentParser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="DCGAN run folders (runs/latest-dcgan works)")
     parser.add_argument("--out", default=None,
                         help="with several runs: the comparison folder (default: RUNS_ROOT/compare/<sweep name>); "
@@ -54,15 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only export DCGAN_model_G.pth and DCGAN_model_D.pth from checkpoints/epoch-EEE.pt")
     parser.add_argument("--quality", default="auto", choices=["auto", "fid", "classifier-fid", "diversity", "off"],
                         help="the quality number per milestone checkpoint (default: auto, see above)")
-    parser.add_argument("--quality-samples", type=int, default=5000,
+    parser.add_argument("--quality-samples", type=at_least(2), default=5000,
                         help="generated images per milestone for the FIDs (default: %(default)s)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="for the milestone quality (default: auto: CUDA, then MPS, then CPU)")
     return parser
-
-
-def load_config(run_dir: Path) -> argparse.Namespace:
-    return common.readers.run_namespace(run_dir, "dcgan", dcgan_train.build_parser())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -73,8 +73,7 @@ def plot_losses(metrics, steps, args, title: str) -> Figure:
     """Epoch means (dots) over the steps.csv rows (faint: each the mean of --log-every steps) and, when there are
     enough rows for it to differ from them (figures.step_curves), their EMA. Rows no more frequent than the epochs
     (--log-every at least an epoch's steps) would lie under the epoch means, unseen but in the legend: left out."""
-    fig = Figure(figsize=(7.5, 5), layout="constrained")
-    ax = fig.subplots()
+    fig, ax = figures.one_panel(height=5)
     window = int(args.log_every)
     span_steps = round(window / max(1 - figures.ema_weight(len(steps)), 1e-9))
     curves = figures.step_curves(len(steps), len(metrics))
@@ -89,16 +88,14 @@ def plot_losses(metrics, steps, args, title: str) -> Figure:
                         label=f"{name}: smoothed (EMA over ~{span_steps:,} steps)")
         ax.plot(figures.column(metrics, "epoch"), figures.column(metrics, key), "o-", color=color, markersize=4,
                 label=f"{name}: epoch mean")
-    ax.set(xlabel="epoch", ylabel=f"{args.loss} loss", title=title)
-    figures.integer_epochs(ax)
-    ax.grid(alpha=0.3)
+    ax.set(ylabel=f"{args.loss} loss", title=title)
+    figures.epoch_axis(ax, legend=False)
     experiments.legend_below(fig)
     return fig
 
 
 def plot_d_outputs(metrics, steps, args, title: str) -> Figure:
-    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
-    ax = fig.subplots()
+    fig, ax = figures.one_panel()
     for key, label, color in (("d_real", "D(x): real images, in D's steps", "tab:green"),
                               ("d_fake", "D(G(z)): generated images, in G's steps", "tab:red")):
         if figures.step_curves(len(steps), len(metrics)) != "none":  # smoothed when there are enough rows
@@ -111,10 +108,8 @@ def plot_d_outputs(metrics, steps, args, title: str) -> Figure:
         ylabel = "mean D probability"
     else:  # a hinge D is trained on margins, not probabilities: only the gap between the lines means something
         ylabel = "mean sigmoid(D logit)\n(hinge: not a probability)"
-    ax.set(xlabel="epoch", ylabel=ylabel, ylim=(-0.02, 1.02), title=title)
-    figures.integer_epochs(ax)
-    ax.legend(fontsize=9)
-    ax.grid(alpha=0.3)
+    ax.set(ylabel=ylabel, ylim=(-0.02, 1.02), title=title)
+    figures.epoch_axis(ax)
     return fig
 
 
@@ -122,45 +117,17 @@ def plot_progression(grids: dict[int, Path], image_size: int, title: str) -> Fig
     """Rows: evenly spaced epochs; columns: the same 8 fixed noise vectors. Identical rows late = collapse."""
     chosen = figures.spread(sorted(grids), PROGRESSION_ROWS)
     rows = [figures.grid_cells(grids[e], image_size)[:figures.GRID_COLUMNS] for e in chosen]
-    fig = Figure(figsize=(7.5, 0.95 * len(rows) + 0.6), layout="constrained")
-    ax = fig.subplots()
+    fig, ax = figures.one_panel(height=0.95 * len(rows) + 0.6)
     ax.imshow(figures.mosaic(rows))
     figures.label_rows(ax, [f"epoch {e}" for e in chosen], image_size)
     ax.set_title(title, fontsize=10)
     return fig
 
 
-def plot_diversity(per_epoch: dict[int, float], reference: float | None, title: str) -> Figure:
-    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
-    ax = fig.subplots()
-    ax.plot(list(per_epoch), list(per_epoch.values()), "o-", label="64 fixed-noise samples")
-    if reference is not None:
-        ax.axhline(reference, color="gray", linestyle="--", label="64 training images")
-    ax.set(xlabel="epoch", ylabel="mean pairwise RMS distance", title=title,
-           ylim=(0, figures.top_with_room([*per_epoch.values(), reference])))
-    figures.integer_epochs(ax)
-    ax.legend(fontsize=9)
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def plot_fid(metrics, title: str) -> Figure:
-    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
-    ax = fig.subplots()
-    epochs, fid = figures.column(metrics, "epoch"), figures.column(metrics, "fid")
-    keep = np.isfinite(fid)
-    ax.plot(epochs[keep], fid[keep], "o-")
-    ax.set(xlabel="epoch", ylabel="FID (lower is better)", title=title)
-    figures.integer_epochs(ax)
-    ax.grid(alpha=0.3)
-    return fig
-
-
 def image_grid_figure(images: torch.Tensor, nrow: int, title: str, first_column_apart: bool = False) -> Figure:
     """Images in rows of nrow; first_column_apart: a red line sets the first column off from the others."""
     grid = make_grid(images, nrow=nrow, padding=figures.CELL_GAP, pad_value=1.0).permute(1, 2, 0).numpy()
-    fig = Figure(figsize=(7.5, 7.5 * grid.shape[0] / grid.shape[1] + 0.5), layout="constrained")
-    ax = fig.subplots()
+    fig, ax = figures.one_panel(height=7.5 * grid.shape[0] / grid.shape[1] + 0.5)
     ax.imshow(grid)
     if first_column_apart:  # in the white gap after the first column (pixel centres are at integers)
         ax.axvline(images.shape[-1] + 1.5 * figures.CELL_GAP - 0.5, color="tab:red", linewidth=2.5)
@@ -193,44 +160,37 @@ def export_milestone(run_dir: Path, epoch: int, out_dir: Path | None) -> tuple[P
     milestones = milestone_checkpoints(run_dir)
     if epoch not in milestones:
         have = ", ".join(map(str, milestones)) or "none (the run predates milestones, or has not finished an epoch)"
-        raise common.UserError(f"--export-epoch {epoch}: {run_dir} has no checkpoints/epoch-{epoch:03d}.pt; "
-                               f"milestone epochs there: {have}")
+        raise UserError(f"--export-epoch {epoch}: {run_dir} has no checkpoints/epoch-{epoch:03d}.pt; "
+                        f"milestone epochs there: {have}")
     out_dir = Path(out_dir) if out_dir else run_dir / "exports" / f"epoch-{epoch:03d}"
     out_dir.mkdir(parents=True, exist_ok=True)
     return dcgan_train.export_checkpoint(milestones[epoch], out_dir)
 
 
 class QualityMeasure:
-    """The number per milestone: (name, lower is better?) and __call__(scripted G) -> {"value", ...}."""
+    """The number per milestone: its kind, its name, whether lower is better, and __call__(scripted G) -> {"value",
+    ...}. --quality auto: the Inception FID when its weights are there, else the classifier FID where the data set
+    has one, else the samples' diversity."""
 
-    def __init__(self, choice: str, args, device: torch.device, train_images, log=print):
-        self.args, self.device, self.log = args, device, log
-        self.kind, self.evaluator = None, None
-        weights = None
-        if choice in ("auto", "fid"):
-            weights = gan_metrics.find_inception_weights(None)
-            if weights is None and choice == "fid":
-                raise common.UserError(f"--quality fid: no Inception weights ({gan_metrics.INCEPTION_FILE}) in "
-                                       f"{torch.hub.get_dir()}/checkpoints; use --quality classifier-fid or auto")
+    def __init__(self, choice: str, args, n_samples: int, device: torch.device, train_images, log=print):
+        self.args, self.device, self.kind = args, device, "diversity"
+        weights = gan_metrics.find_inception_weights(None) if choice in ("auto", "fid") else None
+        if weights is None and choice == "fid":
+            raise UserError(f"--quality fid: no Inception weights ({gan_metrics.INCEPTION_FILE}) in "
+                            f"{torch.hub.get_dir()}/checkpoints; use --quality classifier-fid or auto")
         if weights is not None and train_images is not None:
-            fid_args = argparse.Namespace(**{**vars(args), "fid_samples": args.quality_samples})
+            fid_args = argparse.Namespace(**{**vars(args), "fid_samples": n_samples})
             self.kind, self.evaluator = "fid", gan_metrics.FIDEvaluator(weights, train_images, fid_args, device)
         elif choice in ("auto", "classifier-fid"):
-            self.evaluator = self._classifier_fid(args)
+            self.evaluator = gan_metrics.ClassifierFID.for_dataset(args.dataset, args.data_dir, device, log=log)
             if self.evaluator is not None:
                 self.kind = "classifier-fid"
             elif choice == "classifier-fid":
-                raise common.UserError(f"--quality classifier-fid: not available for --dataset {args.dataset} "
-                                       f"(MNIST and Fashion-MNIST only)")
-        if self.kind is None:
-            self.kind = "diversity"
+                raise UserError(f"--quality classifier-fid: not available for --dataset {args.dataset} "
+                                f"(MNIST and Fashion-MNIST only)")
         self.name = QUALITY_NAMES[self.kind]
         self.lower_is_better = self.kind != "diversity"
-        self.n_samples = args.quality_samples if self.kind != "diversity" else min(args.quality_samples,
-                                                                                   DIVERSITY_SAMPLES)
-
-    def _classifier_fid(self, args):
-        return gan_metrics.ClassifierFID.for_dataset(args.dataset, args.data_dir, self.device, log=self.log)
+        self.n_samples = n_samples if self.lower_is_better else min(n_samples, DIVERSITY_SAMPLES)
 
     @torch.no_grad()
     def __call__(self, generator) -> dict:
@@ -239,7 +199,7 @@ class QualityMeasure:
             fid, inception_score = self.evaluator(generator)
             return {"value": fid, "inception_score": inception_score}
         if self.kind == "classifier-fid":
-            scores = self.evaluator(generator, self.args.nz, n_samples=self.args.quality_samples, seed=QUALITY_SEED)
+            scores = self.evaluator(generator, self.args.nz, n_samples=self.n_samples, seed=QUALITY_SEED)
             return {"value": scores["cfid"], "class_min": scores["class_min"], "class_max": scores["class_max"]}
         images = dcgan_train.denorm(gan_metrics.sample(generator, self.args.nz, self.n_samples, QUALITY_SEED,
                                                        batch_size=self.n_samples))
@@ -251,8 +211,8 @@ def milestone_quality(run_dir: Path, measure: QualityMeasure, log=print) -> list
     rows = []
     for epoch, ckpt_path in milestone_checkpoints(run_dir).items():
         try:  # checksum verified; damaged or misfitting: the other milestones still count
-            generator = scripted_generator(common.load_checkpoint(ckpt_path), run_dir, ckpt_path)
-        except common.UserError as err:
+            generator = scripted_generator(load_checkpoint(ckpt_path), run_dir, ckpt_path)
+        except UserError as err:
             log(f"  milestone epoch {epoch} left out: {err}")
             continue
         rows.append({"epoch": epoch, "checkpoint": str(ckpt_path.relative_to(run_dir)), **measure(generator)})
@@ -273,8 +233,7 @@ def best_milestone(rows: list[dict], measure_kind: str, reference: float | None)
 
 def plot_milestones(rows: list[dict], measure: QualityMeasure, best: dict | None, reference: float | None,
                     title: str) -> Figure:
-    fig = Figure(figsize=(7.5, 4.2), layout="constrained")
-    ax = fig.subplots()
+    fig, ax = figures.one_panel()
     ax.plot([r["epoch"] for r in rows], [r["value"] for r in rows], "o-", label="milestone checkpoints")
     if best is not None:
         ax.plot([best["epoch"]], [best["value"]], "*", markersize=16, color="tab:red",
@@ -282,12 +241,10 @@ def plot_milestones(rows: list[dict], measure: QualityMeasure, best: dict | None
     if measure.kind == "diversity" and reference is not None:
         ax.axhline(reference, color="gray", linestyle="--", label="64 training images")
     better = "lower is better" if measure.lower_is_better else "closest to the training images is best"
-    ax.set(xlabel="epoch", ylabel=f"{measure.name} ({better})", title=title)
+    ax.set(ylabel=f"{measure.name} ({better})", title=title)
     if measure.kind == "diversity":
         ax.set_ylim(0, figures.top_with_room([*(r["value"] for r in rows), reference]))
-    figures.integer_epochs(ax)
-    ax.legend(fontsize=9)
-    ax.grid(alpha=0.3)
+    figures.epoch_axis(ax)
     return fig
 
 
@@ -303,26 +260,23 @@ def final_samples(generator, nz: int, seed: int, n: int = 100) -> torch.Tensor:
 def newest_generator(run_dir: Path, log=print):
     """(scripted sampling G, checkpoint epoch, global step) from the newest checkpoint that loads, or None."""
     try:  # the one checkpoint reader: damaged files are skipped (and left where they are: this only reads)
-        ckpt = common.load_latest_checkpoint(run_dir, log=log, set_aside=False)
+        ckpt = load_latest_checkpoint(run_dir, log=log, set_aside=False)
         return None if ckpt is None else (scripted_generator(ckpt, run_dir), ckpt["epoch"], ckpt["global_step"])
-    except common.UserError as err:  # none loads, or the newest does not fit the run's model
+    except UserError as err:  # none loads, or the newest does not fit the run's model
         log(f"warning: {err}")
         return None
 
 
-def analyze_run(run_dir: Path, opts, device: torch.device, log=print) -> dict:
+def analyze_run(run: experiments.RunInfo, opts, device: torch.device, log=print) -> dict:
     """Write RUN_DIR/figures/* and return the summary (also written as figures/summary.json); an earlier analysis
     of the same checkpoints with the same options is reused instead."""
-    args = load_config(run_dir)
-    args.quality_samples = opts.quality_samples
+    run_dir, args, metrics = run.dir, run.settings, run.metrics
+    steps = readers.read_metrics_csv(run_dir / "steps.csv")
     fig_dir = run_dir / "figures"
     fig_dir.mkdir(exist_ok=True)
-    metrics, steps = common.read_metrics_csv(run_dir / "metrics.csv"), common.read_metrics_csv(run_dir / "steps.csv")
     key = analysis_key(run_dir, opts, device, metrics, steps)
-    reused = figures.reusable_summary(fig_dir, key)
+    reused = figures.reusable_summary(fig_dir, key, log)
     if reused is not None:
-        log(f"{run_dir}: figures and numbers reused from {fig_dir / 'summary.json'}: the same checkpoints, options "
-            f"and analysis code")
         return reused
     summary = {"run_dir": str(run_dir), "dataset": args.dataset, "loss": args.loss, "epochs_done": len(metrics),
                "epochs_planned": args.epochs, "figures": [], "skipped": {}, "analysis_key": key,
@@ -342,7 +296,7 @@ def analyze_run(run_dir: Path, opts, device: torch.device, log=print) -> dict:
         summary["last_epoch"] = {k: v for k, v in metrics[-1].items() if np.isfinite(v)}
     fid = figures.column(metrics, "fid")
     if np.isfinite(fid).any():
-        made(plot_fid(metrics, "FID against the training set"), "fid.png")
+        made(sweep_figures.compare_quality([run], ["this run"], [{}], "epoch"), "fid.png")
         best = int(np.nanargmin(fid))
         summary["best_fid"] = {"epoch": int(metrics[best]["epoch"]), "fid": float(fid[best])}
     else:
@@ -351,15 +305,15 @@ def analyze_run(run_dir: Path, opts, device: torch.device, log=print) -> dict:
     train_images = None
     try:
         train_images = dcgan_train.load_training_images(args)
-    except common.UserError as err:
+    except UserError as err:
         log(f"warning: training data not found ({err}); nearest-neighbour figure and reference diversity skipped")
     reference = gan_metrics.real_diversity(train_images) if train_images is not None else None
-    sample_figures(run_dir, args, train_images, reference, made, summary, log)
+    sample_figures(run, train_images, reference, made, summary, log)
     if opts.quality != "off" and milestone_checkpoints(run_dir):
         milestone_figure(run_dir, args, opts, device, train_images, reference, made, summary, log)
     elif opts.quality != "off":
         summary["skipped"]["milestones.png"] = "no milestone checkpoints (checkpoints/epoch-NNN.pt)"
-    common.atomic_write_text(fig_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    files.atomic_write_text(fig_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     log(f"{run_dir}: {len(summary['figures'])} figures in {fig_dir}")
     return summary
 
@@ -370,24 +324,25 @@ def analysis_key(run_dir: Path, opts, device, metrics, steps) -> str:
     made_from = {"checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")),
                  "metrics_rows": len(metrics), "steps_rows": len(steps),
                  "sample_grids": len(figures.sample_grids(run_dir)),
-                 "exported": (common.readers.read_export(run_dir) or {}).get("epoch")}
+                 "exported": (readers.read_export(run_dir) or {}).get("epoch")}
     options = {"quality": opts.quality, "quality_samples": opts.quality_samples, "device": str(device),
                "inception_weights": gan_metrics.find_inception_weights(None) is not None}
-    return figures.analysis_key(made_from, options, [Path(__file__), Path(figures.__file__),
-                                                     Path(gan_metrics.__file__)])
+    return figures.analysis_key(made_from, options, [Path(__file__), Path(gan_metrics.__file__)])
 
 
-def sample_figures(run_dir: Path, args, train_images, reference, made, summary: dict, log) -> None:
+def sample_figures(run: experiments.RunInfo, train_images, reference, made, summary: dict, log) -> None:
     """The fixed-noise progression and its diversity, the newest G's samples and their nearest training images."""
+    run_dir, args = run.dir, run.settings
     grids = figures.sample_grids(run_dir)
     if grids:
         per_epoch = {e: gan_metrics.diversity(figures.grid_cells(p, args.image_size)) for e, p in grids.items()}
         made(plot_progression(grids, args.image_size, "The same 8 fixed noise vectors (columns) across epochs"),
              "fixed_noise_progression.png")
         summary["progression_epochs"] = figures.spread(sorted(grids), PROGRESSION_ROWS)
-        made(plot_diversity(per_epoch, reference, "Sample diversity (a drop means mode collapse)"), "diversity.png")
         summary["diversity"] = {"per_epoch": per_epoch, "training_images": reference,
                                 "last_over_max": per_epoch[max(per_epoch)] / max(max(per_epoch.values()), 1e-12)}
+        made(sweep_figures.compare_diversity([run], ["64 fixed-noise samples"], [summary], "epoch",
+                                             "Sample diversity (a drop means mode collapse)"), "diversity.png")
     else:
         summary["skipped"]["fixed_noise_progression.png"] = "no sample grids yet"
 
@@ -415,16 +370,16 @@ def sample_figures(run_dir: Path, args, train_images, reference, made, summary: 
 
 def milestone_figure(run_dir: Path, args, opts, device, train_images, reference, made, summary: dict, log) -> None:
     """milestones.png: the quality (--quality) of each milestone checkpoint, and the best one to export."""
-    with common.progress.still_running("preparing the quality measure", log):
-        measure = QualityMeasure(opts.quality, args, device, train_images, log)
+    with still_running("preparing the quality measure", log):
+        measure = QualityMeasure(opts.quality, args, opts.quality_samples, device, train_images, log)
     log(f"{run_dir.name}: {measure.name} of each milestone checkpoint ({measure.n_samples} samples)")
-    with common.progress.still_running(f"{measure.name} of the milestones", log):
+    with still_running(f"{measure.name} of the milestones", log):
         rows = milestone_quality(run_dir, measure, log)
     best = best_milestone(rows, measure.kind, reference)
     made(plot_milestones(rows, measure, best, reference, f"{measure.name[:1].upper()}{measure.name[1:]} per milestone "
                                                          f"checkpoint"),
          "milestones.png")
-    exported = (common.readers.read_export(run_dir) or {}).get("epoch")  # of the run's own model files
+    exported = (readers.read_export(run_dir) or {}).get("epoch")  # of the run's own model files
     summary["milestones"] = {"measure": measure.name, "kind": measure.kind, "rows": rows, "best": best,
                              "samples": measure.n_samples, "training_images": reference, "exported_epoch": exported}
     if best is not None and best["epoch"] == exported:
@@ -432,29 +387,17 @@ def milestone_figure(run_dir: Path, args, opts, device, train_images, reference,
             f"model files are from already")
     elif best is not None:
         log(f"  best milestone: epoch {best['epoch']} ({measure.name} {best['value']:.4g}); export it with: "
-            f"python analyze_gan.py {shown_path(run_dir)} --export-epoch {best['epoch']}")
-
-
-def shown_path(path: Path) -> str:
-    """`path` relative to the working directory when it is below it (a command to copy), else as it is."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
+            f"python analyze_gan.py {experiments.shown_path(run_dir)} --export-epoch {best['epoch']}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Several runs side by side
 
 
-# One column per quantity: the last epoch's means and fixed-noise diversity; the best milestone by its measure (the
-# Inception FID, the classifier FID, or the diversity closest to the training images'); the best training-time FID.
-TABLE_COLUMNS = ["label", "loss", "epochs", "images_seen", "loss_d", "loss_g", "d_real", "d_fake",
-                 "diversity_last_epoch", "best_milestone_measure", "best_milestone_epoch", "best_milestone_value",
-                 "best_fid", "status", "run_dir"]
-
-
 def comparison_rows(runs, labels, summaries) -> list[dict]:
+    """A row per run, a column per quantity (summary.csv): the last epoch's means and fixed-noise diversity; the best
+    milestone by its measure (the Inception FID, the classifier FID, or the diversity closest to the training
+    images'); the best training-time FID."""
     rows = []
     for run, label, summary in zip(runs, labels, summaries):
         last = run.metrics[-1] if run.metrics else {}
@@ -516,10 +459,8 @@ def compare_runs(runs: list[experiments.RunInfo], summaries: list[dict], out_dir
     save(sweep_figures.compare_quality(runs, labels, summaries, x_name),
          "compare_quality.png", "no FID in metrics.csv and no FID per milestone (diversity is compare_diversity's)")
     rows = comparison_rows(runs, labels, summaries)
-    common.write_csv(out_dir / "summary.csv", TABLE_COLUMNS, rows)
     made["table"] = rows
-    common.atomic_write_text(out_dir / "summary.json",
-                             json.dumps({**made, "summaries": summaries}, indent=2, sort_keys=True, default=str) + "\n")
+    figures.write_table(out_dir, rows, {**made, "summaries": summaries})
     print_table(rows, log)
     log(f"comparison of {len(runs)} runs in {out_dir}")
     return made
@@ -527,23 +468,22 @@ def compare_runs(runs: list[experiments.RunInfo], summaries: list[dict], out_dir
 
 def main(argv=None) -> int:
     opts = build_parser().parse_args(argv)
-    if opts.quality_samples < 2:
-        raise common.UserError("--quality-samples must be at least 2")
     runs = experiments.collect_runs(opts.run_dirs, "dcgan")
     if opts.export_epoch is not None:
         if len(runs) != 1:
-            raise common.UserError("--export-epoch takes one run folder")
+            raise UserError("--export-epoch takes one run folder")
         g_path, d_path = export_milestone(runs[0].dir, opts.export_epoch, opts.out)
+        shown = [experiments.shown_path(path) for path in (g_path, d_path)]
         print(f"exported {g_path} and {d_path} from {runs[0].name}, epoch {opts.export_epoch}. Check and pack them "
-              f"with: python check_submission.py --gen {shown_path(g_path)} --disc {shown_path(d_path)} --figures "
-              f"report/figures --zip CW2.zip", flush=True)
+              f"with: python check_submission.py --gen {shown[0]} --disc {shown[1]} --figures report/figures "
+              f"--zip CW2.zip", flush=True)
         return 0
-    device = common.pick_device(opts.device)
-    summaries = [analyze_run(run.dir, opts, device) for run in runs]
+    device = pick_device(opts.device)
+    summaries = [analyze_run(run, opts, device) for run in runs]
     if len(runs) > 1:
         compare_runs(runs, summaries, Path(opts.out) if opts.out else experiments.default_compare_dir(runs, "dcgan"))
     return 0
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

@@ -27,21 +27,25 @@ import torch
 from matplotlib.figure import Figure  # no pyplot: Figure.savefig draws PNGs with Agg and sets no global backend
 from sklearn.manifold import TSNE
 
-import common
-from common import experiments, figures, sweep_figures
-import vae_train
+from common import experiments, figures, files, readers, sweep_figures
+from common.checkpoints import load_latest_checkpoint
+from common.data import load_images
+from common.devices import pick_device
+from common.errors import UserError, run_main
+from common.flags import ArgumentParser, at_least, positive_float
+from common.progress import still_running
 from vae_train import VAE, evaluate, pixel_nll, to_float
 
-CLASS_NAMES = {
-    "mnist": [str(d) for d in range(10)],
-    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                      "Ankle boot"],
+# Per data set: what its labels are called, and each class's name.
+CLASSES = {
+    "mnist": ("digit", [str(d) for d in range(10)]),
+    "fashion-mnist": ("class", ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                                "Bag", "Ankle boot"]),
 }
-LOSS_PANELS = [("loss", "total (recon + beta * KL)"), ("recon", "reconstruction NLL"), ("kl", "KL(q(z|x) || p(z))")]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.ArgumentParser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders made by vae_train.py")
     parser.add_argument("--out", default=None,
                         help="comparison folder when several runs are given (default: RUNS_ROOT/compare/<sweep "
@@ -51,23 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto (the default) picks CUDA, then MPS, then CPU")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for prior samples, IW noise and the t-SNE subset (default: %(default)s)")
-    parser.add_argument("--iw-samples", type=int, default=100,
+    parser.add_argument("--iw-samples", type=at_least(1), default=100,
                         help="K, importance samples per test image (default: %(default)s)")
-    parser.add_argument("--iw-images", type=int, default=0,
+    parser.add_argument("--iw-images", type=at_least(0), default=0,
                         help="estimate log p(x) on the first N test images (default 0: all)")
-    parser.add_argument("--iw-batch-size", type=int, default=5000,
+    parser.add_argument("--iw-batch-size", type=at_least(1), default=5000,
                         help="decoder passes per batch in the IW estimate (default: %(default)s)")
-    parser.add_argument("--tsne-points", type=int, default=10000,
+    parser.add_argument("--tsne-points", type=at_least(2), default=10000,
                         help="test images in the t-SNE, a seeded random subset (default: %(default)s, all of MNIST's)")
-    parser.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (default: %(default)s)")
-    parser.add_argument("--n-recon", type=int, default=16,
+    parser.add_argument("--perplexity", type=positive_float, default=30.0,
+                        help="t-SNE perplexity (default: %(default)s)")
+    parser.add_argument("--n-recon", type=at_least(1), default=16,
                         help="test images shown with their reconstructions (default: %(default)s)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--interp-indices", type=int, nargs=2, default=None, metavar=("I", "J"),
                        help="interpolate between test images I and J (default: 0 1)")
     group.add_argument("--interp-classes", type=int, nargs=2, default=None, metavar=("A", "B"),
                        help="interpolate between the first test image of class A and the first of class B")
-    parser.add_argument("--interp-steps", type=int, default=10,
+    parser.add_argument("--interp-steps", type=at_least(2), default=10,
                         help="decoded points on the line, ends included (default: %(default)s)")
     return parser
 
@@ -76,21 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
 # Reading a run
 
 
-def read_run(run_dir: str) -> dict:
-    """config.json args, metrics.csv rows and the newest checkpoint of a VAE run; UserError when it is not one."""
-    path = Path(run_dir)
-    args = vars(common.readers.run_namespace(path, "vae", vae_train.build_parser()))  # flags added since: defaults
-    ckpt = _load_checkpoint(path)
-    if ckpt is None:
-        raise common.UserError(f"{run_dir} has no checkpoint yet (checkpoints/step-*.pt); one is written at the "
-                               f"end of each epoch, so wait for the first epoch to finish")
-    return {"dir": path.resolve(), "args": args, "metrics": common.read_metrics_csv(path / "metrics.csv"),
-            "ckpt": ckpt}
-
-
-def _load_checkpoint(run_dir: Path) -> dict | None:
+def read_run(run_dir) -> dict:
+    """A VAE run (its experiments.RunInfo), its settings and its newest checkpoint; UserError when it is not one."""
+    info = experiments.RunInfo(Path(run_dir), readers.read_run_config(run_dir, "vae"))
     # Read-only: a reader never renames another process's files (set_aside=False).
-    return common.load_latest_checkpoint(run_dir, log=lambda msg: print(msg, flush=True), set_aside=False)
+    ckpt = load_latest_checkpoint(info.dir, log=lambda msg: print(msg, flush=True), set_aside=False)
+    if ckpt is None:
+        raise UserError(f"{run_dir} has no checkpoint yet (checkpoints/step-*.pt); one is written at the end of each "
+                        f"epoch, so wait for the first epoch to finish")
+    return {"dir": info.dir, "info": info, "args": vars(info.settings), "ckpt": ckpt}
 
 
 def load_model(run: dict, device: torch.device) -> VAE:
@@ -159,15 +158,13 @@ def interpolation_pair(labels: torch.Tensor, indices, classes) -> tuple[int, int
         for cls in classes:
             found = [i for i in torch.nonzero(labels == cls).flatten().tolist() if i not in picks]
             if not found:
-                raise common.UserError(f"--interp-classes {classes[0]} {classes[1]}: "
-                                       f"no (other) test image of class {cls}")
+                raise UserError(f"--interp-classes {classes[0]} {classes[1]}: no (other) test image of class {cls}")
             picks.append(found[0])
         return picks[0], picks[1]
     i, j = indices if indices is not None else (0, 1)
     for index in (i, j):
         if not 0 <= index < len(labels):
-            raise common.UserError(f"--interp-indices {i} {j}: {index} is not a test-set index "
-                                   f"(0 .. {len(labels) - 1})")
+            raise UserError(f"--interp-indices {i} {j}: {index} is not a test-set index (0 .. {len(labels) - 1})")
     return i, j
 
 
@@ -175,68 +172,19 @@ def interpolation_pair(labels: torch.Tensor, indices, classes) -> tuple[int, int
 # Figures
 
 
-def plot_loss_curves(runs: list[dict], labels: list[str], title: str) -> Figure:
-    """Six panels (rows: train, test; columns: total, reconstruction, KL), one line per run."""
-    fig = Figure(figsize=(9.5, 6), layout="constrained")
-    axes = fig.subplots(2, 3, sharex=True, sharey="col")
-    for run, label in zip(runs, labels):
-        epochs = [row["epoch"] for row in run["metrics"]]
-        for row_index, split in enumerate(("train", "test")):
-            for col, (key, _) in enumerate(LOSS_PANELS):
-                values = [row[f"{split}_{key}"] for row in run["metrics"]]
-                axes[row_index, col].plot(epochs, values, marker="o", markersize=3, label=label)
-    for row_index, split in enumerate(("train", "test")):
-        for col, (_, name) in enumerate(LOSS_PANELS):
-            ax = axes[row_index, col]
-            ax.set_title(f"{split}: {name}")
-            ax.set_ylabel("nats per image")
-            ax.grid(alpha=0.3)
-            if row_index == 1:
-                ax.set_xlabel("epoch")
-    axes[0, 0].xaxis.get_major_locator().set_params(integer=True)
-    if len(runs) > 1:
-        axes[0, 0].legend(fontsize=9)
-    fig.suptitle(title)
-    return fig
-
-
-def plot_reconstructions(x: torch.Tensor, recon: torch.Tensor, title: str, per_row: int = 8) -> Figure:
-    """Rows of test images, each followed by a row of their reconstructions."""
-    n_pairs = math.ceil(len(x) / per_row)
-    fig = Figure(figsize=(per_row * 0.9 + 1.5, n_pairs * 2 * 0.95 + 0.6), layout="constrained")
-    axes = fig.subplots(2 * n_pairs, 1, squeeze=False)[:, 0]
-    for pair in range(n_pairs):
-        chunk = slice(pair * per_row, (pair + 1) * per_row)
-        for offset, (images, name) in enumerate(((x[chunk], "test\nimages"), (recon[chunk], "recon-\nstructions"))):
-            ax = axes[2 * pair + offset]
-            ax.imshow(figures.image_grid(images, per_row), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=10)
-    fig.suptitle(title)
-    return fig
-
-
 def plot_samples(samples: torch.Tensor, title: str) -> Figure:
-    fig = Figure(figsize=(7, 7.6), layout="constrained")
-    ax = fig.subplots()
-    ax.imshow(figures.image_grid(samples, 8), cmap="gray", vmin=0, vmax=1)
-    ax.axis("off")
-    ax.set_title(title)
-    return fig
+    return figures.image_panels([("", samples)], 8, title, inches=6.6)
 
 
-def plot_tsne(points: np.ndarray, labels: np.ndarray, class_names: list[str], legend_title: str,
-              title: str) -> Figure:
-    fig = Figure(figsize=(8.5, 7.5), layout="constrained")
-    ax = fig.subplots()
+def plot_tsne(points: np.ndarray, labels: np.ndarray, dataset: str, title: str) -> Figure:
+    fig, ax = figures.one_panel(height=7.5, width=8.5)
     size = 3 if len(points) > 2000 else 12
+    word, class_names = CLASSES[dataset]
     for cls, name in enumerate(class_names):
         chosen = labels == cls
         ax.scatter(points[chosen, 0], points[chosen, 1], s=size, alpha=0.7, color=f"C{cls}", label=name,
                    linewidths=0)
-    ax.legend(title=legend_title, markerscale=8 / size ** 0.5, loc="center left",
-              bbox_to_anchor=(1.0, 0.5), frameon=False)
+    ax.legend(title=word, markerscale=8 / size ** 0.5, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title)
@@ -278,41 +226,32 @@ def plot_interpolation(strip: torch.Tensor, ends: tuple[int, int], end_names: tu
 def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict:
     """Write RUN_DIR/figures/* and return the summary (also written as figures/summary.json); an earlier
     analysis of the same checkpoint with the same options is reused instead."""
-    run_args, ckpt = run["args"], run["ckpt"]
+    run_args, ckpt, epoch = run["args"], run["ckpt"], run["ckpt"]["epoch"]
     fig_dir = run["dir"] / "figures"
     fig_dir.mkdir(exist_ok=True)
-    epoch = ckpt["epoch"]
     data_key = (run_args["dataset"], args.data_dir or run_args["data_dir"])
-    key = analysis_key(run, args, device, data_key)
     print(f"{run['dir']}: {run_args['arch']} VAE, latent {run_args['latent_dim']}, beta {run_args['beta']}, "
           f"checkpoint at epoch {epoch} (+{ckpt.get('step_in_epoch', 0)} steps)", flush=True)
+    key = analysis_key(run, args, device, data_key)
     reused = figures.reusable_summary(fig_dir, key)
     if reused is not None:
-        print(f"  figures and numbers reused from {fig_dir / 'summary.json'}: the same checkpoint, options and "
-              f"analysis code", flush=True)
         return reused
     model = load_model(run, device)
     images, labels = test_set(data_key, data_cache)
     images = images.to(device)
 
-    made = loss_figure(run, fig_dir) + image_figures(model, images, labels, data_key[0], args, epoch, fig_dir,
-                                                 run_args["seed"])
-    seconds = {}
+    made = loss_figure(run, fig_dir) + image_figures(model, images, labels, args, run, fig_dir) + ["tsne.png"]
     started = time.monotonic()
     n_points = tsne_figure(model, images, labels, data_key[0], args, epoch, fig_dir)
-    made.append("tsne.png")
-    seconds["tsne"] = time.monotonic() - started
-
+    tsne_done = time.monotonic()
     # The true bound (beta = 1), with the noise the training script's evaluation uses: at an epoch-end checkpoint
     # it equals -(test_recon + test_kl) of that epoch's metrics.csv row.
-    started = time.monotonic()
     elbo_terms = evaluate(model, images, beta=1.0, seed=run_args["seed"])
     model.eval()  # evaluate() leaves the model in training mode
-    seconds["elbo"] = time.monotonic() - started
-    started = time.monotonic()
+    elbo_done = time.monotonic()
     iw_images = images[:args.iw_images] if args.iw_images else images
     iw_ll, iw_elbo = iw_estimate(model, iw_images, args)
-    seconds["iw"] = time.monotonic() - started
+    seconds = {"tsne": tsne_done - started, "elbo": elbo_done - tsne_done, "iw": time.monotonic() - elbo_done}
 
     summary = {
         "run_dir": str(run["dir"]), "arch": run_args["arch"], "latent_dim": run_args["latent_dim"],
@@ -325,7 +264,7 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
         "iw_images": len(iw_images), "tsne_points": n_points, "seed": args.seed, "device": str(device),
         "seconds": {k: round(v, 2) for k, v in seconds.items()}, "figures": made, "analysis_key": key,
     }
-    common.atomic_write_text(fig_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    files.atomic_write_text(fig_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(f"  test ELBO {summary['test_elbo']:.2f} nats/image (recon {summary['test_recon']:.2f}, "
           f"KL {summary['test_kl']:.2f}); IW log-likelihood (K={args.iw_samples}, {len(iw_images)} images) "
           f"{iw_ll:.2f} nats/image", flush=True)
@@ -335,44 +274,47 @@ def analyze_run(run: dict, args, device: torch.device, data_cache: dict) -> dict
 
 def loss_figure(run: dict, fig_dir: Path) -> list[str]:
     """loss_curves.png of one run, when it has a finished epoch; returns what it wrote."""
-    if not run["metrics"]:
+    if not run["info"].metrics:
         print("  no finished epoch in metrics.csv yet: loss_curves.png not written", flush=True)
         return []
-    figures.save_figure(plot_loss_curves([run], ["this run"], f"Losses per epoch (beta {run['args']['beta']:g})"),
-                        fig_dir / "loss_curves.png")
+    fig = sweep_figures.plot_comparison_curves([run["info"]], [f"beta={run['args']['beta']:g}"],
+                                               "Losses per epoch: train (top), test (bottom)", total="loss")
+    figures.save_figure(fig, fig_dir / "loss_curves.png")
     return ["loss_curves.png"]
 
 
 def analysis_key(run: dict, args, device: torch.device, data_key: tuple[str, str]) -> str:
     """What a run's figures and summary depend on: its checkpoint, the options, the data, the analysis code."""
     options = {k: v for k, v in sorted(vars(args).items()) if k not in ("run_dirs", "out", "data_dir")}
-    return figures.analysis_key({"global_step": run["ckpt"]["global_step"], "epochs_in_metrics": len(run["metrics"])},
-                                {**options, "data": data_key, "device": str(device)},
-                                [Path(__file__), Path(figures.__file__)])
+    made_from = {"global_step": run["ckpt"]["global_step"], "epochs_in_metrics": len(run["info"].metrics)}
+    return figures.analysis_key(made_from, {**options, "data": data_key, "device": str(device)}, [Path(__file__)])
 
 
 def iw_estimate(model: VAE, images: torch.Tensor, args) -> tuple[float, float]:
     """importance_weighted_ll with a line before it and a line every 20 s while it runs (minutes on a CPU)."""
     print(f"  importance-weighted log-likelihood of {len(images):,} test images (K = {args.iw_samples})", flush=True)
     done = {"images": 0}
-    with common.progress.still_running("IW estimate", status=lambda: f"{done['images']:,} of {len(images):,} images"):
+    with still_running("IW estimate", status=lambda: f"{done['images']:,} of {len(images):,} images"):
         return importance_weighted_ll(model, images, args.iw_samples, args.seed, args.iw_batch_size, progress=done)
 
 
 def test_set(data_key: tuple[str, str], data_cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The test images and labels of (dataset, data_dir), loaded once per process."""
     if data_key not in data_cache:
-        data_cache[data_key] = common.load_images(data_key[0], data_key[1], train=False)
+        data_cache[data_key] = load_images(data_key[0], data_key[1], train=False)
     return data_cache[data_key]
 
 
 @torch.no_grad()
-def image_figures(model: VAE, images: torch.Tensor, labels: torch.Tensor, dataset: str, args, epoch: int,
-                  fig_dir: Path, run_seed: int) -> list[str]:
+def image_figures(model: VAE, images: torch.Tensor, labels: torch.Tensor, args, run: dict, fig_dir: Path) -> list[str]:
     """reconstructions.png, samples.png and interpolation.png of one run; returns their names."""
+    epoch, run_seed = run["ckpt"]["epoch"], run["args"]["seed"]
     x = to_float(images[:args.n_recon])
-    figures.save_figure(plot_reconstructions(x, model(x)[0], f"Test images and their reconstructions at epoch {epoch} "
-                                             f"(decoder mean at z = mu)"), fig_dir / "reconstructions.png")
+    recon = model(x)[0]
+    rows = [row for i in range(0, len(x), 8) for row in (("test\nimages", x[i:i + 8]),
+                                                          ("recon-\nstructions", recon[i:i + 8]))]
+    figures.save_figure(figures.image_rows(rows, f"Test images and their reconstructions at epoch {epoch} (decoder "
+                                                 f"mean at z = mu)"), fig_dir / "reconstructions.png")
     # The run's own fixed z (vae_train.py draws it from the run's --seed), so samples.png continues the
     # samples/epoch_NNN.png grids of training: the same 64 points of the prior, decoded by the newest checkpoint.
     z = prior_noise(64, model.latent_dim, run_seed).to(images.device)
@@ -385,8 +327,8 @@ def image_figures(model: VAE, images: torch.Tensor, labels: torch.Tensor, datase
     ts = torch.linspace(0, 1, args.interp_steps, device=images.device)
     z_line = (1 - ts[:, None]) * mu_ends[0] + ts[:, None] * mu_ends[1]  # [steps, d]
     strip = torch.cat([to_float(images[[i]]), torch.sigmoid(model.decoder(z_line)), to_float(images[[j]])])
-    legend_title = "digit" if dataset == "mnist" else "class"
-    names = tuple(f"{legend_title} {CLASS_NAMES[dataset][int(labels[index])]}" for index in (i, j))
+    word, class_names = CLASSES[run["args"]["dataset"]]
+    names = tuple(f"{word} {class_names[int(labels[index])]}" for index in (i, j))
     figures.save_figure(plot_interpolation(strip, (i, j), names, ts, f"Decoded points on the line in z between two "
                                            f"latent means, epoch {epoch}"), fig_dir / "interpolation.png")
     return ["reconstructions.png", "samples.png", "interpolation.png"]
@@ -397,23 +339,20 @@ def tsne_figure(model: VAE, images: torch.Tensor, labels: torch.Tensor, dataset:
     """tsne.png: t-SNE of the latent means of --tsne-points test images; returns how many points it used."""
     n_points = min(args.tsne_points, len(images))
     if args.perplexity >= n_points:
-        raise common.UserError(f"--perplexity {args.perplexity:g} must be below the number of t-SNE points "
-                               f"({n_points}); lower it or raise --tsne-points")
+        raise UserError(f"--perplexity {args.perplexity:g} must be below the number of t-SNE points ({n_points}); "
+                        f"lower it or raise --tsne-points")
     chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))[:n_points]
     means = latent_means(model, images[chosen.to(images.device)]).numpy()
     print(f"  t-SNE of {n_points:,} latent means", flush=True)
-    with common.progress.still_running("t-SNE"):
+    with still_running("t-SNE"):
         points = TSNE(n_components=2, perplexity=args.perplexity, init="pca", learning_rate="auto",
                       random_state=args.seed).fit_transform(means)
-    legend_title = "digit" if dataset == "mnist" else "class"
-    figures.save_figure(plot_tsne(points, labels[chosen].numpy(), CLASS_NAMES[dataset], legend_title,
+    figures.save_figure(plot_tsne(points, labels[chosen].numpy(), dataset,
                                   f"t-SNE of the {model.latent_dim}-d latent means of {n_points:,} test images at "
                                   f"epoch {epoch}\n(perplexity {args.perplexity:g})"), fig_dir / "tsne.png")
     return n_points
 
 
-COMPARISON_COLUMNS = ["label", "beta", "arch", "latent_dim", "epoch", "images_seen", "test_neg_elbo", "test_recon",
-                      "test_kl", "iw_log_likelihood", "iw_samples", "status", "run_dir"]
 N_COMPARED_IMAGES = 10   # test images in the side-by-side reconstructions
 N_COMPARED_SAMPLES = 16  # prior samples per run in the side-by-side samples (4 x 4)
 
@@ -423,14 +362,14 @@ def prior_noise(n: int, latent_dim: int, seed: int) -> torch.Tensor:
     return torch.randn((n, latent_dim), generator=torch.Generator().manual_seed(seed))
 
 
-def write_comparison(runs: list[dict], infos: list[experiments.RunInfo], summaries: list[dict], out: Path,
-                     args, device: torch.device, data_cache: dict) -> list[dict]:
+def write_comparison(runs: list[dict], summaries: list[dict], out: Path, args, device: torch.device,
+                     data_cache: dict) -> list[dict]:
     """The comparison figures, table (summary.csv, summary.json) and printed table in `out`; returns the rows."""
     out.mkdir(parents=True, exist_ok=True)
+    infos = [run["info"] for run in runs]
     labels = experiments.run_labels(infos)  # titles say what is shown; which runs, the report's captions
     figures.save_figure(sweep_figures.plot_comparison_curves(infos, labels, "The bound at beta = 1 and its terms: "
-                                                             "train (top), test (bottom)"),
-                        out / "loss_curves.png")
+                                                             "train (top), test (bottom)"), out / "loss_curves.png")
 
     data_keys = {(run["args"]["dataset"], args.data_dir or run["args"]["data_dir"]) for run in runs}
     if len({key[0] for key in data_keys}) == 1:
@@ -446,10 +385,10 @@ def write_comparison(runs: list[dict], infos: list[experiments.RunInfo], summari
         epochs = sorted({summary["epoch"] for summary in summaries})
         at = f"epoch {epochs[0]}" if len(epochs) == 1 else "each run's newest checkpoint"
         title = f"The same test images (top row) reconstructed by each run ({at})"
-        figures.save_figure(sweep_figures.plot_comparison_reconstructions(x, recons, labels, title),
+        figures.save_figure(figures.image_rows([("test images", x), *zip(labels, recons)], title),
                             out / "reconstructions.png")
         title = f"Samples of each run's decoder from the same z ~ N(0, I) ({at})"
-        figures.save_figure(sweep_figures.plot_comparison_samples(samples, labels, title), out / "samples.png")
+        figures.save_figure(figures.image_panels(list(zip(labels, samples)), 4, title), out / "samples.png")
     else:
         print("note: the runs were trained on different data sets: no side-by-side reconstructions or samples",
               flush=True)
@@ -462,8 +401,7 @@ def write_comparison(runs: list[dict], infos: list[experiments.RunInfo], summari
                      "test_recon": summary["test_recon"], "test_kl": summary["test_kl"],
                      "iw_log_likelihood": summary["iw_log_likelihood"], "iw_samples": summary["iw_samples"],
                      "status": info.status(), "run_dir": summary["run_dir"]})
-    common.write_csv(out / "summary.csv", COMPARISON_COLUMNS, rows)
-    common.atomic_write_text(out / "summary.json", json.dumps(rows, indent=2) + "\n")
+    figures.write_table(out, rows, rows)
     width = max(len(label) for label in labels)
     print(f"\n{'run':<{width}}  epoch  images seen  test -ELBO  recon    KL     IW log p(x)   (nats per image)")
     for row in rows:
@@ -475,10 +413,7 @@ def write_comparison(runs: list[dict], infos: list[experiments.RunInfo], summari
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.iw_samples < 1 or args.tsne_points < 2 or args.interp_steps < 2 or args.n_recon < 1:
-        raise common.UserError("--iw-samples and --n-recon must be at least 1, "
-                               "--tsne-points and --interp-steps at least 2")
-    device = common.pick_device(args.device)
+    device = pick_device(args.device)
     infos = experiments.collect_runs(args.run_dirs, "vae", log=lambda msg: print(msg, flush=True))
     runs = [read_run(info.dir) for info in infos]  # every folder checked before any slow work
     print("analyze_vae: " + json.dumps({k: v for k, v in vars(args).items() if k != "run_dirs"}), flush=True)
@@ -486,9 +421,9 @@ def main(argv=None) -> int:
     summaries = [analyze_run(run, args, device, data_cache) for run in runs]
     if len(runs) > 1:
         out = Path(args.out) if args.out else experiments.default_compare_dir(infos, "vae")
-        write_comparison(runs, infos, summaries, out, args, device, data_cache)
+        write_comparison(runs, summaries, out, args, device, data_cache)
     return 0
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

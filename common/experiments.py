@@ -92,21 +92,14 @@ class RunInfo:
             return f"finished, {self.export.get('epoch', planned)} epochs"
         return f"unfinished: {self.epochs_done} of {planned} epochs"
 
-    def train_images(self) -> int | None:
-        """Training images per epoch from config.json (None for --dataset folder: the count is not recorded)."""
-        size = DATASET_SIZES.get(self.args.get("dataset", "mnist"))
-        limit = self.args.get("train_limit") or 0
-        if size is None:
-            return None
-        return min(size, limit) if limit else size
-
     def images_seen(self) -> list[float] | None:
         """Training images seen at the end of each metrics.csv row: the images_seen column when the run wrote it,
-        else epoch x training images; None when neither is known."""
+        else epoch x training images; None when neither is known (--dataset folder records no count)."""
         column = [row.get("images_seen", math.nan) for row in self.metrics]
         if column and all(math.isfinite(v) for v in column):
             return column
-        per_epoch = self.train_images()
+        size = DATASET_SIZES.get(self.args.get("dataset", "mnist"))
+        per_epoch = min(size, self.args.get("train_limit") or size) if size else None
         return None if per_epoch is None else [row["epoch"] * per_epoch for row in self.metrics]
 
     def total_images_seen(self) -> float:
@@ -319,10 +312,18 @@ def counted_run(runs_root, script: str, explicit=None, how_to_name: str = "", lo
     newer = [r for r in finished if r.started > run.started]
     if newer:
         newest = newer[-1]
-        shown = newest.dir.relative_to(Path.cwd()) if newest.dir.is_relative_to(Path.cwd()) else newest.dir
         log(f"note: not chosen: {newest.name}, newer but shorter ({newest.total_images_seen():,.0f} training images "
-            f"seen, against {run.total_images_seen():,.0f}); to use it: {how_to_name}={shlex.quote(str(shown))}")
+            f"seen, against {run.total_images_seen():,.0f}); to use it: "
+            f"{how_to_name}={shlex.quote(shown_path(newest.dir))}")
     return run, f"the longest finished {script} run not in a sweep ({run.total_images_seen():,.0f} training images)"
+
+
+def shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it is below it (a command to copy), else as it is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def compare_dir(runs_root, name: str) -> Path:

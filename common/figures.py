@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from matplotlib.figure import Figure  # no pyplot: Figure.savefig draws PNGs wit
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from .files import atomic_path
+from .files import atomic_path, atomic_write_text, write_csv
 
 GRID_PADDING = 2      # torchvision.utils.save_image's default, used by dcgan_train.save_samples
 GRID_COLUMNS = 8      # ... with nrow=8
@@ -65,8 +64,18 @@ def save_figure(fig: Figure, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def integer_epochs(ax) -> None:
+def one_panel(height: float = 4.2, width: float = 7.5) -> tuple[Figure, object]:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots()
+
+
+def epoch_axis(ax, legend: bool = True) -> None:
+    """A one-run figure's x axis in whole epochs, a light grid and (legend=True) the legend in the axes."""
+    ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=9)
 
 
 def grid_cells(path: Path, image_size: int) -> np.ndarray:
@@ -105,15 +114,6 @@ def spread(values: list, n: int) -> list:
                   key=values.index)
 
 
-def panel_layout(n: int) -> tuple[int, int]:
-    cols = n if n <= 2 else 2 if n == 4 else 3
-    return math.ceil(n / cols), cols
-
-
-def wrapped(label: str, width: int = 34) -> str:
-    return textwrap.fill(label, width)
-
-
 def sample_grids(run_dir: Path) -> dict[int, Path]:
     return {int(p.stem.split("_")[1]): p for p in sorted((run_dir / "samples").glob("epoch_*.png"))}
 
@@ -123,17 +123,42 @@ def image_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
     return make_grid(images.cpu(), nrow=nrow, padding=2, pad_value=1.0)[0].numpy()
 
 
+def image_rows(rows: list[tuple[str, torch.Tensor]], title: str) -> Figure:
+    """One row of grey images ([N, 1, H, W] in [0, 1]) per (label, images), the label left of it."""
+    n_cols = max(len(images) for _, images in rows)
+    fig = Figure(figsize=(n_cols * 0.8 + 1.7, len(rows) * 0.9 + 0.6), layout="constrained")
+    for ax, (label, images) in zip(fig.subplots(len(rows), 1, squeeze=False)[:, 0], rows):
+        ax.imshow(image_grid(images, n_cols), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=11)
+    fig.suptitle(title)
+    return fig
+
+
+def image_panels(panels: list[tuple[str, torch.Tensor]], nrow: int, title: str, inches: float = 2.3) -> Figure:
+    """Side by side, one square panel of grey images in rows of nrow per (label, images)."""
+    fig = Figure(figsize=(inches * len(panels) + 0.4, inches + 0.6), layout="constrained")
+    for ax, (label, images) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        ax.imshow(image_grid(images, nrow), cmap="gray", vmin=0, vmax=1)
+        ax.axis("off")
+        ax.set_title(label, fontsize=11)
+    fig.suptitle(title)
+    return fig
+
+
 def analysis_key(made_from: dict, options: dict, code: list[Path]) -> str:
     """What a run's figures and summary.json depend on, as one string: the run's state (`made_from`: its newest
-    checkpoint's global step, the rows of its CSVs, ...), the analysis options, and the analysis code itself."""
+    checkpoint's global step, the rows of its CSVs, ...), the analysis options, and the analysis code itself (`code`
+    and the figure modules)."""
     digest = hashlib.sha256()
-    for path in code:
+    for path in [*code, __file__, Path(__file__).with_name("sweep_figures.py")]:
         digest.update(Path(path).read_bytes())
     return json.dumps({"made_from": made_from, "options": options, "code": digest.hexdigest()[:16]}, sort_keys=True,
                       default=str)
 
 
-def reusable_summary(fig_dir: Path, key: str) -> dict | None:
+def reusable_summary(fig_dir: Path, key: str, log=print) -> dict | None:
     """figures/summary.json from an earlier analysis with the same key, when the figures it lists are all there."""
     try:
         summary = json.loads((fig_dir / "summary.json").read_text())
@@ -141,4 +166,11 @@ def reusable_summary(fig_dir: Path, key: str) -> dict | None:
         return None
     if summary.get("analysis_key") != key or not all((fig_dir / name).exists() for name in summary["figures"]):
         return None
+    log(f"figures and numbers reused from {fig_dir / 'summary.json'}: the same checkpoints, options and analysis code")
     return summary
+
+
+def write_table(out_dir: Path, rows: list[dict], as_json) -> None:
+    """A comparison's summary.csv (a column per key of the rows) and summary.json (`as_json`)."""
+    write_csv(out_dir / "summary.csv", list(rows[0]), rows)
+    atomic_write_text(out_dir / "summary.json", json.dumps(as_json, indent=2, sort_keys=True, default=str) + "\n")

@@ -1,69 +1,46 @@
 """Figures that put runs side by side (a sweep, or any runs named together): data in, a Figure out. The analysis
 scripts gather the data (metrics, samples from the same noise) and write the figures; labels come from the settings
-that differ (experiments.differing_labels), the x axis from experiments.x_axis.
+that differ (experiments.run_labels), the x axis from experiments.x_axis.
 
-VAE: the test bound and its terms, reconstructions of the same test images, samples from the same z.
+VAE: the bound and its terms (figures.image_rows and image_panels show reconstructions and samples side by side).
 DCGAN: D and G losses, D's outputs, the last fixed-noise grids, their progression, diversity and quality per epoch.
 """
 from __future__ import annotations
 
 import math
+import textwrap
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure  # no pyplot: Figure.savefig draws PNGs with Agg and sets no global backend
 
 from . import experiments, figures
 
 
-def plot_comparison_curves(infos: list[experiments.RunInfo], labels: list[str], title: str) -> Figure:
-    """The negative ELBO at beta = 1 (recon + KL: the bound every run is judged by, whatever beta it was trained
-    with), its reconstruction and KL terms; train (top row: means over each epoch's steps) and test (bottom row: at
-    each epoch's end); one line per run, in the same colour in every panel."""
+VAE_PANELS = {"elbo": "-ELBO at beta = 1 (recon + KL)", "loss": "total (recon + beta * KL)",
+              "recon": "reconstruction NLL", "kl": "KL(q(z|x) || p(z))"}
+
+
+def plot_comparison_curves(infos: list[experiments.RunInfo], labels: list[str], title: str,
+                           total: str = "elbo") -> Figure:
+    """A VAE's bound and its reconstruction and KL terms; train (top row: means over each epoch's steps) and test
+    (bottom row: at each epoch's end); one line per run, in the same colour in every panel. The bound: total="elbo",
+    the negative ELBO at beta = 1, which every run is judged by whatever beta it was trained with; "loss", the
+    beta-weighted objective one run was trained on."""
     x_name, xs = experiments.x_axis(infos)
-    panels = [("-ELBO at beta = 1 (recon + KL)", lambda rows, split: [r[f"{split}_recon"] + r[f"{split}_kl"]
-                                                                      for r in rows]),
-              ("reconstruction NLL", lambda rows, split: [r[f"{split}_recon"] for r in rows]),
-              ("KL(q(z|x) || p(z))", lambda rows, split: [r[f"{split}_kl"] for r in rows])]
     fig = Figure(figsize=(10, 6.8), layout="constrained")
     axes = fig.subplots(2, 3, sharex=True)  # each panel its own y range: epoch 1's train mean is often far above
     for row, split in enumerate(("train", "test")):
-        for ax, (name, values) in zip(axes[row], panels):
+        for ax, key in zip(axes[row], (total, "recon", "kl")):
             for i, (info, label, x) in enumerate(zip(infos, labels, xs)):
-                ax.plot(x, values(info.metrics, split), marker="o", markersize=3, color=f"C{i}", label=label)
-            ax.set(title=f"{split}: {name}", ylabel="nats per image")
+                values = [r[f"{split}_recon"] + r[f"{split}_kl"] if key == "elbo" else r[f"{split}_{key}"]
+                          for r in info.metrics]
+                ax.plot(x, values, marker="o", markersize=3, color=f"C{i}", label=label)
+            ax.set(title=f"{split}: {VAE_PANELS[key]}", ylabel="nats per image")
             ax.grid(alpha=0.3)
             if row == 1:
                 experiments.label_x_axis(ax, x_name)
     fig.suptitle(title)
     experiments.legend_below(fig, n_columns=4)
-    return fig
-
-
-def plot_comparison_reconstructions(x: torch.Tensor, recons: list[torch.Tensor], labels: list[str],
-                                    title: str) -> Figure:
-    """The same test images (top row), then each run's reconstructions of them, one labelled row per run."""
-    rows = [("test images", x)] + list(zip(labels, recons))
-    fig = Figure(figsize=(len(x) * 0.75 + 1.8, len(rows) * 0.82 + 0.7), layout="constrained")
-    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
-    for ax, (name, images) in zip(axes, rows):
-        ax.imshow(figures.image_grid(images, len(images)), cmap="gray", vmin=0, vmax=1)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=11)
-    fig.suptitle(title)
-    return fig
-
-
-def plot_comparison_samples(samples: list[torch.Tensor], labels: list[str], title: str) -> Figure:
-    """Each run's decoder on the same z, one 4 x 4 panel per run, side by side."""
-    fig = Figure(figsize=(2.3 * len(samples) + 0.4, 2.9), layout="constrained")
-    axes = fig.subplots(1, len(samples), squeeze=False)[0]
-    for ax, images, label in zip(axes, samples, labels):
-        ax.imshow(figures.image_grid(images, 4), cmap="gray", vmin=0, vmax=1)
-        ax.axis("off")
-        ax.set_title(label, fontsize=11)
-    fig.suptitle(title)
     return fig
 
 
@@ -116,53 +93,51 @@ def compare_d_outputs(runs, labels, x_name, xs, title: str) -> Figure | None:
     return fig
 
 
-def compare_samples(runs, labels, title: str, rows: int = 4, cols: int = 6) -> Figure | None:
-    """Each run's last fixed-noise grid (its first rows x cols cells), one panel per run, same noise positions."""
+def grid_panels(runs, labels, title: str, panel_size: tuple[float, float]) -> tuple[Figure | None, list[tuple]]:
+    """A figure with a panel (up to 3 a row; 4 as 2 x 2) for each run that saved sample grids, and the panels as
+    (run, label, grids {epoch: path}, axes); (None, []) when no run has a grid."""
     have = [(run, label, figures.sample_grids(run.dir)) for run, label in zip(runs, labels)]
     have = [(run, label, grids) for run, label, grids in have if grids]
     if not have:
-        return None
-    n_rows, n_cols = figures.panel_layout(len(have))
-    fig = Figure(figsize=(3.7 * n_cols, 2.9 * n_rows + 0.4), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(n_rows, n_cols, squeeze=False)).ravel()
-    for ax, (run, label, grids) in zip(axes, have):
+        return None, []
+    n_cols = len(have) if len(have) <= 2 else 2 if len(have) == 4 else 3
+    n_rows = math.ceil(len(have) / n_cols)
+    fig = Figure(figsize=(panel_size[0] * n_cols, panel_size[1] * n_rows + 0.4), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax in axes[len(have):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig, [(*run, ax) for run, ax in zip(have, axes)]
+
+
+def compare_samples(runs, labels, title: str, rows: int = 4, cols: int = 6) -> Figure | None:
+    """Each run's last fixed-noise grid (its first rows x cols cells), one panel per run, same noise positions."""
+    fig, panels = grid_panels(runs, labels, title, (3.7, 2.9))
+    for run, label, grids, ax in panels:
         last = max(grids)
         cells = figures.grid_cells(grids[last], run.args["image_size"])[:rows * figures.GRID_COLUMNS]
         cells = cells.reshape(-1, figures.GRID_COLUMNS, *cells.shape[1:])[:, :cols]
         ax.imshow(figures.mosaic(list(cells)))
         ax.set_axis_off()
-        ax.set_title(f"{figures.wrapped(label)}\n(epoch {last})", fontsize=10)
-    for ax in axes[len(have):]:
-        ax.set_visible(False)
-    fig.suptitle(title)
+        ax.set_title(f"{textwrap.fill(label, 34)}\n(epoch {last})", fontsize=10)
     return fig
 
 
 def compare_progression(runs, labels, title: str, n_epochs: int = 4, n_noise: int = 5) -> Figure | None:
     """Per run, one panel: rows are evenly spaced epochs, columns the first n_noise fixed noise vectors."""
-    have = [(run, label, figures.sample_grids(run.dir)) for run, label in zip(runs, labels)]
-    have = [(run, label, grids) for run, label, grids in have if grids]
-    if not have:
-        return None
-    n_rows, n_cols = figures.panel_layout(len(have))
-    shown = max(min(n_epochs, len(grids)) for _, _, grids in have)  # rows of the tallest panel
-    fig = Figure(figsize=(4.2 * n_cols, (0.7 * shown + 0.6) * n_rows + 0.4), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(n_rows, n_cols, squeeze=False)).ravel()
-    for ax, (run, label, grids) in zip(axes, have):
+    shown = max([min(n_epochs, len(figures.sample_grids(run.dir))) for run in runs])  # rows of the tallest panel
+    fig, panels = grid_panels(runs, labels, title, (4.2, 0.7 * shown + 0.6))
+    for run, label, grids, ax in panels:
         chosen = figures.spread(sorted(grids), n_epochs)
         size = run.args["image_size"]
         ax.imshow(figures.mosaic([figures.grid_cells(grids[e], size)[:n_noise] for e in chosen]))
         figures.label_rows(ax, [f"epoch {e}" for e in chosen], size, fontsize=9)
-        ax.set_title(figures.wrapped(label), fontsize=10)
-    for ax in axes[len(have):]:
-        ax.set_visible(False)
-    fig.suptitle(title)
+        ax.set_title(textwrap.fill(label, 34), fontsize=10)
     return fig
 
 
 def compare_diversity(runs, labels, summaries, x_name, title: str) -> Figure:
-    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
-    ax = fig.subplots()
+    fig, ax = figures.one_panel(height=4.8)
     for i, (run, label, summary) in enumerate(zip(runs, labels, summaries)):
         per_epoch = summary.get("diversity", {}).get("per_epoch", {})
         at = epochs_to_images(run, x_name)
@@ -194,7 +169,7 @@ def compare_quality(runs, labels, summaries, x_name) -> Figure | None:
     if not panels:
         return None
     fig = Figure(figsize=(4.6 * len(panels) + 1.5, 4.6), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (kind, name, ylabel) in zip(axes, panels):
         for i in (with_fid if kind == "fid" else with_milestones):
             at = epochs_to_images(runs[i], x_name)
@@ -208,6 +183,7 @@ def compare_quality(runs, labels, summaries, x_name) -> Figure | None:
         ax.set(title=name, ylabel=ylabel)
         experiments.label_x_axis(ax, x_name)
         ax.grid(alpha=0.3)
-    fig.suptitle(" and ".join(name for _, name, _ in panels))
+    if len(panels) > 1:  # one panel's title is the figure's
+        fig.suptitle(" and ".join(name for _, name, _ in panels))
     experiments.legend_below(fig)
     return fig
