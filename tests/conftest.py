@@ -4,7 +4,7 @@ The data sets (tiny_data.py) are small enough that a whole training run takes se
 exactly as torchvision expects them (IDX files for MNIST, pickled batches for CIFAR-10), so the real loaders run.
 
 run_script runs a script's main() in this process (a new Python spends ~4 s of CPU importing torch), through
-common.run_main as `python SCRIPT` does, and puts back what a run changes; `in_process=False` starts a real process
+errors.run_main as `python SCRIPT` does, and puts back what a run changes; `in_process=False` starts a real process
 for the tests that need one: signals from outside, SIGKILL, a lock held by another process, the SLURM scripts,
 torchrun, a read-only mount, stderr as a fresh interpreter writes it.
 """
@@ -121,7 +121,7 @@ def run_script(script: str, *args, check: bool = True, timeout: float = 300, cwd
     """Run one of the repo's scripts (`vae_train.py`, `tools/bench.py`, ...) with `args` as a user would, with the
     test environment; return the finished run as a subprocess.CompletedProcess (returncode, stdout, stderr).
 
-    By default in this process: common.run_main(module.main, argv), its exit code caught, stdout and stderr captured
+    By default in this process: errors.run_main(module.main, argv), its exit code caught, stdout and stderr captured
     and the state a run may change put back (in_process() below), which saves the ~5 s of a new Python importing
     torch. `in_process=False` starts a real process, for what needs one: a signal from outside, SIGKILL, a lock
     held by another process, an environment read at import time. `env`: variables to set (None: to unset) for
@@ -212,10 +212,10 @@ def _time_up(signum, frame):
 
 def run_in_process(script: str, argv: list[str], cwd=None, env: dict | None = None,
                    timeout: float | None = None) -> subprocess.CompletedProcess:
-    """common.run_main(module.main, argv) in this process, as `python script argv...` would run it: the exit code
+    """errors.run_main(module.main, argv) in this process, as `python script argv...` would run it: the exit code
     (SystemExit), what it printed on stdout and stderr, and for an uncaught exception the traceback on stderr and
     exit 1, as Python prints and exits. Past `timeout` seconds (SIGALRM), subprocess.TimeoutExpired."""
-    import common
+    from common.errors import run_main
 
     module = script_module(script)
     command = [str(REPO / script), *argv]
@@ -227,7 +227,7 @@ def run_in_process(script: str, argv: list[str], cwd=None, env: dict | None = No
             if timeout:
                 signal.setitimer(signal.ITIMER_REAL, timeout)
             try:
-                common.run_main(module.main, argv)
+                run_main(module.main, argv)
                 returncode = 0
             except SystemExit as stop:
                 if stop.code is None or isinstance(stop.code, int):
@@ -284,7 +284,7 @@ def sigterm_to_this_process() -> None:
 _SIGNAL_WRAPPER = """
 import functools, importlib, os, signal, sys
 sys.path.insert(0, {repo!r})
-import common
+from common.errors import run_main
 script = importlib.import_module({script!r})
 owner_path, attr = {target!r}.rsplit(".", 1)
 parts = owner_path.split(".")
@@ -299,7 +299,7 @@ def wrapped(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
     return original(*args, **kwargs)
 setattr(owner, attr, wrapped)
-common.run_main(script.main, sys.argv[1:])
+run_main(script.main, sys.argv[1:])
 """
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import analyze_gan
-import common
 from common import experiments, figures, sweep_figures
+from common.errors import UserError
 from conftest import run_script
 
 TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--log-every", "3", "--ckpt-every-min", "1000"]
@@ -48,7 +48,7 @@ def test_export_of_a_milestone_equals_the_export_of_a_run_that_stopped_there(run
 
 
 def test_export_of_a_missing_milestone_names_the_ones_there(runs):
-    with pytest.raises(common.UserError, match=r"no checkpoints/epoch-007.pt; milestone epochs there: 1, 2"):
+    with pytest.raises(UserError, match=r"no checkpoints/epoch-007.pt; milestone epochs there: 1, 2"):
         analyze_gan.main([str(runs["bce2"]), "--export-epoch", "7"])
 
 

@@ -14,8 +14,10 @@ from torch.distributions import Normal
 from conftest import run_script
 
 import analyze_vae
-import common
 from common import experiments, sweep_figures
+from common.data import load_images
+from common.errors import EXIT_USER_ERROR, UserError
+from common.readers import read_metrics_csv
 from vae_train import VAE, to_float, vae_terms
 
 FIGURES = ["loss_curves.png", "reconstructions.png", "samples.png", "tsne.png", "interpolation.png"]
@@ -152,7 +154,7 @@ def test_iw_is_exact_when_q_is_the_prior_and_the_decoder_ignores_z():
 def test_iw_with_one_sample_is_an_elbo_estimate(runs, mnist_dir):
     run = analyze_vae.read_run(runs["dirs"][0])
     model = analyze_vae.load_model(run, torch.device("cpu"))
-    images, _ = common.load_images("mnist", mnist_dir, train=False)
+    images, _ = load_images("mnist", mnist_dir, train=False)
     iw_1, elbo_1 = analyze_vae.importance_weighted_ll(model, images, 1, seed=0)
     assert iw_1 == pytest.approx(elbo_1, abs=1e-6)  # logsumexp of one term, minus log 1
     # The training loss's ELBO on the same noise (the 100 images fit one batch, so eps is the first draw of the
@@ -170,28 +172,28 @@ def test_interpolation_ends_by_class_and_index():
     assert analyze_vae.interpolation_pair(labels, None, (7, 3)) == (1, 0)
     assert analyze_vae.interpolation_pair(labels, None, (3, 3)) == (0, 2)
     assert analyze_vae.interpolation_pair(labels, (2, 3), None) == (2, 3)
-    with pytest.raises(common.UserError, match="class 5"):
+    with pytest.raises(UserError, match="class 5"):
         analyze_vae.interpolation_pair(labels, None, (3, 5))
-    with pytest.raises(common.UserError, match="not a test-set index"):
+    with pytest.raises(UserError, match="not a test-set index"):
         analyze_vae.interpolation_pair(labels, (0, 4), None)
 
 
 def test_bad_run_dir_is_one_clear_error(tmp_path):
     proc = run_script("analyze_vae.py", tmp_path, check=False)
-    assert proc.returncode == common.EXIT_USER_ERROR
+    assert proc.returncode == EXIT_USER_ERROR
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "config.json" in lines[0], proc.stderr
 
 
 def test_folders_that_are_not_finished_vae_runs_are_refused(tmp_path):
-    with pytest.raises(common.UserError, match="no such run folder"):
+    with pytest.raises(UserError, match="no such run folder"):
         analyze_vae.read_run(str(tmp_path / "missing"))
     (tmp_path / "config.json").write_text(json.dumps({"script": "dcgan", "args": {}}))
-    with pytest.raises(common.UserError, match="not a VAE run"):
+    with pytest.raises(UserError, match="not a VAE run"):
         analyze_vae.read_run(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"script": "vae", "args": {}}))
-    with pytest.raises(common.UserError, match="no checkpoint yet"):
+    with pytest.raises(UserError, match="no checkpoint yet"):
         analyze_vae.read_run(str(tmp_path))
 
 
@@ -199,4 +201,4 @@ def test_metrics_row_being_appended_by_a_live_run_is_skipped(tmp_path):
     path = tmp_path / "metrics.csv"
     for partial_row in ("2,120.0,11", "2,120.0\n"):  # cut mid-number before the newline; a field short
         path.write_text("epoch,train_loss,test_loss\n1,180.5,150.25\n" + partial_row)
-        assert common.read_metrics_csv(path) == [{"epoch": 1.0, "train_loss": 180.5, "test_loss": 150.25}]
+        assert read_metrics_csv(path) == [{"epoch": 1.0, "train_loss": 180.5, "test_loss": 150.25}]

@@ -16,7 +16,7 @@ import torch.nn as nn
 from conftest import VAE_THAT_LEARNS, run_script
 
 import check_submission
-import common
+from common.errors import UserError
 import dcgan_train
 
 TINY_GAN = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--epochs", "1", "--ckpt-every-min", "1000"]
@@ -133,7 +133,7 @@ def test_a_sweep_member_is_refused_unless_named(runs_root, tmp_path, capsys):
     root.mkdir()
     member = copy_as_sweep_member((runs_root / "latest-vae").resolve(), root / "20250101-000000-vae-beta4")
     shutil.copytree((runs_root / "latest-dcgan").resolve(), root / "20250101-000001-dcgan")
-    with pytest.raises(common.UserError, match="no finished vae run .* not a sweep member.*make submission VAE_RUN="):
+    with pytest.raises(UserError, match="no finished vae run .* not a sweep member.*make submission VAE_RUN="):
         check_submission.main(["--runs-root", str(root)])
     code = check_submission.main(["--runs-root", str(root), "--vae-run", str(member), "--n-images", "10"])
     out = capsys.readouterr().out
@@ -151,7 +151,7 @@ def test_zip_into_a_missing_folder_makes_it(check, good_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout
     assert f"made the folder {target.parent} for --zip" in proc.stdout and zipfile.is_zipfile(target)
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(common.UserError, match="cannot create the folder"):
+    with pytest.raises(UserError, match="cannot create the folder"):
         check_submission.main([str(good_dir), "--zip", str(tmp_path / "a-file" / "CW2.zip")])
 
 
@@ -278,7 +278,7 @@ def test_command_line_exit_codes(good_dir, bad_dir, tmp_path):
     assert proc.returncode == 1 and "FAIL  DCGAN_model_G.pth" in proc.stdout
     proc = run_script("check_submission.py", tmp_path / "nowhere", check=False)
     assert proc.returncode == 2 and "no such folder" in proc.stderr and "Traceback" not in proc.stderr
-    with pytest.raises(common.UserError, match="--figures is only used with --zip"):
+    with pytest.raises(UserError, match="--figures is only used with --zip"):
         check_submission.main([str(good_dir), "--figures", str(tmp_path)])
 
 

@@ -15,9 +15,10 @@ import torch.nn as nn
 from PIL import Image
 
 import analyze_gan
-import common
-import dcgan_train
 from common import gan_metrics
+from common.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from common.readers import list_checkpoints
+import dcgan_train
 from conftest import hook_calls, run_script, run_with_signal, sigterm_to_this_process
 from hostile import KILL, after_call, run_patched, same_tensors
 from tiny_data import synthetic_digits
@@ -36,7 +37,7 @@ def read_rows(path):
 
 
 def final_checkpoint(run_dir):
-    return torch.load(common.list_checkpoints(run_dir)[0], map_location="cpu", weights_only=True)
+    return torch.load(list_checkpoints(run_dir)[0], map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_kill_and_sigterm_mid_epoch_then_resume_equals_uninterrupted(cifar_dir, 
     with pytest.MonkeyPatch.context() as patch:
         hook_calls(patch, "torch.optim.Adam.step", 4, action=sigterm_after)
         proc = run_script("dcgan_train.py", *args, "--run-dir", resumed, check=False)
-    assert proc.returncode == common.EXIT_PREEMPTED, proc.stderr[-2000:]
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-2000:]
     assert "stopped by SIGTERM" in proc.stdout
     assert final_checkpoint(resumed)["global_step"] == 9
     assert not (resumed / "DCGAN_model_G.pth").exists()
@@ -143,10 +144,10 @@ def test_non_finite_loss_stops_without_saving(cifar_dir, tmp_path, monkeypatch):
     hook_calls(monkeypatch, "dcgan_train.d_loss", 10, lambda loss: loss * float("nan"))
     proc = run_script("dcgan_train.py", "--data-dir", cifar_dir, "--run-dir", run_dir, "--epochs", 2, *TINY,
                       check=False)
-    assert proc.returncode == common.EXIT_USER_ERROR
+    assert proc.returncode == EXIT_USER_ERROR
     assert "non-finite loss at epoch 2, steps 4-6" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert [p.name for p in common.list_checkpoints(run_dir)] == ["step-0000000006.pt"]
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-0000000006.pt"]
     assert final_checkpoint(run_dir)["epoch"] == 1
     assert not (run_dir / "DCGAN_model_G.pth").exists()
 
@@ -156,7 +157,7 @@ def test_refuses_more_than_25m_parameters(cifar_dir, tmp_path):
     n_params = dcgan_train.count_params(dcgan_train.build_parser().parse_args(flags))
     assert n_params > dcgan_train.MAX_PARAMS
     # In-process is safe here: the refusal comes before common.Run installs signal handlers or takes a lock.
-    with pytest.raises(common.UserError, match=f"{n_params:,} parameters"):
+    with pytest.raises(UserError, match=f"{n_params:,} parameters"):
         dcgan_train.main(["--data-dir", str(cifar_dir), "--runs-root", str(tmp_path), *flags])
     assert list(tmp_path.iterdir()) == []  # refused before any run folder is made
 
@@ -187,7 +188,7 @@ def test_folder_dataset_resizes_and_crops(tmp_path):
     assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
     assert (images[:, :, :, 0] < 100).all() and (images[:, :, :, -1] > 150).all()
     args.data_dir = str(tmp_path / "missing")
-    with pytest.raises(common.UserError, match="no images under"):
+    with pytest.raises(UserError, match="no images under"):
         dcgan_train.load_training_images(args)
 
 
@@ -268,7 +269,7 @@ def test_analyze_works_on_a_run_in_progress(cifar_dir, tmp_path):
     run_dir = tmp_path / "run"
     proc = run_with_signal("dcgan_train.py", "torch.optim.Adam.step", 20, "--data-dir", cifar_dir, "--run-dir",
                            run_dir, "--epochs", 3, *TINY, in_process=True)
-    assert proc.returncode == common.EXIT_PREEMPTED, proc.stderr[-2000:]
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-2000:]
     analyze_gan.main([str(run_dir)])
     summary = json.loads((run_dir / "figures" / "summary.json").read_text())
     assert summary["epochs_done"] == 1 and summary["checkpoint"]["global_step"] == 10

@@ -10,7 +10,8 @@ import torch
 
 from conftest import REPO, _SIGNAL_WRAPPER, script_env
 
-import common
+from common.errors import EXIT_USER_ERROR
+from common.readers import list_checkpoints
 
 import pytest
 
@@ -52,14 +53,14 @@ def test_two_process_run_stops_resumes_and_matches_an_uninterrupted_one(script, 
     stopped = torchrun(script, *options(run_dir), wrapper=wrapper)
     assert stopped.returncode != 0  # torchrun reports any worker exiting non-zero (ours: 75) as a failure
     assert "stopped by a signal to another rank" in stopped.stdout
-    ckpt = torch.load(common.list_checkpoints(run_dir)[0], weights_only=True)
+    ckpt = torch.load(list_checkpoints(run_dir)[0], weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["epoch"] == 1 and ckpt["step_in_epoch"] > 0  # mid-epoch 2
     assert len(ckpt["per_rank"]) == 2
 
     # A different number of processes cannot continue it: refused, not guessed.
     single = subprocess.run([sys.executable, str(REPO / f"{script}.py"), *map(str, options(run_dir))],
                             capture_output=True, text=True, env=script_env(), timeout=120)
-    assert single.returncode == common.EXIT_USER_ERROR
+    assert single.returncode == EXIT_USER_ERROR
     assert "written by 2 process(es)" in single.stderr
 
     resumed = torchrun(script, *options(run_dir))
@@ -75,7 +76,7 @@ def test_two_process_run_stops_resumes_and_matches_an_uninterrupted_one(script, 
     for got_row, want_row in zip(rows, want):
         assert {k: v for k, v in got_row.items() if not k.endswith("_time_s")} == \
             {k: v for k, v in want_row.items() if not k.endswith("_time_s")}
-    final, reference_final = (torch.load(common.list_checkpoints(d)[0], weights_only=True)
+    final, reference_final = (torch.load(list_checkpoints(d)[0], weights_only=True)
                               for d in (run_dir, tmp_path / "reference"))
     for model in model_keys:
         for key, value in reference_final[model].items():

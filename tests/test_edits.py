@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch.nn as nn
 
-import common
-import vae_train
 from common import folder
+from common.errors import EXIT_PREEMPTED
+from common.readers import read_metrics_csv
+import vae_train
 from conftest import REPO, script_env
 from hostile import VAE_STEPS, epochs_in, in_process, one_error_line, snapshot, vae
 
@@ -112,7 +113,7 @@ def test_edits_that_keep_the_shapes_continue_the_run_which_records_the_code_and_
     edit(repo / "vae_train.py", "            run.step_done(state)", added + "            run.step_done(state)")
     command = vae(mnist_dir, "--run-dir", run_dir, "--epochs", 2)
     stopped = run_copy(repo, *command, stop_at=2)  # SIGTERM at the second step of epoch 2
-    assert stopped.returncode == common.EXIT_PREEMPTED, stopped.stderr
+    assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr
     note = "note: the code changed since this run's last start: vae_train.py"
     assert note in stopped.stdout and note in (run_dir / "log.txt").read_text()
     resumed = run_copy(repo, *command)
@@ -129,10 +130,10 @@ def test_edits_that_keep_the_shapes_continue_the_run_which_records_the_code_and_
     assert starts[0]["code_files"]["vae_train.py"] != starts[1]["code_files"]["vae_train.py"]
     assert starts[0]["code_files"]["common/run.py"] == starts[1]["code_files"]["common/run.py"]
 
-    rows = common.read_metrics_csv(run_dir / "metrics.csv")
+    rows = read_metrics_csv(run_dir / "metrics.csv")
     assert [row["epoch"] for row in rows] == [1, 2] and 0 < rows[1]["pixel_mean"] < 1
     assert math.isnan(rows[0]["pixel_mean"])  # epoch 1 ran before the edit: a blank cell
-    steps = common.read_metrics_csv(run_dir / "steps.csv")  # --log-every 1: one row per step, none twice
+    steps = read_metrics_csv(run_dir / "steps.csv")  # --log-every 1: one row per step, none twice
     assert [row["global_step"] for row in steps] == list(range(1, 2 * VAE_STEPS + 1))
     assert all(0 < row["pixel_mean"] < 1 for row in steps[VAE_STEPS:])
 

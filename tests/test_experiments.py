@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-import common
 from common import experiments
+from common.errors import UserError
 
 VAE_ARGS = {"arch": "conv", "latent_dim": 16, "beta": 1.0, "likelihood": "bernoulli", "lr": 1e-3, "epochs": 2,
             "batch_size": 128, "seed": 0, "dataset": "mnist", "train_limit": 0, "data_dir": "/data", "name": None,
@@ -60,9 +60,9 @@ def test_a_glob_over_runs_skips_what_is_not_a_run_with_one_note_each(tmp_path):
 
 def test_one_folder_that_is_not_a_run_is_an_error_and_so_is_a_glob_of_none(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(common.UserError, match="has no config.json"):
+    with pytest.raises(UserError, match="has no config.json"):
         experiments.collect_runs([tmp_path / "empty"], "vae")
-    with pytest.raises(common.UserError, match="none of the 2 folders given is a vae_train.py run"):
+    with pytest.raises(UserError, match="none of the 2 folders given is a vae_train.py run"):
         experiments.collect_runs([tmp_path / "empty", tmp_path / "missing"], "vae", log=lambda _: None)
 
 
@@ -163,7 +163,7 @@ def test_the_run_that_counts_is_the_longest_finished_one_outside_sweeps(tmp_path
 def test_no_run_that_counts_says_why_and_how_to_name_one(tmp_path):
     make_run(tmp_path, "20250102-vae-beta4", beta=4.0, sweep="vae-betas")
     link(tmp_path, "latest-vae", "20250102-vae-beta4")  # as a sweep made before sweeps were recorded would
-    with pytest.raises(common.UserError) as err:
+    with pytest.raises(UserError) as err:
         experiments.counted_run(tmp_path, "vae", how_to_name="make report VAE_RUN")
     assert "no finished vae run (vae_train.py) that is not a sweep member" in str(err.value)
     assert "is a member of sweep 'vae-betas'" in str(err.value) and "make report VAE_RUN=RUN_DIR" in str(err.value)
@@ -177,7 +177,7 @@ def test_a_run_named_explicitly_is_used_with_warnings(tmp_path):
     assert lines == ["warning: 20250102-vae-beta4 is a member of sweep 'vae-betas', used because it was named "
                      "explicitly",
                      "warning: 20250102-vae-beta4 is unfinished: 1 of 2 epochs (no export.json for the last epoch)"]
-    with pytest.raises(common.UserError, match="not a VAE run"):
+    with pytest.raises(UserError, match="not a VAE run"):
         experiments.counted_run(tmp_path, "vae", explicit=make_run(tmp_path, "gan", script="dcgan"))
 
 

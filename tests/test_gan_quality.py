@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-import common
+from common.readers import read_run_config
 from tools import gan_quality
 from conftest import make_mnist, run_script
 
@@ -30,7 +30,7 @@ def test_quick_benchmark_trains_both_recipes_measures_them_and_reuses_finished_r
     trained = rows[1:]
     assert trained[0]["batch_size"] == trained[1]["batch_size"]  # the same batch size and images for both
     assert trained[0]["images"] == trained[1]["images"] == str(64 * 1)
-    plain = common.read_run_config(trained[1]["run_dir"], "dcgan")["args"]
+    plain = read_run_config(trained[1]["run_dir"], "dcgan")["args"]
     assert plain["ema"] == 0 and plain["d_norm"] == "batch" and plain["loss"] == "bce"
     assert plain["sweep"] == "gan-quality-mnist-small"
     assert not list((out / "runs").glob("latest*")), "a benchmark run moved a latest link"

@@ -9,9 +9,10 @@ import hashlib
 import pytest
 import torch
 
-import common
-import dcgan_train
 from common import gan_metrics
+from common.errors import EXIT_PREEMPTED, UserError
+from common.readers import list_checkpoints
+import dcgan_train
 from conftest import run_script, run_with_signal
 
 TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--log-every", "3", "--ckpt-every-min", "1000",
@@ -79,7 +80,7 @@ def test_mnist_run_measures_the_classifier_fid_and_keeps_its_best_epoch(mnist_di
     assert best["best_fid"] == min(float(row["cfid"]) for row in rows)
     assert "classifier FID every 1 epochs" in proc.stdout
     # The EMA G in the checkpoint (and so in the export) carries statistics computed from its own weights.
-    ckpt = torch.load(common.list_checkpoints(run_dir)[0], weights_only=True)
+    ckpt = torch.load(list_checkpoints(run_dir)[0], weights_only=True)
     ema = dcgan_train.Generator(nz=100, ngf=8, channels=1)
     ema.load_state_dict(ckpt["generator_ema"])
     assert not torch.equal(ckpt["generator_ema"]["net.1.running_mean"], ckpt["generator"]["net.1.running_mean"])
@@ -100,10 +101,10 @@ def test_sigterm_then_resume_with_diffaug_and_ema_equals_the_uninterrupted_run(m
     run_script("dcgan_train.py", *args, "--run-dir", straight)
     # 300 images at batch 32: 9 full batches per epoch; Adam call 25 is D's step 13, mid-epoch 2.
     proc = run_with_signal("dcgan_train.py", "torch.optim.Adam.step", 25, *args, "--run-dir", resumed, in_process=True)
-    assert proc.returncode == common.EXIT_PREEMPTED, proc.stderr[-2000:]
-    assert torch.load(common.list_checkpoints(resumed)[0], weights_only=True)["global_step"] == 13
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-2000:]
+    assert torch.load(list_checkpoints(resumed)[0], weights_only=True)["global_step"] == 13
     run_script("dcgan_train.py", *args, "--run-dir", resumed)
-    a, b = (torch.load(common.list_checkpoints(d)[0], weights_only=True) for d in (straight, resumed))
+    a, b = (torch.load(list_checkpoints(d)[0], weights_only=True) for d in (straight, resumed))
     for key in ("generator", "discriminator", "generator_ema", "rng"):
         for name, value in a[key].items():
             if isinstance(value, torch.Tensor):
@@ -128,11 +129,11 @@ def test_inception_weights_are_downloaded_once_or_one_line_says_where_to_put_the
     assert path is None and not classifier
     assert gan_metrics.INCEPTION_FILE in note and str(tmp_path / "hub" / "checkpoints") in note
     assert "--inception-weights" in note and "\n" not in note
-    with pytest.raises(common.UserError, match="no Inception weights.*refused"):
+    with pytest.raises(UserError, match="no Inception weights.*refused"):
         gan_metrics.choose_evaluations(fid_args(fid="inception"), is_main=True, log=lines.append)
     assert gan_metrics.choose_evaluations(fid_args(fid="off"), is_main=True) == (None, False, None)
     assert gan_metrics.choose_evaluations(fid_args(dataset="mnist"), is_main=True) == (None, True, None)
-    with pytest.raises(common.UserError, match="mnist and fashion-mnist only"):
+    with pytest.raises(UserError, match="mnist and fashion-mnist only"):
         gan_metrics.choose_evaluations(fid_args(fid="classifier"), is_main=True)
 
     # Online (a file:// URL, which torch.hub's urlopen reads as it reads https): the file lands in torch's hub cache,

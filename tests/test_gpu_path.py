@@ -19,10 +19,13 @@ import torch
 
 from conftest import REPO, run_script, script_env
 
-import common
+from common import devices, gan_metrics
+from common.checkpoints import rng_state, set_rng_state
+from common.devices import amp_dtype, pick_device
+from common.errors import EXIT_USER_ERROR, UserError
+from common.readers import list_checkpoints
 import dcgan_train
 import vae_train
-from common import devices, gan_metrics
 
 sys.path.insert(0, str(REPO / "tools"))
 import gpu_check  # noqa: E402
@@ -77,13 +80,13 @@ def fake_gpu(monkeypatch, capability=(8, 0), count=1, archs=CU130_ARCHS):
 def test_auto_refuses_the_cpu_when_the_job_was_given_a_gpu(monkeypatch, no_gpu_given, variable, value):
     monkeypatch.setenv(variable, value)
     driver_too_old(monkeypatch)
-    with pytest.raises(common.UserError) as refused:
-        common.pick_device("auto")
+    with pytest.raises(UserError) as refused:
+        pick_device("auto")
     message = str(refused.value)
     assert f"{variable}={value}" in message and "driver is too old for this PyTorch's CUDA 13.0 build" in message
     assert "found version 12020" in message  # PyTorch's own words
     assert "make torch TORCH_INDEX=cu126" in message and "--device cpu" in message  # the two ways out
-    assert common.pick_device("cpu") == torch.device("cpu")  # which is what --device cpu does
+    assert pick_device("cpu") == torch.device("cpu")  # which is what --device cpu does
 
 
 def test_the_refusal_says_when_no_gpu_is_visible_or_the_build_is_cpu_only(monkeypatch, no_gpu_given):
@@ -91,11 +94,11 @@ def test_the_refusal_says_when_no_gpu_is_visible_or_the_build_is_cpu_only(monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(torch.cuda, "init", lambda: (_ for _ in ()).throw(RuntimeError("Found no NVIDIA driver")))
-    with pytest.raises(common.UserError, match="no usable GPU is visible .*Found no NVIDIA driver"):
-        common.pick_device("auto")
+    with pytest.raises(UserError, match="no usable GPU is visible .*Found no NVIDIA driver"):
+        pick_device("auto")
     monkeypatch.setattr(torch.version, "cuda", None)
-    with pytest.raises(common.UserError, match="is a CPU-only build"):
-        common.pick_device("cuda")
+    with pytest.raises(UserError, match="is a CPU-only build"):
+        pick_device("cuda")
 
 
 @pytest.mark.parametrize("value", ["", "-1", "NoDevFiles"])
@@ -103,15 +106,15 @@ def test_auto_takes_the_cpu_when_no_gpu_was_given(monkeypatch, no_gpu_given, tmp
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "0")
     driver_too_old(monkeypatch)
-    assert common.pick_device("auto") == torch.device("cpu")
+    assert pick_device("auto") == torch.device("cpu")
     monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path / "bin"))  # GPUs hidden on purpose: still the CPU
-    assert common.pick_device("auto") == torch.device("cpu")
+    assert pick_device("auto") == torch.device("cpu")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setenv("SLURM_JOB_ID", "42")  # a SLURM job without GPUs on a GPU node: the CPU, as SLURM gave it
-    assert common.pick_device("auto") == torch.device("cpu")
+    assert pick_device("auto") == torch.device("cpu")
     monkeypatch.delenv("SLURM_JOB_ID")
-    with pytest.raises(common.UserError, match="this machine has an NVIDIA GPU"):
-        common.pick_device("auto")
+    with pytest.raises(UserError, match="this machine has an NVIDIA GPU"):
+        pick_device("auto")
 
 
 def test_auto_on_a_machine_whose_gpu_torch_cannot_use_stops_in_one_line(monkeypatch, no_gpu_given, tmp_path,
@@ -123,7 +126,7 @@ def test_auto_on_a_machine_whose_gpu_torch_cannot_use_stops_in_one_line(monkeypa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: warnings.warn(TOO_OLD) or False)
     run_dir = tmp_path / "run"
     proc = run_script("vae_train.py", "--data-dir", mnist_dir, "--run-dir", run_dir, "--epochs", 1, check=False)
-    assert proc.returncode == common.EXIT_USER_ERROR and not run_dir.exists()
+    assert proc.returncode == EXIT_USER_ERROR and not run_dir.exists()
     [line] = proc.stderr.strip().splitlines()
     assert "this machine has an NVIDIA GPU (1 x Tesla V100-SXM2-16GB, driver 535.183.01)" in line
     assert "make torch TORCH_INDEX=cu126" in line and "--device cpu" in line
@@ -141,8 +144,8 @@ def test_the_kernel_driver_shows_a_gpu_without_nvidia_smi(monkeypatch, no_gpu_gi
     monkeypatch.setattr(devices, "NVIDIA_PROC", proc_dir)
     assert devices.nvidia_gpu() == "Tesla P100-PCIE-16GB, driver 470.256.02"
     driver_too_old(monkeypatch)
-    with pytest.raises(common.UserError, match=r"NVIDIA GPU \(Tesla P100-PCIE-16GB, driver 470.256.02\)"):
-        common.pick_device("auto")
+    with pytest.raises(UserError, match=r"NVIDIA GPU \(Tesla P100-PCIE-16GB, driver 470.256.02\)"):
+        pick_device("auto")
 
 
 @pytest.mark.parametrize("capability, archs, usable", [
@@ -156,10 +159,10 @@ def test_the_kernel_driver_shows_a_gpu_without_nvidia_smi(monkeypatch, no_gpu_gi
 def test_a_gpu_without_kernels_in_this_build_is_refused(monkeypatch, capability, archs, usable):
     fake_gpu(monkeypatch, capability, archs=archs)
     if usable:
-        assert common.pick_device("auto") == torch.device("cuda")
+        assert pick_device("auto") == torch.device("cuda")
         return
-    with pytest.raises(common.UserError) as refused:
-        common.pick_device("auto")
+    with pytest.raises(UserError) as refused:
+        pick_device("auto")
     assert f"no kernels for the GPU Fake GPU (compute capability {capability[0]}.{capability[1]}" in str(refused.value)
     assert "make torch TORCH_INDEX=cu126" in str(refused.value)
 
@@ -170,13 +173,13 @@ def test_amp_auto_is_bf16_only_where_the_gpu_has_it(monkeypatch):
     for capability, expected in [((7, 5), torch.float16), ((7, 0), torch.float16), ((8, 0), torch.bfloat16),
                                  ((9, 0), torch.bfloat16)]:
         fake_gpu(monkeypatch, capability)
-        assert common.amp_dtype("auto", cuda) is expected, capability
-    assert common.amp_dtype("auto", torch.device("cpu")) is None
-    assert common.amp_dtype("auto", torch.device("mps")) is None
+        assert amp_dtype("auto", cuda) is expected, capability
+    assert amp_dtype("auto", torch.device("cpu")) is None
+    assert amp_dtype("auto", torch.device("mps")) is None
 
 
 def latest(run_dir) -> dict:
-    return torch.load(common.list_checkpoints(run_dir)[0], map_location="cpu", weights_only=True)
+    return torch.load(list_checkpoints(run_dir)[0], map_location="cpu", weights_only=True)
 
 
 @pytest.mark.parametrize("first, then", [("bf16", "fp16"), ("fp16", "bf16"), ("off", "fp16")])
@@ -280,12 +283,12 @@ def test_fid_features_leave_the_device_before_float64():
 
 @pytest.mark.parametrize("saved, visible", [(2, 1), (1, 2), (2, 2)])
 def test_cuda_rng_states_go_onto_the_gpus_there_are(monkeypatch, saved, visible):
-    state = common.rng_state()  # on this CPU: no "cuda" entry; add the states of `saved` GPUs
+    state = rng_state()  # on this CPU: no "cuda" entry; add the states of `saved` GPUs
     state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(saved)]
     fake_gpu(monkeypatch, count=visible)
     restored, lines = [], []
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda new_state, device: restored.append((device, new_state)))
-    common.set_rng_state(state, log=lines.append)
+    set_rng_state(state, log=lines.append)
     assert [device for device, _ in restored] == list(range(min(saved, visible)))
     assert all(torch.equal(new_state, state["cuda"][device]) for device, new_state in restored)
     assert len(lines) == (saved != visible)
@@ -299,12 +302,12 @@ def test_torchrun_with_more_processes_than_gpus_stops_every_rank(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    with pytest.raises(common.UserError, match=r"2 processes on this node but 1 GPU\(s\).*--nproc_per_node 1"):
+    with pytest.raises(UserError, match=r"2 processes on this node but 1 GPU\(s\).*--nproc_per_node 1"):
         devices.init_distributed("auto")
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(SystemExit) as stopped:  # silently: rank 0 says why, once
         devices.init_distributed("auto")
-    assert stopped.value.code == common.EXIT_USER_ERROR
+    assert stopped.value.code == EXIT_USER_ERROR
 
 
 # -- item 6: make gpu-check ------------------------------------------------------------------------------------------
@@ -355,5 +358,5 @@ def test_gpu_check_rehearses_every_gpu_check_on_the_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_vae_resume_is_bit_exact_on_cuda(tmp_path, mnist_dir):
     """The promise of --deterministic on (the default), on the GPU there is: make gpu-check's resume check."""
-    device = common.pick_device("cuda")
+    device = pick_device("cuda")
     assert gpu_check.check_resume("vae", tmp_path, mnist_dir, device).startswith("stopped at optimiser step 11")

@@ -11,12 +11,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import common
+from common import devices
+from common.errors import EXIT_PREEMPTED, run_main, UserError
+from common.run import Meter, Run
+from common.runs import resolve_run
 import dcgan_train
 import vae_train
 from conftest import hook_calls, sigterm_to_this_process
 from hostile import newest_checkpoint, same_tensors, vae
-from common import devices
 
 
 def fused_adam(patch: pytest.MonkeyPatch) -> None:
@@ -38,7 +40,7 @@ def main_with(fused: bool, argv: list) -> int:
         if fused:
             fused_adam(patch)
         with pytest.raises(SystemExit) as stop:
-            common.run_main(vae_train.main, [str(a) for a in argv])
+            run_main(vae_train.main, [str(a) for a in argv])
     return stop.value.code
 
 
@@ -82,7 +84,7 @@ def test_the_gpu_recipe_resumes_bit_exact(mnist_dir, tmp_path, monkeypatch):
     assert main_with(True, vae(mnist_dir, "--run-dir", tmp_path / "whole", *flags)) == 0
     with pytest.MonkeyPatch.context() as patch:
         hook_calls(patch, "torch.optim.Adam.step", STEPS + 1, before=sigterm_to_this_process)
-        assert main_with(True, vae(mnist_dir, "--run-dir", tmp_path / "stopped", *flags)) == common.EXIT_PREEMPTED
+        assert main_with(True, vae(mnist_dir, "--run-dir", tmp_path / "stopped", *flags)) == EXIT_PREEMPTED
     assert main_with(True, vae(mnist_dir, "--run-dir", tmp_path / "stopped", *flags)) == 0
     whole, resumed = newest_checkpoint(tmp_path / "whole"), newest_checkpoint(tmp_path / "stopped")
     for key in ("model", "optimizer", "scaler", "meter", "metrics"):
@@ -115,10 +117,10 @@ def test_a_batch_torchrun_cannot_split_is_refused_before_any_folder(mnist_dir, t
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: world)
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
-    plan = common.resolve_run(vae_train.build_parser(), ["--data-dir", str(mnist_dir), "--batch-size",
+    plan = resolve_run(vae_train.build_parser(), ["--data-dir", str(mnist_dir), "--batch-size",
                                                          str(batch_size), "--runs-root", str(tmp_path / "runs")],
                               script="vae")
-    with pytest.raises(common.UserError, match=f"--batch-size {batch_size} .* {world} processes"):
-        common.Run(plan, script="vae", device=torch.device("cpu"), images=torch.zeros(10, 1, 28, 28,
-                        dtype=torch.uint8), meter=common.Meter(torch.device("cpu")))
+    with pytest.raises(UserError, match=f"--batch-size {batch_size} .* {world} processes"):
+        Run(plan, script="vae", device=torch.device("cpu"), images=torch.zeros(10, 1, 28, 28,
+                        dtype=torch.uint8), meter=Meter(torch.device("cpu")))
     assert not list((tmp_path / "runs").glob("*"))  # no run folder

@@ -22,11 +22,12 @@ from matplotlib.figure import Figure
 import analyze_gan
 import analyze_vae
 import check_submission
-import common
+from common import experiments, gan_metrics, progress, testcell
+from common.data import load_images
+from common.errors import run_main, UserError
 import dcgan_train
 import report
 import vae_train
-from common import experiments, gan_metrics, testcell
 from conftest import REPO, VAE_THAT_LEARNS, make_mnist
 
 QUICK = ["--device", "cpu", "--tsne-points", "40", "--iw-samples", "4", "--iw-images", "20", "--quality-samples", "40"]
@@ -35,7 +36,7 @@ GAN_TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--epochs", "2", "
 
 def run(main, *argv) -> None:
     with pytest.raises(SystemExit) as stop:
-        common.run_main(main, [*map(str, argv)])
+        run_main(main, [*map(str, argv)])
     assert stop.value.code == 0
 
 
@@ -150,7 +151,7 @@ def test_the_report_reuses_the_analysis_of_the_same_checkpoint_and_options(repor
 def test_a_long_step_says_it_is_still_running():
     import time
     lines = []
-    with common.progress.still_running("t-SNE", lines.append, every=0.05, status=lambda: "3 of 4"):
+    with progress.still_running("t-SNE", lines.append, every=0.05, status=lambda: "3 of 4"):
         time.sleep(0.3)
     assert lines and all(line.startswith("  t-SNE: still running (0:00:00, 3 of 4)") for line in lines)
 
@@ -235,7 +236,7 @@ def test_missing_data_fails_before_a_word_about_fid(tmp_path, capsys, monkeypatc
             raise RuntimeError("Error downloading cifar-10-python.tar.gz")
     monkeypatch.setattr(datasets, "CIFAR10", CifarOffline)
     with pytest.raises(SystemExit) as stop:
-        common.run_main(dcgan_train.main, ["--data-dir", str(tmp_path / "data"), "--runs-root", str(tmp_path / "r")])
+        run_main(dcgan_train.main, ["--data-dir", str(tmp_path / "data"), "--runs-root", str(tmp_path / "r")])
     out = capsys.readouterr()
     assert stop.value.code == 2 and "cifar10 is not in" in out.err
     assert "FID" not in out.out + out.err and "Inception" not in out.out + out.err
@@ -252,8 +253,8 @@ def test_a_failed_load_leaves_no_empty_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "MNIST", MnistOffline)
     (tmp_path / "wrong").mkdir()
     (tmp_path / "wrong" / "keep.txt").write_text("mine")
-    with pytest.raises(common.UserError, match="mnist is not in"):
-        common.load_images("mnist", tmp_path / "wrong" / "data", train=True)
+    with pytest.raises(UserError, match="mnist is not in"):
+        load_images("mnist", tmp_path / "wrong" / "data", train=True)
     assert sorted(p.name for p in (tmp_path / "wrong").iterdir()) == ["keep.txt"]  # what was there stays
 
 

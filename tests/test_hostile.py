@@ -33,14 +33,15 @@ from hostile import (GAN_STEPS, GAN_TINY, KILL, LINUX_PROC, VAE_STEPS, catches, 
                      on_replace, run_patched, vae)
 from tiny_data import make_image_folder, make_mnist
 
-import common
+from common.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_STOPPED_AT_STARTUP, EXIT_USER_ERROR, run_main
+from common.readers import checkpoint_candidates, list_checkpoints, read_metrics_csv
 import dcgan_train
 import vae_train
 
 
 def the_error_line(proc, *names: str) -> str:
     """The process failed with exit 2 and exactly one line on stderr, `error: ...`, naming each of `names`."""
-    assert proc.returncode == common.EXIT_USER_ERROR, f"exit {proc.returncode}\n{proc.stdout[-2000:]}{proc.stderr}"
+    assert proc.returncode == EXIT_USER_ERROR, f"exit {proc.returncode}\n{proc.stdout[-2000:]}{proc.stderr}"
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
@@ -99,7 +100,7 @@ def test_the_readme_promises_the_exit_codes_checked_here():
     """README's exit-code table lists exactly the codes the scripts use (0, 2, 75, 76), which the tests below
     check case by case; anything else is a crash."""
     codes = {int(code) for code in re.findall(r"^\| (\d+) \|", (REPO / "README.md").read_text(), re.M)}
-    assert codes == {common.EXIT_OK, common.EXIT_USER_ERROR, common.EXIT_PREEMPTED, common.EXIT_STOPPED_AT_STARTUP}
+    assert codes == {EXIT_OK, EXIT_USER_ERROR, EXIT_PREEMPTED, EXIT_STOPPED_AT_STARTUP}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,9 +127,9 @@ def test_out_of_range_flag_is_one_line_naming_it(script, flag, value, tmp_path, 
     module = {"vae": vae_train, "dcgan": dcgan_train}[script]
     runs_root = tmp_path / "runs"
     with pytest.raises(SystemExit) as stop:
-        common.run_main(module.main, ["--data-dir", str(tmp_path / "data"), "--runs-root", str(runs_root),
+        run_main(module.main, ["--data-dir", str(tmp_path / "data"), "--runs-root", str(runs_root),
                                       flag, value])
-    assert stop.value.code == common.EXIT_USER_ERROR
+    assert stop.value.code == EXIT_USER_ERROR
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], err
@@ -195,7 +196,7 @@ def test_a_folder_holding_another_experiment_is_not_started_fresh(mnist_dir, vae
     args = vae(mnist_dir, "--run-dir", run_dir, "--beta", 4, "--epochs", 1)
     the_error_line(run_script("vae_train.py", *args, check=False), str(run_dir), "--restart")
     assert json.loads((run_dir / "config.json").read_text())["args"]["beta"] == 1
-    assert not common.list_checkpoints(run_dir)
+    assert not list_checkpoints(run_dir)
 
     # Replaced on purpose, the folder is the new run's: its settings, and a model exported from its training,
     # although the old run's model files (and export.json) say the same step.
@@ -207,14 +208,14 @@ def test_a_folder_holding_another_experiment_is_not_started_fresh(mnist_dir, vae
 
 def test_all_checkpoints_damaged_stays_an_error_until_restart(mnist_dir, vae_run, tmp_path):
     run_dir = copy_run(vae_run, tmp_path / "run")
-    for path in common.checkpoint_candidates(run_dir):  # step checkpoints, milestones and best.pt: no fallback
+    for path in checkpoint_candidates(run_dir):  # step checkpoints, milestones and best.pt: no fallback
         path.write_bytes(b"damaged")
     args = vae(mnist_dir, "--run-dir", run_dir, "--epochs", 2)  # one more epoch: a finished run is left alone
     first = run_script("vae_train.py", *args, check=False)
     the_error_line(first, "--restart")
     second = run_script("vae_train.py", *args, check=False)  # the files are *.corrupt now: still no fresh start
     the_error_line(second, "--restart")
-    assert "new vae run" not in second.stdout and not common.checkpoint_candidates(run_dir)
+    assert "new vae run" not in second.stdout and not checkpoint_candidates(run_dir)
 
     restarted = run_script("vae_train.py", *args, "--restart")
     assert "new vae run" in restarted.stdout
@@ -226,14 +227,14 @@ def test_a_checkpoint_of_another_script_or_experiment_is_refused_and_left_as_it_
                                                                                      tmp_path):
     """Not damaged (its checksum holds), only not this run's: one line, and nothing renamed, moved or deleted."""
     run_dir = copy_run(vae_run, tmp_path / "run")
-    shutil.copy(common.list_checkpoints(gan_run)[0], run_dir / "checkpoints" / "step-0000000099.pt")
+    shutil.copy(list_checkpoints(gan_run)[0], run_dir / "checkpoints" / "step-0000000099.pt")
     before = snapshot(run_dir)
     proc = run_script("vae_train.py", *vae(mnist_dir, "--run-dir", run_dir, "--epochs", 2), check=False)
     the_error_line(proc, "step-0000000099.pt", "is a dcgan checkpoint, not a vae one")
     assert snapshot(run_dir, but=(".lock", "log.txt")) == {k: v for k, v in before.items() if k != "log.txt"}
 
     (run_dir / "checkpoints" / "step-0000000099.pt").unlink()
-    other_experiment = torch.load(common.list_checkpoints(run_dir)[0], weights_only=True)
+    other_experiment = torch.load(list_checkpoints(run_dir)[0], weights_only=True)
     other_experiment["experiment"]["beta"] = 4.0  # a VAE checkpoint of a run with other settings
     torch.save(other_experiment, run_dir / "checkpoints" / "step-0000000098.pt")
     proc = run_script("vae_train.py", *vae(mnist_dir, "--run-dir", run_dir, "--epochs", 2), check=False)
@@ -268,7 +269,7 @@ def test_vae_with_a_huge_learning_rate_stops_before_saving(mnist_dir, tmp_path):
     assert "no checkpoint was written" in line.lower()  # and it does not claim a good one
     run_dir = (runs_root / "latest-vae").resolve()
     assert not (run_dir / "VAE_model.pth").exists() and not (run_dir / "export.json").exists()
-    assert not common.list_checkpoints(run_dir)
+    assert not list_checkpoints(run_dir)
 
 
 def test_vae_non_finite_loss_keeps_the_good_checkpoint_and_the_way_forward_works(mnist_dir, tmp_path, monkeypatch):
@@ -280,7 +281,7 @@ def test_vae_non_finite_loss_keeps_the_good_checkpoint_and_the_way_forward_works
         proc = run_script("vae_train.py", *vae(mnist_dir, "--run-dir", run_dir, "--epochs", 3, "--keep-ckpts", 1),
                           check=False)
     line = the_error_line(proc, "non-finite loss at epoch 2, step 3", f"step-{VAE_STEPS:010d}.pt")
-    assert [p.name for p in common.list_checkpoints(run_dir)] == [f"step-{VAE_STEPS:010d}.pt"]
+    assert [p.name for p in list_checkpoints(run_dir)] == [f"step-{VAE_STEPS:010d}.pt"]
     assert all_finite(newest_checkpoint(run_dir)) and not (run_dir / "VAE_model.pth").exists()
 
     source, remedies = suggested_way_forward(line)
@@ -333,7 +334,7 @@ def test_gan_non_finite_loss_before_any_checkpoint_claims_none(cifar_dir, tmp_pa
         proc = run_script("dcgan_train.py", *gan(cifar_dir, "--run-dir", run_dir, "--epochs", 2), check=False)
     line = the_error_line(proc, "non-finite loss at epoch 1, steps 1-3")
     assert "no checkpoint was written" in line.lower() and "good checkpoint" not in line
-    assert not common.list_checkpoints(run_dir) and not (run_dir / "DCGAN_model_G.pth").exists()
+    assert not list_checkpoints(run_dir) and not (run_dir / "DCGAN_model_G.pth").exists()
 
 
 def test_a_kill_during_the_export_is_re_exported(mnist_dir, vae_run, tmp_path):
@@ -403,7 +404,7 @@ def test_storage_fault_is_one_line_and_the_next_start_resumes(mnist_dir, tmp_pat
     with monkeypatch.context() as patch:
         fail_fsync(patch, path_part, at, code)
         proc = run_script("vae_train.py", *args, check=False)
-    intact = common.list_checkpoints(run_dir)[0]
+    intact = list_checkpoints(run_dir)[0]
     line = the_error_line(proc, what, str(run_dir), os.strerror(getattr(errno, code)), f"{intact} is intact")
     if code == "ENOSPC":
         assert "free some space" in line
@@ -411,7 +412,7 @@ def test_storage_fault_is_one_line_and_the_next_start_resumes(mnist_dir, tmp_pat
 
     resumed = run_script("vae_train.py", *args)
     assert "resumed at epoch" in resumed.stdout
-    assert [int(row["epoch"]) for row in common.read_metrics_csv(run_dir / "metrics.csv")] == [1, 2]
+    assert [int(row["epoch"]) for row in read_metrics_csv(run_dir / "metrics.csv")] == [1, 2]
     assert json.loads((run_dir / "export.json").read_text())["global_step"] == 2 * VAE_STEPS
     assert not list(run_dir.rglob(".*.tmp-*"))
 
@@ -511,16 +512,16 @@ def test_stop_signals_in_the_first_seconds(mnist_dir, tmp_path):
     for i, ((sig, delay), proc) in enumerate(zip(trials, procs)):
         runs_root = tmp_path / f"runs-{i}"
         out, err = (tmp_path / f"out-{i}.txt").read_text(), (tmp_path / f"err-{i}.txt").read_text()
-        assert proc.returncode in (common.EXIT_STOPPED_AT_STARTUP, common.EXIT_PREEMPTED), \
+        assert proc.returncode in (EXIT_STOPPED_AT_STARTUP, EXIT_PREEMPTED), \
             f"{sig.name} after {delay:.2f} s: exit {proc.returncode}\n{out[-1500:]}{err[-1500:]}"
         assert "Traceback" not in err
-        if proc.returncode == common.EXIT_STOPPED_AT_STARTUP:
+        if proc.returncode == EXIT_STOPPED_AT_STARTUP:
             assert f"stopped by {sig.name} during start-up" in out
             assert not list(runs_root.rglob("step-*.pt")), "exit 76 means no checkpoint written by this start"
         else:
             assert f"stopped by {sig.name}" in out and list(runs_root.rglob("step-*.pt"))
         if delay == 0.0:
-            assert proc.returncode == common.EXIT_STOPPED_AT_STARTUP
+            assert proc.returncode == EXIT_STOPPED_AT_STARTUP
 
 
 # ----------------------------------------------------------------------------------------------------------------

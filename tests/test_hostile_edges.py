@@ -27,7 +27,14 @@ from hostile import (GAN_TINY, KILL, LINUX_PROC, VAE_STEPS, after_call, copy_run
                      newest_checkpoint, on_replace, one_error_line, run_patched, same_tensors, snapshot, vae)
 from tiny_data import make_image_folder, make_mnist
 
-import common
+import common.mirror
+import common.run
+import common.stop_signals
+from common import experiments
+from common.errors import EXIT_PREEMPTED, EXIT_STOPPED_AT_STARTUP
+from common.files import atomic_symlink
+from common.mirror import mirror_run
+from common.readers import list_checkpoints, read_metrics_csv
 import dcgan_train
 import vae_train
 
@@ -65,7 +72,7 @@ def test_sigkill_soak_ends_equal_to_an_uninterrupted_run(soak_mnist, tmp_path):
             "--log-every", 1, "--ckpt-every-min", 0.0001]
     reference, run_dir = tmp_path / "reference", tmp_path / "run"
     run_script("vae_train.py", *args, "--run-dir", reference)
-    train_s = sum(row["epoch_time_s"] for row in common.read_metrics_csv(reference / "metrics.csv"))
+    train_s = sum(row["epoch_time_s"] for row in read_metrics_csv(reference / "metrics.csv"))
 
     # Seeded moments. Each kill after the first step of its start, so the run moves on between kills, and each uses
     # up at most a sixth of the run (outside: a random moment within 1/6 of the reference's training time; a step
@@ -98,7 +105,7 @@ def test_sigkill_soak_ends_equal_to_an_uninterrupted_run(soak_mnist, tmp_path):
             if where == "checkpoint write":
                 assert set((run_dir / "checkpoints").glob(".step-*.tmp-*")) - strays, "no half-written checkpoint"
         assert returncode == -signal.SIGKILL, f"kill {i + 1} ({where}) never came: exit {returncode}"
-        reached.append(newest_checkpoint(run_dir)["global_step"] if common.list_checkpoints(run_dir) else 0)
+        reached.append(newest_checkpoint(run_dir)["global_step"] if list_checkpoints(run_dir) else 0)
         if where != "export":
             assert not (run_dir / "export.json").exists(), f"the run finished before kill {i + 2}"
     # The kills landed all over the run (each start trained a little), not all in start-up or at its end.
@@ -110,8 +117,8 @@ def test_sigkill_soak_ends_equal_to_an_uninterrupted_run(soak_mnist, tmp_path):
     assert got["global_step"] == want["global_step"] == 80
     for key in ("model", "optimizer", "scaler", "meter", "rng", "metrics"):
         same_tensors(got[key], want[key], key)
-    assert without_time(common.read_metrics_csv(run_dir / "metrics.csv")) == \
-        without_time(common.read_metrics_csv(reference / "metrics.csv"))
+    assert without_time(read_metrics_csv(run_dir / "metrics.csv")) == \
+        without_time(read_metrics_csv(reference / "metrics.csv"))
     assert json.loads((run_dir / "export.json").read_text()) == json.loads((reference / "export.json").read_text())
     x = torch.rand(8, 1, 28, 28)
     assert torch.equal(torch.jit.load(str(run_dir / "VAE_model.pth"))(x)[0],
@@ -141,7 +148,7 @@ def test_retyped_command_after_its_run_finished_says_so_and_trains_nothing(mnist
     command = vae(mnist_dir, "--runs-root", runs_root, "--epochs", 1)
     assert in_process(vae_train, command, capsys)[0] == 0
     first = (runs_root / "latest-vae").resolve()
-    common.atomic_symlink("elsewhere", runs_root / "latest-vae")  # moved by hand: a retyped command keeps it there
+    atomic_symlink("elsewhere", runs_root / "latest-vae")  # moved by hand: a retyped command keeps it there
     before = snapshot(first)
 
     code, out, err = in_process(vae_train, command, capsys)
@@ -190,7 +197,7 @@ def test_lowering_epochs_or_a_stop_at_start_up_never_changes_a_finished_run(fini
     assert code == 0 and "run already finished (2 of 2 epochs)" in out, err
     assert snapshot(run_dir) == before
     assert json.loads((run_dir / "config.json").read_text())["args"]["epochs"] == 2
-    assert common.experiments.read_run(run_dir).status() == "finished, 2 epochs"
+    assert experiments.read_run(run_dir).status() == "finished, 2 epochs"
 
     # A stop during start-up of a resume (exit 76): config.json, metrics.csv and the model are as they were.
     real_load = common.run.Run._load
@@ -200,7 +207,7 @@ def test_lowering_epochs_or_a_stop_at_start_up_never_changes_a_finished_run(fini
         common.stop_signals.received = "SIGTERM"
     monkeypatch.setattr(common.run.Run, "_load", load_then_a_signal)
     code, out, _ = in_process(vae_train, ["--resume", run_dir, "--epochs", 3], capsys)
-    assert code == common.EXIT_STOPPED_AT_STARTUP and "during start-up" in out
+    assert code == EXIT_STOPPED_AT_STARTUP and "during start-up" in out
     after = snapshot(run_dir)
     for name in ("config.json", "metrics.csv", "export.json", "VAE_model.pth"):
         assert after[name] == before[name], name
@@ -211,7 +218,7 @@ def test_lowering_epochs_or_a_stop_at_start_up_never_changes_a_finished_run(fini
 
 def test_a_flipped_byte_is_caught_by_the_checksum_and_the_one_before_is_used(finished_two_epochs, capsys):
     run_dir = finished_two_epochs
-    newest = common.list_checkpoints(run_dir)[0]
+    newest = list_checkpoints(run_dir)[0]
     digest, name = (newest.parent / (newest.name + ".sha256")).read_text().split()
     assert name == newest.name and len(digest) == 64  # sha256sum's format: `sha256sum -c` checks it too
     flip_a_byte(newest)
@@ -275,7 +282,7 @@ def test_the_divergence_message_calls_only_a_verified_checkpoint_good(finished_t
         return (recon * float("nan"), kl) if calls[0] == 2 else (recon, kl)
 
     monkeypatch.setattr(vae_train, "vae_terms", nan_terms)
-    newest = common.list_checkpoints(finished_two_epochs)[0]
+    newest = list_checkpoints(finished_two_epochs)[0]
     (newest.parent / (newest.name + ".sha256")).unlink()
     code, _, err = in_process(vae_train, ["--run-dir", finished_two_epochs, "--epochs", 3], capsys)
     line = one_error_line(code, err, "non-finite loss at epoch 3, step 2", newest, "unverified")
@@ -365,7 +372,7 @@ def test_the_newer_of_mirror_and_local_wins_and_nothing_newer_is_overwritten(mni
     shutil.rmtree(run_dir)
     copy_run(stale, run_dir)
     lines = []
-    common.mirror_run(run_dir, mirror, log=lines.append)
+    mirror_run(run_dir, mirror, log=lines.append)
     assert snapshot(mirror) == in_mirror and len(lines) == 1 and "not overwritten" in lines[0]
 
     # The other way round: the local folder is further on than a stale mirror; local wins, the mirror catches up.
@@ -376,7 +383,7 @@ def test_the_newer_of_mirror_and_local_wins_and_nothing_newer_is_overwritten(mni
     code, out, err = in_process(vae_train, [*command, "--epochs", 3], capsys)
     assert code == 0 and "restoring" not in out and f"resumed at epoch 3, step 0/{VAE_STEPS}" in out, out + err
     assert epochs_in(run_dir) == epochs_in(mirror) == [1, 2, 3]
-    assert [p.name for p in common.list_checkpoints(mirror)] == [p.name for p in common.list_checkpoints(run_dir)]
+    assert [p.name for p in list_checkpoints(mirror)] == [p.name for p in list_checkpoints(run_dir)]
 
 
 # -- "newest" in real time
@@ -406,8 +413,8 @@ def test_newest_means_newest_in_real_time_whatever_the_time_zone(mnist_dir, tmp_
         stamp = datetime.datetime.strptime(second.name[:15], "%Y%m%d-%H%M%S")
         assert abs((utc_now - stamp).total_seconds()) < 600, f"{second.name} is not named in UTC"
 
-        assert [run.dir for run in common.experiments.find_runs(runs_root, "vae")] == [first, second]
-        assert common.experiments.counted_run(runs_root, "vae", log=lambda _: None)[0].dir == second
+        assert [run.dir for run in experiments.find_runs(runs_root, "vae")] == [first, second]
+        assert experiments.counted_run(runs_root, "vae", log=lambda _: None)[0].dir == second
         args = check_submission.build_parser().parse_args(["--runs-root", str(runs_root), "--gen", "g", "--disc", "d"])
         assert check_submission.model_paths(args)[0] == second / "VAE_model.pth"
         code, out, _ = in_process(vae_train, command, capsys)
@@ -427,7 +434,7 @@ def test_runs_named_in_local_time_by_older_versions_still_order_sensibly(vae_run
     config["starts"] = []  # nothing recorded: the folder name's stamp decides
     (unrecorded / "config.json").write_text(json.dumps(config))
     current = copy_run(vae_run, runs_root / "current")  # started in this session, recorded in UTC
-    assert [run.dir for run in common.experiments.find_runs(runs_root)] == [legacy, unrecorded, current]
+    assert [run.dir for run in experiments.find_runs(runs_root)] == [legacy, unrecorded, current]
 
 
 # -- the training data a checkpoint was trained on
@@ -454,7 +461,7 @@ def test_resume_on_other_data_is_refused_unless_allowed(mnist_dir, tmp_path, cap
     code, out, err = in_process(vae_train, ["--run-dir", run_dir, "--epochs", 2, "--data-dir", bigger,
                                             "--allow-other-data"], capsys)
     assert code == 0 and "resumed at epoch 2" in out, err
-    assert [row["images_seen"] for row in common.read_metrics_csv(run_dir / "metrics.csv")] == [256, 256 + 576]  # full batches of 64: 4 of 300, 9 of 600
+    assert [row["images_seen"] for row in read_metrics_csv(run_dir / "metrics.csv")] == [256, 256 + 576]  # full batches of 64: 4 of 300, 9 of 600
     assert newest_checkpoint(run_dir)["data"]["images"] == 600
     assert json.loads((run_dir / "config.json").read_text())["args"]["allow_other_data"] is True
     # --allow-other-data is for one start: back on the first data, the next resume is refused again.
@@ -484,13 +491,13 @@ def test_sighup_with_the_terminal_gone_checkpoints_and_exits_75(mnist_dir, tmp_p
         proc.stdout.close()  # nobody reads stdout any more: the next print meets a broken pipe
         time.sleep(0.5)
         proc.send_signal(signal.SIGHUP)
-        assert proc.wait(timeout=120) == common.EXIT_PREEMPTED
+        assert proc.wait(timeout=120) == EXIT_PREEMPTED
     finally:
         if proc.poll() is None:
             proc.kill()
     assert "Traceback" not in proc.stderr.read()
     log = (run_dir / "log.txt").read_text()
-    assert "stopped by SIGHUP" in log and common.list_checkpoints(run_dir)
+    assert "stopped by SIGHUP" in log and list_checkpoints(run_dir)
 
 
 def test_nohup_keeps_sighup_ignored():
@@ -555,7 +562,7 @@ def test_check_submission_refuses_a_gan_not_trained_on_cifar10(vae_run, mnist_di
     learned = tmp_path / "vae"  # one that beats the mean image (the check fails a 1-epoch VAE on these digits)
     assert in_process(vae_train, ["--data-dir", mnist_dir, "--run-dir", learned, *VAE_THAT_LEARNS], capsys)[0] == 0
     shutil.copy(learned / "VAE_model.pth", run_dir)
-    words = common.experiments.not_cifar10({"dataset": "folder"})
+    words = experiments.not_cifar10({"dataset": "folder"})
     assert words == "trained on an image folder, not CIFAR-10: not a valid submission"
     assert "experiments.not_cifar10" in (REPO / "report.py").read_text()  # the report says it in the same words
 

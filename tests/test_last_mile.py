@@ -25,17 +25,18 @@ from torchvision.utils import make_grid
 import analyze_gan
 import analyze_vae
 import check_submission
-import common
+from common import experiments, figures, sweep_figures
+from common.data import load_images
+from common.errors import run_main, UserError
 import dcgan_train
 import report
 import vae_train
-from common import experiments, figures, sweep_figures
 from conftest import GAN_TINY, REPO, VAE_THAT_LEARNS
 
 
 def run(main, *argv) -> None:
     with pytest.raises(SystemExit) as stop:
-        common.run_main(main, [*map(str, argv)])
+        run_main(main, [*map(str, argv)])
     assert stop.value.code == 0
 
 
@@ -177,14 +178,14 @@ def test_a_red_line_sets_the_sample_column_apart():
 
 
 def test_a_data_dir_that_is_the_raw_folder_is_read_from_its_grandparent(mnist_dir, tmp_path):
-    images, _ = common.load_images("mnist", mnist_dir / "MNIST" / "raw", train=False)
+    images, _ = load_images("mnist", mnist_dir / "MNIST" / "raw", train=False)
     assert images.shape[1:] == (1, 28, 28) and not (mnist_dir / "MNIST" / "raw" / "MNIST").exists()
     assert check_submission.has_mnist_test_files(mnist_dir / "MNIST" / "raw")
     loose = tmp_path / "my-digits"
     shutil.copytree(mnist_dir / "MNIST" / "raw", loose)
-    with pytest.raises(common.UserError, match=r"the mnist files are in .*my-digits itself.*move them into "
+    with pytest.raises(UserError, match=r"the mnist files are in .*my-digits itself.*move them into "
                                                r".*my-digits/MNIST/raw"):
-        common.load_images("mnist", loose, train=False)
+        load_images("mnist", loose, train=False)
 
 
 def test_the_missing_data_message_gives_the_download_error_s_reason(tmp_path):

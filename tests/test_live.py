@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-import common
-import dcgan_train
 from common import live
+from common.errors import run_main
+from common.readers import list_checkpoints, read_metrics_csv
+import dcgan_train
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -22,7 +23,7 @@ TINY = ["--ngf", "8", "--ndf", "8", "--batch-size", "32", "--log-every", "3", "-
 
 def train(*argv) -> None:
     with pytest.raises(SystemExit) as stop:
-        common.run_main(dcgan_train.main, [*map(str, argv)])
+        run_main(dcgan_train.main, [*map(str, argv)])
     assert stop.value.code == 0
 
 
@@ -41,8 +42,8 @@ def run_dir(cifar_dir, tmp_path_factory):
 
 def test_events_hold_the_csv_rows_the_grids_and_the_settings(run_dir):
     found = events(run_dir)
-    metrics = common.read_metrics_csv(run_dir / "metrics.csv")
-    steps = common.read_metrics_csv(run_dir / "steps.csv")
+    metrics = read_metrics_csv(run_dir / "metrics.csv")
+    steps = read_metrics_csv(run_dir / "steps.csv")
     for column in ("loss_d", "loss_g", "d_real", "d_fake"):
         epoch_points = found.Scalars(f"dcgan/epoch/{column}")
         assert [p.step for p in epoch_points] == [6, 12]  # each epoch at its last training step
@@ -62,13 +63,13 @@ def test_a_resumed_run_shows_one_unbroken_curve(run_dir, cifar_dir, tmp_path):
     what the first process wrote after that checkpoint, so every step has one point, the resumed run's."""
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    newest = common.list_checkpoints(copy)[0]
+    newest = list_checkpoints(copy)[0]
     assert newest.name == "step-0000000012.pt"
     for path in (newest, copy / "export.json", copy / "DCGAN_model_G.pth", copy / "DCGAN_model_D.pth"):
         path.unlink()  # as if stopped before the last epoch's end: a finished run would be left alone
     train("--resume", copy, *TINY)
     found = events(copy)
-    steps = common.read_metrics_csv(copy / "steps.csv")
+    steps = read_metrics_csv(copy / "steps.csv")
     points = found.Scalars("dcgan/steps/loss_d")
     assert [p.step for p in points] == [3, 6, 9, 12]  # without purge_step: 3, 6, 9, 12, 9, 12
     assert [p.value for p in points] == pytest.approx([row["loss_d"] for row in steps], rel=1e-6)
@@ -84,7 +85,7 @@ def test_a_run_folder_without_events_gets_its_rows_so_far(run_dir, tmp_path):
     shutil.rmtree(copy / "tb")
     view = live.LiveView()
     view.open(copy, global_step=12, steps_per_epoch=6, settings={"seed": 0}, metric_columns=["loss_d", "loss_g"],
-              metrics=common.read_metrics_csv(copy / "metrics.csv"), log=lambda line: None)
+              metrics=read_metrics_csv(copy / "metrics.csv"), log=lambda line: None)
     view.close()
     found = events(copy)
     assert [p.step for p in found.Scalars("dcgan/epoch/loss_d")] == [6, 12]

@@ -19,10 +19,9 @@ from conftest import REPO, script_env
 
 import analyze_gan
 import analyze_vae
-import common
+from common import errors, experiments
 import dcgan_train
 import vae_train
-from common import experiments
 
 OLD_COMMIT = "c453977a0866b5e0ce7fa3f31262ca6cbc738a2e"
 VAE_TINY = ["--epochs", "1", "--train-limit", "64", "--batch-size", "32", "--latent-dim", "4", "--log-every", "1"]
@@ -49,7 +48,7 @@ def train_with_old_code(old_code, script: str, *args):
 
 def run_main(main, argv) -> int:
     with pytest.raises(SystemExit) as stop:
-        common.run_main(main, [str(a) for a in argv])
+        errors.run_main(main, [str(a) for a in argv])
     return stop.value.code
 
 

@@ -17,7 +17,8 @@ import torch
 
 from conftest import run_script
 
-import common
+from common.errors import UserError
+from common.files import write_csv
 import report
 
 # The coursework's order, then the extra GAN diagnostics, then the GAN experiments.
@@ -47,7 +48,7 @@ def runs_root(mnist_dir, cifar_dir, tmp_path_factory):
         rows = list(csv.DictReader(f))
     for row in rows:
         row["fid"] = FAKE_FID[int(row["epoch"])]
-    common.write_csv(metrics, list(rows[0]), rows)
+    write_csv(metrics, list(rows[0]), rows)
     for name, extra in (("dcgan-baseline", []), ("dcgan-hinge", ["--loss", "hinge"])):
         run_script("dcgan_train.py", "--data-dir", cifar_dir, "--runs-root", root, "--name", name, "--sweep",
                    "dcgan-sweep", *GAN_TINY, *extra)
@@ -177,19 +178,19 @@ def test_rebuild_without_analysis_replaces_the_folder(built, runs_root):
 
 
 def test_refuses_what_it_cannot_report(runs_root, tmp_path):
-    with pytest.raises(common.UserError, match="no such run folder"):
+    with pytest.raises(UserError, match="no such run folder"):
         report.main(["--runs-root", str(runs_root), "--gan-run", str(tmp_path / "nowhere"), "--out",
                      str(tmp_path / "r")])
-    with pytest.raises(common.UserError, match="is a 'vae' run, not a DCGAN run"):
+    with pytest.raises(UserError, match="is a 'vae' run, not a DCGAN run"):
         report.main(["--runs-root", str(runs_root), "--gan-run", str(runs_root / "latest-vae"), "--no-analysis",
                      "--out", str(tmp_path / "r")])
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(common.UserError, match="holds files but no REPORT.md"):
+    with pytest.raises(UserError, match="holds files but no REPORT.md"):
         report.main(["--runs-root", str(runs_root), "--out", str(tmp_path / "mine"), "--no-analysis"])
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     (tmp_path / "empty-runs").mkdir()
-    with pytest.raises(common.UserError, match="no finished vae run .* that is not a sweep member.*VAE_RUN="):
+    with pytest.raises(UserError, match="no finished vae run .* that is not a sweep member.*VAE_RUN="):
         report.main(["--runs-root", str(tmp_path / "empty-runs"), "--out", str(tmp_path / "r2")])
 
 

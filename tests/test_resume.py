@@ -20,7 +20,8 @@ import torch
 
 from conftest import REPO, run_script, run_with_signal, script_env
 
-import common
+from common.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
+from common.readers import list_checkpoints
 
 # 300 tiny images / batch 32 = 9 full batches per epoch (the last 12 images of each epoch's order left out), 3 epochs:
 # a few seconds per run.
@@ -33,7 +34,7 @@ def vae_args(data_dir, run_dir, *extra):
 
 
 def final_checkpoint(run_dir: Path) -> dict:
-    paths = common.list_checkpoints(run_dir)
+    paths = list_checkpoints(run_dir)
     assert paths, f"no checkpoint in {run_dir}"
     return torch.load(paths[0], map_location="cpu", weights_only=True)
 
@@ -73,7 +74,7 @@ def interrupt(mnist_dir, run_dir, target: str, n: int, *extra, in_process: bool 
     """The run stopped by SIGTERM before the `n`-th call of `target` (exit 75). In this process unless the signal
     reaching a process of its own is what the test is about (conftest.run_with_signal)."""
     proc = run_with_signal("vae_train.py", target, n, *vae_args(mnist_dir, run_dir, *extra), in_process=in_process)
-    assert proc.returncode == common.EXIT_PREEMPTED, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == EXIT_PREEMPTED, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "stopped by SIGTERM" in proc.stdout
     assert proc.stderr == "", proc.stderr  # the stop is logged on stdout; stderr is for errors (and import noise)
     return proc
@@ -101,7 +102,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(mnist_dir, tmp_path, refer
 def wait_for_first_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 120) -> None:
     """Return once the running `proc` has written a checkpoint in `run_dir` (so it is past start-up, training)."""
     deadline = time.monotonic() + timeout
-    while not common.list_checkpoints(run_dir):
+    while not list_checkpoints(run_dir):
         assert proc.poll() is None, f"the run exited ({proc.returncode}) before writing a checkpoint"
         assert time.monotonic() < deadline, "the run wrote no checkpoint in time"
         time.sleep(0.02)
@@ -121,7 +122,7 @@ def test_external_sigterm_at_an_arbitrary_moment(mnist_dir, tmp_path, reference_
         try:
             wait_for_first_checkpoint(proc, run_dir)
             proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=120) == common.EXIT_PREEMPTED, output.read_text()[-3000:]
+            assert proc.wait(timeout=120) == EXIT_PREEMPTED, output.read_text()[-3000:]
         finally:
             proc.kill()
             proc.wait()
@@ -151,7 +152,8 @@ def test_several_resumes_keep_one_row_per_epoch(mnist_dir, tmp_path, reference_r
 _HANG_IN_SAVE = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
-import common, vae_train
+import vae_train
+from common.errors import run_main
 real_replace, saves = os.replace, [0]
 def replace(src, dst):
     if str(dst).endswith(".pt"):
@@ -161,7 +163,7 @@ def replace(src, dst):
             time.sleep(600)
     return real_replace(src, dst)
 os.replace = replace
-common.run_main(vae_train.main, sys.argv[1:])
+run_main(vae_train.main, sys.argv[1:])
 """
 
 
@@ -179,7 +181,7 @@ def test_sigkill_during_checkpoint_write_loses_nothing(mnist_dir, tmp_path, refe
 
     stray = list((run_dir / "checkpoints").glob(".*.tmp-*"))
     assert len(stray) == 1, "the killed save should have left its temporary file"
-    survivors = common.list_checkpoints(run_dir)
+    survivors = list_checkpoints(run_dir)
     assert [p.name for p in survivors] == [f"step-{STEPS_PER_EPOCH:010d}.pt"]  # the first epoch's checkpoint
     torch.load(survivors[0], map_location="cpu", weights_only=True)
 
@@ -193,7 +195,7 @@ def test_sigkill_during_checkpoint_write_loses_nothing(mnist_dir, tmp_path, refe
 def test_bad_newest_checkpoint_falls_back_to_the_one_before(mnist_dir, tmp_path, reference_run, damage):
     run_dir = tmp_path / "run"
     interrupt(mnist_dir, run_dir, "torch.optim.Adam.step", 2 * STEPS_PER_EPOCH + 4)
-    newest, previous = common.list_checkpoints(run_dir)[:2]
+    newest, previous = list_checkpoints(run_dir)[:2]
     data = newest.read_bytes()
     newest.write_bytes({"truncated": data[:len(data) // 2], "empty": b"", "garbage": os.urandom(4096)}[damage])
 
@@ -202,27 +204,27 @@ def test_bad_newest_checkpoint_falls_back_to_the_one_before(mnist_dir, tmp_path,
     assert "resumed at epoch 3, step 0" in resumed.stdout  # i.e. from `previous`, the end of epoch 2
     assert previous.name == f"step-{2 * STEPS_PER_EPOCH:010d}.pt"
     # Set aside, so it can neither be tried again nor push a good checkpoint out of the kept ones.
-    assert newest.with_name(newest.name + ".corrupt").exists() and newest not in common.list_checkpoints(run_dir)
+    assert newest.with_name(newest.name + ".corrupt").exists() and newest not in list_checkpoints(run_dir)
     assert_same_run(run_dir, reference_run)
 
 
 def test_no_valid_checkpoint_is_an_error_not_a_fresh_start(mnist_dir, tmp_path):
     run_dir = tmp_path / "run"
     interrupt(mnist_dir, run_dir, "torch.optim.Adam.step", STEPS_PER_EPOCH + 4)
-    for path in common.list_checkpoints(run_dir):
+    for path in list_checkpoints(run_dir):
         path.write_bytes(b"not a checkpoint")
 
     proc = run_script("vae_train.py", *vae_args(mnist_dir, run_dir), check=False)
-    assert proc.returncode == common.EXIT_USER_ERROR
+    assert proc.returncode == EXIT_USER_ERROR
     assert "no checkpoint in" in proc.stderr and "nothing to resume from" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not common.list_checkpoints(run_dir), "a fresh run must not have started"
+    assert not list_checkpoints(run_dir), "a fresh run must not have started"
 
 
 def test_every_checkpoint_loads_with_weights_only(mnist_dir, tmp_path):
     run_dir = tmp_path / "run"
     interrupt(mnist_dir, run_dir, "torch.optim.Adam.step", STEPS_PER_EPOCH + 4, "--keep-ckpts", 5)
-    paths = common.list_checkpoints(run_dir)
+    paths = list_checkpoints(run_dir)
     assert len(paths) == 2  # end of epoch 1, then the pre-emption checkpoint
     for path in paths:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -231,7 +233,7 @@ def test_every_checkpoint_loads_with_weights_only(mnist_dir, tmp_path):
 
 
 def test_only_the_newest_checkpoints_are_kept(reference_run):
-    assert len(common.list_checkpoints(reference_run)) == 2  # --keep-ckpts defaults to 2 (3 epoch ends written)
+    assert len(list_checkpoints(reference_run)) == 2  # --keep-ckpts defaults to 2 (3 epoch ends written)
 
 
 def test_second_process_on_the_same_run_folder_is_refused(mnist_dir, tmp_path):
@@ -244,12 +246,12 @@ def test_second_process_on_the_same_run_folder_is_refused(mnist_dir, tmp_path):
         # this process: the lock is the other process's, which is what the test needs.)
         second = run_script("vae_train.py", *vae_args(mnist_dir, run_dir, "--epochs", 1000), check=False,
                             timeout=60)
-        assert second.returncode == common.EXIT_USER_ERROR
+        assert second.returncode == EXIT_USER_ERROR
         assert f"another process (pid {first.pid})" in second.stderr
         assert first.poll() is None, "the refused process must leave the running one alone"
     finally:
         first.send_signal(signal.SIGTERM)
-        assert first.wait(timeout=60) == common.EXIT_PREEMPTED
+        assert first.wait(timeout=60) == EXIT_PREEMPTED
 
 
 def test_resume_with_changed_model_settings_is_refused(mnist_dir, tmp_path):
@@ -257,7 +259,7 @@ def test_resume_with_changed_model_settings_is_refused(mnist_dir, tmp_path):
     interrupt(mnist_dir, run_dir, "torch.optim.Adam.step", STEPS_PER_EPOCH + 4)
     proc = run_script("vae_train.py", *vae_args(mnist_dir, run_dir, "--arch", "mlp", "--latent-dim", 8),
                       check=False)
-    assert proc.returncode == common.EXIT_USER_ERROR
+    assert proc.returncode == EXIT_USER_ERROR
     assert "refusing to resume" in proc.stderr
     assert "arch: saved 'conv', given 'mlp'" in proc.stderr and "latent_dim: saved 4, given 8" in proc.stderr
 
@@ -267,7 +269,7 @@ def test_resume_latest_alone_and_raising_epochs(mnist_dir, tmp_path):
     runs_root = tmp_path / "runs"
     proc = run_with_signal("vae_train.py", "torch.optim.Adam.step", 5, "--data-dir", mnist_dir, "--runs-root",
                            runs_root, "--epochs", 2, "--batch-size", 32, "--latent-dim", 4, in_process=True)
-    assert proc.returncode == common.EXIT_PREEMPTED
+    assert proc.returncode == EXIT_PREEMPTED
     run_dir = (runs_root / "latest-vae").resolve()
     assert (runs_root / "latest").resolve() == run_dir and run_dir.parent == runs_root
 
@@ -289,7 +291,7 @@ def test_missing_data_offline_is_one_clear_error(tmp_path, monkeypatch):
     env_proxy = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # offline everywhere
     monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's opener, made anew: it reads the proxies
     proc = run_script("vae_train.py", "--data-dir", empty, "--runs-root", runs_root, env=env_proxy, check=False)
-    assert proc.returncode == common.EXIT_USER_ERROR
+    assert proc.returncode == EXIT_USER_ERROR
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1, proc.stderr
     assert str(empty / "MNIST" / "raw") in error_lines[0] and "train-images-idx3-ubyte" in error_lines[0]
@@ -301,7 +303,7 @@ def test_mirror_keeps_a_verified_copy_and_restores_a_lost_run_folder(mnist_dir, 
     """Colab: the run lives on local disk, mirrored to Drive; a new VM (local folder gone) continues from Drive."""
     run_dir, mirror = tmp_path / "local" / "run", tmp_path / "drive" / "run"
     interrupt(mnist_dir, run_dir, "torch.optim.Adam.step", STEPS_PER_EPOCH + 4, "--mirror-dir", mirror)
-    assert [p.name for p in common.list_checkpoints(mirror)] == [p.name for p in common.list_checkpoints(run_dir)]
+    assert [p.name for p in list_checkpoints(mirror)] == [p.name for p in list_checkpoints(run_dir)]
     assert (mirror / "metrics.csv").read_text() == (run_dir / "metrics.csv").read_text()
 
     import shutil
@@ -309,5 +311,5 @@ def test_mirror_keeps_a_verified_copy_and_restores_a_lost_run_folder(mnist_dir, 
     resumed = run_script("vae_train.py", *vae_args(mnist_dir, run_dir, "--mirror-dir", mirror))
     assert f"restoring {run_dir} from {mirror}" in resumed.stdout and "resuming vae run" in resumed.stdout
     assert_same_run(run_dir, reference_run)
-    assert len(common.list_checkpoints(mirror)) == 2  # pruned in step with the local folder
+    assert len(list_checkpoints(mirror)) == 2  # pruned in step with the local folder
     assert (mirror / "VAE_model.pth").exists()

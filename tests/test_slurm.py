@@ -16,7 +16,8 @@ import torch
 
 from conftest import REPO, script_env
 
-import common
+from common.errors import EXIT_PREEMPTED
+from common.readers import list_checkpoints
 
 SHELL_SCRIPTS = sorted((REPO / "slurm").glob("*.sh")) + [REPO / ".ci" / "run"]
 
@@ -109,10 +110,10 @@ def test_warning_signal_checkpoints_requeues_and_the_requeued_job_finishes(fake_
     env, calls, runs_root = fake_slurm
     job = start_job("vae.sh", env, *vae_options(mnist_dir, runs_root, 200))
     output = signal_after(job, "epoch 1/200 step 3/")
-    assert job.returncode == common.EXIT_PREEMPTED, output
+    assert job.returncode == EXIT_PREEMPTED, output
     assert "stopped by SIGUSR1" in output
     run_dir = runs_root / "slurm-4242"
-    assert common.list_checkpoints(run_dir), "the warning signal must leave a checkpoint"
+    assert list_checkpoints(run_dir), "the warning signal must leave a checkpoint"
     assert calls.read_text().split() == ["requeue", "4242"]
 
     # SLURM starts the requeued job with the same id; it finds its folder and continues (here: to 2 epochs).
@@ -137,9 +138,9 @@ def test_scancel_checkpoints_without_requeue_and_the_printed_command_continues_t
     env, calls, runs_root = fake_slurm
     job = start_job("vae.sh", env, *vae_options(mnist_dir, runs_root, 200))
     output = signal_after(job, "epoch 1/200 step 3/", signal.SIGTERM)
-    assert job.returncode == common.EXIT_PREEMPTED, output
+    assert job.returncode == EXIT_PREEMPTED, output
     run_dir = runs_root / "slurm-4242"
-    assert common.list_checkpoints(run_dir)
+    assert list_checkpoints(run_dir)
     assert not calls.exists()
     command = continue_command(output)
     assert command == ["sbatch", "slurm/vae.sh", "--resume", str(run_dir),
@@ -300,7 +301,7 @@ def test_two_gpu_job_goes_through_torchrun_and_still_checkpoints_and_requeues(fa
     job = start_job("vae.sh", {**env, "NPROC_PER_NODE": "2"}, *vae_options(mnist_dir, runs_root, 200))
     output = signal_after(job, "epoch 1/200 step 3/")
     assert "(2 processes)" in output and "stopped by SIGTERM" in output, output
-    ckpt = torch.load(common.list_checkpoints(runs_root / "slurm-4242")[0], weights_only=True)
+    ckpt = torch.load(list_checkpoints(runs_root / "slurm-4242")[0], weights_only=True)
     assert ckpt["world_size"] == 2
     assert calls.read_text().split() == ["requeue", "4242"]
 

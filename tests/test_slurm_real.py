@@ -35,7 +35,6 @@ import torch
 
 from conftest import REPO, script_env
 
-import common
 
 if os.environ.get("GENMODELS_REAL_SLURM") != "1":
     pytest.skip("needs a real SLURM cluster: run `make test-slurm`", allow_module_level=True)

@@ -10,9 +10,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-import common
-import dcgan_train
 from common import fid, gan_metrics
+from common.data import full_batches
+from common.errors import UserError
+from common.run import Meter, Run
+import dcgan_train
 from conftest import make_mnist
 from tiny_data import synthetic_digits
 
@@ -134,7 +136,7 @@ def test_the_classifier_fid_reuses_its_cached_test_statistics(tmp_path):
 
 
 def test_the_non_finite_check_reads_the_meter_and_names_the_steps_since_the_last_check(tmp_path):
-    run, meter = common.Run.__new__(common.Run), common.Meter(torch.device("cpu"))
+    run, meter = Run.__new__(Run), Meter(torch.device("cpu"))
     meter.add(loss=torch.tensor(1.0), kl=torch.tensor(2.0))
     run.meter, run.divergence_hint = meter, "a lower --lr"
     run.dir, run.script, run.steps_per_epoch, run._finite_through, run.good_ckpt = tmp_path, "vae", 10, 10, None
@@ -143,10 +145,10 @@ def test_the_non_finite_check_reads_the_meter_and_names_the_steps_since_the_last
     assert run._finite_through == 13
     meter.add(loss=torch.tensor(1.0), kl=torch.tensor(math.nan))
     run.global_step = 16
-    with pytest.raises(common.UserError, match=r"non-finite loss at epoch 2, steps 4-6; stopped without saving"):
+    with pytest.raises(UserError, match=r"non-finite loss at epoch 2, steps 4-6; stopped without saving"):
         run._stop_if_non_finite()
     run._finite_through = 15
-    with pytest.raises(common.UserError, match=r"non-finite loss at epoch 2, step 6;"):
+    with pytest.raises(UserError, match=r"non-finite loss at epoch 2, step 6;"):
         run._stop_if_non_finite()
 
 
@@ -187,7 +189,7 @@ def test_g_step_leaves_d_weight_gradients_out_and_the_ema_is_one_foreach_lerp(tm
 
 
 def test_the_meter_keeps_named_sums_on_the_device_and_checkpoints_them():
-    meter = common.Meter(torch.device("cpu"))
+    meter = Meter(torch.device("cpu"))
     meter.add(loss_d=torch.tensor(1.0), d_real=torch.tensor(0.5))  # D's step
     meter.add(loss_g=torch.tensor(3.0), d_fake=torch.tensor(0.25))  # G's step: names added later get columns
     meter.add(loss_d=torch.tensor(2.0), d_real=torch.tensor(0.75))  # a step without a G step
@@ -202,7 +204,7 @@ def test_the_meter_keeps_named_sums_on_the_device_and_checkpoints_them():
     state = meter.state_dict()
     meter.add(loss_d=torch.tensor(9.0), d_real=torch.tensor(0.0))
     assert state["sums"][0] == 7.0, "the checkpoint's sums are a live view"
-    restored = common.Meter(torch.device("cpu"))
+    restored = Meter(torch.device("cpu"))
     restored.load_state_dict(state)
     assert restored.means()["loss_d"] == 7.0 / 3 and restored.means(window=True)["d_real"] == 0.5
     restored.add(loss_d=2.0, d_real=0.5)  # Python numbers too
@@ -214,7 +216,7 @@ def test_the_meter_keeps_named_sums_on_the_device_and_checkpoints_them():
 
 
 def test_epochs_are_whole_full_batches():
-    assert common.full_batches(200, 32) == 6 and common.full_batches(192, 32) == 6 and common.full_batches(20, 32) == 1
+    assert full_batches(200, 32) == 6 and full_batches(192, 32) == 6 and full_batches(20, 32) == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 
 from conftest import run_script
 
-import common
+from common.readers import list_checkpoints
 
 
 def train(mnist_dir, run_dir, *flags) -> dict:
@@ -46,6 +46,6 @@ def test_fp16_uses_a_grad_scaler_whose_state_is_checkpointed(mnist_dir, tmp_path
     run_dir = tmp_path / "run"
     row = train(mnist_dir, run_dir, "--amp", "fp16", "--arch", "mlp")  # fp16 convolutions are slow on a CPU
     assert math.isfinite(float(row["train_loss"])) and math.isfinite(float(row["test_loss"]))
-    scaler = torch.load(common.list_checkpoints(run_dir)[0], weights_only=True)["scaler"]
+    scaler = torch.load(list_checkpoints(run_dir)[0], weights_only=True)["scaler"]
     # The scale starts at 2**16 and halves at each overflowing step: it moved, so the scaler was in the loop.
     assert 0 < scaler["scale"] < 2.0 ** 16

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from conftest import SHARED_MNIST, run_script
 
-import common
+from common.checkpoints import load_latest_checkpoint
+from common.data import FASHION_MNIST_SYSTEM_DIR, load_images
 import vae_train
 
 
@@ -107,7 +108,7 @@ def test_exported_model_passes_a_graders_checks(finished_run, mnist_dir):
 
     # The exported file reconstructs exactly as the trained weights do in eval mode (z = mu).
     model = vae_train.VAE("conv", 16, "bernoulli")
-    model.load_state_dict(common.load_latest_checkpoint(finished_run)["model"])
+    model.load_state_dict(load_latest_checkpoint(finished_run)["model"])
     assert torch.allclose(model.eval()(x)[0], recon, atol=1e-6)
 
 
@@ -120,16 +121,16 @@ def test_mlp_baseline_trains_and_exports(mnist_dir, tmp_path):
     assert not any(g.original_name == "Conv2d" for c in vae.children() for g in c.children())
 
 
-@pytest.mark.skipif(not common.FASHION_MNIST_SYSTEM_DIR.is_dir(),
+@pytest.mark.skipif(not FASHION_MNIST_SYSTEM_DIR.is_dir(),
                     reason="apt-get install dataset-fashion-mnist to run this test")
 def test_fashion_mnist_is_read_from_the_debian_package(tmp_path):
-    images, labels = common.load_images("fashion-mnist", tmp_path / "data", train=False)
+    images, labels = load_images("fashion-mnist", tmp_path / "data", train=False)
     assert images.shape == (10000, 1, 28, 28) and images.dtype == torch.uint8
     assert sorted(labels.unique().tolist()) == list(range(10))
 
 
 @pytest.mark.skipif(not (SHARED_MNIST / "MNIST" / "raw").is_dir(), reason="the real MNIST is only on dev machines")
 def test_real_mnist_loads_as_one_uint8_tensor():
-    images, labels = common.load_images("mnist", SHARED_MNIST, train=True)
+    images, labels = load_images("mnist", SHARED_MNIST, train=True)
     assert images.shape == (60000, 1, 28, 28) and images.dtype == torch.uint8
     assert labels[:5].tolist() == [5, 0, 4, 1, 9]  # the published first labels of the training set

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-import common
+from common.readers import read_metrics_csv
 from conftest import REPO, VAE_THAT_LEARNS, script_env
 
 VAE_ARGS = "--batch-size 64 --latent-dim 4"
@@ -95,7 +95,7 @@ def test_the_walk_gives_a_report_of_the_main_runs_with_settings_as_labels(tmp_pa
                                (main_gan, "dcgan/epoch/loss_d", "dcgan/samples/fixed_noise")):
         found = event_accumulator.EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0})
         found.Reload()
-        epochs = len(common.read_metrics_csv(run_dir / "metrics.csv"))
+        epochs = len(read_metrics_csv(run_dir / "metrics.csv"))
         assert len(found.Scalars(tag)) == epochs and len(found.Images(grid)) == epochs, run_dir.name
     for name in ("REPORT.md", "REPORT.html"):
         text = (repo / "report" / name).read_text()

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
+from common.errors import EXIT_USER_ERROR, run_main
+from common.readers import list_checkpoints, read_metrics_csv
 from conftest import REPO, script_env
 
 VAE_TINY = ["--batch-size", 64, "--latent-dim", 4, "--log-every", 1, "--device", "cpu"]  # 300 images: 4 full batches
@@ -31,7 +32,7 @@ def gan(cifar_dir, *extra) -> list:
 
 
 def newest_checkpoint(run_dir: Path) -> dict:
-    paths = common.list_checkpoints(run_dir)
+    paths = list_checkpoints(run_dir)
     assert paths, f"no checkpoint in {run_dir}"
     return torch.load(paths[0], map_location="cpu", weights_only=True)
 
@@ -56,12 +57,12 @@ def catches(pid: int, signum: int) -> bool:
 
 # Runs a script's main() in a fresh process after some patch code (a fault injected at an exact point): for a
 # SIGKILL, which the test process must not receive itself. Other faults are patched in this process (hook_calls).
-PRELUDE = "import errno, os, signal, sys, time\nsys.path.insert(0, {repo!r})\nimport torch, common, {module}\n"
+PRELUDE = "import errno, os, signal, sys, time\nsys.path.insert(0, {repo!r})\nimport torch, {module}\nfrom common.errors import run_main\n"
 
 
 def run_patched(script: str, patch: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
     module = script.removesuffix(".py")
-    code = PRELUDE.format(repo=str(REPO), module=module) + patch + f"common.run_main({module}.main, sys.argv[1:])\n"
+    code = PRELUDE.format(repo=str(REPO), module=module) + patch + f"run_main({module}.main, sys.argv[1:])\n"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
                           env=script_env(), timeout=timeout)
 
@@ -98,13 +99,13 @@ def in_process(module, argv, capsys) -> tuple[int, str, str]:
     """A script's main() through common.run_main in this process: (exit code, stdout, stderr)."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        common.run_main(module.main, [str(a) for a in argv])
+        run_main(module.main, [str(a) for a in argv])
     out = capsys.readouterr()
     return stop.value.code, out.out, out.err
 
 
 def one_error_line(code: int, err: str, *names) -> str:
-    assert code == common.EXIT_USER_ERROR, f"exit {code}: {err}"
+    assert code == EXIT_USER_ERROR, f"exit {code}: {err}"
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     for name in names:
@@ -119,7 +120,7 @@ def snapshot(folder: Path, but=(".lock",)) -> dict:
 
 
 def epochs_in(run_dir: Path) -> list[int]:
-    return [int(row["epoch"]) for row in common.read_metrics_csv(run_dir / "metrics.csv")]
+    return [int(row["epoch"]) for row in read_metrics_csv(run_dir / "metrics.csv")]
 
 
 def flip_a_byte(path: Path) -> None:
