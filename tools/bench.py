@@ -35,8 +35,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
+from torchvision.models import inception_v3
 
 if __package__ in (None, ""):  # `python tools/X.py` puts tools/ on the path, not the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -67,7 +69,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(__doc__)
     parser.add_argument("--images", type=int, default=5_000, help="training images per timed epoch")
     parser.add_argument("--data-dir", default=None,
-                        help="a root with MNIST (default: ../shared/data if present, else synthetic files)")
+                        help="a root with MNIST (none: ../shared/data if present, else synthetic files)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed epochs of each script (after a first), bare loop, classic pipeline and FID: the "
@@ -157,8 +159,6 @@ def script_ops_per_step(module, options: list, batch_size: int, run_dirs: Path, 
 def count_aten_ops(fn) -> dict:
     """aten ops dispatched while fn() runs: all of them (an op inside another counts too: each is a dispatch,
     and a kernel launch on a GPU when it computes), and those called directly (not from inside another op)."""
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     events = [e for e in prof.events() if e.name.startswith("aten::")]
@@ -180,8 +180,7 @@ def bare_ops_per_step(step, batches: list, steps: int) -> dict:
 
 
 def bare_vae(arch: str, device: torch.device, options=()):
-    """The VAE's step at vae_train.py's defaults (model, batch, precision) or `options`, nothing else; (step, its
-    args)."""
+    """The VAE's step at vae_train.py's defaults (model, batch, precision) or `options`, nothing else; (step, args)."""
     args = vae_train.build_parser().parse_args(["--arch", arch, *options])
     torch.manual_seed(0)
     model = vae_train.VAE(args.arch, args.latent_dim, args.likelihood).to(device)
@@ -311,7 +310,6 @@ def inception_seconds(device: torch.device, n: int = 10_000) -> float | None:
     random weights: torch-fidelity's has the same architecture), as torch-fidelity resizes them. None on a CPU."""
     if device.type != "cuda":
         return None
-    from torchvision.models import inception_v3
     net = inception_v3(weights=None, aux_logits=False, init_weights=False).to(device).eval()
     images = torch.randint(0, 256, (250, 3, 32, 32), dtype=torch.uint8, device=device)
     with torch.no_grad():
