@@ -1,41 +1,32 @@
 """Speed and memory of the training scripts on this machine: `make bench` (not part of `make test`); a few
-minutes on 2 CPU cores at the defaults.
+minutes on 2 CPU cores at the defaults. The measurements, explained, and the latest table: docs/results.md.
 
     python tools/bench.py                       # all measurements, a table on stdout and bench.json
     python tools/bench.py --images 2000         # quicker, noisier
 
-Measured side by side in one run, so the ratios hold even on a noisy shared machine:
-  - throughput (training images per second, after a warm-up epoch, the clock read after the device finished) of
-    the real scripts, vae_train.py (conv, mlp) and dcgan_train.py (32x32x3), each run as a user runs it, against a
-    bare loop of the same model's steps at the script's own default batch and precision on full batches already in
-    memory (the ceiling on this hardware): ONE bare loop per model, bare_vae and bare_dcgan;
-  - aten ops per step (torch.profiler), the script's (two in-process runs of one epoch, n and 2n steps: their
-    difference over n, so everything the loop does per step counts) against the bare loop's;
-  - FID on 10,000 x 2048 random features: common/fid.py's Frechet distance against torchmetrics' (time, value);
-  - the MLP VAE through the classic pipeline (torchvision MNIST, ToTensor() per item, a plain DataLoader);
-  - checkpoint write time, and its share of wall time at the defaults (one per epoch, one every 10 minutes);
-  - time from process start to the first training step of a resumed run;
-  - peak memory (RSS of each script run; CUDA peak of the bare loops when there is a GPU);
-  - the projected time of `make dcgan` (50 epochs of CIFAR-10, 10 FID evaluations; the Inception pass timed on a
-    GPU only) and `make vae` (10 epochs of MNIST) on this machine.
+Measured side by side in one run, so the ratios hold even on a noisy shared machine: each script (vae_train.py conv
+and mlp, dcgan_train.py), run as a user runs it, against ONE bare loop of the same model (bare_vae, bare_dcgan) at
+the script's default batch and precision on full batches already in memory (the ceiling on this hardware), in
+images per second after a warm-up epoch and aten ops per step (torch.profiler); peak memory; FID on 10,000 x 2048
+random features, common/fid.py against torchmetrics'; the MLP VAE through the classic pipeline (ToTensor() per
+item, a DataLoader); the checkpoint write and its share of wall time; start to first step on resume; and the
+projected time of `make dcgan` and `make vae` here (the Inception pass timed on a GPU only).
 Targets (issue 20): each script >= 0.95x its bare loop and within 5% of its aten ops; FID <= 0.5x torchmetrics'
 time and equal to 1e-5; and the MLP VAE >= 3x the classic pipeline; checkpoints < 1% of wall time.
-Without MNIST or CIFAR-10 at hand, tiny_data.py writes stand-ins in the real file formats (CIFAR-10's as a PNG
-folder, as torchvision accepts only the published CIFAR-10 files): the speeds hold, start-up times differ a little
-(and the VAE's epoch end evaluates the stand-in's 1,000 test images, not MNIST's 10,000).
+Without MNIST or CIFAR-10 at hand, tiny_data.py writes stand-ins in the real file formats (CIFAR-10's as PNGs):
+the speeds hold, start-up times differ a little.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import csv
 import io
 import json
 import math
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,89 +35,105 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.data import DataLoader, Subset
+from torchvision import datasets, transforms
+from torchvision.models import inception_v3
 
 if __package__ in (None, ""):  # `python tools/X.py` puts tools/ on the path, not the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import common
 import dcgan_train
 import vae_train
+from common import fid, gan_metrics
+from common.checkpoints import load_latest_checkpoint
+from common.data import full_batches, load_images
+from common.devices import adam, amp_dtype, autocast, determinism, pick_device, precision_name
+from common.errors import run_main
+from common.files import atomic_path
+from common.flags import REPO_ROOT, ArgumentParser
+from common.readers import list_checkpoints, read_metrics_csv
 
-sys.path.insert(0, str(common.REPO_ROOT / "tests" / "support"))  # the stand-in data sets are the tests' own
+sys.path.insert(0, str(REPO_ROOT / "tests" / "support"))  # the stand-in data sets are the tests' own
 import tiny_data  # noqa: E402
 
-SHARED_MNIST = common.REPO_ROOT.parent / "shared" / "data"
+SHARED_MNIST = REPO_ROOT.parent / "shared" / "data"
+# Each model measured: its script, and how many times --repeats each side is timed. An MLP VAE epoch of 5,000
+# images takes a quarter of a second on a CPU, where a moment's load elsewhere moves its time by 10 %: 4x as often.
+MODELS = {"vae_conv": (vae_train, 1), "vae_mlp": (vae_train, 4), "dcgan": (dcgan_train, 1)}
+# The runs `make dcgan` and `make vae` do (the scripts' defaults): training images per epoch of the full data set.
+FULL_TRAINING_SETS = {"dcgan": 50_000, "vae_conv": 60_000}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--images", type=int, default=5_000, help="training images per timed epoch")
     parser.add_argument("--data-dir", default=None,
-                        help="a root with MNIST (default: ../shared/data if present, else synthetic files)")
+                        help="a root with MNIST (none: ../shared/data if present, else synthetic files)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--repeats", type=int, default=3,
-                        help="timed epochs of each script (after a first), bare loop, classic pipeline and FID: the best "
-                             "is kept")
+                        help="timed epochs of each script (after a first), bare loop, classic pipeline and FID: the "
+                             "best is kept")
     parser.add_argument("--op-steps", type=int, default=8, help="steps profiled for the aten-op counts")
     parser.add_argument("--fid-features", type=int, default=10_000, help="feature vectors per set for the FID timing")
     parser.add_argument("--fid-dim", type=int, default=2048, help="their dimension (Inception's pool: 2048)")
-    parser.add_argument("--out", default=str(common.REPO_ROOT / "bench.json"), help="where to write the JSON")
+    parser.add_argument("--out", default=str(REPO_ROOT / "bench.json"), help="where to write the JSON")
     return parser
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data: the real MNIST when at hand; otherwise files in the real formats (speed does not depend on the pixels)
-
-
-def prepare_data(args, workdir: Path) -> tuple[Path, Path, str]:
-    """(root with MNIST, root with the 32x32 colour images, its --dataset: cifar10 if under --data-dir, else
+# -- Data: the real MNIST when at hand; otherwise files in the real formats (speed does not depend on the pixels) --
+def prepare_data(n_images: int, data_dir: str | None, workdir: Path) -> tuple[Path, Path, str]:
+    """(root with MNIST, root with the 32x32 colour images, its --dataset: cifar10 if under data_dir, else
     folder). The stand-ins have the real shapes, so the training loops do the same work on them."""
-    mnist = Path(args.data_dir) if args.data_dir else SHARED_MNIST
+    mnist = Path(data_dir) if data_dir else SHARED_MNIST
     if not (mnist / "MNIST" / "raw").is_dir():
-        mnist = tiny_data.make_mnist(workdir / "mnist", n_train=args.images, n_test=1000)
-    if args.data_dir and (Path(args.data_dir) / "cifar-10-batches-py").is_dir():
-        return mnist, Path(args.data_dir), "cifar10"
+        mnist = tiny_data.make_mnist(workdir / "mnist", n_train=n_images, n_test=1000)
+    if data_dir and (Path(data_dir) / "cifar-10-batches-py").is_dir():
+        return mnist, Path(data_dir), "cifar10"
     # CIFAR-10-shaped PNG files: torchvision refuses synthetic CIFAR-10 batches (their MD5 sums cannot match).
-    return mnist, tiny_data.make_image_folder(workdir / "colour", n=args.images, size=32), "folder"
+    return mnist, tiny_data.make_image_folder(workdir / "colour", n=n_images, size=32), "folder"
 
 
-def colour_images(root: Path, dataset: str) -> torch.Tensor:
-    """The 32x32 colour training set as uint8 [N, 3, 32, 32], as dcgan_train.py reads it."""
-    return dcgan_train.load_training_images(dcgan_train.build_parser().parse_args(
-        ["--dataset", dataset, "--data-dir", str(root)]))
+def script_options(name: str, data: tuple) -> list:
+    """The flags that point the script of model `name` (a key of MODELS) at its data from prepare_data."""
+    mnist, colour, colour_dataset = data
+    if name == "dcgan":  # --fid off: quality evaluation (and the Inception download) is no part of the training speed
+        return ["--data-dir", colour, "--dataset", colour_dataset, "--fid", "off"]
+    return ["--data-dir", mnist, "--arch", name.removeprefix("vae_")]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The real scripts, run as a user runs them
+def training_images(name: str, data: tuple, n_images: int) -> torch.Tensor:
+    """The first n_images the script of model `name` trains on, as it reads them: uint8 [N, C, H, W]."""
+    mnist, colour, colour_dataset = data
+    if name == "dcgan":
+        return dcgan_train.load_training_images(dcgan_train.build_parser().parse_args(
+            ["--dataset", colour_dataset, "--data-dir", str(colour), "--train-limit", str(n_images)]))
+    return load_images("mnist", mnist, train=True)[0][:n_images]
 
 
-def peak_rss_mb_of(cmd: list[str]) -> tuple[float, str]:
-    """Run `cmd` to the end; its peak resident memory (MB) and its output."""
+# -- The real scripts, run as a user runs them -----------------------------------------------------------------------
+def peak_rss_mb_of(cmd: list[str]) -> float:
+    """Run `cmd` to the end; its peak resident memory (MB)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-2000:]}")
-    return usage.ru_maxrss / 1024, output  # Linux reports kilobytes
+    return usage.ru_maxrss / 1024  # Linux reports kilobytes
 
 
-def script_throughput(script: str, run_dir: Path, options: list, n_images: int, repeats: int) -> dict:
-    """1 + `repeats` epochs of `script` at its defaults: images per second of its fastest epoch after the first (as
-    the bare loop's best of `repeats`; train_time_s is read after the device finished the epoch's steps), and what
-    the rest of an epoch costs (evaluation, grids, checkpoint)."""
-    cmd = [sys.executable, str(common.REPO_ROOT / script), "--run-dir", str(run_dir), "--epochs", str(1 + repeats),
-           "--train-limit", str(n_images), *map(str, options)]
-    rss_mb, _ = peak_rss_mb_of(cmd)
-    with open(run_dir / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    seen = int(rows[1]["images_seen"]) - int(rows[0]["images_seen"])
-    best = min(rows[1:], key=lambda row: float(row["train_time_s"]))
-    train_time = float(best["train_time_s"])
-    return {"images_per_s": seen / train_time, "epoch_train_time_s": train_time,
-            "epoch_time_s": float(best["epoch_time_s"]), "epoch_overhead_s": float(best["epoch_time_s"]) - train_time,
-            "peak_rss_mb": rss_mb}
+def script_throughput(module, run_dir: Path, options: list, n_images: int, repeats: int) -> dict:
+    """1 + `repeats` epochs of the script `module` at its defaults: images per second of its fastest epoch after the
+    first (as the bare loop's best of `repeats`; train_time_s is read after the device finished the epoch's steps),
+    and what the rest of an epoch costs (evaluation, grids, checkpoint)."""
+    rss_mb = peak_rss_mb_of([sys.executable, module.__file__, "--run-dir", str(run_dir), "--epochs", str(1 + repeats),
+                             "--train-limit", str(n_images), *map(str, options)])
+    rows = read_metrics_csv(run_dir / "metrics.csv")
+    best = min(rows[1:], key=lambda row: row["train_time_s"])
+    return {"images_per_s": (rows[1]["images_seen"] - rows[0]["images_seen"]) / best["train_time_s"],
+            "epoch_train_time_s": best["train_time_s"], "epoch_time_s": best["epoch_time_s"],
+            "epoch_overhead_s": best["epoch_time_s"] - best["train_time_s"], "peak_rss_mb": rss_mb}
 
 
 def script_ops_per_step(module, options: list, batch_size: int, run_dirs: Path, steps: int) -> dict:
@@ -141,23 +148,17 @@ def script_ops_per_step(module, options: list, batch_size: int, run_dirs: Path, 
                 *map(str, options)]
         with contextlib.redirect_stdout(io.StringIO()):
             counts.append(count_aten_ops(lambda: module.main(argv)))
-        with open(run_dir / "metrics.csv") as f:
-            done.append(int(next(csv.DictReader(f))["images_seen"]) // batch_size)
+        done.append(int(read_metrics_csv(run_dir / "metrics.csv")[0]["images_seen"]) // batch_size)
     if done[1] == done[0]:
         raise SystemExit(f"{module.__name__}: too few training images to count ops over {2 * steps} steps; "
                          f"lower --op-steps")
     return {key: (counts[1][key] - counts[0][key]) / (done[1] - done[0]) for key in counts[0]}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Bare loops: the same models, batch and precision as the scripts' defaults, on batches already in memory
-
-
+# -- Bare loops: the same models, batch and precision as the scripts' defaults, on batches already in memory --------
 def count_aten_ops(fn) -> dict:
     """aten ops dispatched while fn() runs: all of them (an op inside another counts too: each is a dispatch,
     and a kernel launch on a GPU when it computes), and those called directly (not from inside another op)."""
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     events = [e for e in prof.events() if e.name.startswith("aten::")]
@@ -178,44 +179,16 @@ def bare_ops_per_step(step, batches: list, steps: int) -> dict:
     return {key: value / steps for key, value in counts.items()}
 
 
-def timed_steps(step, batches: list, device: torch.device) -> float:
-    """Seconds for one pass of `step` over `batches`, after a warm-up pass over the first few; the clock is read
-    after the device has finished (sync)."""
-    for x in batches[:5]:
-        step(x)
-    sync(device)
-    start = time.perf_counter()
-    for x in batches:
-        step(x)
-    sync(device)
-    return time.perf_counter() - start
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def full_float_batches(images_uint8: torch.Tensor, batch_size: int, to_float, device: torch.device) -> list:
-    """The same images the script trains on, already converted and on the device, in full batches only (as the
-    script's steps): all the loop does is learn."""
-    images = to_float(images_uint8.to(device))
-    return list(images[:len(images) // batch_size * batch_size].split(batch_size))
-
-
 def bare_vae(arch: str, device: torch.device, options=()):
-    """The VAE's step at vae_train.py's defaults (model, batch, precision) or `options`, nothing else; (step, its
-    args)."""
+    """The VAE's step at vae_train.py's defaults (model, batch, precision) or `options`, nothing else; (step, args)."""
     args = vae_train.build_parser().parse_args(["--arch", arch, *options])
     torch.manual_seed(0)
     model = vae_train.VAE(args.arch, args.latent_dim, args.likelihood).to(device)
-    optimizer = common.adam(model.parameters(), device, lr=args.lr)
-    amp = common.amp_dtype(args.amp, device)
+    optimizer = adam(model.parameters(), device, lr=args.lr)
+    amp = amp_dtype(args.amp, device)
 
     def step(x):
-        with common.autocast(device, amp):
+        with autocast(device, amp):
             recon_nll, kl = vae_train.vae_terms(model, x)
             loss = (recon_nll + args.beta * kl).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -232,12 +205,12 @@ def bare_dcgan(device: torch.device, options=()):
     torch.manual_seed(0)
     generator, discriminator = (m.to(device) for m in dcgan_train.build_models(args, 3))
     generator_ema = copy.deepcopy(generator) if args.ema > 0 else None
-    opt_g = common.adam(generator.parameters(), device, lr=args.lr_g, betas=(args.beta1, 0.999))
-    opt_d = common.adam(discriminator.parameters(), device, lr=args.lr_d, betas=(args.beta1, 0.999))
-    amp = common.amp_dtype(args.amp, device)
+    opt_g = adam(generator.parameters(), device, lr=args.lr_g, betas=(args.beta1, 0.999))
+    opt_d = adam(discriminator.parameters(), device, lr=args.lr_d, betas=(args.beta1, 0.999))
+    amp = amp_dtype(args.amp, device)
 
     def step(real):
-        with common.autocast(device, amp):
+        with autocast(device, amp):
             fake = generator(torch.randn(len(real), args.nz, 1, 1, device=device))
             loss_d = dcgan_train.d_loss(discriminator(real), discriminator(fake.detach()), args.loss,
                                         args.label_smoothing)
@@ -245,7 +218,7 @@ def bare_dcgan(device: torch.device, options=()):
         loss_d.backward()
         opt_d.step()
         discriminator.requires_grad_(False)
-        with common.autocast(device, amp):
+        with autocast(device, amp):
             loss_g = dcgan_train.g_loss(discriminator(fake), args.loss)
         discriminator.requires_grad_(True)
         opt_g.zero_grad(set_to_none=True)
@@ -261,39 +234,53 @@ def bare(name: str, images_uint8: torch.Tensor, device: torch.device, repeats: i
          options=()) -> dict:
     """The bare loop of `name` (vae_conv, vae_mlp, dcgan): images per second (best of `repeats`), aten ops per
     step, the batch and precision it ran at (the script's defaults, or its flags in `options`), the CUDA peak."""
-    step, args = (bare_dcgan(device, options) if name == "dcgan" else
-                  bare_vae(name.split("_")[1], device, options))
-    to_float = dcgan_train.to_float if name == "dcgan" else vae_train.to_float
-    batches = full_float_batches(images_uint8, args.batch_size, to_float, device)
+    if name == "dcgan":
+        (step, args), to_float = bare_dcgan(device, options), dcgan_train.to_float
+    else:
+        (step, args), to_float = bare_vae(name.removeprefix("vae_"), device, options), vae_train.to_float
+    # The images the script trains on, converted and on the device, in full batches only (as the script's steps).
+    images = to_float(images_uint8.to(device))
+    batches = list(images[:len(images) // args.batch_size * args.batch_size].split(args.batch_size))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # this loop's peak, not an earlier one's
     # Under the script's default --deterministic (on), as the script runs: deterministic kernels dispatch more ops
     # (on this CPU about 290 more per DCGAN step), which is no overhead of the script's.
-    with common.determinism(args.deterministic):
-        best = min(timed_steps(step, batches, device) for _ in range(repeats))
+    with determinism(args.deterministic):
+        for x in batches[:5]:  # warm-up: Adam's lazy state, cuDNN's choice of algorithms
+            step(x)
+        seconds, _ = best_time(lambda: [step(x) for x in batches], device, repeats)
         ops = bare_ops_per_step(step, batches, op_steps)
-    return {"images_per_s": len(batches) * args.batch_size / best, "batch_size": args.batch_size,
-            "amp": common.precision_name(common.amp_dtype(args.amp, device)), "ops_per_step": ops,
-            **cuda_peak(device)}
+    cuda_peak = {"cuda_peak_mb": torch.cuda.max_memory_allocated() / 2 ** 20} if device.type == "cuda" else {}
+    return {"images_per_s": len(batches) * args.batch_size / seconds, "batch_size": args.batch_size,
+            "amp": precision_name(amp_dtype(args.amp, device)), "ops_per_step": ops, **cuda_peak}
 
 
-def cuda_peak(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return {}
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20
-    torch.cuda.reset_peak_memory_stats()
-    return {"cuda_peak_mb": peak}
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# FID: the Frechet distance on the same random features, ours (common/fid.py) against torchmetrics'
+def best_time(fn, device: torch.device, repeats: int) -> tuple[float, object]:
+    """The fastest of `repeats` calls of fn (the clock read after the device finished), and what it returned. The
+    fastest, as a shared machine's load only ever adds time."""
+    best = math.inf
+    for _ in range(max(1, repeats)):
+        sync(device)
+        start = time.perf_counter()
+        value = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best, value
 
 
+# -- FID: the Frechet distance on the same random features, ours (common/fid.py) against torchmetrics' ------------
 def fid_times(n: int, dim: int, device: torch.device, repeats: int) -> dict:
     """Seconds from two sets of n x dim float64 features to the FID: common.fid (on `device`) and torchmetrics'
-    FrechetInceptionDistance (as gan_metrics used it before: on the CPU), each the best of `repeats` (as the
-    throughputs: a shared machine's load only ever adds time); and one evaluation in training (the real statistics
-    cached: the generated set's statistics and the distance)."""
+    FrechetInceptionDistance (as gan_metrics used it before: on the CPU), each the best of `repeats`; and one
+    evaluation in training (the real statistics cached: the generated set's statistics and the distance)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
-    from common import fid, gan_metrics
 
     gen = torch.Generator().manual_seed(0)
     mixing = torch.randn(dim, dim, generator=gen, dtype=torch.float64) / dim ** 0.5  # correlated, like real features
@@ -318,72 +305,62 @@ def fid_times(n: int, dim: int, device: torch.device, repeats: int) -> dict:
             "per_evaluation_s": per_evaluation_s}
 
 
-def best_time(fn, device: torch.device, repeats: int) -> tuple[float, object]:
-    """The fastest of `repeats` calls of fn (the clock read after the device finished), and what it returned."""
-    best = math.inf
-    for _ in range(max(1, repeats)):
-        sync(device)
-        start = time.perf_counter()
-        value = fn()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best, value
+def inception_seconds(device: torch.device, n: int = 10_000) -> float | None:
+    """One FID evaluation's Inception pass on a GPU: n images through Inception v3 at 299 x 299 (torchvision's,
+    random weights: torch-fidelity's has the same architecture), as torch-fidelity resizes them. None on a CPU."""
+    if device.type != "cuda":
+        return None
+    net = inception_v3(weights=None, aux_logits=False, init_weights=False).to(device).eval()
+    images = torch.randint(0, 256, (250, 3, 32, 32), dtype=torch.uint8, device=device)
+    with torch.no_grad():
+        run = lambda: net(F.interpolate(images.float() / 255, size=(299, 299), mode="bilinear"))  # noqa: E731
+        run()  # warm-up: cuDNN's choice of algorithms
+        seconds, _ = best_time(lambda: [run() for _ in range(n // 250)], device, repeats=1)
+    return seconds
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The classic pipeline a user would otherwise write
-
-
+# -- The classic pipeline a user would otherwise write; checkpoints and resume ------------------------------------
 def classic_mlp_vae(mnist_root: Path, n_images: int, batch_size: int, device: torch.device, repeats: int) -> dict:
     """torchvision MNIST with ToTensor() per item and a DataLoader (the pytorch/examples vae/main.py way)."""
-    from torch.utils.data import DataLoader, Subset
-    from torchvision import datasets, transforms
-
     dataset = Subset(datasets.MNIST(str(mnist_root), train=True, transform=transforms.ToTensor()), range(n_images))
     torch.manual_seed(0)
     model = vae_train.VAE("mlp", 16, "bernoulli").to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+    def epoch():
         for x, _ in DataLoader(dataset, batch_size=batch_size, shuffle=True):
             recon_nll, kl = vae_train.vae_terms(model, x.to(device))
             loss = (recon_nll + kl).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return {"images_per_s": n_images / best}
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints and resume
+    seconds, _ = best_time(epoch, device, repeats)
+    return {"images_per_s": n_images / seconds}
 
 
 def checkpoint_write_s(run_dir: Path, repeats: int = 5) -> dict:
     """Median time of the scripts' checkpoint write (atomic: temp file, fsync, rename) for the conv VAE's state."""
-    ckpt = common.load_latest_checkpoint(run_dir)
+    ckpt = load_latest_checkpoint(run_dir)
     times = []
     for i in range(repeats):
         start = time.perf_counter()
-        with common.atomic_path(run_dir / f"bench-{i}.pt") as tmp:
+        with atomic_path(run_dir / f"bench-{i}.pt") as tmp:
             torch.save(ckpt, tmp)
         times.append(time.perf_counter() - start)
         (run_dir / f"bench-{i}.pt").unlink()
-    size_mb = common.list_checkpoints(run_dir)[0].stat().st_size / 2 ** 20
-    return {"seconds": sorted(times)[len(times) // 2], "size_mb": size_mb}
+    return {"seconds": statistics.median(times), "size_mb": list_checkpoints(run_dir)[0].stat().st_size / 2 ** 20}
 
 
-def resume_to_first_step_s(script: str, run_dir: Path, options: list) -> float:
+def resume_to_first_step_s(module, run_dir: Path, options: list) -> float:
     """Seconds from starting a resume of `run_dir` (one epoch more than it has) to its first training step being
     printed."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    epochs = len(common.read_metrics_csv(run_dir / "metrics.csv")) + 1
-    cmd = [sys.executable, str(common.REPO_ROOT / script), "--run-dir", str(run_dir), "--epochs", str(epochs),
-           "--log-every", "1", *map(str, options)]
+    epochs = len(read_metrics_csv(run_dir / "metrics.csv")) + 1
+    cmd = [sys.executable, module.__file__, "--run-dir", str(run_dir), "--epochs", str(epochs), "--log-every", "1",
+           *map(str, options)]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:
         if re.search(r"step \d+/\d+ \|", line):  # a progress line: "epoch 3/3 step 1/79 | loss ..."
             elapsed = time.perf_counter() - start
@@ -395,69 +372,34 @@ def resume_to_first_step_s(script: str, run_dir: Path, options: list) -> float:
     return elapsed
 
 
-# ----------------------------------------------------------------------------------------------------------------
-
-
-# The runs `make dcgan` and `make vae` do (the scripts' defaults): training images per epoch of the full data set.
-FULL_TRAINING_SETS = {"dcgan": 50_000, "vae_conv": 60_000}
-MODELS = ("vae_conv", "vae_mlp", "dcgan")
-
-
+# -- All of it -------------------------------------------------------------------------------------------------------
 def measure_models(args, device: torch.device, workdir: Path, data: tuple) -> dict:
     """Each script against its bare loop: throughput, aten ops per step, batch and precision."""
-    mnist, colour, colour_dataset = data
     results = {}
-    # The last number: how many times --repeats each side is timed. An MLP VAE epoch of 5,000 images takes a
-    # quarter of a second on a CPU, where a moment's load elsewhere moves its time by 10 %: it is timed 4x as often.
-    for name, module, options, more in [
-        ("vae_conv", vae_train, ["--data-dir", mnist, "--arch", "conv"], 1),
-        ("vae_mlp", vae_train, ["--data-dir", mnist, "--arch", "mlp"], 4),
-        # --fid off: quality evaluation (and the Inception download) is no part of the training speed
-        ("dcgan", dcgan_train, ["--data-dir", colour, "--dataset", colour_dataset, "--fid", "off"], 1),
-    ]:
-        options, repeats = [*options, "--device", args.device], args.repeats * more
-        script = script_throughput(f"{module.__name__}.py", workdir / name, options, args.images, repeats)
-        images = (colour_images(colour, colour_dataset) if name == "dcgan" else
-                  common.load_images("mnist", mnist, train=True)[0])[:args.images]
-        results[name] = {"script": script, "bare": bare(name, images, device, repeats, args.op_steps)}
-        batch = results[name]["bare"]["batch_size"]
+    for name, (module, more) in MODELS.items():
+        options, repeats = [*script_options(name, data), "--device", args.device], args.repeats * more
+        script = script_throughput(module, workdir / name, options, args.images, repeats)
+        bare_loop = bare(name, training_images(name, data, args.images), device, repeats, args.op_steps)
+        batch = bare_loop["batch_size"]
         script["ops_per_step"] = script_ops_per_step(module, options, batch, workdir / f"ops-{name}", args.op_steps)
-        results[name]["ratio"] = script["images_per_s"] / results[name]["bare"]["images_per_s"]
-        results[name]["ops_ratio"] = script["ops_per_step"]["all"] / results[name]["bare"]["ops_per_step"]["all"]
-        print(f"  {name}: script {script['images_per_s']:.0f} img/s, bare loop "
-              f"{results[name]['bare']['images_per_s']:.0f} img/s (batch {batch})", flush=True)
+        results[name] = {"script": script, "bare": bare_loop,
+                         "ratio": script["images_per_s"] / bare_loop["images_per_s"],
+                         "ops_ratio": script["ops_per_step"]["all"] / bare_loop["ops_per_step"]["all"]}
+        print(f"  {name}: script {script['images_per_s']:.0f} img/s, bare loop {bare_loop['images_per_s']:.0f} "
+              f"img/s (batch {batch})", flush=True)
     return results
 
 
-def inception_seconds(device: torch.device, n: int = 10_000) -> float | None:
-    """One FID evaluation's Inception pass on a GPU: n images through Inception v3 at 299 x 299 (torchvision's,
-    random weights: torch-fidelity's has the same architecture), as torch-fidelity resizes them. None on a CPU."""
-    if device.type != "cuda":
-        return None
-    from torchvision.models import inception_v3
-    net = inception_v3(weights=None, aux_logits=False, init_weights=False).to(device).eval()
-    images = torch.randint(0, 256, (250, 3, 32, 32), dtype=torch.uint8, device=device)
-    with torch.no_grad():
-        run = lambda: net(F.interpolate(images.float() / 255, size=(299, 299), mode="bilinear"))  # noqa: E731
-        run()
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(n // 250):
-            run()
-        sync(device)
-    return time.perf_counter() - start
-
-
-def projections(results: dict, device: torch.device) -> dict:
+def projections(results: dict) -> dict:
     """Seconds `make dcgan` and `make vae` would take on this machine: every epoch's steps at the script's measured
     speed plus its measured epoch end, the start-up, and (DCGAN) its FID evaluations (Inception on a GPU only)."""
     out = {}
     for name, module in (("dcgan", dcgan_train), ("vae_conv", vae_train)):
         defaults = module.build_parser().parse_args([])
-        per_epoch = common.full_batches(FULL_TRAINING_SETS[name], defaults.batch_size) * defaults.batch_size
+        per_epoch = full_batches(FULL_TRAINING_SETS[name], defaults.batch_size) * defaults.batch_size
         script = results[name]["script"]
         seconds = defaults.epochs * (per_epoch / script["images_per_s"] + script["epoch_overhead_s"])
-        seconds += results["resume_to_first_step_s"]["dcgan" if name == "dcgan" else "vae_conv"]
+        seconds += results["resume_to_first_step_s"][name]
         if name == "dcgan":
             evaluations = sum(1 for e in range(1, defaults.epochs + 1)
                               if e % defaults.fid_every == 0 or e == defaults.epochs)
@@ -468,13 +410,13 @@ def projections(results: dict, device: torch.device) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    device = common.pick_device(args.device)
+    device = pick_device(args.device)
     results = {"machine": {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
                            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "images": args.images}}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        mnist, colour, colour_dataset = data = prepare_data(args, workdir)
+        mnist, colour, colour_dataset = data = prepare_data(args.images, args.data_dir, workdir)
         results["machine"]["dcgan_data"] = colour_dataset
         print(f"benchmarking on {device} with {args.images:,} images per epoch ...", flush=True)
         results.update(measure_models(args, device, workdir, data))
@@ -486,16 +428,16 @@ def main(argv=None) -> int:
         ckpt["share_of_wall_time"] = ckpt["seconds"] * (1 / full_epoch_s + 1 / 600)  # per epoch + every 10 min
         results["checkpoint_conv_vae"] = ckpt
         results["resume_to_first_step_s"] = {
-            "vae_conv": resume_to_first_step_s("vae_train.py", workdir / "vae_conv", ["--data-dir", mnist]),
-            "dcgan": resume_to_first_step_s("dcgan_train.py", workdir / "dcgan", ["--data-dir", colour]),
+            "vae_conv": resume_to_first_step_s(vae_train, workdir / "vae_conv", ["--data-dir", mnist]),
+            "dcgan": resume_to_first_step_s(dcgan_train, workdir / "dcgan", ["--data-dir", colour]),
         }
     print(f"FID on {args.fid_features:,} x {args.fid_dim:,} features ...", flush=True)
     results["fid"] = fid_times(args.fid_features, args.fid_dim, device, args.repeats)
     results["inception_s"] = inception_seconds(device)
-    results["projected_s"] = projections(results, device)
+    results["projected_s"] = projections(results)
     results["targets_met"] = targets(results)
     print_table(results)
-    with common.atomic_path(Path(args.out)) as tmp:
+    with atomic_path(Path(args.out)) as tmp:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwritten {args.out}")
     return 0
@@ -516,40 +458,41 @@ def targets(r: dict) -> dict:
 
 
 def print_table(r: dict) -> None:
-    print(f"\n{'measurement':46s} {'script':>10s} {'bare':>10s} {'ratio':>8s}")
-    print(f"{'dcgan data (cifar10, or folder: PNG stand-ins)':46s} {r['machine']['dcgan_data']:>10s}")
+    def row(label: str, *cells) -> None:  # cells: the script's, the bare loop's (or a second number), their ratio
+        print(f"{label:46s}" + "".join(f" {cell:>10}" for cell in cells))
+
+    row("measurement", "script", "bare", "ratio")
+    row("dcgan data (cifar10, or folder: PNG stand-ins)", r["machine"]["dcgan_data"])
     for name in MODELS:
         script, bare_loop = r[name]["script"], r[name]["bare"]
-        label = f"{name} (batch {bare_loop['batch_size']}, amp {bare_loop['amp']})"
-        print(f"{label + ' img/s':46s} {script['images_per_s']:10.0f} {bare_loop['images_per_s']:10.0f} "
-              f"{r[name]['ratio']:8.3f}")
-        print(f"{name + ' aten ops per step':46s} {script['ops_per_step']['all']:10.1f} "
-              f"{bare_loop['ops_per_step']['all']:10.1f} {r[name]['ops_ratio']:8.3f}")
-        print(f"{name + ' ... called directly':46s} {script['ops_per_step']['top_level']:10.1f} "
-              f"{bare_loop['ops_per_step']['top_level']:10.1f}")
-        print(f"{name + ' peak RSS (MB)':46s} {script['peak_rss_mb']:10.0f}"
-              + (f" {bare_loop['cuda_peak_mb']:10.0f} (CUDA peak)" if "cuda_peak_mb" in bare_loop else ""))
+        row(f"{name} (batch {bare_loop['batch_size']}, amp {bare_loop['amp']}) img/s",
+            f"{script['images_per_s']:.0f}", f"{bare_loop['images_per_s']:.0f}", f"{r[name]['ratio']:.3f}")
+        ops, bare_ops = script["ops_per_step"], bare_loop["ops_per_step"]
+        row(f"{name} aten ops per step", f"{ops['all']:.1f}", f"{bare_ops['all']:.1f}", f"{r[name]['ops_ratio']:.3f}")
+        row(f"{name} ... called directly", f"{ops['top_level']:.1f}", f"{bare_ops['top_level']:.1f}")
+        row(f"{name} peak RSS (MB); bare: CUDA peak", f"{script['peak_rss_mb']:.0f}",
+            *([f"{bare_loop['cuda_peak_mb']:.0f}"] if "cuda_peak_mb" in bare_loop else []))
     f = r["fid"]
-    print(f"{'FID ' + 'x'.join(map(str, f['features'])) + ': ours / torchmetrics (s)':46s} {f['ours_s']:10.2f} "
-          f"{f['torchmetrics_s']:10.2f} {f['ratio']:8.3f}")
-    print(f"{'FID relative difference; one evaluation (s)':46s} {f['relative_difference']:10.1e} "
-          f"{f['per_evaluation_s']:10.2f}")
+    row(f"FID {'x'.join(map(str, f['features']))}: ours / torchmetrics (s)", f"{f['ours_s']:.2f}",
+        f"{f['torchmetrics_s']:.2f}", f"{f['ratio']:.3f}")
+    row("FID relative difference; one evaluation (s)", f"{f['relative_difference']:.1e}",
+        f"{f['per_evaluation_s']:.2f}")
     if r["inception_s"] is not None:
-        print(f"{'Inception pass, 10,000 images (s)':46s} {r['inception_s']:10.2f}")
-    print(f"{'classic MLP VAE pipeline (img/s); script / it':46s} {r['classic_mlp_vae']['images_per_s']:10.0f} "
-          f"{'':10s} {r['classic_mlp_vae']['speedup_of_script']:8.2f}")
+        row("Inception pass, 10,000 images (s)", f"{r['inception_s']:.2f}")
+    row("classic MLP VAE pipeline (img/s); script / it", f"{r['classic_mlp_vae']['images_per_s']:.0f}", "",
+        f"{r['classic_mlp_vae']['speedup_of_script']:.2f}")
     ck = r["checkpoint_conv_vae"]
-    print(f"{'conv VAE checkpoint write (s, ' + format(ck['size_mb'], '.1f') + ' MB); share':46s} "
-          f"{ck['seconds']:10.4f} {ck['share_of_wall_time']:10.2%}")
+    row(f"conv VAE checkpoint write (s, {ck['size_mb']:.1f} MB); share", f"{ck['seconds']:.4f}",
+        f"{ck['share_of_wall_time']:.2%}")
     for name, seconds in r["resume_to_first_step_s"].items():
-        print(f"{'start to first step on resume, ' + name + ' (s)':46s} {seconds:10.2f}")
+        row(f"start to first step on resume, {name} (s)", f"{seconds:.2f}")
     for command, seconds in r["projected_s"].items():
         note = "" if r["inception_s"] is not None or "dcgan" not in command else " (no Inception pass: CPU)"
-        print(f"{'projected ' + command + ' on this machine (min)':46s} {seconds / 60:10.1f}{note}")
+        row(f"projected {command} on this machine (min)", f"{seconds / 60:.1f}{note}")
     print()
     for target, met in r["targets_met"].items():
         print(f"  [{'met' if met else 'MISSED'}] {target}")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

@@ -1,28 +1,22 @@
 """GAN quality benchmark: the recommended DCGAN defaults against the plain DCGAN recipe, by classifier FID
-(`make gan-quality`; not part of `make test`).
+(`make gan-quality`; not part of `make test`). The table it made and how: docs/gan-quality.md.
 
     python gan_quality.py --data-dir DATA                          # both data sets, both budgets, seeds 0 1 2
     python gan_quality.py --datasets mnist --budgets small --seeds 0
     python gan_quality.py --variant "bs64=--batch-size 64 --ema 0" # add a candidate recipe (dcgan_train.py flags)
     python gan_quality.py --quick --data-dir DATA                  # a smoke run in seconds (tiny models)
 
-Each recipe is trained by running dcgan_train.py as a user runs it (one run at a time, each in its own folder
-under OUT/runs/, in sweep gan-quality-<dataset>-<budget>, so runs/latest-dcgan never moves), at the same batch
-size and image budget for every recipe. Then each final generator (the exported DCGAN_model_G.pth, what a grader
-loads) is measured with classifier_fid: the Frechet distance between the features of a classifier trained on the
-data set's labels for --samples generated images and the test set (lower is better), averaged over --draws draws of
-noise (one draw's FID moves by 0.2 to 0.5 at FIDs near 2), the smallest and largest class share among all the
-draws' samples (a class near 0 is a lost mode), and the diversity of the samples (mean pairwise RMS pixel distance,
-as gan_metrics.diversity). A finished run is measured again, not retrained, on a second call.
-
-Writes OUT/gan_quality.csv (one row per run), OUT/gan_quality.json (the rows, the means over seeds, the ratio of
-the recommended defaults to the plain DCGAN, the machine) and OUT/gan_quality_samples.png (64 samples of every
-recipe side by side). These classifier-FID numbers compare runs with each other on one data set, not with
-published (Inception, CIFAR-10) FIDs.
+Each recipe is trained by dcgan_train.py run as a user runs it, one run at a time in OUT/runs/ (sweep
+gan-quality-<dataset>-<budget>: runs/latest-dcgan never moves), at the same batch size and images for every recipe;
+a finished run is measured again, not retrained, on a second call. Each exported generator is measured by the
+classifier FID against the test set (lower is better), averaged over --draws draws of noise (one draw's FID moves by
+0.2 to 0.5 at FIDs near 2), the smallest and largest class share (near 0: a lost mode) and the samples' diversity.
+Writes OUT/gan_quality.csv (a row per run), OUT/gan_quality.json (the rows, the means over seeds, each recipe's
+ratio to the plain DCGAN, the machine) and OUT/gan_quality_samples.png (64 samples of every recipe). These
+classifier FIDs compare runs on one data set, not with published (Inception, CIFAR-10) FIDs.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -35,13 +29,20 @@ import warnings
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
 if __package__ in (None, ""):  # `python tools/X.py` puts tools/ on the path, not the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import common
 import dcgan_train
 from common import experiments, gan_metrics
+from common.devices import pick_device
+from common.errors import UserError, run_main
+from common.figures import image_grid, save_figure
+from common.files import atomic_write_text, write_csv
+from common.flags import DEFAULT_DATA_DIR, DEFAULT_RUNS_ROOT, REPO_ROOT, ArgumentParser, at_least
+from common.readers import MODEL_FILES, read_metrics_csv, read_run_config
+from common.runs import experiment_settings, settings_differ
 
 # Radford et al. (2015), as pytorch/examples' dcgan trains it: Adam 2e-4 and beta1 0.5 for both nets, batch norm in
 # both, BCE with hard labels, no EMA, no augmentation. Every flag whose default may move is spelled out here.
@@ -63,10 +64,9 @@ COLUMNS = ["recipe", "dataset", "budget", "seed", "batch_size", "images", "cfid"
            "class_max", "diversity", "wall_s", "train_s", "run_dir"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
-    parser.add_argument("--data-dir", default=str(common.DEFAULT_DATA_DIR),
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(__doc__)
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR),
                         help="data root (MNIST/raw, FashionMNIST/raw); the classifier is cached in it")
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"],
                         choices=list(gan_metrics.SUPPORTED))
@@ -78,12 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                         help="another recipe: the defaults plus these dcgan_train.py flags (repeatable)")
     parser.add_argument("--batch-size", type=int, default=dcgan_train.build_parser().get_default("batch_size"),
-                        help="the batch size of every recipe (default: dcgan_train.py's)")
-    parser.add_argument("--samples", type=common.at_least(2), default=5000, help="generated images per draw")
-    parser.add_argument("--draws", type=common.at_least(1), default=3,
+                        help="the batch size of every recipe (dcgan_train.py's default)")
+    parser.add_argument("--samples", type=at_least(2), default=5000, help="generated images per draw")
+    parser.add_argument("--draws", type=at_least(1), default=3,
                         help="draws of --samples images (other noise each) per generator; the FID is their mean")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    parser.add_argument("--out", default=str(common.DEFAULT_RUNS_ROOT / "gan-quality"),
+    parser.add_argument("--out", default=str(DEFAULT_RUNS_ROOT / "gan-quality"),
                         help="results and the run folders (OUT/runs/)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke mode: tiny models, 1 epoch of 64 images, 200 samples, the first seed")
@@ -95,46 +95,13 @@ def recipes_of(args) -> dict[str, list[str]]:
     for spec in args.variant:
         name, sep, flags = spec.partition("=")
         if not sep or not name or name in recipes:
-            raise common.UserError(f"--variant {spec!r}: give NAME=FLAGS with a new name, e.g. "
-                                   f"--variant \"bs64=--batch-size 64\"")
+            raise UserError(f"--variant {spec!r}: give NAME=FLAGS with a new name, e.g. "
+                            f"--variant \"bs64=--batch-size 64\"")
         recipes[name] = shlex.split(flags)
     return recipes
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Training: dcgan_train.py as a subprocess, one run at a time
-
-
-def is_finished(run_dir: Path, flags: list[str]) -> bool:
-    """Finished as experiments.RunInfo.finished has it (export.json says the last planned epoch was exported, and the
-    model files are there). A folder trained with other settings (say, before the defaults changed) is an error, never silently reused:
-    the settings compared are those that define a run (common.experiment_settings) and its length."""
-    if not (run_dir / "config.json").exists():
-        return False
-    saved = common.read_run_config(run_dir, "dcgan")["args"]
-    parser = dcgan_train.build_parser()
-    wanted = parser.parse_args(flags)
-    differing = [f"{key}: {saved.get(key)!r} there, {getattr(wanted, key)!r} now"
-                 for key in [*common.experiment_settings(wanted, parser), "epochs"]
-                 if saved.get(key) != getattr(wanted, key)]
-    if differing:
-        raise common.UserError(f"{run_dir} was trained with other settings ({'; '.join(differing)}); delete it, or "
-                               f"pass another --out")
-    return experiments.read_run(run_dir, "dcgan").finished
-
-
-def train(run_dir: Path, flags: list[str], log_path: Path) -> None:
-    """Run dcgan_train.py into run_dir (continuing it if a checkpoint is there); its output goes to log_path."""
-    cmd = [sys.executable, str(common.REPO_ROOT / "dcgan_train.py"), *flags]
-    print(f"  $ {shlex.join(['python', 'dcgan_train.py', *flags])}", flush=True)
-    with open(log_path, "a") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        tail = log_path.read_text().splitlines()[-5:]
-        raise common.UserError(f"dcgan_train.py exited {proc.returncode} for {run_dir.name} (log: {log_path}): "
-                               + " | ".join(tail))
-
-
+# -- Training: dcgan_train.py as a subprocess, one run at a time -----------------------------------------------------
 def run_flags(args, recipe_flags, dataset, budget, seed, run_dir: Path) -> list[str]:
     epochs, limit = (QUICK_BUDGETS if args.quick else BUDGETS)[budget]
     flags = ["--dataset", dataset, "--data-dir", args.data_dir, "--epochs", str(epochs),
@@ -145,8 +112,38 @@ def run_flags(args, recipe_flags, dataset, budget, seed, run_dir: Path) -> list[
     return flags + list(recipe_flags) + (QUICK_FLAGS if args.quick else [])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Measuring
+def is_finished(run_dir: Path, flags: list[str]) -> bool:
+    """Finished as experiments.RunInfo.finished has it (export.json says the last planned epoch was exported, and the
+    model files are there). A folder trained with other settings (say, before the defaults changed) is an error, never
+    silently reused: the settings compared are those that define a run (experiment_settings) and its length."""
+    if not (run_dir / "config.json").exists():
+        return False
+    parser = dcgan_train.build_parser()
+    wanted = parser.parse_args(flags)
+    differing = settings_differ(read_run_config(run_dir, "dcgan")["args"],
+                                {**experiment_settings(wanted, parser), "epochs": wanted.epochs})
+    if differing:
+        raise UserError(f"{run_dir} was trained with other settings ({'; '.join(differing)}); delete it, or pass "
+                        f"another --out")
+    return experiments.read_run(run_dir, "dcgan").finished
+
+
+def train(run_dir: Path, flags: list[str], log_path: Path) -> None:
+    """Run dcgan_train.py into run_dir (continuing it if a checkpoint is there); its output goes to log_path."""
+    print(f"  $ {shlex.join(['python', 'dcgan_train.py', *flags])}", flush=True)
+    with open(log_path, "a") as log:
+        proc = subprocess.run([sys.executable, str(REPO_ROOT / "dcgan_train.py"), *flags], stdout=log,
+                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        tail = log_path.read_text().splitlines()[-5:]
+        raise UserError(f"dcgan_train.py exited {proc.returncode} for {run_dir.name} (log: {log_path}): "
+                        + " | ".join(tail))
+
+
+# -- Measuring -------------------------------------------------------------------------------------------------------
+def spread(values: list[float]) -> float:
+    """The sample standard deviation; 0 for a single value."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def diversity(images_uint8: torch.Tensor) -> float:
@@ -155,25 +152,27 @@ def diversity(images_uint8: torch.Tensor) -> float:
 
 
 def score_draws(evaluator, draws: list[torch.Tensor]) -> dict:
-    """The classifier FID of each draw of images, as their mean and standard deviation; the class shares of all the
-    draws' images together (the smallest share is the mode-collapse number, so it gets every sample there is)."""
+    """The classifier FID of each draw of images, as their mean and standard deviation, and the diversity of the
+    first; the class shares of all the draws' images together (the smallest share is the mode-collapse number, so
+    it gets every sample there is)."""
     scores = [evaluator.score_images(images) for images in draws]
     cfids = [score["cfid"] for score in scores]
     shares = torch.tensor([score["class_shares"] for score in scores], dtype=torch.float64).mean(0)
-    return {"cfid": statistics.mean(cfids), "cfid_draw_sd": statistics.stdev(cfids) if len(cfids) > 1 else 0.0,
-            "class_min": float(shares.min()), "class_max": float(shares.max())}
+    return {"cfid": statistics.mean(cfids), "cfid_draw_sd": spread(cfids), "class_min": float(shares.min()),
+            "class_max": float(shares.max()), "diversity": diversity(draws[0])}
 
 
 def measure_run(evaluator, run_dir: Path, n_samples: int, n_draws: int) -> tuple[dict, torch.Tensor]:
-    config = common.read_run_config(run_dir, "dcgan")
+    """The row of a trained run's exported generator (but its names), and 64 of its samples."""
+    config = read_run_config(run_dir, "dcgan")["args"]
     with warnings.catch_warnings():  # torch.jit.load is deprecated upstream; the coursework's format all the same
         warnings.simplefilter("ignore", FutureWarning)
-        generator = torch.jit.load(str(run_dir / common.readers.MODEL_FILES["dcgan"][0]), map_location=evaluator.device)
-    draws = [evaluator.sample(generator, config["args"]["nz"], n_samples, seed=EVAL_SEED + d) for d in range(n_draws)]
-    metrics = common.read_metrics_csv(run_dir / "metrics.csv")
-    return {**score_draws(evaluator, draws), "diversity": diversity(draws[0]),
+        generator = torch.jit.load(str(run_dir / MODEL_FILES["dcgan"][0]), map_location=evaluator.device)
+    draws = [evaluator.sample(generator, config["nz"], n_samples, seed=EVAL_SEED + d) for d in range(n_draws)]
+    metrics = read_metrics_csv(run_dir / "metrics.csv")
+    return {"batch_size": config["batch_size"], **score_draws(evaluator, draws),
             "wall_s": sum(row["epoch_time_s"] for row in metrics),
-            "train_s": sum(row["train_time_s"] for row in metrics)}, draws[0][:64]
+            "train_s": sum(row["train_time_s"] for row in metrics), "run_dir": str(run_dir)}, draws[0][:64]
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -185,19 +184,16 @@ def summarise(rows: list[dict]) -> list[dict]:
             groups.setdefault((row["dataset"], row["budget"], row["recipe"]), []).append(row)
     summary = []
     for (dataset, budget, recipe), members in groups.items():
-        cfids = [m["cfid"] for m in members]
-        mean = statistics.mean(cfids)
-        std = statistics.stdev(cfids) if len(cfids) > 1 else 0.0
+        column = {key: [m[key] for m in members] for key in ("cfid", "class_min", "class_max", "diversity", "wall_s")}
         summary.append({"dataset": dataset, "budget": budget, "recipe": recipe, "seeds": len(members),
-                        "cfid_mean": mean, "cfid_std": std, "class_min": min(m["class_min"] for m in members),
-                        "class_max": max(m["class_max"] for m in members),
-                        "diversity": sum(m["diversity"] for m in members) / len(members),
-                        "wall_s": sum(m["wall_s"] for m in members) / len(members)})
+                        "cfid_mean": statistics.mean(column["cfid"]), "cfid_std": spread(column["cfid"]),
+                        "class_min": min(column["class_min"]), "class_max": max(column["class_max"]),
+                        "diversity": statistics.mean(column["diversity"]), "wall_s": statistics.mean(column["wall_s"])})
+    plain = {(s["dataset"], s["budget"]): s["cfid_mean"] for s in summary if s["recipe"] == "plain"}
     for entry in summary:
-        plain = next((s for s in summary if s["recipe"] == "plain" and s["dataset"] == entry["dataset"]
-                      and s["budget"] == entry["budget"]), None)
-        entry["ratio_to_plain"] = entry["cfid_mean"] / plain["cfid_mean"] if plain else None
-        entry["goal_met"] = (entry["ratio_to_plain"] is not None and entry["ratio_to_plain"] <= GOAL_RATIO
+        base = plain.get((entry["dataset"], entry["budget"]))
+        entry["ratio_to_plain"] = entry["cfid_mean"] / base if base is not None else None
+        entry["goal_met"] = (base is not None and entry["ratio_to_plain"] <= GOAL_RATIO
                              and entry["class_min"] >= GOAL_CLASS_MIN)
     return summary
 
@@ -207,8 +203,7 @@ def print_tables(rows: list[dict], summary: list[dict]) -> None:
            f"{'max cls':>9}{'divers.':>9}{'wall s':>8}"
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
-        seed = "" if r["seed"] == "" else r["seed"]
-        print(f"{r['recipe']:<14}{r['dataset']:<15}{r['budget']:<7}{seed:>5}{r['cfid']:>9.2f}"
+        print(f"{r['recipe']:<14}{r['dataset']:<15}{r['budget']:<7}{r['seed']:>5}{r['cfid']:>9.2f}"
               f"{r['cfid_draw_sd']:>8.2f}{r['class_min']:>9.1%}{r['class_max']:>9.1%}{r['diversity']:>9.3f}"
               f"{r['wall_s']:>8.0f}")
     head = f"{'recipe':<14}{'dataset':<15}{'budget':<7}{'seeds':>6}{'cFID mean':>11}{'seed sd':>8}{'worst min':>10}" \
@@ -223,25 +218,25 @@ def print_tables(rows: list[dict], summary: list[dict]) -> None:
 
 def save_sample_figure(grids: dict[tuple, torch.Tensor], path: Path) -> None:
     """One row per (dataset, budget), one column per recipe (the first seed), 64 samples each."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from torchvision.utils import make_grid
     rows = sorted({key[:2] for key in grids})
     cols = list(dict.fromkeys(key[2] for key in grids))
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(2.6 * len(cols), 2.8 * len(rows)), squeeze=False)
-    for i, row in enumerate(rows):
-        for j, col in enumerate(cols):
-            ax = axes[i, j]
-            ax.set_axis_off()
-            if (*row, col) in grids:
-                grid = make_grid(grids[(*row, col)].float() / 255, nrow=8, padding=2, pad_value=1.0)
-                ax.imshow(grid.permute(1, 2, 0).numpy())
-                ax.set_title(f"{col}\n{row[0]}, {row[1]} budget", fontsize=8)
+    fig = Figure(figsize=(2.6 * len(cols), 2.8 * len(rows)))
+    axes = fig.subplots(len(rows), len(cols), squeeze=False)
+    for (i, row), (j, col) in ((ij, c) for ij in enumerate(rows) for c in enumerate(cols)):
+        axes[i, j].set_axis_off()
+        if (*row, col) in grids:
+            axes[i, j].imshow(image_grid(grids[(*row, col)].float() / 255, nrow=8), cmap="gray", vmin=0, vmax=1)
+            axes[i, j].set_title(f"{col}\n{row[0]}, {row[1]} budget", fontsize=8)
     fig.suptitle("64 samples of each recipe's exported G (its first seed); real: training images", fontsize=9)
-    with common.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def real_row(evaluator, dataset: str, train_images: torch.Tensor, args) -> tuple[dict, torch.Tensor]:
+    """The floor: as many draws of real training images as of samples, scored against the test set; 64 of them."""
+    real = [train_images[d * args.samples:(d + 1) * args.samples] for d in range(args.draws)]
+    real = [draw for draw in real if len(draw) == args.samples] or [train_images[:args.samples]]
+    return {"recipe": "real", "dataset": dataset, "budget": "", "seed": "", "batch_size": "", "images": len(real[0]),
+            **score_draws(evaluator, real), "wall_s": 0.0, "train_s": 0.0, "run_dir": ""}, real[0][:64]
 
 
 def main(argv=None) -> int:
@@ -253,20 +248,16 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
-    device = common.pick_device(args.device)
+    device = pick_device(args.device)
     rows, grids, classifiers, started = [], {}, {}, time.monotonic()
     for dataset in args.datasets:
         evaluator = gan_metrics.ClassifierFID.for_dataset(dataset, args.data_dir, device)
         classifiers[dataset] = {k: v for k, v in evaluator.info.items() if k != "fingerprint"}
         train_images, _ = gan_metrics.load_split(dataset, args.data_dir, train=True)
-        # The floor: as many draws of real training images as of samples, scored against the test set.
-        real = [train_images[d * args.samples:(d + 1) * args.samples] for d in range(args.draws)]
-        real = [draw for draw in real if len(draw) == args.samples] or [train_images[:args.samples]]
-        rows.append({"recipe": "real", "dataset": dataset, "budget": "", "seed": "", "batch_size": "",
-                     "images": len(real[0]), **score_draws(evaluator, real), "diversity": diversity(real[0]),
-                     "wall_s": 0.0, "train_s": 0.0, "run_dir": ""})
+        row, real_samples = real_row(evaluator, dataset, train_images, args)
+        rows.append(row)
         for budget in args.budgets:
-            grids[(dataset, budget, "real")] = real[0][:64]
+            grids[(dataset, budget, "real")] = real_samples
             epochs, limit = (QUICK_BUDGETS if args.quick else BUDGETS)[budget]
             for recipe, recipe_flags in recipes.items():
                 for seed in args.seeds:
@@ -276,29 +267,27 @@ def main(argv=None) -> int:
                     if not is_finished(run_dir, flags):
                         train(run_dir, flags, out / "logs" / f"{run_dir.name}.txt")
                     measured, samples = measure_run(evaluator, run_dir, args.samples, args.draws)
-                    config = common.read_run_config(run_dir, "dcgan")["args"]
                     n_images = min(limit or len(train_images), len(train_images)) * epochs
                     rows.append({"recipe": recipe, "dataset": dataset, "budget": budget, "seed": seed,
-                                 "batch_size": config["batch_size"], "images": n_images, **measured,
-                                 "run_dir": str(run_dir)})
+                                 "images": n_images, **measured})
                     print(f"  cFID {measured['cfid']:.2f}, classes {measured['class_min']:.1%}.."
                           f"{measured['class_max']:.1%}, {measured['wall_s']:.0f} s", flush=True)
                     grids.setdefault((dataset, budget, recipe), samples)
     summary = summarise(rows)
     print_tables(rows, summary)
-    common.write_csv(out / "gan_quality.csv", COLUMNS, rows)
+    write_csv(out / "gan_quality.csv", COLUMNS, rows)
     report = {"rows": rows, "summary": summary, "goal": {"ratio": GOAL_RATIO, "class_min": GOAL_CLASS_MIN},
-              "recipes": {name: flags for name, flags in recipes.items()}, "samples": args.samples, "draws": args.draws,
-              "quick": args.quick, "classifiers": classifiers,
+              "recipes": recipes, "samples": args.samples, "draws": args.draws, "quick": args.quick,
+              "classifiers": classifiers,
               "machine": {"host": platform.node(), "cpu_threads": torch.get_num_threads(),
                           "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "device": str(device),
                           "torch": str(torch.__version__)},
               "total_s": time.monotonic() - started}
-    common.atomic_write_text(out / "gan_quality.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "gan_quality.json", json.dumps(report, indent=2) + "\n")
     save_sample_figure(grids, out / "gan_quality_samples.png")
     print(f"\nwrote {out / 'gan_quality.csv'}, gan_quality.json and gan_quality_samples.png")
     return 0
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

@@ -5,22 +5,18 @@
     python tools/gpu_check.py --device cpu --full --images 64   # every GPU check too, on the CPU at tiny size (CI)
 
 One PASS, FAIL or SKIP line per check, then a summary; exit 1 when a check FAILs, else 0 (also without a GPU).
-  1. the device: its name, the driver, the CUDA build, the compute capability, and whether this PyTorch has kernels
-     for it (the same check as --device auto: a GPU that PyTorch cannot use FAILs, saying why, whatever --device);
-  2. bit-exact resume: a tiny VAE run and a tiny DCGAN run with the default flags (--amp auto, --deterministic on),
-     stopped by SIGTERM in their second epoch and resumed, equal an uninterrupted run tensor for tensor (weights,
-     optimisers, loss scalers, RNG state, metrics but for times);
-  3. GPU: the same with --amp fp16 --compile --channels-last (and, for the DCGAN, its FID every epoch), and a
-     DCGAN under torchrun on every visible GPU (on the CPU: 2 gloo processes);
+  1. the device: its name, driver, CUDA build, compute capability, and whether this PyTorch has kernels for it (a
+     GPU that PyTorch cannot use FAILs, saying why, whatever --device);
+  2. bit-exact resume: a tiny VAE and a tiny DCGAN run at the default flags, stopped by SIGTERM (sent as an
+     optimiser step begins) in their second epoch and resumed, equal an uninterrupted run tensor for tensor;
+  3. GPU: the same with --amp fp16 --compile --channels-last (the DCGAN with its FID every epoch), and a DCGAN
+     under torchrun on every visible GPU (on the CPU: 2 gloo processes);
   4. GPU: throughput of the scripts against a bare loop (tools/bench.py), and what --deterministic on costs;
   5. GPU: FID timing on the device (the Frechet distance; Inception features when the weights are in torch's cache).
-The scripts are driven by their command line only; a stop is a SIGTERM sent as an optimiser step begins.
-About 5 minutes on a T4 (docs/results.md says how that was estimated); under a minute on a CPU, where only 1 and 2
-run unless --full.
+About 5 minutes on a T4; under a minute on a CPU, where only 1 and 2 run unless --full. docs/operations.md says more.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import signal
@@ -28,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -35,11 +32,12 @@ import torch
 if __package__ in (None, ""):  # `python tools/X.py` puts tools/ on the path, not the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import common
-from common import fid, gan_metrics
-
-sys.path.insert(0, str(common.REPO_ROOT / "tests" / "support"))  # the tiny data sets are the tests' own
-import tiny_data  # noqa: E402
+from common import devices, fid, gan_metrics
+from common.errors import EXIT_PREEMPTED, UserError
+from common.flags import REPO_ROOT, ArgumentParser
+from common.readers import list_checkpoints
+from tools import bench  # beside this file: the bare loops, the timings, the stand-in data sets
+from tools.bench import tiny_data  # the tests' tiny data sets (tests/support/tiny_data.py), as bench.py loads them
 
 # Tiny runs: 256 images in global batches of 32 are 8 steps an epoch; two epochs, stopped in step 11 (epoch 2). The
 # stop comes as optimiser step STOP_AT[name] begins: the VAE steps one optimiser per training step, the DCGAN two.
@@ -59,7 +57,7 @@ STOPPER = """
 import importlib, os, signal, sys
 import torch
 sys.path.insert(0, {repo!r})
-import common
+from common.errors import run_main
 script = importlib.import_module({module!r})
 calls, inside_scaler = [0], [False]
 last_rank = os.environ.get("RANK", "0") == str(int(os.environ.get("WORLD_SIZE", "1")) - 1)
@@ -80,7 +78,7 @@ def scaled_step(self, *args, **kwargs):
     finally:
         inside_scaler[0] = False
 torch.optim.Adam.step, torch.amp.GradScaler.step = step, scaled_step
-common.run_main(script.main, sys.argv[1:])
+run_main(script.main, sys.argv[1:])
 """
 
 
@@ -94,25 +92,23 @@ class Report:
     def __init__(self):
         self.results: list[tuple[str, str, str]] = []
 
-    def run(self, name: str, check, *args):
+    def run(self, name: str, check, *args) -> None:
         """Run check(*args): what it returns is the PASS detail; CheckFailed or any exception is a FAIL."""
         start = time.monotonic()
         try:
-            detail = check(*args)
-            status = "PASS"
+            status, detail = "PASS", check(*args)
         except CheckFailed as err:
-            detail, status = str(err), "FAIL"
+            status, detail = "FAIL", str(err)
         except (Exception, SystemExit) as err:  # a crash in a check (or bench.py's exit) is a failed check
-            detail, status = f"{type(err).__name__}: {' '.join(str(err).split())[:600]}", "FAIL"
+            status, detail = "FAIL", f"{type(err).__name__}: {' '.join(str(err).split())[:600]}"
         self.add(status, name, f"{detail} ({time.monotonic() - start:.0f} s)")
-        return status == "PASS"
 
     def add(self, status: str, name: str, detail: str) -> None:
         self.results.append((status, name, detail))
         print(f"{status:4s}  {name}: {detail}", flush=True)
 
     def summary(self) -> int:
-        counts = {s: sum(1 for r in self.results if r[0] == s) for s in ("PASS", "FAIL", "SKIP")}
+        counts = Counter(status for status, _, _ in self.results)
         print(f"\nsummary: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped")
         for status, name, detail in self.results:
             if status == "FAIL":
@@ -120,24 +116,21 @@ class Report:
         return 1 if counts["FAIL"] else 0
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 1. The device
-
-
+# -- 1. The device ---------------------------------------------------------------------------------------------------
 def describe_machine(device_flag: str) -> tuple[torch.device | None, str, str | None]:
     """(the device --device picks, or None when it refuses; what to print about the machine; why the device check
     FAILs, or None). A GPU that PyTorch cannot use FAILs it whatever --device says: a run's --device auto would stop."""
     lines = [f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none (CPU-only)'}, cuDNN "
              f"{torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else 'none'}; "
              f"kernels for {' '.join(torch.cuda.get_arch_list()) or 'no GPU (none reported)'}",
-             f"NVIDIA GPU (nvidia-smi, /proc/driver/nvidia): {common.devices.nvidia_gpu() or 'none found'}",
-             f"given a GPU by the environment: {common.devices.gpus_given() or 'no'}"]
+             f"NVIDIA GPU (nvidia-smi, /proc/driver/nvidia): {devices.nvidia_gpu() or 'none found'}",
+             f"given a GPU by the environment: {devices.gpus_given() or 'no'}"]
     try:
-        device = common.pick_device(device_flag)
-        refusal = None if torch.cuda.is_available() else common.devices.unusable_gpu()
+        device = devices.pick_device(device_flag)
+        refusal = None if torch.cuda.is_available() else devices.unusable_gpu()
         if refusal:
-            refusal += f" but PyTorch cannot use it: {common.devices.why_no_cuda()}"
-    except common.UserError as err:
+            refusal += f" but PyTorch cannot use it: {devices.why_no_cuda()}"
+    except UserError as err:
         device, refusal = None, f"--device {device_flag} refused: {err}"
     if device is not None and device.type == "cuda":
         for i in range(torch.cuda.device_count()):
@@ -147,10 +140,7 @@ def describe_machine(device_flag: str) -> tuple[torch.device | None, str, str | 
     return device, "\n".join(lines), refusal
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 2, 3. Bit-exact resume: the default flags; on a GPU the speed flags, and torchrun
-
-
+# -- 2, 3. Bit-exact resume: the default flags; on a GPU the speed flags, and torchrun -------------------------------
 def train_command(name: str, run_dir: Path, data_dir: Path, device: torch.device, extra=(), stop: bool = False,
                   ranks: int = 0) -> list[str]:
     """A tiny run of a training script in its own process (stopped by SIGTERM at optimiser step STOP_AT[name], if
@@ -158,11 +148,10 @@ def train_command(name: str, run_dir: Path, data_dir: Path, device: torch.device
     script, options = RUNS[name]
     args = ["--data-dir", data_dir, "--run-dir", run_dir, "--device", device.type, "--epochs", EPOCHS,
             "--batch-size", 32, "--train-limit", TRAIN_IMAGES, "--log-every", 4, *options, *extra]
-    program = common.REPO_ROOT / script
+    program = REPO_ROOT / script
     if stop:  # the stopper as a file: torchrun starts a file, not `python -c`
         program = run_dir.parent / f"stop-{name}.py"
-        program.write_text(STOPPER.format(repo=str(common.REPO_ROOT), module=script.removesuffix(".py"),
-                                          n=STOP_AT[name]))
+        program.write_text(STOPPER.format(repo=str(REPO_ROOT), module=script.removesuffix(".py"), n=STOP_AT[name]))
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks else []
     return [sys.executable, *launcher, str(program), *map(str, args)]
 
@@ -205,8 +194,12 @@ def differences(got, want, where: str = "") -> list[str]:
     return [] if got == want else [where]
 
 
-def final_checkpoint(run_dir: Path) -> dict:
-    return torch.load(common.list_checkpoints(run_dir)[0], map_location="cpu", weights_only=True)
+def count_tensors(state) -> int:
+    if isinstance(state, dict):
+        state = list(state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(map(count_tensors, state))
+    return int(isinstance(state, torch.Tensor))
 
 
 def check_resume(name: str, workdir: Path, data_dir: Path, device: torch.device, extra=(), ranks: int = 0) -> str:
@@ -222,67 +215,42 @@ def check_resume(name: str, workdir: Path, data_dir: Path, device: torch.device,
         if first.returncode == 0:
             raise CheckFailed(f"the run under torchrun was not stopped by SIGTERM at optimiser step {STOP_AT[name]}")
     else:
-        expect(first, common.EXIT_PREEMPTED, "the run stopped by SIGTERM")
+        expect(first, EXIT_PREEMPTED, "the run stopped by SIGTERM")
     uninterrupted, resumed = run_together(train_command(name, straight, data_dir, device, extra, ranks=ranks),
                                           train_command(name, stopped, data_dir, device, extra, ranks=ranks),
                                           device=device)
     expect(uninterrupted, 0, "the uninterrupted run")
     expect(resumed, 0, "the resumed run")
-    got, want = final_checkpoint(stopped), final_checkpoint(straight)
+    got, want = (torch.load(list_checkpoints(run_dir)[0], map_location="cpu", weights_only=True)
+                 for run_dir in (stopped, straight))
     diff = differences(got, want)
     if diff:
         raise CheckFailed(f"{len(diff)} entries differ from the uninterrupted run, e.g. {', '.join(diff[:4])}")
-    n_tensors = sum(1 for _ in tensors(want))
-    return (f"stopped at optimiser step {STOP_AT[name]} and resumed = uninterrupted, all {n_tensors} tensors equal "
-            f"({want.get('precision', '?')}{f', {ranks} processes' if ranks else ''})")
+    return (f"stopped at optimiser step {STOP_AT[name]} and resumed = uninterrupted, all {count_tensors(want)} "
+            f"tensors equal ({want.get('precision', '?')}{f', {ranks} processes' if ranks else ''})")
 
 
-def tensors(state):
-    if isinstance(state, torch.Tensor):
-        yield state
-    elif isinstance(state, dict):
-        for value in state.values():
-            yield from tensors(value)
-    elif isinstance(state, (list, tuple)):
-        for value in state:
-            yield from tensors(value)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 4. Throughput, and what determinism costs (tools/bench.py's measurements)
-
-
+# -- 4. Throughput, and what determinism costs (tools/bench.py's measurements) --------------------------------------
 def check_throughput(name: str, workdir: Path, data: tuple, device: torch.device, n_images: int) -> str:
-    """img/s of the script with --deterministic on and off, and of bench.py's bare loop (deterministic, as the
-    script's default). Under 1,024 images (a rehearsal) both sides train in batches of 32."""
-    import bench  # tools/bench.py, beside this file
-
-    mnist, colour, colour_dataset = data
+    """img/s of the script of bench.py's model `name` with --deterministic on and off, and of its bare loop
+    (deterministic, as the script's default). Under 1,024 images (a rehearsal) both sides train in batches of 32."""
     batch = ["--batch-size", "32"] if n_images < 1024 else []
-    options = (["--data-dir", mnist, "--arch", "conv"] if name == "vae" else
-               ["--data-dir", colour, "--dataset", colour_dataset, "--fid", "off"])
-    speed = {mode: bench.script_throughput(RUNS[name][0], workdir / f"bench-{name}-{mode}",
-                                           [*options, *batch, "--device", device.type, "--deterministic", mode],
-                                           n_images, repeats=1)["images_per_s"] for mode in ("on", "off")}
-    images = (bench.colour_images(colour, colour_dataset) if name == "dcgan" else
-              common.load_images("mnist", mnist, train=True)[0])[:n_images]
-    bare = bench.bare("dcgan" if name == "dcgan" else "vae_conv", images, device, repeats=1, op_steps=1,
-                      options=batch)["images_per_s"]
+    options = [*bench.script_options(name, data), *batch, "--device", device.type, "--deterministic"]
+    module = bench.MODELS[name][0]
+    speed = {mode: bench.script_throughput(module, workdir / f"bench-{name}-{mode}", [*options, mode], n_images,
+                                           repeats=1)["images_per_s"] for mode in ("on", "off")}
+    images = bench.training_images(name, data, n_images)
+    bare = bench.bare(name, images, device, repeats=1, op_steps=1, options=batch)["images_per_s"]
     return (f"script {speed['on']:.0f} img/s deterministic, {speed['off']:.0f} img/s not (on: "
             f"{speed['on'] / speed['off']:.2f}x the speed of off); bare loop {bare:.0f} img/s, script (on) / bare "
             f"{speed['on'] / bare:.2f}")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 5. FID timing
-
-
+# -- 5. FID timing ---------------------------------------------------------------------------------------------------
 def check_fid_timing(device: torch.device, n_images: int) -> str:
     """Seconds for the FID of two sets of n_images features where training computes it (common/fid.py on the
     device, float64; Inception's 2048 dimensions, 32 in a rehearsal under 1,000 images), and, when
     torch-fidelity's Inception weights are in torch's cache, Inception features per second on `device`."""
-    import bench
-
     dim = 2048 if n_images >= 1000 else 32
     features = torch.randn(2 * n_images, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     features = features.to(fid.math_device(device))
@@ -303,11 +271,9 @@ def check_fid_timing(device: torch.device, n_images: int) -> str:
             f"evaluation at --fid-samples 10000 ~{10_000 / rate:.0f} s")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# -- All of them -----------------------------------------------------------------------------------------------------
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(__doc__)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="the device to check (auto: as the training scripts pick it)")
     parser.add_argument("--full", action="store_true",
@@ -324,7 +290,7 @@ def main(argv=None) -> int:
     if refusal:
         report.add("FAIL", "device", f"{refusal}; the other checks run on {device or 'the CPU'}")
     else:
-        report.add("PASS", "device", f"{common.devices.describe(device, '-')['device_name']} ({device})")
+        report.add("PASS", "device", f"{devices.describe(device, '-')['device_name']} ({device})")
     device = device or torch.device("cpu")
     gpu = device.type == "cuda"
     if not gpu:
@@ -351,11 +317,9 @@ def run_gpu_checks(report: Report, workdir: Path, data_dir: Path, device: torch.
     ranks = torch.cuda.device_count() if device.type == "cuda" else 2
     report.run(f"dcgan resume under torchrun --nproc_per_node {ranks}", check_resume, "dcgan", workdir, data_dir,
                device, [], ranks)
-    import bench  # tools/bench.py, beside this file: its stand-in data sets (MNIST, 32x32 colour PNGs)
-
-    data = bench.prepare_data(argparse.Namespace(images=n_images, data_dir=None), workdir / "bench-data")
-    for name in RUNS:
-        report.run(f"{name} throughput", check_throughput, name, workdir, data, device, n_images)
+    data = bench.prepare_data(n_images, None, workdir / "bench-data")  # stand-ins: MNIST, 32x32 colour PNGs
+    for name in ("vae_conv", "dcgan"):
+        report.run(f"{name.removesuffix('_conv')} throughput", check_throughput, name, workdir, data, device, n_images)
     report.run("FID timing", check_fid_timing, device, min(n_images, 2000))
 
 
