@@ -118,8 +118,11 @@ def short_error(err: Exception) -> str:
     return (line if line.startswith(f"{type(err).__name__}:") else f"{type(err).__name__}: {line}")[:300]
 
 
-def shape_str(shape) -> str:
-    return str(tuple(shape))
+def shape_str(value) -> str:
+    """'(N, C, H, W)' for a tensor or a shape; the type's name for anything else a model returned."""
+    if isinstance(value, torch.Tensor):
+        value = value.shape
+    return str(tuple(value)) if isinstance(value, tuple) else type(value).__name__
 
 
 def value_range(t: torch.Tensor) -> str:
@@ -211,23 +214,22 @@ def check_vae(checks: Checks, path: Path, data_dirs: list[tuple[Path, str]], n: 
                   "none found: an MLP-only VAE fails the coursework's test; train with vae_train.py --arch conv")
 
     x, source, mean_image = vae_inputs(data_dirs, n)
-    print(f"  {'WARN' if mean_image is None else 'info'}  {path.name}: input x: {source}, shape {shape_str(x.shape)}",
+    print(f"  {'WARN' if mean_image is None else 'info'}  {path.name}: input x: {source}, shape {shape_str(x)}",
           flush=True)
     try:
         with torch.no_grad():
             out = vae(x)
         recon = out[0]
     except Exception as err:
-        checks.record(False, path, names[1], f"vae(x)[0] fails on x of shape {shape_str(x.shape)}: {short_error(err)}")
+        checks.record(False, path, names[1], f"vae(x)[0] fails on x of shape {shape_str(x)}: {short_error(err)}")
         checks.skip(path, "no output", names[2])
         return
     if not isinstance(recon, torch.Tensor) or recon.shape != x.shape:
-        got = shape_str(recon.shape) if isinstance(recon, torch.Tensor) else type(recon).__name__
         hint = " (forward should return a tuple (recon, mu, logvar))" if isinstance(out, torch.Tensor) else ""
-        checks.record(False, path, names[1], f"{got}, expected the shape of x {shape_str(x.shape)}{hint}")
+        checks.record(False, path, names[1], f"{shape_str(recon)}, expected the shape of x {shape_str(x)}{hint}")
         checks.skip(path, "wrong shape", names[2])
         return
-    checks.record(True, path, names[1], f"{shape_str(recon.shape)}, the shape of x")
+    checks.record(True, path, names[1], f"{shape_str(recon)}, the shape of x")
     in_range = bool(torch.isfinite(recon).all() and recon.min() >= 0 and recon.max() <= 1)
     checks.record(in_range, path, names[2], value_range(recon) if in_range else
                   f"{value_range(recon)} is outside [0, 1] (or not finite): end the decoder with a sigmoid")
@@ -333,24 +335,23 @@ def check_generator(checks: Checks, path: Path, nz_flag: int | None, n: int,
         checks.skip(path, "no output", *names[1:])
         return generator, None
     if not isinstance(images, torch.Tensor) or tuple(images.shape) != expected:
-        got = shape_str(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 1:
-            detail = one_channel_hint(f"G makes 1-channel (greyscale) images {got}, but the coursework needs CIFAR-10 "
-                                      f"RGB images {shape_str(expected)}: this generator was trained on a one-channel "
-                                      f"data set", path)
+            detail = one_channel_hint(f"G makes 1-channel (greyscale) images {shape_str(images)}, but the coursework "
+                                      f"needs CIFAR-10 RGB images {shape_str(expected)}: this generator was trained on "
+                                      f"a one-channel data set", path)
         else:
-            detail = f"{z_text} gives {got}, expected {shape_str(expected)}"
+            detail = f"{z_text} gives {shape_str(images)}, expected {shape_str(expected)}"
         checks.record(False, path, names[0], detail)
         checks.skip(path, "wrong shape", *names[1:])
         return generator, None
-    checks.record(True, path, names[0], f"{z_text} -> {shape_str(images.shape)}")
+    checks.record(True, path, names[0], f"{z_text} -> {shape_str(images)}")
     in_range = bool(torch.isfinite(images).all() and images.min() >= -1 and images.max() <= 1)
     checks.record(in_range, path, names[1], value_range(images) if in_range else
                   f"{value_range(images)} is outside [-1, 1] (or not finite): end G with tanh")
     pixels = denorm(images)
     ok = bool(pixels.shape == images.shape and pixels.min() >= 0 and pixels.max() <= 1)
     checks.record(ok, path, names[2], value_range(pixels) if ok else f"{value_range(pixels)}, shape "
-                                                                      f"{shape_str(pixels.shape)}")
+                                                                      f"{shape_str(pixels)}")
     return generator, images if in_range else None
 
 
@@ -375,18 +376,17 @@ def check_discriminator(checks: Checks, path: Path, fake_images: torch.Tensor | 
             hint = "" if in_channels in (None, shape[0]) else one_channel_hint(
                 f". D's first layer takes {in_channels}-channel images, but the coursework's D gets CIFAR-10 RGB "
                 f"images: it was trained on a one-channel data set", path)
-            checks.record(False, path, what, f"D fails on input of shape {shape_str(x.shape)}: "
+            checks.record(False, path, what, f"D fails on input of shape {shape_str(x)}: "
                                              f"{short_error(err)}{hint}")
             return discriminator
         if not isinstance(out, torch.Tensor) or out.numel() != len(x) or out.shape[0] != len(x):
-            got = shape_str(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            checks.record(False, path, what, f"D(x) for x of shape {shape_str(x.shape)} gives {got}, "
+            checks.record(False, path, what, f"D(x) for x of shape {shape_str(x)} gives {shape_str(out)}, "
                                              f"expected {len(x)} values (shape ({len(x)},) or ({len(x)}, 1))")
             return discriminator
         if not torch.isfinite(out).all():
-            checks.record(False, path, what, f"D(x) is not finite for x of shape {shape_str(x.shape)}")
+            checks.record(False, path, what, f"D(x) is not finite for x of shape {shape_str(x)}")
             return discriminator
-        shapes.append(f"{shape_str(x.shape)} -> {shape_str(out.shape)}")
+        shapes.append(f"{shape_str(x)} -> {shape_str(out)}")
     checks.record(True, path, what, ", ".join(shapes))
     return discriminator
 
