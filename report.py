@@ -464,12 +464,8 @@ def shown_folders(args, chosen: dict, runs_root: Path) -> dict[str, str]:
     """Absolute folders of this machine -> how the report shows them: relative to the repository (where the
     commands in the report run), else to the runs root's parent, else by name."""
     def shown(path: Path) -> str:
-        for base in (REPO_ROOT, runs_root.parent):
-            try:
-                return str(path.relative_to(base))
-            except ValueError:
-                continue
-        return path.name
+        base = next((base for base in (REPO_ROOT, runs_root.parent) if path.is_relative_to(base)), None)
+        return path.name if base is None else str(path.relative_to(base))
 
     folders = {str(REPO_ROOT) + os.sep: "", str(runs_root): shown(runs_root)}
     runs = [chosen["vae"], chosen["gan"], *chosen["vae_sweep"], *chosen["gan_sweep"]]
