@@ -140,7 +140,7 @@ def param_counts(run: experiments.RunInfo) -> list[int]:
 
 
 def trained(run: experiments.RunInfo) -> str:
-    """'8 epochs, 479,232 training images, 3 min' (the minutes from metrics.csv's epoch times, when recorded)."""
+    """'8 of 10 epochs, 479,232 training images, 3 min' (the minutes from metrics.csv's epoch times, when recorded)."""
     times = [t for t in (row.get("epoch_time_s", math.nan) for row in run.metrics) if math.isfinite(t)]
     minutes = sum(times) / 60 if times else None
     spent = "" if minutes is None else f", {minutes:.0f} min" if minutes >= 1 else f", {minutes * 60:.0f} s"
