@@ -6,10 +6,9 @@
     python check_submission.py --gen exports/DCGAN_model_G.pth --disc exports/DCGAN_model_D.pth   # e.g. a milestone
     make submission                               # the runs that count; then packs CW2.zip with report/figures
 
-Without DIR, the files come from the runs that count (experiments.counted_run, as make report picks them) or from
---vae-run / --gan-run; DIR holds the three files instead; --vae / --gen / --disc name single files and win over
-both. One PASS / FAIL / SKIP line per check; exit 0 when all pass, 1 when any fails (2: a bad command line). What is
-checked, in the grader's own terms:
+The files come from the runs that count (experiments.counted_run), or --vae-run / --gan-run, or DIR; --vae / --gen /
+--disc win over all. One PASS / FAIL / SKIP line per check; exit 0 when all pass, 1 when any fails (2: a bad
+command line). What is checked, in the grader's own terms:
 
 - each file loads with torch.jit.load (no project code needed);
 - the VAE has Conv2d layers among its children's children (an MLP-only VAE does not count);
@@ -35,19 +34,26 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 
-import common
+from common import experiments, testcell
+from common.data import data_root
+from common.errors import UserError, run_main
+from common.files import atomic_path
+from common.flags import DEFAULT_DATA_DIR, DEFAULT_RUNS_ROOT, ArgumentParser
+from common.readers import MODEL_FILES, read_export, read_run_config
 
-(VAE_FILE,), (GEN_FILE, DISC_FILE) = common.readers.MODEL_FILES["vae"], common.readers.MODEL_FILES["dcgan"]
+(VAE_FILE,), (GEN_FILE, DISC_FILE) = MODEL_FILES["vae"], MODEL_FILES["dcgan"]
 CIFAR_SHAPE = (3, 32, 32)   # the coursework's DCGAN works on CIFAR-10: RGB, 32 x 32
 MNIST_SHAPE = (1, 28, 28)
 
 
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.ArgumentParser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", metavar="DIR", nargs="?", default=None,
                         help=f"folder holding {VAE_FILE}, {GEN_FILE} and {DISC_FILE} (default: the run folders "
                              f"of the VAE and DCGAN runs that count)")
@@ -56,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "that is not a sweep member)")
     parser.add_argument("--gan-run", default=None, metavar="RUN_DIR",
                         help="the DCGAN run whose files to check (default: as --vae-run, for DCGAN runs)")
-    parser.add_argument("--runs-root", default=str(common.DEFAULT_RUNS_ROOT),
+    parser.add_argument("--runs-root", default=str(DEFAULT_RUNS_ROOT),
                         help="where to look for the runs that count (default: runs/ in the repository)")
     parser.add_argument("--vae", default=None, help=f"the VAE file (default: DIR/{VAE_FILE})")
     parser.add_argument("--gen", default=None, help=f"the generator file (default: DIR/{GEN_FILE})")
@@ -81,25 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Recording results
+# Recording results and loading the files
 
 
 class Checks:
-    """Prints each check's result as it happens and counts the failures."""
+    """Prints each check's result as it happens and counts them."""
 
     def __init__(self):
         self.failed = self.passed = self.skipped = 0
 
-    def record(self, ok: bool, path: Path, what: str, detail: str) -> bool:
-        status = "PASS" if ok else "FAIL"
+    def record(self, ok: bool, path: Path, what: str, detail: str) -> None:
         self.passed += ok
         self.failed += not ok
-        print(f"  {status}  {path.name}: {what}: {detail}", flush=True)
-        return ok
+        print(f"  {'PASS' if ok else 'FAIL'}  {path.name}: {what}: {detail}", flush=True)
 
-    def skip(self, path: Path, what: str, why: str) -> None:
-        self.skipped += 1
-        print(f"  SKIP  {path.name}: {what}: {why}", flush=True)
+    def skip(self, path: Path, why: str, *whats: str) -> None:
+        """The checks that cannot run, since one they need failed."""
+        self.skipped += len(whats)
+        for what in whats:
+            print(f"  SKIP  {path.name}: {what}: {why}", flush=True)
 
 
 def short_error(err: Exception) -> str:
@@ -112,8 +118,11 @@ def short_error(err: Exception) -> str:
     return (line if line.startswith(f"{type(err).__name__}:") else f"{type(err).__name__}: {line}")[:300]
 
 
-def shape_str(shape) -> str:
-    return str(tuple(shape))
+def shape_str(value) -> str:
+    """'(N, C, H, W)' for a tensor or a shape; the type's name for anything else a model returned."""
+    if isinstance(value, torch.Tensor):
+        value = value.shape
+    return str(tuple(value)) if isinstance(value, tuple) else type(value).__name__
 
 
 def value_range(t: torch.Tensor) -> str:
@@ -126,7 +135,6 @@ def n_params(model) -> int:
 
 def is_torch_save_archive(path: Path) -> bool:
     """A torch.save zip holds <name>/data.pkl; TorchScript adds <name>/code/. Read by name only: never unpickled."""
-    import zipfile
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
@@ -134,24 +142,25 @@ def is_torch_save_archive(path: Path) -> bool:
     return any(name.endswith("/data.pkl") for name in names) and not any("/code/" in name for name in names)
 
 
-def load(checks: Checks, path: Path):
-    """torch.jit.load on CPU, as the grader does; None (after a FAIL line) when it does not load."""
-    if not path.exists():
-        made_by = "vae_train.py" if path.name == VAE_FILE else "dcgan_train.py"
-        checks.record(False, path, "torch.jit.load", f"{path} does not exist (the training script, {made_by}, "
-                                                     f"writes it when a run finishes)")
-        return None
+def load(checks: Checks, path: Path, *later: str):
+    """torch.jit.load on CPU, as the grader does; None when it does not load, after a FAIL line and a SKIP line for
+    each check that needs the model (`later`)."""
+    made_by = "vae_train.py" if path.name == VAE_FILE else "dcgan_train.py"
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated upstream; graders still load with it
             warnings.simplefilter("ignore", FutureWarning)
             model = torch.jit.load(str(path), map_location="cpu")
     except Exception as err:  # garbage, truncated, a state_dict saved with torch.save, ...: torch raises many kinds
-        if is_torch_save_archive(path):
-            detail = ("it is a torch.save file (a state_dict or a pickled model), not TorchScript: export with "
-                      "torch.jit.script(model).save(path)")
+        if not path.exists():
+            detail = f"{path} does not exist (the training script, {made_by}, writes it when a run finishes)"
+        elif is_torch_save_archive(path):
+            detail = ("does not load: it is a torch.save file (a state_dict or a pickled model), not TorchScript: "
+                      f"export with torch.jit.script(model).save(path) ({short_error(err)})")
         else:
-            detail = "not a TorchScript file (corrupted, truncated, or not a model)"
-        checks.record(False, path, "torch.jit.load", f"does not load: {detail} ({short_error(err)})")
+            detail = (f"does not load: not a TorchScript file (corrupted, truncated, or not a model) "
+                      f"({short_error(err)})")
+        checks.record(False, path, "torch.jit.load", detail)
+        checks.skip(path, "the file did not load", *later)
         return None
     checks.record(True, path, "torch.jit.load", f"loads ({model.original_name}, {n_params(model):,} parameters)")
     if model.training:
@@ -166,8 +175,8 @@ def load(checks: Checks, path: Path):
 
 def has_mnist_test_files(data_dir: Path) -> bool:
     try:
-        raw = common.data.data_root("mnist", data_dir) / "MNIST" / "raw"
-    except common.UserError:  # files in the wrong folder: the WARN line says where it looked
+        raw = data_root("mnist", data_dir) / "MNIST" / "raw"
+    except UserError:  # files in the wrong folder: the WARN line says where it looked
         return False
     return (raw / "t10k-images-idx3-ubyte").exists() and (raw / "t10k-labels-idx1-ubyte").exists()
 
@@ -180,8 +189,7 @@ def vae_inputs(data_dirs: list[tuple[Path, str]], n: int) -> tuple[torch.Tensor,
     for data_dir, _ in data_dirs:
         if has_mnist_test_files(data_dir):
             from torchvision.datasets import MNIST
-            test_set = MNIST(str(common.data.data_root("mnist", data_dir)), train=False, transform=transform,
-                             download=False)
+            test_set = MNIST(str(data_root("mnist", data_dir)), train=False, transform=transform, download=False)
             n = min(n, len(test_set))
             mean_image = test_set.data.float().div(255).mean(0, keepdim=True)  # what ToTensor gives, averaged
             return torch.stack([test_set[i][0] for i in range(n)]), f"{n} MNIST test images from {data_dir}", mean_image
@@ -193,11 +201,9 @@ def vae_inputs(data_dirs: list[tuple[Path, str]], n: int) -> tuple[torch.Tensor,
 
 
 def check_vae(checks: Checks, path: Path, data_dirs: list[tuple[Path, str]], n: int) -> None:
-    vae = load(checks, path)
     names = ["Conv2d layers in children's children", "vae(x)[0] shape", "vae(x)[0] values in [0, 1]"]
+    vae = load(checks, path, *names)
     if vae is None:
-        for what in names:
-            checks.skip(path, what, "the file did not load")
         return
     # The grader's own test: a RecursiveScriptModule two levels down whose original class was nn.Conv2d.
     convs = [f"{child_name}.{name}" for child_name, child in vae.named_children()
@@ -208,27 +214,26 @@ def check_vae(checks: Checks, path: Path, data_dirs: list[tuple[Path, str]], n: 
                   "none found: an MLP-only VAE fails the coursework's test; train with vae_train.py --arch conv")
 
     x, source, mean_image = vae_inputs(data_dirs, n)
-    real = mean_image is not None
-    print(f"  {'info' if real else 'WARN'}  {path.name}: input x: {source}, shape {shape_str(x.shape)}", flush=True)
+    print(f"  {'WARN' if mean_image is None else 'info'}  {path.name}: input x: {source}, shape {shape_str(x)}",
+          flush=True)
     try:
         with torch.no_grad():
             out = vae(x)
         recon = out[0]
     except Exception as err:
-        checks.record(False, path, names[1], f"vae(x)[0] fails on x of shape {shape_str(x.shape)}: {short_error(err)}")
-        checks.skip(path, names[2], "no output")
+        checks.record(False, path, names[1], f"vae(x)[0] fails on x of shape {shape_str(x)}: {short_error(err)}")
+        checks.skip(path, "no output", names[2])
         return
     if not isinstance(recon, torch.Tensor) or recon.shape != x.shape:
-        got = shape_str(recon.shape) if isinstance(recon, torch.Tensor) else type(recon).__name__
         hint = " (forward should return a tuple (recon, mu, logvar))" if isinstance(out, torch.Tensor) else ""
-        checks.record(False, path, names[1], f"{got}, expected the shape of x {shape_str(x.shape)}{hint}")
-        checks.skip(path, names[2], "wrong shape")
+        checks.record(False, path, names[1], f"{shape_str(recon)}, expected the shape of x {shape_str(x)}{hint}")
+        checks.skip(path, "wrong shape", names[2])
         return
-    checks.record(True, path, names[1], f"{shape_str(recon.shape)}, the shape of x")
+    checks.record(True, path, names[1], f"{shape_str(recon)}, the shape of x")
     in_range = bool(torch.isfinite(recon).all() and recon.min() >= 0 and recon.max() <= 1)
     checks.record(in_range, path, names[2], value_range(recon) if in_range else
                   f"{value_range(recon)} is outside [0, 1] (or not finite): end the decoder with a sigmoid")
-    if in_range and real:
+    if in_range and mean_image is not None:
         check_better_than_mean(checks, path, x, recon, mean_image)
 
 
@@ -248,90 +253,50 @@ def check_better_than_mean(checks: Checks, path: Path, x: torch.Tensor, recon: t
 # The DCGAN
 
 
-def first_layer_nz(generator) -> int | None:
-    """The noise size from G's first layer: in_channels of a ConvTranspose2d / Conv2d, in_features of a Linear."""
-    for _, module in generator.named_modules():
+def first_layer_inputs(model, kinds: tuple[str, ...]) -> int | None:
+    """What the model's first layer of `kinds` takes: in_channels of a ConvTranspose2d / Conv2d, in_features of a
+    Linear; None when it has none."""
+    for module in model.modules():
         kind = getattr(module, "original_name", "")
-        weight = getattr(module, "weight", None) if kind in ("ConvTranspose2d", "Conv2d", "Linear") else None
+        weight = getattr(module, "weight", None) if kind in kinds else None
         if isinstance(weight, torch.Tensor):
             return int(weight.shape[0] if kind == "ConvTranspose2d" else weight.shape[1])
     return None
 
 
-def first_conv_in_channels(model) -> int | None:
-    for _, module in model.named_modules():
-        weight = getattr(module, "weight", None) if getattr(module, "original_name", "") == "Conv2d" else None
-        if isinstance(weight, torch.Tensor):
-            return int(weight.shape[1])
-    return None
+def first_layer_nz(generator) -> int | None:
+    return first_layer_inputs(generator, ("ConvTranspose2d", "Conv2d", "Linear"))
+
+
+def noise_size(generator, nz_flag: int | None) -> tuple[int, str]:
+    """G's noise size, and where it comes from: --nz, else G's first layer, else 100."""
+    if nz_flag is not None:
+        return nz_flag, "--nz"
+    nz = first_layer_nz(generator)
+    return (nz, "G's first layer") if nz is not None else (100, "the default (G's first layer not recognised; "
+                                                                 "pass --nz)")
 
 
 def dataset_hint(folder: Path) -> str:
     """'; FOLDER/config.json says it was trained with --dataset mnist' when the file sits in a run folder, else ''."""
-    run = common.experiments.read_run(folder, "dcgan")
+    run = experiments.read_run(folder, "dcgan")
     return f"; {folder / 'config.json'} says it was trained with --dataset {run.args['dataset']}" if run else ""
-
-
-def check_generator(checks: Checks, path: Path, nz_flag: int | None, n: int,
-                    shape: tuple = CIFAR_SHAPE) -> tuple[object, torch.Tensor | None]:
-    """Returns (G or None, its images in [-1, 1] or None). `shape`: one image's (gan_image_shape)."""
-    from dcgan_train import denorm
-    generator = load(checks, path)
-    names = ["G(z) shape", "G(z) values in [-1, 1]", "denorm(G(z)) values in [0, 1]"]
-    if generator is None:
-        for what in names:
-            checks.skip(path, what, "the file did not load")
-        return None, None
-    nz, where = nz_flag, "--nz"
-    if nz is None:
-        nz, where = first_layer_nz(generator), "G's first layer"
-        if nz is None:
-            nz, where = 100, "the default (G's first layer not recognised; pass --nz)"
-    z = torch.randn((n, nz, 1, 1), generator=torch.Generator().manual_seed(0))
-    expected = (n, *shape)
-    try:
-        with torch.no_grad():
-            images = generator(z)
-    except Exception as err:
-        checks.record(False, path, names[0], f"G fails on torch.randn({n}, {nz}, 1, 1) (nz {nz} from {where}): "
-                                             f"{short_error(err)}")
-        for what in names[1:]:
-            checks.skip(path, what, "no output")
-        return generator, None
-    z_text = f"torch.randn({n}, {nz}, 1, 1) (nz from {where})"
-    if not isinstance(images, torch.Tensor) or tuple(images.shape) != expected:
-        got = shape_str(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 1:
-            detail = (f"G makes 1-channel (greyscale) images {got}, but the coursework needs CIFAR-10 RGB images "
-                      f"{shape_str(expected)}: this generator was trained on a one-channel data set (MNIST?)"
-                      f"{dataset_hint(path.parent)}. Retrain with dcgan_train.py --dataset cifar10; {DRY_RUN}")
-        else:
-            detail = f"{z_text} gives {got}, expected {shape_str(expected)}"
-        checks.record(False, path, names[0], detail)
-        for what in names[1:]:
-            checks.skip(path, what, "wrong shape")
-        return generator, None
-    checks.record(True, path, names[0], f"{z_text} -> {shape_str(images.shape)}")
-    in_range = bool(torch.isfinite(images).all() and images.min() >= -1 and images.max() <= 1)
-    checks.record(in_range, path, names[1], value_range(images) if in_range else
-                  f"{value_range(images)} is outside [-1, 1] (or not finite): end G with tanh")
-    pixels = denorm(images)
-    ok = bool(pixels.shape == images.shape and pixels.min() >= 0 and pixels.max() <= 1)
-    checks.record(ok, path, names[2], value_range(pixels) if ok else f"{value_range(pixels)}, shape "
-                                                                      f"{shape_str(pixels.shape)}")
-    return generator, images if in_range else None
 
 
 DRY_RUN = ("--allow-non-cifar10 checks it with its own image shape and packs it as a dry run of the packaging, "
            "into a zip named NOT-FOR-HANDIN")
 
 
+def one_channel_hint(what: str, path: Path) -> str:
+    """Why a G or D of a one-channel data set fails on CIFAR-10's RGB images, and what to do."""
+    return (f"{what} (MNIST?){dataset_hint(path.parent)}. Retrain with dcgan_train.py --dataset cifar10; "
+            f"{DRY_RUN}")
+
+
 def gan_image_shape(checks: Checks, gen_path: Path, gan_run: Path | None, allowed: bool) -> tuple[tuple, str | None]:
-    """(the image shape G and D are checked with, the data set of a dry run or None). CIFAR-10's (3, 32, 32) unless
-    the GAN's run (its config.json: the run that counts, or the run folder the files are in; files elsewhere have
-    none to ask) trained on another data set: a FAIL (here, or the shape checks' for a one-channel set), or with
-    --allow-non-cifar10 its own shape, for a dry run of the packaging whose zip is named as not for hand-in."""
-    from common import experiments
+    """(the image shape G and D are checked with, the data set of a dry run or None): CIFAR-10's, unless the GAN's
+    run (the run that counts, or the folder the files are in) trained on another data set: then a FAIL (here, or the
+    shape checks' for a one-channel set), or with --allow-non-cifar10 its own shape."""
     from dcgan_train import GRAY_DATASETS, dataset_channels
     run = experiments.read_run(gan_run or gen_path.parent, "dcgan")
     problem = experiments.not_cifar10(run.args) if run else None
@@ -350,12 +315,51 @@ def gan_image_shape(checks: Checks, gen_path: Path, gan_run: Path | None, allowe
     return CIFAR_SHAPE, None
 
 
+def check_generator(checks: Checks, path: Path, nz_flag: int | None, n: int,
+                    shape: tuple = CIFAR_SHAPE) -> tuple[object, torch.Tensor | None]:
+    """Returns (G or None, its images in [-1, 1] or None). `shape`: one image's (gan_image_shape)."""
+    from dcgan_train import denorm
+    names = ["G(z) shape", "G(z) values in [-1, 1]", "denorm(G(z)) values in [0, 1]"]
+    generator = load(checks, path, *names)
+    if generator is None:
+        return None, None
+    nz, where = noise_size(generator, nz_flag)
+    z = torch.randn((n, nz, 1, 1), generator=torch.Generator().manual_seed(0))
+    z_text, expected = f"torch.randn({n}, {nz}, 1, 1) (nz from {where})", (n, *shape)
+    try:
+        with torch.no_grad():
+            images = generator(z)
+    except Exception as err:
+        checks.record(False, path, names[0], f"G fails on torch.randn({n}, {nz}, 1, 1) (nz {nz} from {where}): "
+                                             f"{short_error(err)}")
+        checks.skip(path, "no output", *names[1:])
+        return generator, None
+    if not isinstance(images, torch.Tensor) or tuple(images.shape) != expected:
+        if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 1:
+            detail = one_channel_hint(f"G makes 1-channel (greyscale) images {shape_str(images)}, but the coursework "
+                                      f"needs CIFAR-10 RGB images {shape_str(expected)}: this generator was trained on "
+                                      f"a one-channel data set", path)
+        else:
+            detail = f"{z_text} gives {shape_str(images)}, expected {shape_str(expected)}"
+        checks.record(False, path, names[0], detail)
+        checks.skip(path, "wrong shape", *names[1:])
+        return generator, None
+    checks.record(True, path, names[0], f"{z_text} -> {shape_str(images)}")
+    in_range = bool(torch.isfinite(images).all() and images.min() >= -1 and images.max() <= 1)
+    checks.record(in_range, path, names[1], value_range(images) if in_range else
+                  f"{value_range(images)} is outside [-1, 1] (or not finite): end G with tanh")
+    pixels = denorm(images)
+    ok = bool(pixels.shape == images.shape and pixels.min() >= 0 and pixels.max() <= 1)
+    checks.record(ok, path, names[2], value_range(pixels) if ok else f"{value_range(pixels)}, shape "
+                                                                      f"{shape_str(pixels)}")
+    return generator, images if in_range else None
+
+
 def check_discriminator(checks: Checks, path: Path, fake_images: torch.Tensor | None, n: int,
                         shape: tuple = CIFAR_SHAPE):
-    discriminator = load(checks, path)
     what = "one value per image"
+    discriminator = load(checks, path, what)
     if discriminator is None:
-        checks.skip(path, what, "the file did not load")
         return None
     # The generator's images when it produced good ones (a grader's cell does D(G(z))), plus an odd batch size
     # to catch a batch size baked into a reshape.
@@ -368,24 +372,21 @@ def check_discriminator(checks: Checks, path: Path, fake_images: torch.Tensor | 
             with torch.no_grad():
                 out = discriminator(x)
         except Exception as err:
-            in_channels = first_conv_in_channels(discriminator)
-            hint = ""
-            if in_channels is not None and in_channels != shape[0]:
-                hint = (f". D's first layer takes {in_channels}-channel images, but the coursework's D gets CIFAR-10 "
-                        f"RGB images: it was trained on a one-channel data set (MNIST?){dataset_hint(path.parent)}. "
-                        f"Retrain with dcgan_train.py --dataset cifar10; {DRY_RUN}")
-            checks.record(False, path, what, f"D fails on input of shape {shape_str(x.shape)}: "
+            in_channels = first_layer_inputs(discriminator, ("Conv2d",))
+            hint = "" if in_channels in (None, shape[0]) else one_channel_hint(
+                f". D's first layer takes {in_channels}-channel images, but the coursework's D gets CIFAR-10 RGB "
+                f"images: it was trained on a one-channel data set", path)
+            checks.record(False, path, what, f"D fails on input of shape {shape_str(x)}: "
                                              f"{short_error(err)}{hint}")
             return discriminator
         if not isinstance(out, torch.Tensor) or out.numel() != len(x) or out.shape[0] != len(x):
-            got = shape_str(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            checks.record(False, path, what, f"D(x) for x of shape {shape_str(x.shape)} gives {got}, "
+            checks.record(False, path, what, f"D(x) for x of shape {shape_str(x)} gives {shape_str(out)}, "
                                              f"expected {len(x)} values (shape ({len(x)},) or ({len(x)}, 1))")
             return discriminator
         if not torch.isfinite(out).all():
-            checks.record(False, path, what, f"D(x) is not finite for x of shape {shape_str(x.shape)}")
+            checks.record(False, path, what, f"D(x) is not finite for x of shape {shape_str(x)}")
             return discriminator
-        shapes.append(f"{shape_str(x.shape)} -> {shape_str(out.shape)}")
+        shapes.append(f"{shape_str(x)} -> {shape_str(out)}")
     checks.record(True, path, what, ", ".join(shapes))
     return discriminator
 
@@ -394,7 +395,7 @@ def check_param_budget(checks: Checks, gen_path: Path, generator, discriminator)
     from dcgan_train import MAX_PARAMS
     what = f"G + D parameters at most {MAX_PARAMS:,}"
     if generator is None or discriminator is None:
-        checks.skip(gen_path, what, "G or D did not load")
+        checks.skip(gen_path, "G or D did not load", what)
         return
     n_g, n_d = n_params(generator), n_params(discriminator)
     total = n_g + n_d
@@ -404,36 +405,15 @@ def check_param_budget(checks: Checks, gen_path: Path, generator, discriminator)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The bundle
-
-
-def pack(zip_path: Path, model_paths: dict[str, Path], figures: Path | None) -> list[str]:
-    """Write ZIP with the model files under their coursework names and figures/*; atomic (temp file, rename)."""
-    import zipfile
-    names = []
-    with common.atomic_path(zip_path) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
-            for name, path in model_paths.items():
-                bundle.write(path, name)
-                names.append(name)
-            for path in sorted(figures.rglob("*")) if figures is not None else []:
-                if path.is_file() and not path.name.startswith("."):
-                    name = f"figures/{path.relative_to(figures).as_posix()}"
-                    bundle.write(path, name)
-                    names.append(name)
-    return names
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# Which files, the report beside them, the test cells and the bundle
 
 
 def model_paths(args) -> tuple[Path, Path, Path, list[Path]]:
     """The three files to check, and the run folders they come from (printed with the reason for each run)."""
-    from common import experiments
     folder = Path(args.dir) if args.dir else None
     if folder is not None and not folder.is_dir():
-        raise common.UserError(f"{folder}: no such folder. Give the folder holding {VAE_FILE}, {GEN_FILE} and "
-                               f"{DISC_FILE}, or leave it out to check the runs that count in {args.runs_root}")
+        raise UserError(f"{folder}: no such folder. Give the folder holding {VAE_FILE}, {GEN_FILE} and {DISC_FILE}, "
+                        f"or leave it out to check the runs that count in {args.runs_root}")
     runs = {}
     for script, flag, needed in (("vae", "vae_run", not args.vae), ("dcgan", "gan_run", not (args.gen and args.disc))):
         explicit = getattr(args, flag)
@@ -442,8 +422,7 @@ def model_paths(args) -> tuple[Path, Path, Path, list[Path]]:
                                                   log=lambda msg: print(msg, flush=True))
             print(f"{'VAE' if script == 'vae' else 'DCGAN'}: {run.name}: {reason}", flush=True)
             runs[script] = run.dir
-    vae_dir = runs.get("vae", folder)
-    gan_dir = runs.get("dcgan", folder)
+    vae_dir, gan_dir = runs.get("vae", folder), runs.get("dcgan", folder)
     vae_path = Path(args.vae) if args.vae else vae_dir / VAE_FILE
     gen_path = Path(args.gen) if args.gen else gan_dir / GEN_FILE
     disc_path = Path(args.disc) if args.disc else gan_dir / DISC_FILE
@@ -456,19 +435,18 @@ def data_dirs_to_try(args, vae_path: Path) -> list[tuple[Path, str]]:
         return [(Path(args.data_dir), "--data-dir")]
     found = []
     try:
-        config = common.read_run_config(vae_path.parent, "vae")
+        config = read_run_config(vae_path.parent, "vae")
         found.append((Path(config["args"]["data_dir"]), f"the run's --data-dir, in {vae_path.parent.name}/config.json"))
-    except (common.UserError, KeyError, TypeError):
+    except (UserError, KeyError, TypeError):
         pass
-    if common.DEFAULT_DATA_DIR not in [d for d, _ in found]:
-        found.append((common.DEFAULT_DATA_DIR, "the default data folder"))
+    if DEFAULT_DATA_DIR not in [d for d, _ in found]:
+        found.append((DEFAULT_DATA_DIR, "the default data folder"))
     return found
 
 
 def check_report_shows(checks: Checks, figures: Path, run_dirs: list[Path | None]) -> None:
-    """FAIL when the report beside `figures` (report.py's report.json) shows other runs than the ones whose files
-    are checked, or shows them before they exported the files checked (trained on since): its figures and numbers
-    would not be of the submitted models."""
+    """FAIL when the report beside `figures` (its report.json) shows other runs than those checked, or shows them
+    before they exported the files checked (trained on since)."""
     try:
         made_from = json.loads((figures.parent / "report.json").read_text())
     except (OSError, ValueError):
@@ -478,14 +456,13 @@ def check_report_shows(checks: Checks, figures: Path, run_dirs: list[Path | None
         if run_dir is None or not shown:
             continue
         check = f"the report shows the {what} checked"
+        reported = made_from.get("exported_steps", {}).get(key)
+        exported = (read_export(run_dir) or {}).get("global_step")
         if Path(shown).resolve() != Path(run_dir).resolve():
             checks.record(False, figures.parent, check, f"it shows the {what} run {Path(shown).name}, but the {what} "
                                                         f"checked is {Path(run_dir).name}: run make report again "
                                                         f"(with the same runs)")
-            continue
-        reported = made_from.get("exported_steps", {}).get(key)
-        exported = (common.readers.read_export(run_dir) or {}).get("global_step")
-        if reported is not None and reported != exported:
+        elif reported is not None and reported != exported:
             checks.record(False, figures.parent, check, f"it shows {Path(run_dir).name} as exported at step "
                                                         f"{reported}, but its model files are from step {exported}: "
                                                         f"run make report again")
@@ -497,12 +474,11 @@ def check_test_cells(checks: Checks, paths: dict[str, Path], data_dirs: list[tup
                      dry_run: str | None) -> None:
     """The code the report gives for the notebook's test cells, run as a grader runs it (common/testcell.py). In a
     dry run the DCGAN's cell is left out: it feeds CIFAR-10's RGB 32 x 32 images, which a GAN of `dry_run` refuses."""
-    from common import testcell
-    mnist_root = next((common.data.data_root("mnist", d) for d, _ in data_dirs if has_mnist_test_files(d)), None)
+    mnist_root = next((data_root("mnist", d) for d, _ in data_dirs if has_mnist_test_files(d)), None)
     results = testcell.run_cells(paths, mnist_root=mnist_root, nz=nz)
     if dry_run:
         print(f"  note  {paths['gen'].name}: the DCGAN's test cell is not run in a dry run (it feeds CIFAR-10 "
-              f"images to a GAN trained on {common.experiments.DATASET_NAMES.get(dry_run, dry_run)})", flush=True)
+              f"images to a GAN trained on {experiments.DATASET_NAMES.get(dry_run, dry_run)})", flush=True)
     for name, path in (("VAE", paths["vae"]),) + ((("DCGAN", paths["gen"]),) if not dry_run else ()):
         ok, detail = results[name]
         checks.record(ok, path, f"test cell ({testcell.SCRIPTS[name].name}'s transform and denorm in a clean Python)",
@@ -513,7 +489,7 @@ def prepare_zip_folder(zip_path: Path) -> None:
     """Delete a previous --zip (it is written again only when every check passes) and make the folder it goes
     into, before the slow checks; one clear line when that is impossible."""
     if zip_path.is_dir():
-        raise common.UserError(f"--zip {zip_path} is a folder; give a file name such as {zip_path / 'CW2.zip'}")
+        raise UserError(f"--zip {zip_path} is a folder; give a file name such as {zip_path / 'CW2.zip'}")
     if zip_path.exists():
         zip_path.unlink()
         print(f"deleted the previous {zip_path}: it is written again only if every check passes", flush=True)
@@ -521,18 +497,30 @@ def prepare_zip_folder(zip_path: Path) -> None:
         try:
             zip_path.parent.mkdir(parents=True)
         except OSError as err:
-            raise common.UserError(f"--zip {zip_path}: cannot create the folder {zip_path.parent} "
-                                   f"({err.strerror or err})") from None
+            raise UserError(f"--zip {zip_path}: cannot create the folder {zip_path.parent} "
+                            f"({err.strerror or err})") from None
         print(f"made the folder {zip_path.parent} for --zip", flush=True)
+
+
+def pack(zip_path: Path, model_paths: dict[str, Path], figures: Path | None) -> list[str]:
+    """Write ZIP with the model files under their coursework names and figures/*; atomic (temp file, rename)."""
+    files = dict(model_paths)
+    if figures is not None:
+        files.update({f"figures/{path.relative_to(figures).as_posix()}": path for path in sorted(figures.rglob("*"))
+                      if path.is_file() and not path.name.startswith(".")})
+    with atomic_path(zip_path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+        for name, path in files.items():
+            bundle.write(path, name)
+    return list(files)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.n_images < 1:
-        raise common.UserError("--n-images must be at least 1")
+        raise UserError("--n-images must be at least 1")
     figures = Path(args.figures) if args.figures else None
     if figures is not None and not args.zip:
-        raise common.UserError("--figures is only used with --zip")
+        raise UserError("--figures is only used with --zip")
     if args.zip:  # first: whatever happens next, an old zip never outlives a check that did not pass
         prepare_zip_folder(Path(args.zip))
     vae_path, gen_path, disc_path, run_dirs = model_paths(args)
@@ -547,15 +535,15 @@ def main(argv=None) -> int:
     discriminator = check_discriminator(checks, disc_path, fake_images, args.n_images, shape)
     check_param_budget(checks, gen_path, generator, discriminator)
     if not checks.failed and not checks.skipped:  # a file that fails above would only fail here again, slower
-        nz = args.nz or first_layer_nz(generator) or 100
-        check_test_cells(checks, {"vae": vae_path, "gen": gen_path, "disc": disc_path}, data_dirs, nz, dry_run)
+        check_test_cells(checks, {"vae": vae_path, "gen": gen_path, "disc": disc_path}, data_dirs,
+                         noise_size(generator, args.nz)[0], dry_run)
     if figures is not None:  # after the model checks, so a missing report does not hide a bad model
         n_png = len(list(figures.glob("*.png"))) if figures.is_dir() else 0
         checks.record(n_png > 0, figures, "report figures to pack", f"{n_png} PNG files in {figures}" if n_png else
                       f"no PNG figures in {figures}; build the report first (make report)")
         check_report_shows(checks, figures, run_dirs)
     ready = not checks.failed and not checks.skipped
-    trained_on = common.experiments.DATASET_NAMES.get(dry_run, dry_run)
+    trained_on = experiments.DATASET_NAMES.get(dry_run, dry_run)
     verdict = "NOT READY to submit" if not ready else \
         f"all checks passed, as a DRY RUN: a DCGAN trained on {trained_on} is NOT a valid submission" if dry_run \
         else "all checks passed"
@@ -569,7 +557,7 @@ def main(argv=None) -> int:
         try:
             names = pack(zip_path, {VAE_FILE: vae_path, GEN_FILE: gen_path, DISC_FILE: disc_path}, figures)
         except OSError as err:  # a full disk, no permission: the checks passed, but there is no zip
-            raise common.UserError(f"--zip {zip_path}: could not write it ({err.strerror or err})") from None
+            raise UserError(f"--zip {zip_path}: could not write it ({err.strerror or err})") from None
         n_figures = len(names) - 3
         print(f"wrote {zip_path}: {', '.join(names[:3])} and {n_figures} figure{'s' * (n_figures != 1)}"
               f"{' (a dry run of the packaging: not for hand-in)' if dry_run else ''}", flush=True)
@@ -577,4 +565,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

@@ -6,11 +6,9 @@
     python report.py --no-analysis                          # reuse the figures the analysis scripts already wrote
     python report.py --runs-root /scratch/runs --out /tmp/report
 
-Which runs it shows, printed with the reason (experiments.counted_run): the longest finished run of each script in
-RUNS_ROOT that is not a sweep member, unless --vae-run / --gan-run names one (with a warning for a sweep member or
-an unfinished run); a newer, shorter run passed over is named. The sweeps are the runs whose config.json says
-args.sweep == --vae-sweep (`make vae-betas`) and --gan-sweep (`make gan-sweep`); their comparisons go to
-RUNS_ROOT/compare/<sweep>/, which every reader of run folders skips.
+The runs shown, printed with the reason: the longest finished run of each script not in a sweep, unless --vae-run /
+--gan-run names one (experiments.counted_run). The sweeps are the runs whose config.json says args.sweep ==
+--vae-sweep (`make vae-betas`) or --gan-sweep (`make gan-sweep`); their comparisons go to RUNS_ROOT/compare/<sweep>/.
 
 The report, in the coursework's order: a "before you hand in" box when something is missing (a sweep not run, a
 DCGAN not trained on CIFAR-10, a newer run not chosen); the runs shown and why (Table 1); key numbers; the VAE
@@ -33,16 +31,17 @@ from pathlib import Path
 
 import torch
 
-import common
-from common import experiments
+from common import experiments, figures, testcell
+from common.errors import UserError, run_main
+from common.files import atomic_write_text, fsync_dir
+from common.flags import DEFAULT_RUNS_ROOT, REPO_ROOT, ArgumentParser
 from common.page import Report
-
-DATASET_NAMES = experiments.DATASET_NAMES
+from common.readers import read_metrics_csv
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.ArgumentParser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs-root", default=str(common.DEFAULT_RUNS_ROOT),
+    parser = ArgumentParser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs-root", default=str(DEFAULT_RUNS_ROOT),
                         help="where the runs are (default: runs/ in the repository)")
     parser.add_argument("--vae-run", default=None,
                         help="the VAE run to report (default: the longest finished VAE run not in a sweep)")
@@ -52,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the sweep of the beta section (default: %(default)s, as make vae-betas names it)")
     parser.add_argument("--gan-sweep", default="dcgan-sweep",
                         help="the sweep of the GAN-experiments section (default: %(default)s, as make gan-sweep)")
-    parser.add_argument("--out", default=str(common.REPO_ROOT / "report"),
+    parser.add_argument("--out", default=str(REPO_ROOT / "report"),
                         help="report folder, replaced as a whole (default: report/ in the repository)")
     parser.add_argument("--no-analysis", action="store_true",
                         help="do not run the analysis scripts; use the figures and summary.json they wrote before")
@@ -71,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Finding the runs
+# Finding the runs and analysing them
 
 
 def choose_runs(args, runs_root: Path, log=print) -> dict:
@@ -96,11 +95,9 @@ def choose_runs(args, runs_root: Path, log=print) -> dict:
             "gan_sweep": gan_sweep, "notes": notes}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Running the analysis scripts (in this process: their main() raises UserError with a message, as on the CLI)
-
-
 def analyse(args, chosen: dict, runs_root: Path) -> None:
+    """The analysis scripts on the runs shown and on each sweep, in this process (their main() raises UserError
+    with a message, as on the command line)."""
     import analyze_gan
     import analyze_vae
 
@@ -122,15 +119,12 @@ def analyse(args, chosen: dict, runs_root: Path) -> None:
             main([*(str(member.dir) for member in sweep), *out, *flags])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Numbers
-
-
-def read_summary(run_dir: Path) -> dict:
-    path = run_dir / "figures" / "summary.json"
+def read_summary(folder: Path, run_dir: Path | None = None) -> dict | list:
+    """The summary.json an analysis script wrote into `folder` (a run's figures/ or a sweep's comparison)."""
+    path = folder / "summary.json"
     if not path.exists():
-        raise common.UserError(f"{path} is missing: run the report without --no-analysis (or the analysis script "
-                               f"on {run_dir})")
+        or_else = f" (or the analysis script on {run_dir})" if run_dir else ""
+        raise UserError(f"{path} is missing: run the report without --no-analysis{or_else}")
     return json.loads(path.read_text())
 
 
@@ -146,25 +140,37 @@ def param_counts(run: experiments.RunInfo) -> list[int]:
 
 
 def trained(run: experiments.RunInfo) -> str:
-    """'8 epochs, 479,232 training images, 3 min' (the minutes from metrics.csv's epoch times, when recorded)."""
+    """'8 of 10 epochs, 479,232 training images, 3 min' (the minutes from metrics.csv's epoch times, when recorded)."""
     times = [t for t in (row.get("epoch_time_s", math.nan) for row in run.metrics) if math.isfinite(t)]
     minutes = sum(times) / 60 if times else None
     spent = "" if minutes is None else f", {minutes:.0f} min" if minutes >= 1 else f", {minutes * 60:.0f} s"
     return f"{run.epochs_done} of {run.args['epochs']} epochs, {run.total_images_seen():,.0f} training images{spent}"
 
 
+def dataset_name(dataset: str) -> str:
+    return experiments.DATASET_NAMES.get(dataset, dataset)
+
+
+def vae_about(vae: experiments.RunInfo) -> str:
+    args = vae.settings
+    return f"{args.arch} VAE, latent {args.latent_dim}, beta {args.beta:g}, {args.likelihood} likelihood"
+
+
+def gan_settings(run_args: dict) -> str:
+    return (f"{run_args['image_size']}x{run_args['image_size']}, nz {run_args['nz']}, ngf {run_args['ngf']}, "
+            f"ndf {run_args['ndf']}, {run_args['loss']} loss, D norm {run_args['d_norm']}, batch "
+            f"{run_args['batch_size']}")
+
+
 def sweep_comparison(runs_root: Path, name: str, sweep: list, kind: str) -> tuple[Path, dict | list]:
     """The comparison folder of a sweep and its summary.json, checked to be of exactly these runs (a stale one from
     an older set of runs would mislabel the figures)."""
     folder = experiments.compare_dir(runs_root, name)
-    path = folder / "summary.json"
-    if not path.exists():
-        raise common.UserError(f"{path} is missing: run the report without --no-analysis")
-    data = json.loads(path.read_text())
+    data = read_summary(folder)
     shown = [row["run_dir"] for row in data] if kind == "vae" else data["runs"]
     if sorted(map(str, shown)) != sorted(str(run.dir) for run in sweep):
-        raise common.UserError(f"{folder} compares other runs than sweep {name} has now: run the report without "
-                               f"--no-analysis")
+        raise UserError(f"{folder} compares other runs than sweep {name} has now: run the report without "
+                        f"--no-analysis")
     return folder, data
 
 
@@ -175,6 +181,45 @@ def missing_sweep(sweep: list, name: str, runs_root: Path, make_target: str, wha
     found = f"only `{sweep[0].name}`" if sweep else "no runs"
     return (f"No {what} yet: sweep `{name}` has {found} in `{runs_root}`. Run `make {make_target}`, then `make "
             f"report` again.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The VAE
+
+
+def write_vae_section(report: Report, vae: experiments.RunInfo, sweep: list, sweep_name: str,
+                      runs_root: Path) -> dict:
+    folder, args = vae.dir / "figures", vae.settings
+    summary = read_summary(folder, vae.dir)
+    n_params, = param_counts(vae)
+    report.heading(2, f"VAE on {dataset_name(summary['dataset'])}")
+    report.para(f"The VAE of Table 1 ({vae_about(vae)}), {n_params:,} parameters, at epoch {summary['epoch']} of "
+                f"{args.epochs}: test ELBO **{summary['test_elbo']:.2f}** nats per image (reconstruction "
+                f"{summary['test_recon']:.2f}, KL {summary['test_kl']:.2f}); importance-weighted log-likelihood "
+                f"**{summary['iw_log_likelihood']:.2f}** nats per image (K = {summary['iw_samples']}, "
+                f"{summary['iw_images']:,} test images).")
+    report.heading(3, "Loss curves")
+    report.figure(folder / "loss_curves.png", "vae_loss_curves.png",
+                  f"Train (top: means over each epoch's steps) and test (bottom: at each epoch's end) loss per epoch: "
+                  f"total (recon + beta x KL), reconstruction NLL and KL, nats per image; final test ELBO "
+                  f"{summary['test_elbo']:.2f}.")
+    write_beta_section(report, sweep, sweep_name, runs_root)
+    for heading, figure, caption in (
+            ("Reconstructions", "reconstructions.png",
+             f"Rows of test images, each above the row of their reconstructions (decoder mean at z = mu), epoch "
+             f"{summary['epoch']}; reconstruction NLL {summary['test_recon']:.2f} nats per image."),
+            ("Samples", "samples.png",
+             f"64 images decoded from z ~ N(0, I) ({args.likelihood.capitalize()} means) at epoch "
+             f"{summary['epoch']}: the same 64 z as the grids saved during training (samples/prior_epoch_NNN.png, "
+             f"drawn from the run's seed {args.seed}), so they show how these samples changed."),
+            ("t-SNE of the latent space", "tsne.png",
+             f"t-SNE of the {args.latent_dim}-d latent means of {summary['tsne_points']:,} test images, coloured "
+             f"by class."),
+            ("Interpolation", "interpolation.png",
+             "Decoded points on the straight line between the latent means of two test images (red frames).")):
+        report.heading(3, heading)
+        report.figure(folder / figure, f"vae_{figure}", caption)
+    return {"params": n_params, **summary}
 
 
 def write_beta_section(report: Report, sweep: list, name: str, runs_root: Path) -> None:
@@ -204,96 +249,54 @@ def write_beta_section(report: Report, sweep: list, name: str, runs_root: Path) 
                   "16 samples of each run of the beta sweep, every decoder given the same z ~ N(0, I).")
 
 
-def vae_about(vae: experiments.RunInfo) -> str:
-    args = vae.settings
-    return f"{args.arch} VAE, latent {args.latent_dim}, beta {args.beta:g}, {args.likelihood} likelihood"
-
-
-def write_vae_section(report: Report, vae: experiments.RunInfo, sweep: list, sweep_name: str,
-                      runs_root: Path) -> dict:
-    summary, figures, args = read_summary(vae.dir), vae.dir / "figures", vae.settings
-    n_params, = param_counts(vae)
-    report.heading(2, f"VAE on {DATASET_NAMES.get(summary['dataset'], summary['dataset'])}")
-    report.para(f"The VAE of Table 1 ({vae_about(vae)}), {n_params:,} parameters, at epoch {summary['epoch']} of "
-                f"{args.epochs}: test ELBO **{summary['test_elbo']:.2f}** nats per image (reconstruction "
-                f"{summary['test_recon']:.2f}, KL {summary['test_kl']:.2f}); importance-weighted log-likelihood "
-                f"**{summary['iw_log_likelihood']:.2f}** nats per image (K = {summary['iw_samples']}, "
-                f"{summary['iw_images']:,} test images).")
-    report.heading(3, "Loss curves")
-    report.figure(figures / "loss_curves.png", "vae_loss_curves.png",
-                  f"Train (top: means over each epoch's steps) and test (bottom: at each epoch's end) loss per epoch: "
-                  f"total (recon + beta x KL), reconstruction NLL and KL, nats per image; final test ELBO "
-                  f"{summary['test_elbo']:.2f}.")
-    write_beta_section(report, sweep, sweep_name, runs_root)
-    report.heading(3, "Reconstructions")
-    report.figure(figures / "reconstructions.png", "vae_reconstructions.png",
-                  f"Rows of test images, each above the row of their reconstructions (decoder mean at z = mu), epoch "
-                  f"{summary['epoch']}; reconstruction NLL {summary['test_recon']:.2f} nats per image.")
-    report.heading(3, "Samples")
-    report.figure(figures / "samples.png", "vae_samples.png",
-                  f"64 images decoded from z ~ N(0, I) ({args.likelihood.capitalize()} means) at epoch "
-                  f"{summary['epoch']}: the same 64 z as the grids saved during training (samples/prior_epoch_NNN.png, "
-                  f"drawn from the run's seed {args.seed}), so they show how these samples changed.")
-    report.heading(3, "t-SNE of the latent space")
-    report.figure(figures / "tsne.png", "vae_tsne.png",
-                  f"t-SNE of the {args.latent_dim}-d latent means of {summary['tsne_points']:,} test images, coloured "
-                  f"by class.")
-    report.heading(3, "Interpolation")
-    report.figure(figures / "interpolation.png", "vae_interpolation.png",
-                  "Decoded points on the straight line between the latent means of two test images (red frames).")
-    return {"params": n_params, **summary}
-
-
-def gan_settings(run_args: dict) -> str:
-    return (f"{run_args['image_size']}x{run_args['image_size']}, nz {run_args['nz']}, ngf {run_args['ngf']}, "
-            f"ndf {run_args['ndf']}, {run_args['loss']} loss, D norm {run_args['d_norm']}, batch "
-            f"{run_args['batch_size']}")
+# ----------------------------------------------------------------------------------------------------------------
+# The DCGAN
 
 
 def write_gan_section(report: Report, gan: experiments.RunInfo, todo: list[str]) -> dict:
-    run_args, summary = gan.args, read_summary(gan.dir)
+    run_args, folder = gan.args, gan.dir / "figures"
+    summary = read_summary(folder, gan.dir)
     n_g, n_d = param_counts(gan)
-    figures = gan.dir / "figures"
-    last, best_fid = summary.get("last_epoch", {}), summary.get("best_fid")
+    last, best_fid, milestones = summary.get("last_epoch", {}), summary.get("best_fid"), summary.get("milestones") or {}
     fid_text = (f"best FID **{best_fid['fid']:.2f}** (epoch {best_fid['epoch']}, {gan.settings.fid_samples:,} "
                 f"samples)" if best_fid else "FID not measured during training (no Inception weights)")
-    report.heading(2, f"DCGAN on {DATASET_NAMES.get(run_args['dataset'], run_args['dataset'])}")
+    report.heading(2, f"DCGAN on {dataset_name(run_args['dataset'])}")
     report.para(f"The DCGAN of Table 1 ({gan_settings(run_args)}): G {n_g:,} + D {n_d:,} = **{n_g + n_d:,}** "
                 f"parameters (limit 25,000,000); {summary['epochs_done']} of {summary['epochs_planned']} epochs; "
                 f"{fid_text}.")
-    if experiments.not_cifar10(run_args):
-        report.para(f"**This DCGAN was {experiments.not_cifar10(run_args)}.**")
-        todo.append(f"The DCGAN was {experiments.not_cifar10(run_args)}. Train one on CIFAR-10 (`make dcgan`), "
-                    f"then `make report` again.")
+    not_cifar10 = experiments.not_cifar10(run_args)
+    if not_cifar10:
+        report.para(f"**This DCGAN was {not_cifar10}.**")
+        todo.append(f"The DCGAN was {not_cifar10}. Train one on CIFAR-10 (`make dcgan`), then `make report` again.")
     if last:  # D gives a logit (the appendix says so); D(x) and D(G(z)) are its sigmoid, from D's and G's steps
         report.para(f"Last epoch (means over its steps): loss_d {last.get('loss_d', math.nan):.3f}, loss_g "
                     f"{last.get('loss_g', math.nan):.3f}, D(x) {last.get('d_real', math.nan):.3f} on real images in "
                     f"D's steps, D(G(z)) {last.get('d_fake', math.nan):.3f} on generated images in G's steps.")
-    curves, every = step_curves(gan, summary)
-    report.heading(3, "Samples")
-    report.figure(figures / "final_samples.png", "gan_samples.png",
-                  f"100 samples from the {'EMA ' if run_args.get('ema', 0) > 0 else ''}generator at epoch "
-                  f"{summary.get('checkpoint', {}).get('epoch', '?')}"
-                  f"{'; ' + fid_text.replace('**', '') if best_fid else ''}.")
-    report.heading(3, "Discriminator and generator losses")
-    report.figure(figures / "losses.png", "gan_losses.png", losses_caption(curves, every))
-    report.heading(3, "Fixed-noise progression")
+    curves = step_curves(gan, summary)
     epochs = summary.get("progression_epochs") or []
     at = (f"epochs {', '.join(map(str, epochs[:-1]))} and {epochs[-1]} (rows)" if len(epochs) > 1 else
           f"epoch {epochs[0]}, the only epoch with a grid (one row)" if epochs else "evenly spaced epochs (rows)")
-    report.figure(figures / "fixed_noise_progression.png", "gan_fixed_noise_progression.png",
-                  f"The same 8 noise vectors (columns) decoded at {at}.")
-    milestones = write_gan_diagnostics(report, gan, summary, fid_text, todo)
-    return {"dataset": run_args["dataset"], "params_g": n_g, "params_d": n_d, "best_fid": best_fid,
-            "fid_samples": gan.settings.fid_samples, "milestones": milestones, "last": last}
+    for heading, figure, name, caption in (
+            ("Samples", "final_samples.png", "gan_samples.png",
+             f"100 samples from the {'EMA ' if run_args.get('ema', 0) > 0 else ''}generator at epoch "
+             f"{summary.get('checkpoint', {}).get('epoch', '?')}"
+             f"{'; ' + fid_text.replace('**', '') if best_fid else ''}."),
+            ("Discriminator and generator losses", "losses.png", "gan_losses.png", losses_caption(*curves)),
+            ("Fixed-noise progression", "fixed_noise_progression.png", "gan_fixed_noise_progression.png",
+             f"The same 8 noise vectors (columns) decoded at {at}.")):
+        report.heading(3, heading)
+        report.figure(folder / figure, name, caption)
+    write_gan_diagnostics(report, gan, summary, curves, fid_text, milestone_caption(gan, milestones, todo))
+    return {"params_g": n_g, "params_d": n_d, "best_fid": best_fid, "fid_samples": gan.settings.fid_samples,
+            "milestones": milestones, "last": last}
 
 
 def step_curves(gan: experiments.RunInfo, summary: dict) -> tuple[str, int]:
     """(what losses.png and d_outputs.png draw of steps.csv beside the epoch means: figures.step_curves, the rule the
     plots follow; --log-every), from the analysis (or the CSVs, for an analysis made before it recorded it)."""
     losses = summary.get("losses") or {}
-    n_rows = losses.get("step_rows", len(common.read_metrics_csv(gan.dir / "steps.csv")))
-    curves = losses.get("curves") or common.figures.step_curves(n_rows, summary["epochs_done"])
+    n_rows = losses.get("step_rows", len(read_metrics_csv(gan.dir / "steps.csv")))
+    curves = losses.get("curves") or figures.step_curves(n_rows, summary["epochs_done"])
     return curves, losses.get("log_every", gan.args["log_every"])
 
 
@@ -319,27 +322,24 @@ def per_row(every: int) -> str:
     return "each step's value" if every == 1 else f"the mean of every {every} steps"
 
 
-def write_gan_diagnostics(report: Report, gan: experiments.RunInfo, summary: dict, fid_text: str,
-                          todo: list[str]) -> dict:
+def write_gan_diagnostics(report: Report, gan: experiments.RunInfo, summary: dict, curves: tuple[str, int],
+                          fid_text: str, milestones_caption: str) -> None:
     """The DCGAN's extra figures that its analysis made (D's outputs, FID, diversity, nearest neighbours,
-    milestones), each with its caption; returns the milestone summary."""
-    milestones = summary.get("milestones") or {}
+    milestones), each with its caption."""
     reference = (summary.get("diversity") or {}).get("training_images") is not None
-    extras = [("d_outputs.png", "gan_d_outputs.png", d_outputs_caption(gan.args["loss"], *step_curves(gan, summary))),
-              ("fid.png", "gan_fid.png", f"FID against the training set per evaluation; {fid_text.replace('**', '')}."),
-              ("diversity.png", "gan_diversity.png", f"Diversity of the 64 fixed-noise samples per epoch (their mean "
-                                                     f"pairwise RMS distance; a drop means mode collapse)"
-                                                     f"{'; dashed: 64 training images' * reference}."),
-              ("nearest_neighbours.png", "gan_nearest_neighbours.png", "Samples (left of the red line) beside their "
-                                                                       "nearest training images in pixel space: "
-                                                                       "copies would mean memorisation."),
-              ("milestones.png", "gan_milestones.png", milestone_caption(gan, milestones, todo))]
-    extras = [extra for extra in extras if extra[0] in summary.get("figures", [])]
-    if extras:
+    captions = {
+        "d_outputs.png": d_outputs_caption(gan.args["loss"], *curves),
+        "fid.png": f"FID against the training set per evaluation; {fid_text.replace('**', '')}.",
+        "diversity.png": (f"Diversity of the 64 fixed-noise samples per epoch (their mean pairwise RMS distance; a "
+                          f"drop means mode collapse){'; dashed: 64 training images' * reference}."),
+        "nearest_neighbours.png": ("Samples (left of the red line) beside their nearest training images in pixel "
+                                   "space: copies would mean memorisation."),
+        "milestones.png": milestones_caption}
+    made = [figure for figure in captions if figure in summary.get("figures", [])]
+    if made:
         report.heading(3, "More GAN diagnostics")
-        for source, name, caption in extras:
-            report.figure(gan.dir / "figures" / source, name, caption)
-    return milestones
+    for figure in made:
+        report.figure(gan.dir / "figures" / figure, f"gan_{figure}", captions[figure])
 
 
 def milestone_caption(gan: experiments.RunInfo, milestones: dict, todo: list[str]) -> str:
@@ -368,22 +368,22 @@ def write_gan_sweep_section(report: Report, sweep: list, name: str, runs_root: P
         return
     report.heading(2, f"GAN experiments (sweep `{name}`)")
     folder, data = sweep_comparison(runs_root, name, sweep, "dcgan")
-    made, shared = data["figures"], sweep[0].args
+    shared = sweep[0].args
     x_text = ("The x axes count epochs: every variant trains on the same images per epoch"
               if data.get("x_axis") == "epoch" else
               "The x axes count training images seen, so runs on different amounts of data compare fairly")
     report.para(f"{len(sweep)} variants (Table 1), each labelled by the settings that differ between them: "
-                f"{', '.join(data['labels'])}. Shared: {DATASET_NAMES.get(shared['dataset'], shared['dataset'])}, "
+                f"{', '.join(data['labels'])}. Shared: {dataset_name(shared['dataset'])}, "
                 f"batch {shared['batch_size']}, {shared['epochs']} epochs planned. {x_text}.")
     for source, target, caption in sweep_figure_captions(data):
-        if source in made:
+        if source in data["figures"]:
             report.figure(folder / source, target, f"{caption}.")
     measure = next((row["best_milestone_measure"] for row in data["table"] if row["best_milestone_measure"]), "")
     with_fid = any(math.isfinite(row["best_fid"]) for row in data["table"])
     columns = (["run", "loss", "epochs", "images seen", "loss_d", "loss_g", "D(x)", "D(G(z))", "diversity (last "
                 "epoch)"] + ([f"best milestone by {measure}"] if measure else []) + (["best FID"] if with_fid else []))
-    rows = [[row["label"], row["loss"], f"{row['epochs']}", f"{row['images_seen']:,}", f"{row['loss_d']:.3f}",
-             f"{row['loss_g']:.3f}", f"{row['d_real']:.3f}", f"{row['d_fake']:.3f}",
+    rows = [[row["label"], row["loss"], f"{row['epochs']}", f"{row['images_seen']:,}",
+             *(f"{row[key]:.3f}" for key in ("loss_d", "loss_g", "d_real", "d_fake")),
              f"{row['diversity_last_epoch']:.4f}"]
             + ([f"epoch {row['best_milestone_epoch']} ({row['best_milestone_value']:.4g})"
                 if row["best_milestone_epoch"] != "" else ""] if measure else [])
@@ -448,31 +448,26 @@ def build(args, build_dir: Path, chosen: dict, runs_root: Path) -> None:
                                   "lower FID is better."))
     if todo or chosen["notes"]:  # a framed list (page.py's "box" block)
         report.blocks.insert(box_at, ("box", "Before you hand in", todo + chosen["notes"]))
-    common.atomic_write_text(build_dir / "REPORT.md", report.markdown())
-    common.atomic_write_text(build_dir / "REPORT.html", report.html("Coursework report: VAE and DCGAN"))
+    atomic_write_text(build_dir / "REPORT.md", report.markdown())
+    atomic_write_text(build_dir / "REPORT.html", report.html("Coursework report: VAE and DCGAN"))
     # For check_submission.py: the runs shown, and the step their model files were at (a run trained on since
     # exports other files, which this report does not show).
-    exported = {key: (chosen[run].export or {}).get("global_step") for key, run in (("vae_run", "vae"),
-                                                                                   ("gan_run", "gan"))}
     shown = {"made": datetime.datetime.now().isoformat(timespec="seconds"), "runs_root": str(runs_root),
-             "vae_run": str(chosen["vae"].dir), "gan_run": str(chosen["gan"].dir), "exported_steps": exported,
+             "vae_run": str(chosen["vae"].dir), "gan_run": str(chosen["gan"].dir),
+             "exported_steps": {f"{key}_run": (chosen[key].export or {}).get("global_step") for key in ("vae", "gan")},
              "vae_sweep": {"name": args.vae_sweep, "runs": [str(run.dir) for run in chosen["vae_sweep"]]},
              "gan_sweep": {"name": args.gan_sweep, "runs": [str(run.dir) for run in chosen["gan_sweep"]]}}
-    common.atomic_write_text(build_dir / "report.json", json.dumps(shown, indent=2) + "\n")
+    atomic_write_text(build_dir / "report.json", json.dumps(shown, indent=2) + "\n")
 
 
 def shown_folders(args, chosen: dict, runs_root: Path) -> dict[str, str]:
     """Absolute folders of this machine -> how the report shows them: relative to the repository (where the
     commands in the report run), else to the runs root's parent, else by name."""
     def shown(path: Path) -> str:
-        for base in (common.REPO_ROOT, runs_root.parent):
-            try:
-                return str(path.relative_to(base))
-            except ValueError:
-                continue
-        return path.name
+        base = next((base for base in (REPO_ROOT, runs_root.parent) if path.is_relative_to(base)), None)
+        return path.name if base is None else str(path.relative_to(base))
 
-    folders = {str(common.REPO_ROOT) + os.sep: "", str(runs_root): shown(runs_root)}
+    folders = {str(REPO_ROOT) + os.sep: "", str(runs_root): shown(runs_root)}
     runs = [chosen["vae"], chosen["gan"], *chosen["vae_sweep"], *chosen["gan_sweep"]]
     folders.update({str(run.dir.parent): shown(run.dir.parent) for run in runs})
     for named in (args.vae_run, args.gan_run):  # as typed: the reason a run was chosen repeats it
@@ -516,7 +511,6 @@ def key_numbers(vae: dict, gan: dict) -> list[list[str]]:
 def write_test_cell_section(report: Report, gan_args: dict) -> None:
     """The code for the coursework notebook's test cells: each model's transform and denorm, as the training
     scripts define them (common/testcell.py takes them from their source; check_submission.py runs them)."""
-    from common import testcell
     report.heading(2, "Appendix: code for the notebook's test cells")
     report.para("The data transform and the denorm function of the models handed in, as the training scripts define "
                 "them, with the imports they need: the first block for the VAE's test cell, the second for the "
@@ -538,7 +532,7 @@ def replace_folder(build_dir: Path, out: Path) -> None:
     if out.exists():
         os.replace(out, old)
     os.replace(build_dir, out)
-    common.fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old.exists():
         shutil.rmtree(old)
 
@@ -548,10 +542,10 @@ def main(argv=None) -> int:
     runs_root = Path(args.runs_root).resolve()
     out = Path(args.out).resolve()
     if not runs_root.is_dir():
-        raise common.UserError(f"--runs-root {runs_root}: no such folder")
+        raise UserError(f"--runs-root {runs_root}: no such folder")
     if out.exists() and any(out.iterdir()) and not (out / "REPORT.md").exists():
-        raise common.UserError(f"--out {out} holds files but no REPORT.md; it would be replaced as a whole, so "
-                               f"give an empty or new folder")
+        raise UserError(f"--out {out} holds files but no REPORT.md; it would be replaced as a whole, so "
+                        f"give an empty or new folder")
     chosen = choose_runs(args, runs_root, log=lambda msg: print(msg, flush=True))  # before any slow analysis
     if not args.no_analysis:
         analyse(args, chosen, runs_root)
@@ -570,4 +564,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    run_main(main)

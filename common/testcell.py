@@ -33,13 +33,11 @@ def cell_code(script: Path) -> str:
         raise ValueError(f"{script} defines {sorted(found)}, not both of {CELL_NAMES} at its top level")
     used = {node.id for piece in pieces for node in ast.walk(piece) if isinstance(node, ast.Name)}
     imports = []
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            imports += [f"import {a.name}" + (f" as {a.asname}" if a.asname else "") for a in node.names
-                        if (a.asname or a.name.split(".")[0]) in used]
-        elif isinstance(node, ast.ImportFrom) and node.module != "__future__" and not node.level:
-            imports += [f"from {node.module} import {a.name}" + (f" as {a.asname}" if a.asname else "")
-                        for a in node.names if (a.asname or a.name) in used]
+    for node in tree.body:  # the script's import lines of the names used, one line a name
+        if isinstance(node, ast.Import) or isinstance(node, ast.ImportFrom) and node.module != "__future__" \
+                and not node.level:
+            imports += [ast.unparse(type(node)(**{**vars(node), "names": [alias]})) for alias in node.names
+                        if (alias.asname or alias.name.split(".")[0]) in used]
     return "\n".join(imports) + "\n\n" + "\n\n\n".join(ast.get_source_segment(source, p) for p in pieces) + "\n"
 
 
