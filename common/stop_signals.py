@@ -3,7 +3,7 @@
 A training script calls install() before it imports torch: importing torch and loading the data take seconds (tens
 of seconds on a cluster's network file system), and SLURM's warning signal or a pre-emption's SIGTERM may arrive in
 that window. Without a handler the default action kills the process (exit 138 or 143); with it the request is noted
-here, and common.Run acts on it at its first chance: a checkpoint and exit 75 once training has started, or exit 76
+here, and run.Run acts on it at its first chance: a checkpoint and exit 75 once training has started, or exit 76
 before the first step ("stopped during start-up, nothing new to save").
 
 SIGHUP is what a dropped SSH session (no tmux, no nohup) sends: the run checkpoints and exits 75 like for SIGTERM. A

@@ -15,8 +15,8 @@
 # Python runs in the background with `wait`, because bash defers traps while a foreground child runs.
 # shellcheck shell=bash
 
-EXIT_PREEMPTED=75            # common.EXIT_PREEMPTED: stopped by a signal after writing a checkpoint
-EXIT_STOPPED_AT_STARTUP=76   # common.EXIT_STOPPED_AT_STARTUP: stopped by a signal before its first training step
+EXIT_PREEMPTED=75            # common.errors.EXIT_PREEMPTED: stopped by a signal after writing a checkpoint
+EXIT_STOPPED_AT_STARTUP=76   # common.errors.EXIT_STOPPED_AT_STARTUP: stopped by a signal before its first training step
 
 newest_checkpoint() {  # name of the newest checkpoint in run folder $1, or nothing (names sort by step)
   local newest="" path
