@@ -154,11 +154,9 @@ def _missing_data_message(dataset: str, data_dir: Path, train: bool, err: Except
 
 
 def load_images(dataset: str, data_dir, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole data set as (images uint8 [N, C, H, W], labels int64 [N]), read once by torchvision's own classes.
-
-    torchvision downloads missing files (download=True) on machines with internet. Holding the set as one uint8
-    tensor (47 MB for MNIST, 150 MB for CIFAR-10) lets batches be sliced by index with no per-item PIL work.
-    """
+    """A whole data set as (images uint8 [N, C, H, W], labels int64 [N]), downloaded if missing and the machine is
+    online. One uint8 tensor (47 MB for MNIST, 150 MB for CIFAR-10) lets batches be sliced by index with no per-item
+    PIL work."""
     from torchvision import datasets
 
     classes = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}

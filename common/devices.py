@@ -1,6 +1,5 @@
-"""Devices, precision and more than one process: which device a run uses (and why not a GPU that was meant),
-mixed precision, deterministic algorithms, fused Adam, and data parallel under torchrun (gradients averaged across
-ranks after each backward). Off, none of the speed options changes a single number on CPU.
+"""Which device a run uses (and why not a GPU that was meant), mixed precision, deterministic algorithms, fused
+Adam, and data parallel under torchrun. Off, none of the speed options changes a single number on CPU.
 """
 from __future__ import annotations
 
@@ -63,15 +62,13 @@ def unusable_gpu() -> str | None:
 def nvidia_gpu() -> str | None:
     """'NAME, driver VERSION' of this machine's NVIDIA GPU(s), whether or not PyTorch can use them, from nvidia-smi,
     else from the kernel driver's NVIDIA_PROC folder; None when neither shows one."""
-    try:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):  # no nvidia-smi, or it hangs: ask the driver
         proc = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                               capture_output=True, text=True, timeout=60)
         rows = [line.rsplit(",", 1) for line in proc.stdout.splitlines() if "," in line]
         if proc.returncode == 0 and rows:
             names = sorted({name.strip() for name, _ in rows})
             return f"{len(rows)} x {' + '.join(names)}, driver {rows[0][1].strip()}"
-    except (OSError, subprocess.SubprocessError):  # no nvidia-smi, or it hangs: ask the kernel driver
-        pass
     if not NVIDIA_PROC.is_dir():
         return None
     models = [line.split(":", 1)[1].strip() for info in sorted(NVIDIA_PROC.glob("gpus/*/information"))
@@ -169,10 +166,9 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
 
 def broadcast_object(obj):
     """Rank 0's `obj` on every rank (unchanged with one process)."""
-    if not dist.is_initialized():
-        return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 

@@ -25,8 +25,7 @@ from .fid import (FID_BATCH, extract_features, feature_statistics, fid_from_feat
 from .files import atomic_path
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Samples of a generator
+# ---- Samples of a generator ----------------------------------------------------------------------------------------
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -51,8 +50,7 @@ def sample(generator: nn.Module, nz: int, n: int, seed: int, batch_size: int = 5
     return torch.cat(images)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Diversity and memorisation: numbers that need no feature extractor
+# ---- Diversity and memorisation: numbers that need no feature extractor --------------------------------------------
 
 
 def diversity(images: np.ndarray) -> float:
@@ -79,8 +77,7 @@ def nearest_neighbours(samples: torch.Tensor, train: torch.Tensor, k: int = 5) -
     return index, nearest / math.sqrt(flat.shape[1])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# FID (fid.py) and Inception Score (Salimans et al., 2016, through torchmetrics)
+# ---- FID (fid.py) and Inception Score (Salimans et al., 2016, through torchmetrics) --------------------------------
 
 
 # torch-fidelity's FID Inception weights (its URL_INCEPTION_V3, spelled out so that importing this module does not
@@ -206,8 +203,7 @@ class FIDEvaluator:
         return fid, inception_score_from_logits(fake_logits)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Classifier FID (MNIST, Fashion-MNIST)
+# ---- Classifier FID (MNIST, Fashion-MNIST) -------------------------------------------------------------------------
 
 
 SUPPORTED = ("mnist", "fashion-mnist")

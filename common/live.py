@@ -5,6 +5,7 @@ chart mixes the two models, whose steps and losses are on different scales. The 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -29,15 +30,14 @@ class LiveView:
         `metrics` (metrics.csv's) and RUN_DIR/steps.csv's."""
         try:
             from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard.summary import hparams
         except ImportError:  # torch's module needs the tensorboard package, which is optional
             log("no live view: the tensorboard package is not installed (pip install tensorboard); the CSVs are "
                 "written as always")
             return
         folder, self.log = Path(run_dir) / TB_FOLDER, log
-        try:
+        with contextlib.suppress(UserError):  # no config.json (a test's bare folder): one group all the same
             self.group = read_run_config(run_dir, None)["script"]
-        except UserError:  # no config.json (a test's bare folder): one group all the same
-            pass
         backfill = not list(folder.glob("events.out.tfevents.*"))
         try:
             # purge_step: events at or after it, from an earlier process, are dropped by TensorBoard's reader. The
@@ -45,7 +45,11 @@ class LiveView:
             # (a new run, a crash before the first checkpoint, --restart) drops them all.
             self.writer = SummaryWriter(str(folder), purge_step=global_step + 1 if global_step else 0,
                                         flush_secs=FLUSH_SECONDS)
-            self._hparams(settings, [f"{self.group}/epoch/{c}" for c in metric_columns if c not in NOT_SCALARS])
+            # the settings beside the epoch metrics, in this run's own file (SummaryWriter.add_hparams makes a sub-run)
+            plain = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in sorted(settings.items())}
+            epoch_tags = [f"{self.group}/epoch/{c}" for c in metric_columns if c not in NOT_SCALARS]
+            for summary in hparams(plain, dict.fromkeys(epoch_tags)):
+                self.writer.file_writer.add_summary(summary)
         except Exception as err:  # noqa: BLE001  (a folder it cannot write: the run goes on without the view)
             self._give_up(err)
             return
@@ -55,14 +59,6 @@ class LiveView:
             for row in read_metrics_csv(Path(run_dir) / "steps.csv"):
                 self.row("steps", row, row.get("global_step"))
         log(f"live view: TensorBoard events in {folder} (make tensorboard, or tensorboard --logdir {folder})")
-
-    def _hparams(self, settings: dict, metrics: list[str]) -> None:
-        """The settings as TensorBoard hparams, in this run's own event file (SummaryWriter.add_hparams would make
-        a sub-run), with the epoch metrics it lists beside them."""
-        from torch.utils.tensorboard.summary import hparams
-        plain = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in sorted(settings.items())}
-        for summary in hparams(plain, dict.fromkeys(metrics)):
-            self.writer.file_writer.add_summary(summary)
 
     def row(self, kind: str, row: dict, step) -> None:
         """One CSV row as scalars `SCRIPT/kind/<column>` at `step`; blank or non-numeric cells are left out."""
