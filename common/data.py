@@ -1,8 +1,10 @@
 """Data: whole data sets as uint8 tensors in memory, read by torchvision's own classes; batches by index."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import itertools
 import math
 import shutil
 import struct
@@ -67,7 +69,9 @@ def check_same_data(saved: dict | None, current: dict, run_dir) -> None:
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 _MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                 "t10k-labels-idx1-ubyte"]
-_RAW_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+_IDX_SETS = ("mnist", "fashion-mnist")
+# Where torchvision keeps each data set's files under --data-dir (torchvision's MNIST.raw_folder, CIFAR10.base_folder)
+_FILES_DIR = {"mnist": "MNIST/raw", "fashion-mnist": "FashionMNIST/raw", "cifar10": "cifar-10-batches-py"}
 
 
 def data_root(dataset: str, data_dir) -> Path:
@@ -75,19 +79,19 @@ def data_root(dataset: str, data_dir) -> Path:
     (the MNIST/raw folder was given) is read from its grandparent; files in some other folder are refused with
     where they must go (torchvision would ask for DATA_DIR/MNIST/raw and try to download into it)."""
     data_dir = Path(data_dir)
-    if dataset not in _RAW_FOLDER or (data_dir / _RAW_FOLDER[dataset] / "raw").is_dir() or not any(
+    if dataset not in _IDX_SETS or (data_dir / _FILES_DIR[dataset]).is_dir() or not any(
             (data_dir / name).exists() or (data_dir / f"{name}.gz").exists() for name in _MNIST_FILES):
         return data_dir
-    if data_dir.name == "raw" and data_dir.parent.name == _RAW_FOLDER[dataset]:
+    if data_dir.match(_FILES_DIR[dataset]):
         return data_dir.parent.parent
     raise UserError(f"the {dataset} files are in {data_dir} itself, but --data-dir names the folder above "
-                    f"{_RAW_FOLDER[dataset]}/raw: move them into {data_dir / _RAW_FOLDER[dataset] / 'raw'} and "
+                    f"{_FILES_DIR[dataset]}: move them into {data_dir / _FILES_DIR[dataset]} and "
                     f"keep --data-dir {data_dir}")
 
 
 def _copy_system_fashion_mnist(data_dir: Path) -> None:
     """Unpack Debian's Fashion-MNIST .gz files into torchvision's layout, once, so FashionMNIST reads them."""
-    raw = data_dir / "FashionMNIST" / "raw"
+    raw = data_dir / _FILES_DIR["fashion-mnist"]
     if all((raw / name).exists() for name in _MNIST_FILES) or not FASHION_MNIST_SYSTEM_DIR.is_dir():
         return
     raw.mkdir(parents=True, exist_ok=True)
@@ -115,16 +119,14 @@ def _idx_problem(path: Path) -> str | None:
 def _raise_if_damaged(dataset: str, data_dir: Path, train: bool, cifar_checksums: bool = False) -> None:
     """One line naming each data file that is present but damaged (a download would not replace it). The IDX
     headers are checked before loading; CIFAR-10's MD5 sums (torchvision checks them) only after a failed load."""
-    damaged = []
-    if dataset in _RAW_FOLDER:
-        raw = data_dir / _RAW_FOLDER[dataset] / "raw"
+    damaged, folder = [], data_dir / _FILES_DIR[dataset]
+    if dataset in _IDX_SETS:
         for name in _MNIST_FILES[:2] if train else _MNIST_FILES[2:]:
-            if (raw / name).is_file() and (problem := _idx_problem(raw / name)):
-                damaged.append(f"{raw / name} ({problem})")
-    elif dataset == "cifar10" and cifar_checksums:
+            if (folder / name).is_file() and (problem := _idx_problem(folder / name)):
+                damaged.append(f"{folder / name} ({problem})")
+    elif cifar_checksums:
         from torchvision.datasets import CIFAR10
         from torchvision.datasets.utils import check_integrity
-        folder = data_dir / CIFAR10.base_folder
         for name, md5 in CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]:
             if (folder / name).is_file() and not check_integrity(str(folder / name), md5):
                 damaged.append(f"{folder / name} (MD5 differs from the published file)")
@@ -134,78 +136,50 @@ def _raise_if_damaged(dataset: str, data_dir: Path, train: bool, cifar_checksums
 
 
 def _missing_data_message(dataset: str, data_dir: Path, train: bool, err: Exception) -> str:
-    if dataset in _RAW_FOLDER:
-        raw = data_dir / _RAW_FOLDER[dataset] / "raw"
+    where = data_dir / _FILES_DIR[dataset]
+    if dataset in _IDX_SETS:
         needed = _MNIST_FILES[:2] if train else _MNIST_FILES[2:]
-        missing = [name for name in needed if not (raw / name).exists() and not (raw / f"{name}.gz").exists()]
+        missing = [name for name in needed if not (where / name).exists() and not (where / f"{name}.gz").exists()]
         hint = " (or: apt-get install dataset-fashion-mnist)" if dataset == "fashion-mnist" else ""
-        what, where = ", ".join(missing or needed) + f" (or the same names with .gz){hint}", raw
+        what = ", ".join(missing or needed) + f" (or the same names with .gz){hint}"
     else:
         what = ("data_batch_1 .. data_batch_5, test_batch, batches.meta (unpack cifar-10-python.tar.gz from "
                 "https://www.cs.toronto.edu/~kriz/cifar.html)")
-        where = data_dir / "cifar-10-batches-py"
     # torchvision's download error is "Error downloading NAME:" then the mirrors tried, each with its reason: the
     # first line alone gave no reason; the last one says why (no network, a 404).
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    first_line = (" ".join(lines[:1] + lines[-1:]) if lines[0].endswith(":") else lines[0]) if lines else \
-        type(err).__name__
-    return (f"{dataset} is not in {data_dir} and could not be downloaded ({first_line}). "
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    reason = " ".join(lines[:1] + lines[-1:]) if lines[0].endswith(":") else lines[0]
+    return (f"{dataset} is not in {data_dir} and could not be downloaded ({reason}). "
             f"Put {what} into {where}, or pass --data-dir pointing at a folder that has them.")
 
 
-_FOLDERS = {"mnist": "MNIST/raw", "fashion-mnist": "FashionMNIST/raw", "cifar10": "cifar-10-batches-py"}
-
-
-def _missing_folders(dataset: str, data_dir: Path) -> list[Path]:
-    """The folders torchvision would make for `dataset` (data_dir and its parents too) that do not exist yet,
-    innermost first."""
-    path, missing = data_dir / _FOLDERS.get(dataset, ""), []
-    while not path.exists() and path != path.parent:  # up to the first folder that exists (torchvision's makedirs)
-        missing.append(path)
-        path = path.parent
-    return missing
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """After a failed load: the folders it made and left empty (a wrong --data-dir leaves nothing behind)."""
-    for folder in folders:
-        try:
-            folder.rmdir()  # only when empty: a partial download stays where the next attempt resumes it
-        except OSError:
-            pass
-
-
 def load_images(dataset: str, data_dir, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole data set as (images uint8 [N, C, H, W], labels int64 [N]), read once by torchvision's own classes.
-
-    torchvision downloads missing files (download=True) on machines with internet. Holding the set as one uint8
-    tensor (47 MB for MNIST, 150 MB for CIFAR-10) lets batches be sliced by index with no per-item PIL work.
-    A file that is present but damaged is named as damaged (a download would not fix it). When loading fails, the
-    empty folders torchvision made for it are removed again.
-    """
-    from contextlib import redirect_stdout
+    """A whole data set as (images uint8 [N, C, H, W], labels int64 [N]), downloaded if missing and the machine is
+    online. One uint8 tensor (47 MB for MNIST, 150 MB for CIFAR-10) lets batches be sliced by index with no per-item
+    PIL work."""
     from torchvision import datasets
 
+    classes = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
+    if dataset not in classes:
+        raise UserError(f"unknown dataset {dataset!r}")
     data_dir = data_root(dataset, data_dir)
     if dataset == "fashion-mnist":
         _copy_system_fashion_mnist(data_dir)
     _raise_if_damaged(dataset, data_dir, train)
-    missing = _missing_folders(dataset, data_dir)
+    # the folders torchvision's makedirs would make (DATA_DIR and its parents too), innermost first
+    files_dir = data_dir / _FILES_DIR[dataset]
+    missing = list(itertools.takewhile(lambda folder: not folder.exists(), [files_dir, *files_dir.parents]))
     try:
-        with redirect_stdout(sys.stderr):  # torchvision prints download progress; keep stdout for our log
-            classes = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
-            if dataset not in classes:
-                raise UserError(f"unknown dataset {dataset!r}")
+        with contextlib.redirect_stdout(sys.stderr):  # torchvision prints download progress; keep stdout for our log
             ds = classes[dataset](data_dir, train=train, download=True)
             # MNIST's data: a uint8 tensor [N, 28, 28]; CIFAR-10's: a numpy array [N, 32, 32, 3] (HWC -> CHW)
             images = ds.data.unsqueeze(1) if dataset != "cifar10" else torch.from_numpy(ds.data).permute(0, 3, 1, 2)
-    except UserError:
-        _remove_empty(missing)
-        raise
     except Exception as err:  # URLError, RuntimeError("not found"), a bad MD5 ...: no usable files
         _raise_if_damaged(dataset, data_dir, train, cifar_checksums=True)
         message = _missing_data_message(dataset, data_dir, train, err)
-        _remove_empty(missing)
+        for folder in missing:  # the folders it made and left empty: a wrong --data-dir leaves nothing behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty: a partial download stays where the next attempt resumes it
         raise UserError(message) from None
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
     return images.contiguous().to(torch.uint8), labels

@@ -1,6 +1,5 @@
-"""Devices, precision and more than one process: which device a run uses (and why not a GPU that was meant),
-mixed precision, deterministic algorithms, fused Adam, and data parallel under torchrun (gradients averaged across
-ranks after each backward). Off, none of the speed options changes a single number on CPU.
+"""Which device a run uses (and why not a GPU that was meant), mixed precision, deterministic algorithms, fused
+Adam, and data parallel under torchrun. Off, none of the speed options changes a single number on CPU.
 """
 from __future__ import annotations
 
@@ -15,23 +14,20 @@ import torch.distributed as dist
 
 from .errors import EXIT_USER_ERROR, UserError
 
-# The fixes for a GPU that PyTorch cannot use, in one line each (docs/operations.md, "An older driver or GPU"). A
-# plain `pip install ... --index-url .../cu126` keeps the torch already in .venv (==2.14.1 matches 2.14.1+cu130):
-# the make target replaces it.
+# The fixes for a GPU that PyTorch cannot use, in one line each: the make target, because a plain `pip install`
+# keeps the torch already in .venv (docs/operations.md, "An older driver or GPU"; the Makefile's TORCH_INDEX).
 INSTALL_FIX = ("replace this PyTorch by the CUDA 12.6 build, which runs on drivers from 525 and on GPUs from "
                "compute capability 5.0 (V100, P100): make torch TORCH_INDEX=cu126 (docs/operations.md, 'An older "
                "driver or GPU')")
 CPU_FIX = "or pass --device cpu to train on the CPU on purpose"
-# The NVIDIA kernel driver's folder: there on a machine with an NVIDIA GPU even when nvidia-smi is not (the tests
-# point it elsewhere).
+# The NVIDIA kernel driver's folder: there on a machine with an NVIDIA GPU even when nvidia-smi is not (tests move it)
 NVIDIA_PROC = Path("/proc/driver/nvidia")
 
 
 def pick_device(name: str) -> torch.device:
-    """--device: auto picks CUDA, then MPS, then the CPU, but never the CPU when this machine has an NVIDIA GPU, or
-    this job was given one (a SLURM GPU job, CUDA_VISIBLE_DEVICES naming devices), that PyTorch cannot use: that
-    is a UserError saying which GPU, which driver, why and what to do. CUDA_VISIBLE_DEVICES set to no device (empty,
-    -1) hides the GPUs on purpose: the CPU, quietly."""
+    """--device: auto picks CUDA, then MPS, then the CPU, but never the CPU when this machine or job has a GPU that
+    PyTorch cannot use (unusable_gpu; CUDA_VISIBLE_DEVICES naming no device hides them on purpose): that is a
+    UserError saying which GPU, why and what to do."""
     with warnings.catch_warnings():  # its reason, once: why_no_cuda() quotes PyTorch's own words on the one line
         warnings.simplefilter("ignore")
         cuda = name in ("auto", "cuda") and torch.cuda.is_available()
@@ -45,8 +41,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.backends.mps.is_available():
             return torch.device("mps")
-        gpu = unusable_gpu()
-        if gpu:
+        if gpu := unusable_gpu():
             raise UserError(f"{gpu} but PyTorch cannot use it, and a run is not moved to the CPU without a word: "
                             f"{why_no_cuda()}, {CPU_FIX}")
     return torch.device("cpu" if name == "auto" else name)
@@ -56,8 +51,7 @@ def unusable_gpu() -> str | None:
     """Where torch.cuda.is_available() is False: 'this job was given a GPU (NAME=value)' or 'this machine has an
     NVIDIA GPU (its name, driver ...)', or None when there is no GPU to miss. The machine's GPUs do not count in a
     SLURM job (a CPU job on a GPU node; its GPUs are SLURM's to give) or when CUDA_VISIBLE_DEVICES hides them."""
-    given = gpus_given()
-    if given:
+    if given := gpus_given():
         return f"this job was given a GPU ({given})"
     if os.environ.get("CUDA_VISIBLE_DEVICES") is not None or os.environ.get("SLURM_JOB_ID"):
         return None
@@ -68,15 +62,13 @@ def unusable_gpu() -> str | None:
 def nvidia_gpu() -> str | None:
     """'NAME, driver VERSION' of this machine's NVIDIA GPU(s), whether or not PyTorch can use them, from nvidia-smi,
     else from the kernel driver's NVIDIA_PROC folder; None when neither shows one."""
-    try:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):  # no nvidia-smi, or it hangs: ask the driver
         proc = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                               capture_output=True, text=True, timeout=60)
         rows = [line.rsplit(",", 1) for line in proc.stdout.splitlines() if "," in line]
         if proc.returncode == 0 and rows:
             names = sorted({name.strip() for name, _ in rows})
             return f"{len(rows)} x {' + '.join(names)}, driver {rows[0][1].strip()}"
-    except (OSError, subprocess.SubprocessError):  # no nvidia-smi, or it hangs: ask the kernel driver
-        pass
     if not NVIDIA_PROC.is_dir():
         return None
     models = [line.split(":", 1)[1].strip() for info in sorted(NVIDIA_PROC.glob("gpus/*/information"))
@@ -114,11 +106,11 @@ def why_no_cuda() -> str:
             f"check that the job got a GPU and that nvidia-smi lists it")
 
 
-def check_cuda_kernels(index: int | None = None) -> None:
+def check_cuda_kernels() -> None:
     """UserError unless this PyTorch has kernels for the GPU: a cubin of the same major compute capability and a
     minor one no higher (sm_80 runs on 8.6, not the reverse), or PTX of a capability no higher (compiled on first
     use). Without it the first kernel fails with 'no kernel image is available' (a V100 under CUDA 13 builds)."""
-    major, minor = torch.cuda.get_device_capability(index)
+    major, minor = torch.cuda.get_device_capability()
     arch_list = torch.cuda.get_arch_list()
     if not arch_list:
         return  # a build that does not say (ROCm): let PyTorch decide
@@ -132,7 +124,7 @@ def check_cuda_kernels(index: int | None = None) -> None:
     if any(m == major and n <= minor for m, n in cubins) or any((m, n) <= (major, minor) for m, n in ptx):
         return
     raise UserError(f"this PyTorch ({torch.__version__}, CUDA {torch.version.cuda}) has no kernels for the GPU "
-                    f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}; the build has "
+                    f"{torch.cuda.get_device_name()} (compute capability {major}.{minor}; the build has "
                     f"{' '.join(arch_list)}): {INSTALL_FIX}, {CPU_FIX}")
 
 
@@ -141,9 +133,8 @@ def describe(device: torch.device, precision: str) -> dict:
     info = {"device": str(device), "precision": precision, "torch": torch.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        major, minor = torch.cuda.get_device_capability(index)
-        info.update(device_name=torch.cuda.get_device_name(index), capability=f"{major}.{minor}",
+        major, minor = torch.cuda.get_device_capability(device)
+        info.update(device_name=torch.cuda.get_device_name(device), capability=f"{major}.{minor}",
                     gpus_visible=torch.cuda.device_count())
     elif device.type == "mps":
         info["device_name"] = "Apple GPU (MPS)"
@@ -175,10 +166,9 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
 
 def broadcast_object(obj):
     """Rank 0's `obj` on every rank (unchanged with one process)."""
-    if not dist.is_initialized():
-        return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -193,21 +183,16 @@ def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any (a plain bool with one process)."""
     if not dist.is_initialized():
         return bool(flag)
-    on_gpu = dist.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
-    tensor = torch.tensor([1 if flag else 0], device=torch.cuda.current_device() if on_gpu else "cpu")
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces CUDA tensors only
+    tensor = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
 
 
 def average_gradients(model: torch.nn.Module) -> None:
-    """What DistributedDataParallel does after backward, done by hand: average the gradients over the ranks, all
-    of a model's in one flattened all-reduce (a step of these small models is bound by launches and latency, so one
-    collective a model, not one a parameter). Nothing with one process.
-
-    By hand, because the GAN calls D twice per step (real, then fake) and the VAE's loss goes through encode()
-    and decoder() rather than forward(): DDP's hooks expect one forward per backward. Every rank takes an equal
-    share of the batch (run.Run refuses a batch that does not split), so the mean of the ranks' mean gradients
-    is the gradient of the whole batch's mean loss."""
+    """What DistributedDataParallel does after backward, by hand (docs/design.md, "Several GPUs", says why): the
+    gradients averaged over the ranks, all of a model's in one flattened all-reduce (a step of these small models is
+    bound by launches and latency, so one collective a model, not one a parameter). Nothing with one process."""
     if not dist.is_initialized():
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -251,10 +236,8 @@ def determinism(mode: str):
     otherwise). off: cuDNN picks its fastest algorithms by timing them (cudnn.benchmark), the fast path.
     Enter it before any CUDA work: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it starts (PyTorch's
     "Reproducibility" notes). Restores PyTorch's previous settings on the way out (a test in one process).
-
-    PyTorch's deterministic mode also fills every new uninitialised tensor (torch.empty) with NaN by default, a
-    debugging aid that changes no result of correct code but adds a fill per allocation: about 280 of a DCGAN step's
-    1,400 dispatched ops on the CPU (kernel launches on a GPU). It is turned off here."""
+    Without the NaN fill of every new tensor that deterministic mode turns on: a debugging aid that changes no
+    result of correct code but costs 277 of a DCGAN step's 1,397 aten ops (docs/results.md)."""
     on = mode == "on"
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -1,19 +1,7 @@
 """The Frechet distance of FID (Heusel et al., 2017) from feature statistics, and the real images' statistics
-computed once and cached beside the data. Inception's FID and the classifier FID (gan_metrics.py) both use it.
-
-    mean, cov = real_statistics(extractor, real_uint8, cache_dir)     # cache_dir/<hash>.pt, or computed
-    fid = frechet_distance(mean, cov, *feature_statistics(fake_features))
-
-The distance is d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrt(S1 S2)). S1 S2 is not symmetric (torchmetrics
-takes `eigvals` of it, slow and on the CPU); it has the eigenvalues of the symmetric F^T S2 F for F F^T = S1 (F
-the Cholesky factor, or sqrt(S1) from `eigh`), so one symmetric eigendecomposition gives the same number, to 1e-6
-relative (tests/test_speed.py), in a fraction of the time. All of it in float64 (FID cancels large traces), on the features' device where it has float64 (CUDA,
-CPU), else on the CPU (MPS has none).
-
-The cache key hashes everything the statistics depend on: the images' bytes (so the data set, --train-limit, the
-sample count and the seed that picked them), the extractor's class and weights, the device type (CPU and CUDA
-differ in the last bits) and the batch size. A cache that cannot be written (a read-only data folder) is not an
-error: the statistics are computed in memory, with one line saying so. Importing this module has no side effects.
+computed once and cached beside the data; Inception's FID and the classifier FID (gan_metrics.py) both use it.
+Ours rather than torchmetrics' (`eigvals` of the non-symmetric S1 S2, on the CPU): the same number to 1e-6 relative
+in a fraction of the time (tests/test_speed.py), in float64 throughout, as FID cancels large traces.
 """
 from __future__ import annotations
 
@@ -37,24 +25,18 @@ def math_device(device: torch.device) -> torch.device:
 
 @torch.no_grad()
 def extract_features(extractor: nn.Module, images_uint8: torch.Tensor, batch_size: int = FID_BATCH):
-    """Run `extractor` over uint8 images [N, C, H, W]; one-channel images are repeated to RGB.
-
-    Returns a float64 tensor [N, d] on math_device(the extractor's device), or a tuple of them when the extractor
-    returns several outputs.
-    """
+    """Run `extractor` over uint8 images [N, C, H, W], one-channel images repeated to RGB: a float64 tensor [N, d]
+    on math_device(the extractor's device), or a tuple of them when the extractor returns several outputs."""
     device = next(extractor.parameters()).device
     keep = math_device(device)
     outputs = []
     for start in range(0, len(images_uint8), batch_size):
         x = images_uint8[start:start + batch_size].to(device)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        out = extractor(x)
-        outputs.append(tuple(_to_float64(o, keep) for o in out) if isinstance(out, (tuple, list))
-                       else _to_float64(out, keep))
-    if isinstance(outputs[0], tuple):
-        return tuple(torch.cat(parts) for parts in zip(*outputs))
-    return torch.cat(outputs)
+        out = extractor(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)
+        several = isinstance(out, (tuple, list))
+        outputs.append([_to_float64(o, keep) for o in (out if several else [out])])
+    columns = tuple(torch.cat(parts) for parts in zip(*outputs))
+    return columns if several else columns[0]
 
 
 def _to_float64(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -109,7 +91,9 @@ def _hash_tensor(digest, tensor: torch.Tensor) -> None:
 
 
 def statistics_key(extractor: nn.Module, images_uint8: torch.Tensor, batch_size: int) -> str:
-    """A hash of what the real statistics depend on: the images, the extractor, the device type, the batch size."""
+    """A hash of what the real statistics depend on: the images' bytes (so the data set, --train-limit, the sample
+    count and the seed that picked them), the extractor's class and weights, the device type (CPU and CUDA differ in
+    the last bits) and the batch size."""
     device = next(extractor.parameters()).device
     digest = hashlib.sha256(f"v{STATS_VERSION} {type(extractor).__qualname__} {device.type} {batch_size};".encode())
     for name, tensor in sorted(extractor.state_dict().items()):
@@ -122,33 +106,24 @@ def statistics_key(extractor: nn.Module, images_uint8: torch.Tensor, batch_size:
 def statistics_dir(dataset: str, data_dir) -> Path:
     """Where a data set's cached statistics live: DATA_DIR/fid-stats/, or, for an image folder (where a new
     subfolder would be read as one more class of images), torch's hub cache."""
-    if dataset == "folder":
-        return Path(torch.hub.get_dir()) / "fid-stats"
-    return Path(data_dir) / "fid-stats"
-
-
-def _load_cached(path: Path, device: torch.device, log) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if not path.is_file():
-        return None
-    try:
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        mean, cov = cached["mean"], cached["cov"]
-    except Exception as err:  # truncated or garbage: say so, compute them again (and replace it)
-        log(f"FID statistics: {path} does not load ({type(err).__name__}); computing them again")
-        return None
-    log(f"FID statistics of the real images from {path}")
-    return mean.to(math_device(device)), cov.to(math_device(device))
+    return (Path(torch.hub.get_dir()) if dataset == "folder" else Path(data_dir)) / "fid-stats"
 
 
 def real_statistics(extractor: nn.Module, images_uint8: torch.Tensor, cache_dir=None, batch_size: int = FID_BATCH,
                     log=print) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, covariance) of the extractor's (first) features of `images_uint8`: from cache_dir/<key>.pt when
     there, else extracted and cached there (atomically). cache_dir None: no cache."""
-    device = next(extractor.parameters()).device
+    keep = math_device(next(extractor.parameters()).device)
     path = Path(cache_dir) / f"{statistics_key(extractor, images_uint8, batch_size)}.pt" if cache_dir else None
-    cached = _load_cached(path, device, log) if path is not None else None
-    if cached is not None:
-        return cached
+    if path is not None and path.is_file():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            mean, cov = cached["mean"], cached["cov"]
+        except Exception as err:  # truncated or garbage: say so, compute them again (and replace it)
+            log(f"FID statistics: {path} does not load ({type(err).__name__}); computing them again")
+        else:
+            log(f"FID statistics of the real images from {path}")
+            return mean.to(keep), cov.to(keep)
     features = extract_features(extractor, images_uint8, batch_size)
     mean, cov = feature_statistics(features[0] if isinstance(features, tuple) else features)
     if path is not None:

@@ -1,19 +1,8 @@
-"""GAN evaluation, imported by training and analysis alike: seeded sampling, Inception features, FID and IS, and a
-classifier FID for the one-channel data sets. Imports no script (the scripts import it).
-
-FID (Heusel et al., 2017) is fid.py's Frechet distance and IS (Salimans et al., 2016) torchmetrics', both on
-torch-fidelity's Inception v3 (its weights downloaded into torch.hub's cache on first use). FID is defined on natural images; for MNIST and
-Fashion-MNIST a small CNN trained on the data set's own labels gives a feature space that knows the classes. Its
-penultimate features go through the same Frechet distance as Inception's (fid.frechet_distance), and its argmax gives
-the class shares of the samples: a number for mode collapse (a class at 0% is a missing mode). These numbers compare
-runs with each other on one data set; they are not comparable with published (Inception, CIFAR-10) FIDs.
-
-    evaluator = ClassifierFID.for_dataset("mnist", data_dir, device)   # None for other data sets
-    evaluator(generator, nz)   # {"cfid": 12.3, "class_min": 0.08, "class_max": 0.12}
-
-The classifier is trained once (seconds on a CPU, deterministic, the global RNG untouched) and cached beside the
-data as DATA_DIR/classifier-fid/<dataset>-v1.pt, with its test accuracy. The reference statistics are the test
-set's, and the real images' statistics of either FID are cached beside the data too (DATA_DIR/fid-stats/). Importing this module has no side effects.
+"""GAN evaluation for training and analysis alike (it imports no script): seeded sampling, diversity, FID (Heusel et
+al., 2017) and IS (Salimans et al., 2016) on torch-fidelity's Inception v3, and a classifier FID for MNIST and
+Fashion-MNIST (docs/gan-quality.md): a small CNN trained on the set's own labels, whose features know the classes and
+whose argmax gives the samples' class shares (a class at 0% is a missing mode). These numbers compare runs on one
+data set; they are not comparable with published (Inception, CIFAR-10) FIDs.
 """
 from __future__ import annotations
 
@@ -36,8 +25,7 @@ from .fid import (FID_BATCH, extract_features, feature_statistics, fid_from_feat
 from .files import atomic_path
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Samples of a generator
+# ---- Samples of a generator ----------------------------------------------------------------------------------------
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -46,13 +34,13 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(generator: nn.Module, nz: int, n: int, seed: int, batch_size: int = 500, device=None) -> torch.Tensor:
+def sample(generator: nn.Module, nz: int, n: int, seed: int, batch_size: int = 500) -> torch.Tensor:
     """n images in [-1, 1] (on the CPU) from `generator` in eval mode, its mode restored after, from noise of
     their own torch.Generator(seed): the same z at every call, and the global RNG (a training run's) is never drawn
     from. The noise is drawn batch by batch, so the batch size is part of what fixes the samples."""
     was_training = generator.training
     generator.eval()
-    device = device or next(generator.parameters()).device
+    device = next(generator.parameters()).device
     noise_gen = torch.Generator().manual_seed(seed)
     images = []
     for start in range(0, n, batch_size):
@@ -62,8 +50,7 @@ def sample(generator: nn.Module, nz: int, n: int, seed: int, batch_size: int = 5
     return torch.cat(images)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Diversity and memorisation: numbers that need no feature extractor
+# ---- Diversity and memorisation: numbers that need no feature extractor --------------------------------------------
 
 
 def diversity(images: np.ndarray) -> float:
@@ -83,28 +70,23 @@ def real_diversity(train_images: torch.Tensor) -> float:
 def nearest_neighbours(samples: torch.Tensor, train: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     """For each sample (in [0, 1]), the k nearest training images (L2 in pixel space) and their RMS distances."""
     flat = samples.flatten(1).double()
-    best_d, best_i = None, None
-    for start in range(0, len(train), 5000):  # chunks: 60,000 x 3,072 doubles would be 1.5 GB at once
-        chunk = train[start:start + 5000].flatten(1).double() / 255
-        d = torch.cdist(flat, chunk)
-        d_all = d if best_d is None else torch.cat([best_d, d], 1)
-        i_all = torch.arange(start, start + len(chunk)).expand(len(flat), -1)
-        i_all = i_all if best_i is None else torch.cat([best_i, i_all], 1)
-        best_d, order = d_all.topk(min(k, d_all.shape[1]), dim=1, largest=False)
-        best_i = i_all.gather(1, order)
-    return best_i, best_d / math.sqrt(flat.shape[1])
+    # by chunks of the training set: 60,000 x 3,072 doubles would be 1.5 GB at once
+    distances = torch.cat([torch.cdist(flat, train[start:start + 5000].flatten(1).double() / 255)
+                           for start in range(0, len(train), 5000)], dim=1)
+    nearest, index = distances.topk(min(k, distances.shape[1]), dim=1, largest=False)
+    return index, nearest / math.sqrt(flat.shape[1])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# FID (fid.py) and Inception Score (Salimans et al., 2016, through torchmetrics)
+# ---- FID (fid.py) and Inception Score (Salimans et al., 2016, through torchmetrics) --------------------------------
 
 
-# torch-fidelity's FID Inception weights (its URL_INCEPTION_V3, spelled out so that importing this script does not
+# torch-fidelity's FID Inception weights (its URL_INCEPTION_V3, spelled out so that importing this module does not
 # import torch-fidelity): looked for (and downloaded to) torch.hub's cache, as torch-fidelity does.
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
 INCEPTION_FILE = INCEPTION_URL.rsplit("/", 1)[1]
 DOWNLOAD_TIMEOUT_S = 60
+FID_NOISE_SEED_OFFSET = 1  # FID's noise seed is --seed + 1: apart from the fixed-noise grid's (--seed)
 
 
 class _Precomputed(nn.Identity):
@@ -115,15 +97,12 @@ class _Precomputed(nn.Identity):
         self.num_features = num_features  # torchmetrics would otherwise probe with a random image (global RNG)
 
 
-FID_NOISE_SEED_OFFSET = 1  # FID's noise seed is --seed + 1: apart from the fixed-noise grid's (--seed)
-
-
-def inception_score_from_logits(logits: torch.Tensor, splits: int = 10) -> float:
+def inception_score_from_logits(logits: torch.Tensor) -> float:
     from torchmetrics.image.inception import InceptionScore
     logits = logits.cpu()
     with warnings.catch_warnings():  # its note that it keeps every feature in memory: 10,000 x 1008 is fine
         warnings.simplefilter("ignore", UserWarning)
-        metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=splits)
+        metric = InceptionScore(feature=_Precomputed(logits.shape[1]), splits=10)
     metric.update(logits)
     with torch.random.fork_rng(devices=[]):  # compute() shuffles with the global RNG; keep training's RNG intact
         return float(metric.compute()[0])
@@ -146,11 +125,9 @@ def find_inception_weights(path: str | None) -> Path | None:
 
 
 def download_inception_weights(dest: Path, log=print) -> str | None:
-    """Fetch torch-fidelity's FID Inception weights into `dest` (torch's hub cache) with torch.hub's downloader, as
-    torch-fidelity itself does on first use (it checks the SHA-256 prefix in the file name and writes through a
-    temporary file), but under a socket timeout: offline, urlopen would otherwise wait for ever. Returns None when
-    the file is there, else why it is not. One line either way: "downloaded ..." here, or the caller's "FID
-    skipped" (a line announcing a download that then fails would be a second, untrue one)."""
+    """Fetch the weights into `dest` with torch.hub's downloader, as torch-fidelity does (it checks the SHA-256
+    prefix in the file name), under a socket timeout: offline, urlopen would wait for ever. None when the file is
+    there, else why not. The log line comes after the download: one announcing a download that fails would be untrue."""
     hash_prefix = torch.hub.HASH_REGEX.search(dest.name)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
@@ -167,9 +144,9 @@ def download_inception_weights(dest: Path, log=print) -> str | None:
 
 
 def choose_evaluations(args, is_main: bool, log=print) -> tuple[Path | None, bool, str | None]:
-    """Which quality numbers a dcgan_train.py run computes (its --fid, --dataset, --inception-weights):
-    (Inception weights or None, classifier FID or not, a line for the log when FID is skipped). Fails here, before a run folder exists, when the asked-for one cannot be had.
-    Only rank 0 evaluates, so only rank 0 looks for (and downloads) the weights."""
+    """Which quality numbers a dcgan_train.py run computes (its --fid, --dataset, --inception-weights): (Inception
+    weights or None, classifier FID or not, a line for the log when FID is skipped). Fails here, before a run folder
+    exists, when the asked-for one cannot be had. Only rank 0 evaluates, so only rank 0 looks for the weights."""
     if args.fid == "classifier" and args.dataset not in SUPPORTED:
         raise UserError(f"--fid classifier: the classifier FID exists for mnist and fashion-mnist only, not "
                                f"--dataset {args.dataset}; use --fid inception (or auto)")
@@ -179,19 +156,15 @@ def choose_evaluations(args, is_main: bool, log=print) -> tuple[Path | None, boo
     if not (wants_inception and is_main):
         return None, classifier, None
     path = find_inception_weights(args.inception_weights)
-    if path is not None:
-        return path, classifier, None
-    dest = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    why = download_inception_weights(dest, log)
-    if why is None:
-        return dest, classifier, None
-    message = (f"no Inception weights: {dest} is missing and could not be downloaded ({why}). Put "
-               f"{INCEPTION_FILE} (from {INCEPTION_URL}) there, or pass "
-               f"--inception-weights PATH")
-    if args.fid == "inception":
-        raise UserError(message)
-    return None, classifier, f"FID skipped: {message}; --fid off silences this"
-
+    if path is None:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+        if why := download_inception_weights(path, log):
+            message = (f"no Inception weights: {path} is missing and could not be downloaded ({why}). Put "
+                       f"{INCEPTION_FILE} (from {INCEPTION_URL}) there, or pass --inception-weights PATH")
+            if args.fid == "inception":
+                raise UserError(message)
+            return None, classifier, f"FID skipped: {message}; --fid off silences this"
+    return path, classifier, None
 
 
 class InceptionFeatures(nn.Module):
@@ -218,20 +191,19 @@ class FIDEvaluator:
         cache_dir = statistics_dir(args.dataset, args.data_dir) if getattr(args, "data_dir", None) else None
         self.real_stats = real_statistics(self.extractor, train_images[pick.to(train_images.device)], cache_dir,
                                           log=log)
-        self.seed, self.nz, self.batch_size = args.seed, args.nz, FID_BATCH
+        self.seed, self.nz = args.seed, args.nz
 
     @torch.no_grad()
     def __call__(self, generator: nn.Module) -> tuple[float, float]:
         """Samples from the same noise at every evaluation (its own generator), so FID differences between
         epochs come from the weights alone and the training RNG is never touched."""
-        fakes = to_uint8(sample(generator, self.nz, self.n, self.seed + FID_NOISE_SEED_OFFSET, self.batch_size))
+        fakes = to_uint8(sample(generator, self.nz, self.n, self.seed + FID_NOISE_SEED_OFFSET, FID_BATCH))
         fake_features, fake_logits = extract_features(self.extractor, fakes)
         fid = frechet_distance(*self.real_stats, *feature_statistics(fake_features))
         return fid, inception_score_from_logits(fake_logits)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Classifier FID (MNIST, Fashion-MNIST)
+# ---- Classifier FID (MNIST, Fashion-MNIST) -------------------------------------------------------------------------
 
 
 SUPPORTED = ("mnist", "fashion-mnist")
@@ -245,36 +217,22 @@ BATCH = 500            # images per forward pass when sampling and extracting fe
 
 
 class Classifier(nn.Module):
-    """image [N, 1, 32, 32] in [-1, 1] -> (features [N, 128], logits [N, 10]).
-
-    1 x 32 x 32 -> 16 x 16 x 16 -> 32 x 8 x 8 -> 64 x 4 x 4 -> 128 features -> 10 logits. Strided convolutions and
-    batch norm: 98.9% on MNIST and 90.2% on Fashion-MNIST after two epochs, 10-20 s on 2 CPU cores.
-    """
+    """uint8 images [N, C, 32, 32] (their first channel) -> (features [N, 128], logits [N, 10]). Strided convolutions
+    and batch norm: 98.9% on MNIST and 90.2% on Fashion-MNIST after two epochs, 10-20 s on 2 CPU cores. It takes
+    what extract_features hands an extractor (grey repeated to RGB), so Inception's FID and this one share it."""
 
     def __init__(self, width: int = 16, n_features: int = 128):
         super().__init__()
         layers, c_in = [], 1
-        for c_out in (width, width * 2, width * 4):  # each block halves the side
+        for c_out in (width, width * 2, width * 4):  # 1 x 32 x 32 -> 16 x 16 x 16 -> 32 x 8 x 8 -> 64 x 4 x 4
             layers += [nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
             c_in = c_out
         self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(c_in * 16, n_features), nn.ReLU())
         self.head = nn.Linear(n_features, N_CLASSES)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.body(x)
+        features = self.body(x[:, :1].float().div(127.5).sub(1))  # the same [-1, 1] as G's outputs
         return features, self.head(features)
-
-
-class _OnUint8(nn.Module):
-    """What extract_features hands an extractor (uint8 [N, 3, H, W], grey repeated to RGB) -> the
-    classifier's (features, logits), so the Inception path and this one share the feature loop."""
-
-    def __init__(self, classifier: Classifier):
-        super().__init__()
-        self.classifier = classifier
-
-    def forward(self, x: torch.Tensor):
-        return self.classifier(x[:, :1].float().div(127.5).sub(1))  # the same [-1, 1] as G's outputs
 
 
 def load_split(dataset: str, data_dir, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,42 +248,27 @@ def fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
-def classifier_epochs(n_images: int) -> int:
-    return max(TRAIN_EPOCHS, math.ceil(TRAIN_MIN_STEPS / math.ceil(n_images / TRAIN_BATCH)))
-
-
-def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, epochs: int | None = None
-                     ) -> Classifier:
-    """Adam with a one-cycle schedule, classifier_epochs() epochs, on the CPU. Seeded inside fork_rng: the same
-    weights every time, and the caller's RNG (a training run's) is left exactly as it was."""
-    epochs = epochs or classifier_epochs(len(train_images))
+def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, epochs: int) -> Classifier:
+    """Adam with a one-cycle schedule, on the CPU. Seeded inside fork_rng: the same weights every time, and the
+    caller's RNG (a training run's) is left exactly as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TRAIN_SEED)
         model = Classifier()
         opt = torch.optim.Adam(model.parameters(), lr=2e-3)
         order_gen = torch.Generator().manual_seed(TRAIN_SEED)
-        steps = epochs * -(-len(train_images) // TRAIN_BATCH)
+        steps = epochs * math.ceil(len(train_images) / TRAIN_BATCH)
         schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
         model.train()
         for _ in range(epochs):
             order = torch.randperm(len(train_images), generator=order_gen)
             for start in range(0, len(order), TRAIN_BATCH):
                 batch = order[start:start + TRAIN_BATCH]
-                x = train_images[batch].float().div_(127.5).sub_(1)
-                loss = F.cross_entropy(model(x)[1], train_labels[batch])
+                loss = F.cross_entropy(model(train_images[batch])[1], train_labels[batch])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 schedule.step()
     return model.eval()
-
-
-@torch.no_grad()
-def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> float:
-    device = next(model.parameters()).device
-    correct = sum(int((model(images[i:i + BATCH].to(device).float().div(127.5).sub(1))[1].argmax(1).cpu()
-                       == labels[i:i + BATCH]).sum()) for i in range(0, len(images), BATCH))
-    return correct / len(images)
 
 
 def cache_path(dataset: str, data_dir) -> Path:
@@ -339,31 +282,29 @@ def load_or_train(dataset: str, data_dir, log=print) -> tuple[Classifier, dict, 
     test_images, test_labels = load_split(dataset, data_dir, train=False)
     data_hash = fingerprint(train_images, train_labels)
     path = cache_path(dataset, data_dir)
-    model = Classifier()
     if path.is_file():
         try:
             cached = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # truncated or garbage: say so, then train a new one
             log(f"classifier FID: {path} does not load ({type(err).__name__}); training a new classifier")
-            cached = None
-        if cached is not None and cached.get("fingerprint") == data_hash:
-            model.load_state_dict(cached["state_dict"])
-            info = {k: v for k, v in cached.items() if k != "state_dict"}
-            log(f"classifier FID: {dataset} classifier from {path} (test accuracy {info['test_accuracy']:.2%})")
-            return model.eval(), {**info, "path": str(path)}, test_images
-        if cached is not None:
+        else:
+            if cached.get("fingerprint") == data_hash:
+                model, info = Classifier(), dict(cached)
+                model.load_state_dict(info.pop("state_dict"))
+                log(f"classifier FID: {dataset} classifier from {path} (test accuracy {info['test_accuracy']:.2%})")
+                return model.eval(), {**info, "path": str(path)}, test_images
             log(f"classifier FID: {path} was trained on other {dataset} data; training a new classifier")
 
+    epochs = max(TRAIN_EPOCHS, math.ceil(TRAIN_MIN_STEPS / math.ceil(len(train_images) / TRAIN_BATCH)))
     start = time.monotonic()
-    model = train_classifier(train_images, train_labels)
+    model = train_classifier(train_images, train_labels, epochs)
     seconds = time.monotonic() - start
-    info = {"dataset": dataset, "version": VERSION, "fingerprint": data_hash,
-            "epochs": classifier_epochs(len(train_images)),
+    test_logits = extract_features(model, test_images, BATCH)[1]
+    info = {"dataset": dataset, "version": VERSION, "fingerprint": data_hash, "epochs": epochs,
             "train_images": len(train_images), "test_images": len(test_images),
-            "test_accuracy": accuracy(model, test_images, test_labels), "train_seconds": seconds,
-            "torch": str(torch.__version__)}
-    log(f"classifier FID: trained a {dataset} classifier in {seconds:.0f} s: test accuracy "
-        f"{info['test_accuracy']:.2%}")
+            "test_accuracy": float((test_logits.argmax(1).cpu() == test_labels).double().mean()),
+            "train_seconds": seconds, "torch": str(torch.__version__)}
+    log(f"classifier FID: trained a {dataset} classifier in {seconds:.0f} s: test accuracy {info['test_accuracy']:.2%}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
@@ -381,7 +322,7 @@ class ClassifierFID:
     def __init__(self, classifier: Classifier, reference_images: torch.Tensor, device, info: dict | None = None,
                  cache_dir=None, log=print):
         self.device = torch.device(device)
-        self.extractor = _OnUint8(classifier).to(self.device).eval()
+        self.extractor = classifier.to(self.device).eval()
         self.info = info or {}
         self.reference_stats = real_statistics(self.extractor, reference_images, cache_dir, BATCH, log)
 
@@ -402,6 +343,5 @@ class ClassifierFID:
                 "class_min": float(shares.min()), "class_max": float(shares.max()), "class_shares": shares.tolist()}
 
     def __call__(self, generator: nn.Module, nz: int, n_samples: int = 5000, seed: int = 0) -> dict:
-        """{"cfid", "class_min", "class_max", "class_shares"} for n_samples images of `generator` (sample(): its own
-        noise, the same at every call)."""
+        """score_images of n_samples images of `generator` (sample(): its own noise, the same at every call)."""
         return self.score_images(to_uint8(sample(generator, nz, n_samples, seed, BATCH)))

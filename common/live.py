@@ -1,22 +1,11 @@
-"""The live view of a run: TensorBoard event files in RUN_DIR/tb/, beside the CSVs, written by rank 0 as training
-goes (`make tensorboard`, or `tensorboard --logdir runs`; docs/operations.md shows it over SSH and on Colab).
-
-What a run writes there, every row as it is appended to its CSV, at the training step it belongs to (SCRIPT is
-vae or dcgan, config.json's "script": TensorBoard groups charts by the first part of a tag, so no chart mixes the
-two models, whose steps and losses are on different scales):
-    SCRIPT/epoch/<column>   each metrics.csv column, one point per epoch (at the epoch's last step)
-    SCRIPT/steps/<column>   each steps.csv column (the meter's means over --log-every steps)
-    SCRIPT/samples/<name>   the image grids of samples/ each epoch's run.epoch_done is handed
-    hparams                 the settings that define the experiment, with the epoch metrics, in the HPARAMS tab
-
-The CSVs stay the record (the figures are made from them); the events are a view of the same numbers. A resumed
-run opens its writer with purge_step one past the checkpoint's step, so TensorBoard drops what the stopped process
-wrote after that checkpoint, and the resumed run shows one unbroken curve. Without the `tensorboard` package the
-run logs one line and trains exactly as it would with it; so it does when the events cannot be written (a full disk):
-the view is a convenience, never a reason for a run to stop.
+"""The live view of a run: TensorBoard events in RUN_DIR/tb/, written by rank 0 as each CSV row is appended
+(docs/operations.md, "The live view", lists the tags). Tags start with config.json's "script" (vae or dcgan): no
+chart mixes the two models, whose steps and losses are on different scales. The CSVs stay the record: without the
+`tensorboard` package, or when the events cannot be written (a full disk), the run logs one line and trains on.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -41,15 +30,14 @@ class LiveView:
         `metrics` (metrics.csv's) and RUN_DIR/steps.csv's."""
         try:
             from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard.summary import hparams
         except ImportError:  # torch's module needs the tensorboard package, which is optional
             log("no live view: the tensorboard package is not installed (pip install tensorboard); the CSVs are "
                 "written as always")
             return
         folder, self.log = Path(run_dir) / TB_FOLDER, log
-        try:
+        with contextlib.suppress(UserError):  # no config.json (a test's bare folder): one group all the same
             self.group = read_run_config(run_dir, None)["script"]
-        except UserError:  # no config.json (a test's bare folder): one group all the same
-            pass
         backfill = not list(folder.glob("events.out.tfevents.*"))
         try:
             # purge_step: events at or after it, from an earlier process, are dropped by TensorBoard's reader. The
@@ -57,7 +45,11 @@ class LiveView:
             # (a new run, a crash before the first checkpoint, --restart) drops them all.
             self.writer = SummaryWriter(str(folder), purge_step=global_step + 1 if global_step else 0,
                                         flush_secs=FLUSH_SECONDS)
-            self._hparams(settings, [f"{self.group}/epoch/{c}" for c in metric_columns if c not in NOT_SCALARS])
+            # the settings beside the epoch metrics, in this run's own file (SummaryWriter.add_hparams makes a sub-run)
+            plain = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in sorted(settings.items())}
+            epoch_tags = [f"{self.group}/epoch/{c}" for c in metric_columns if c not in NOT_SCALARS]
+            for summary in hparams(plain, dict.fromkeys(epoch_tags)):
+                self.writer.file_writer.add_summary(summary)
         except Exception as err:  # noqa: BLE001  (a folder it cannot write: the run goes on without the view)
             self._give_up(err)
             return
@@ -67,14 +59,6 @@ class LiveView:
             for row in read_metrics_csv(Path(run_dir) / "steps.csv"):
                 self.row("steps", row, row.get("global_step"))
         log(f"live view: TensorBoard events in {folder} (make tensorboard, or tensorboard --logdir {folder})")
-
-    def _hparams(self, settings: dict, metrics: list[str]) -> None:
-        """The settings as TensorBoard hparams, in this run's own event file (SummaryWriter.add_hparams would make
-        a sub-run), with the epoch metrics it lists beside them."""
-        from torch.utils.tensorboard.summary import hparams
-        plain = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in sorted(settings.items())}
-        for summary in hparams(plain, dict.fromkeys(metrics)):
-            self.writer.file_writer.add_summary(summary)
 
     def row(self, kind: str, row: dict, step) -> None:
         """One CSV row as scalars `SCRIPT/kind/<column>` at `step`; blank or non-numeric cells are left out."""
@@ -95,32 +79,26 @@ class LiveView:
         """PNG grids (tag -> file) at `step`, as saved (the same pixels as samples/)."""
         if self.writer is None:
             return
-        import numpy as np
-        from PIL import Image
+        from torchvision.io import ImageReadMode, read_image
         try:
             for tag, path in paths.items():
                 if path.exists():
-                    pixels = np.asarray(Image.open(path).convert("RGB"))
-                    self.writer.add_image(f"{self.group}/samples/{tag}", pixels, step, dataformats="HWC")
+                    self.writer.add_image(f"{self.group}/samples/{tag}", read_image(str(path), ImageReadMode.RGB), step)
             self.writer.flush()  # once per epoch: a watcher sees the epoch's points and grids now
         except Exception as err:  # noqa: BLE001
             self._give_up(err)
 
-    def close(self) -> None:
-        if self.writer is not None:
-            try:
-                self.writer.close()
-            except Exception as err:  # noqa: BLE001
+    def close(self, quiet: bool = False) -> None:
+        writer, self.writer = self.writer, None
+        try:
+            if writer is not None:
+                writer.close()
+        except Exception as err:  # noqa: BLE001
+            if not quiet:  # after _give_up's line: nothing more to say
                 self.log(f"live view: the last TensorBoard events could not be written ({err})")
-            self.writer = None
 
     def _give_up(self, err: Exception) -> None:
         """One line, and no more events from this process; training goes on (the CSVs are the record)."""
         self.log(f"live view stopped: cannot write TensorBoard events ({type(err).__name__}: {err}); the run and "
                  f"its CSVs are unaffected")
-        writer, self.writer = self.writer, None
-        try:
-            if writer is not None:
-                writer.close()
-        except Exception:  # noqa: BLE001  (already failing: nothing more to say)
-            pass
+        self.close(quiet=True)
