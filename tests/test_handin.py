@@ -26,7 +26,7 @@ import common
 import dcgan_train
 import report
 import vae_train
-from common import experiments, gan_metrics, testcell
+from common import experiments, figures, gan_metrics, testcell
 from conftest import REPO, VAE_THAT_LEARNS, make_mnist
 
 QUICK = ["--device", "cpu", "--tsne-points", "40", "--iw-samples", "4", "--iw-images", "20", "--quality-samples", "40"]
@@ -164,7 +164,7 @@ def test_sweep_ticks_sit_where_the_points_are():
     ax = fig.subplots()
     ax.plot([500, 1000], [1, 2])
     ax.axhline(0.5)  # a reference line: its x data (0, 1) are not points
-    experiments.label_x_axis(ax, "training images seen")
+    figures.label_x_axis(ax, "training images seen")
     assert list(ax.get_xticks()) == [500, 1000]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["500", "1,000"]
 
