@@ -17,7 +17,6 @@ Several runs (folders of a glob that are not DCGAN runs are skipped with a note)
 RUNS_ROOT/compare/<sweep name>/), the runs side by side, labelled by the settings that differ (`loss=hinge`):
 compare_losses.png, compare_d_outputs.png (BCE runs only), compare_samples.png, compare_progression.png,
 compare_diversity.png, compare_quality.png (FIDs, when measured), summary.csv (also printed) and summary.json.
-Titles say what a figure shows; which run and its settings, the report's Table 1.
 """
 from __future__ import annotations
 
@@ -209,8 +208,7 @@ def best_milestone(rows: list[dict], measure_kind: str, reference: float | None)
     return min(rows, key=lambda row: row["value"])
 
 
-def plot_milestones(rows: list[dict], measure: QualityMeasure, best: dict | None, reference: float | None,
-                    title: str) -> Figure:
+def plot_milestones(rows: list[dict], measure: QualityMeasure, best: dict | None, reference: float | None) -> Figure:
     fig, ax = figures.one_panel()
     ax.plot([r["epoch"] for r in rows], [r["value"] for r in rows], "o-", label="milestone checkpoints")
     if best is not None:
@@ -219,7 +217,8 @@ def plot_milestones(rows: list[dict], measure: QualityMeasure, best: dict | None
     if measure.kind == "diversity" and reference is not None:
         ax.axhline(reference, color="gray", linestyle="--", label="64 training images")
     better = "lower is better" if measure.lower_is_better else "closest to the training images is best"
-    ax.set(ylabel=f"{measure.name} ({better})", title=title)
+    ax.set(ylabel=f"{measure.name} ({better})", title=f"{measure.name[:1].upper()}{measure.name[1:]} per milestone "
+                                                      f"checkpoint")
     if measure.kind == "diversity":
         ax.set_ylim(0, figures.top_with_room([*(r["value"] for r in rows), reference]))
     figures.epoch_axis(ax)
@@ -350,9 +349,7 @@ def milestone_figure(run_dir: Path, args, opts, device, train_images, reference,
     with still_running(f"{measure.name} of the milestones", log):
         rows = milestone_quality(run_dir, measure, log)
     best = best_milestone(rows, measure.kind, reference)
-    made(plot_milestones(rows, measure, best, reference, f"{measure.name[:1].upper()}{measure.name[1:]} per milestone "
-                                                         f"checkpoint"),
-         "milestones.png")
+    made(plot_milestones(rows, measure, best, reference), "milestones.png")
     exported = (readers.read_export(run_dir) or {}).get("epoch")  # of the run's own model files
     summary["milestones"] = {"measure": measure.name, "kind": measure.kind, "rows": rows, "best": best,
                              "samples": measure.n_samples, "training_images": reference, "exported_epoch": exported}
