@@ -17,11 +17,11 @@ Several runs (folders of a glob that are not DCGAN runs are skipped with a note)
 RUNS_ROOT/compare/<sweep name>/), the runs side by side, labelled by the settings that differ (`loss=hinge`):
 compare_losses.png, compare_d_outputs.png (BCE runs only), compare_samples.png, compare_progression.png,
 compare_diversity.png, compare_quality.png (FIDs, when measured), summary.csv (also printed) and summary.json.
-Titles say what a figure shows; which run and its settings, the report's Table 1.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import tempfile
@@ -31,14 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure  # no pyplot: Figure.savefig draws PNGs with Agg and sets no global backend
-from torchvision.utils import make_grid
 
 import dcgan_train
 from common import experiments, figures, files, gan_metrics, readers, sweep_figures
 from common.checkpoints import load_checkpoint, load_latest_checkpoint
 from common.devices import pick_device
 from common.errors import UserError, run_main
-from common.flags import ArgumentParser, at_least
+from common.flags import at_least
 from common.progress import still_running
 
 PROGRESSION_ROWS = 8  # epochs shown in one run's fixed-noise progression
@@ -49,19 +48,13 @@ QUALITY_NAMES = {"fid": "Inception FID", "classifier-fid": "classifier FID", "di
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="DCGAN run folders (runs/latest-dcgan works)")
-    parser.add_argument("--out", default=None,
-                        help="with several runs: the comparison folder (default: RUNS_ROOT/compare/<sweep name>); "
-                             "with --export-epoch: the folder for the two model files")
+    parser = experiments.analysis_parser(__doc__, "dcgan", "; with --export-epoch: the folder for the two model files")
     parser.add_argument("--export-epoch", type=int, default=None, metavar="E",
                         help="only export DCGAN_model_G.pth and DCGAN_model_D.pth from checkpoints/epoch-EEE.pt")
     parser.add_argument("--quality", default="auto", choices=["auto", "fid", "classifier-fid", "diversity", "off"],
                         help="the quality number per milestone checkpoint (default: auto, see above)")
     parser.add_argument("--quality-samples", type=at_least(2), default=5000,
                         help="generated images per milestone for the FIDs (default: %(default)s)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                        help="for the milestone quality (default: auto: CUDA, then MPS, then CPU)")
     return parser
 
 
@@ -90,8 +83,7 @@ def plot_losses(metrics, steps, args, title: str) -> Figure:
                 label=f"{name}: epoch mean")
     ax.set(ylabel=f"{args.loss} loss", title=title)
     figures.epoch_axis(ax, legend=False)
-    experiments.legend_below(fig)
-    return fig
+    return figures.finish_panels(fig)
 
 
 def plot_d_outputs(metrics, steps, args, title: str) -> Figure:
@@ -113,26 +105,11 @@ def plot_d_outputs(metrics, steps, args, title: str) -> Figure:
     return fig
 
 
-def plot_progression(grids: dict[int, Path], image_size: int, title: str) -> Figure:
-    """Rows: evenly spaced epochs; columns: the same 8 fixed noise vectors. Identical rows late = collapse."""
-    chosen = figures.spread(sorted(grids), PROGRESSION_ROWS)
-    rows = [figures.grid_cells(grids[e], image_size)[:figures.GRID_COLUMNS] for e in chosen]
-    fig, ax = figures.one_panel(height=0.95 * len(rows) + 0.6)
-    ax.imshow(figures.mosaic(rows))
-    figures.label_rows(ax, [f"epoch {e}" for e in chosen], image_size)
-    ax.set_title(title, fontsize=10)
-    return fig
-
-
 def image_grid_figure(images: torch.Tensor, nrow: int, title: str, first_column_apart: bool = False) -> Figure:
-    """Images in rows of nrow; first_column_apart: a red line sets the first column off from the others."""
-    grid = make_grid(images, nrow=nrow, padding=figures.CELL_GAP, pad_value=1.0).permute(1, 2, 0).numpy()
-    fig, ax = figures.one_panel(height=7.5 * grid.shape[0] / grid.shape[1] + 0.5)
-    ax.imshow(grid)
+    """A square grid of images in rows of nrow; first_column_apart: a red line sets the first column off."""
+    fig = figures.image_panels([("", images)], nrow, title, inches=7.5, gap=figures.CELL_GAP)
     if first_column_apart:  # in the white gap after the first column (pixel centres are at integers)
-        ax.axvline(images.shape[-1] + 1.5 * figures.CELL_GAP - 0.5, color="tab:red", linewidth=2.5)
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=10)
+        fig.axes[0].axvline(images.shape[-1] + 1.5 * figures.CELL_GAP - 0.5, color="tab:red", linewidth=2.5)
     return fig
 
 
@@ -231,8 +208,7 @@ def best_milestone(rows: list[dict], measure_kind: str, reference: float | None)
     return min(rows, key=lambda row: row["value"])
 
 
-def plot_milestones(rows: list[dict], measure: QualityMeasure, best: dict | None, reference: float | None,
-                    title: str) -> Figure:
+def plot_milestones(rows: list[dict], measure: QualityMeasure, best: dict | None, reference: float | None) -> Figure:
     fig, ax = figures.one_panel()
     ax.plot([r["epoch"] for r in rows], [r["value"] for r in rows], "o-", label="milestone checkpoints")
     if best is not None:
@@ -241,7 +217,8 @@ def plot_milestones(rows: list[dict], measure: QualityMeasure, best: dict | None
     if measure.kind == "diversity" and reference is not None:
         ax.axhline(reference, color="gray", linestyle="--", label="64 training images")
     better = "lower is better" if measure.lower_is_better else "closest to the training images is best"
-    ax.set(ylabel=f"{measure.name} ({better})", title=title)
+    ax.set(ylabel=f"{measure.name} ({better})", title=f"{measure.name[:1].upper()}{measure.name[1:]} per milestone "
+                                                      f"checkpoint")
     if measure.kind == "diversity":
         ax.set_ylim(0, figures.top_with_room([*(r["value"] for r in rows), reference]))
     figures.epoch_axis(ax)
@@ -282,25 +259,21 @@ def analyze_run(run: experiments.RunInfo, opts, device: torch.device, log=print)
                "epochs_planned": args.epochs, "figures": [], "skipped": {}, "analysis_key": key,
                "losses": {"step_rows": len(steps), "log_every": args.log_every,
                           "curves": figures.step_curves(len(steps), len(metrics))}}
-
-    def made(fig: Figure, name: str) -> None:
-        figures.save_figure(fig, fig_dir / name)
-        summary["figures"].append(name)
+    made = functools.partial(figures.save_or_skip, summary, fig_dir)
 
     if metrics or steps:  # titles say what is shown; which run and its settings, the report's captions
         made(plot_losses(metrics, steps, args, "D and G losses"), "losses.png")
         made(plot_d_outputs(metrics, steps, args, "D's outputs on real and generated images"), "d_outputs.png")
     else:
-        summary["skipped"]["losses.png"] = "no metrics yet"
+        made(None, "losses.png", "no metrics yet")
     if metrics:
         summary["last_epoch"] = {k: v for k, v in metrics[-1].items() if np.isfinite(v)}
+    made(sweep_figures.compare_quality([run], ["this run"], [{}], "epoch"), "fid.png",
+         "no FID in metrics.csv (run without Inception weights)")
     fid = figures.column(metrics, "fid")
     if np.isfinite(fid).any():
-        made(sweep_figures.compare_quality([run], ["this run"], [{}], "epoch"), "fid.png")
         best = int(np.nanargmin(fid))
         summary["best_fid"] = {"epoch": int(metrics[best]["epoch"]), "fid": float(fid[best])}
-    else:
-        summary["skipped"]["fid.png"] = "no FID in metrics.csv (run without Inception weights)"
 
     train_images = None
     try:
@@ -312,7 +285,7 @@ def analyze_run(run: experiments.RunInfo, opts, device: torch.device, log=print)
     if opts.quality != "off" and milestone_checkpoints(run_dir):
         milestone_figure(run_dir, args, opts, device, train_images, reference, made, summary, log)
     elif opts.quality != "off":
-        summary["skipped"]["milestones.png"] = "no milestone checkpoints (checkpoints/epoch-NNN.pt)"
+        made(None, "milestones.png", "no milestone checkpoints (checkpoints/epoch-NNN.pt)")
     files.atomic_write_text(fig_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     log(f"{run_dir}: {len(summary['figures'])} figures in {fig_dir}")
     return summary
@@ -336,19 +309,19 @@ def sample_figures(run: experiments.RunInfo, train_images, reference, made, summ
     grids = figures.sample_grids(run_dir)
     if grids:
         per_epoch = {e: gan_metrics.diversity(figures.grid_cells(p, args.image_size)) for e, p in grids.items()}
-        made(plot_progression(grids, args.image_size, "The same 8 fixed noise vectors (columns) across epochs"),
-             "fixed_noise_progression.png")
+        made(sweep_figures.compare_progression([run], [""], "The same 8 fixed noise vectors (columns) across epochs",
+                                               PROGRESSION_ROWS, figures.GRID_COLUMNS), "fixed_noise_progression.png")
         summary["progression_epochs"] = figures.spread(sorted(grids), PROGRESSION_ROWS)
         summary["diversity"] = {"per_epoch": per_epoch, "training_images": reference,
                                 "last_over_max": per_epoch[max(per_epoch)] / max(max(per_epoch.values()), 1e-12)}
         made(sweep_figures.compare_diversity([run], ["64 fixed-noise samples"], [summary], "epoch",
                                              "Sample diversity (a drop means mode collapse)"), "diversity.png")
     else:
-        summary["skipped"]["fixed_noise_progression.png"] = "no sample grids yet"
+        made(None, "fixed_noise_progression.png", "no sample grids yet")
 
     newest = newest_generator(run_dir, log)
     if newest is None:
-        summary["skipped"]["final_samples.png"] = "no checkpoint yet"
+        made(None, "final_samples.png", "no checkpoint yet")
         return
     generator, epoch, global_step = newest
     summary["checkpoint"] = {"epoch": epoch, "global_step": global_step}
@@ -376,9 +349,7 @@ def milestone_figure(run_dir: Path, args, opts, device, train_images, reference,
     with still_running(f"{measure.name} of the milestones", log):
         rows = milestone_quality(run_dir, measure, log)
     best = best_milestone(rows, measure.kind, reference)
-    made(plot_milestones(rows, measure, best, reference, f"{measure.name[:1].upper()}{measure.name[1:]} per milestone "
-                                                         f"checkpoint"),
-         "milestones.png")
+    made(plot_milestones(rows, measure, best, reference), "milestones.png")
     exported = (readers.read_export(run_dir) or {}).get("epoch")  # of the run's own model files
     summary["milestones"] = {"measure": measure.name, "kind": measure.kind, "rows": rows, "best": best,
                              "samples": measure.n_samples, "training_images": reference, "exported_epoch": exported}
@@ -417,17 +388,15 @@ def comparison_rows(runs, labels, summaries) -> list[dict]:
 
 
 def print_table(rows: list[dict], log=print) -> None:
-    width = max(len(row["label"]) for row in rows)
     measure = next((row["best_milestone_measure"] for row in rows if row["best_milestone_measure"]), "")
-    log(f"\n{'run':<{width}}  loss   epochs  images seen  loss_d  loss_g  D(x)   D(G(z))  diversity  "
-        + (f"best milestone by {measure}" if measure else ""))
-    for row in rows:
-        best = (f"epoch {row['best_milestone_epoch']} ({row['best_milestone_value']:.4g})"
-                if row["best_milestone_epoch"] != "" else "")
-        log(f"{row['label']:<{width}}  {row['loss']:<5}  {row['epochs']:>6}  {row['images_seen']:>11,}  "
-            f"{row['loss_d']:>6.3f}  {row['loss_g']:>6.3f}  {row['d_real']:>5.3f}  {row['d_fake']:>7.3f}  "
-            f"{row['diversity_last_epoch']:>9.4f}  {best}")
-    log("(loss_d, loss_g, D(x), D(G(z)): means over the last epoch; diversity: of its fixed-noise grid)")
+    shown = [{**row, "best": "" if row["best_milestone_epoch"] == "" else
+              f"epoch {row['best_milestone_epoch']} ({row['best_milestone_value']:.4g})"} for row in rows]
+    columns = [("run", "label", ""), ("loss", "loss", ""), ("epochs", "epochs", ""),
+               ("images seen", "images_seen", ","), ("loss_d", "loss_d", ".3f"), ("loss_g", "loss_g", ".3f"),
+               ("D(x)", "d_real", ".3f"), ("D(G(z))", "d_fake", ".3f"), ("diversity", "diversity_last_epoch", ".4f"),
+               (f"best milestone by {measure}" if measure else "", "best", "")]
+    figures.print_table(shown, columns, "(loss_d, loss_g, D(x), D(G(z)): means over the last epoch; diversity: of its "
+                                        "fixed-noise grid)", log)
 
 
 def compare_runs(runs: list[experiments.RunInfo], summaries: list[dict], out_dir: Path, log=print) -> dict:
@@ -437,15 +406,7 @@ def compare_runs(runs: list[experiments.RunInfo], summaries: list[dict], out_dir
     x_name, xs = experiments.x_axis(runs)
     made = {"labels": labels, "runs": [str(run.dir) for run in runs], "x_axis": x_name, "figures": [],
             "skipped": {}}
-
-    def save(fig: Figure | None, name: str, why_not: str = "") -> None:
-        if fig is None:
-            made["skipped"][name] = why_not
-            log(f"note: {name} not made: {why_not}")
-            return
-        figures.save_figure(fig, out_dir / name)
-        made["figures"].append(name)
-
+    save = functools.partial(figures.save_or_skip, made, out_dir, log=log)
     # Titles say what is shown; which runs (the sweep) and their settings, the labels and the report's captions.
     save(sweep_figures.compare_losses(runs, labels, x_name, xs, "D and G losses per variant"), "compare_losses.png")
     save(sweep_figures.compare_d_outputs(runs, labels, x_name, xs, "Discriminator outputs (BCE variants)"),

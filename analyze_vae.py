@@ -32,7 +32,7 @@ from common.checkpoints import load_latest_checkpoint
 from common.data import load_images
 from common.devices import pick_device
 from common.errors import UserError, run_main
-from common.flags import ArgumentParser, at_least, positive_float
+from common.flags import at_least, positive_float
 from common.progress import still_running
 from vae_train import VAE, evaluate, pixel_nll, to_float
 
@@ -45,14 +45,8 @@ CLASSES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders made by vae_train.py")
-    parser.add_argument("--out", default=None,
-                        help="comparison folder when several runs are given (default: RUNS_ROOT/compare/<sweep "
-                             "name>, or compare/vae-<time> for runs of no one sweep)")
+    parser = experiments.analysis_parser(__doc__, "vae")
     parser.add_argument("--data-dir", default=None, help="data root (default: the one in each run's config.json)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                        help="auto (the default) picks CUDA, then MPS, then CPU")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for prior samples, IW noise and the t-SNE subset (default: %(default)s)")
     parser.add_argument("--iw-samples", type=at_least(1), default=100,
@@ -402,11 +396,10 @@ def write_comparison(runs: list[dict], summaries: list[dict], out: Path, args, d
                      "iw_log_likelihood": summary["iw_log_likelihood"], "iw_samples": summary["iw_samples"],
                      "status": info.status(), "run_dir": summary["run_dir"]})
     figures.write_table(out, rows, rows)
-    width = max(len(label) for label in labels)
-    print(f"\n{'run':<{width}}  epoch  images seen  test -ELBO  recon    KL     IW log p(x)   (nats per image)")
-    for row in rows:
-        print(f"{row['label']:<{width}}  {row['epoch']:>5}  {row['images_seen']:>11,}  {row['test_neg_elbo']:>10.2f}"
-              f"  {row['test_recon']:>6.2f}  {row['test_kl']:>5.2f}  {row['iw_log_likelihood']:>11.2f}")
+    figures.print_table(rows, [("run", "label", ""), ("epoch", "epoch", ""), ("images seen", "images_seen", ","),
+                               ("test -ELBO", "test_neg_elbo", ".2f"), ("recon", "test_recon", ".2f"),
+                               ("KL", "test_kl", ".2f"), ("IW log p(x)", "iw_log_likelihood", ".2f")],
+                        "(nats per image)")
     print(f"comparison in {out}", flush=True)
     return rows
 

@@ -1,19 +1,14 @@
 """Many runs at once: find them by sweep name, label them by the settings that differ, pick the run that counts.
 
-A run folder is one that vae_train.py or dcgan_train.py made: it holds config.json with "script" and "args".
-The analysis scripts, report.py and check_submission.py read runs through this module, so they agree on:
-
-- which folders are runs (anything else, e.g. runs/compare/ or a latest-* link seen twice, is skipped with a note);
-- which runs form a sweep: those whose config.json says args.sweep == NAME (`make vae-betas`, `make gan-sweep`);
-- how a run is labelled in a comparison: by the settings that differ between the runs compared (`beta=4`,
-  `d_norm=spectral, loss=hinge`), never by its folder's time stamp;
-- how far a run got, in training images seen (runs with different --train-limit or data sets compare fairly);
-- which run is "the" VAE or DCGAN of the report and the submission, and why (counted_run).
-
-Importing this module has no side effects.
+A run folder holds config.json with "script" and "args" (vae_train.py or dcgan_train.py made it). The analysis
+scripts, report.py and check_submission.py read runs through this module, so they agree on which folders are runs
+(runs/compare/ and a latest-* link seen twice are not), which runs form a sweep (args.sweep), how a run is labelled
+(by the settings that differ, `beta=4`, never by its folder's time stamp), how far it got (in training images seen,
+so runs with different --train-limit or data compare fairly) and which run is "the" one of the report (counted_run).
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import importlib
@@ -24,6 +19,7 @@ from pathlib import Path
 
 from . import readers
 from .errors import UserError
+from .flags import ArgumentParser
 
 SCRIPTS = readers.SCRIPTS
 MODEL_FILES = readers.MODEL_FILES
@@ -45,44 +41,32 @@ class RunInfo:
 
     def __init__(self, run_dir: Path, config: dict):
         self.dir = Path(run_dir).resolve()
+        self.name = self.dir.name
         self.config = config
         self.args: dict = config["args"]
         self.script: str = config["script"]
+        self.sweep: str | None = self.args.get("sweep")
         self.metrics = readers.read_metrics_csv(self.dir / "metrics.csv")
+        self.epochs_done = int(self.metrics[-1]["epoch"]) if self.metrics else 0
         self.export = readers.read_export(self.dir)
 
     def __repr__(self) -> str:
-        return f"RunInfo({self.dir.name})"
-
-    @property
-    def name(self) -> str:
-        return self.dir.name
-
-    @property
-    def sweep(self) -> str | None:
-        return self.args.get("sweep")
+        return f"RunInfo({self.name})"
 
     @property
     def started(self) -> tuple[float, str]:
-        """When the run first started (POSIX seconds, whatever time zone the machine that made it was in; the folder
-        name as a tie-breaker), for "newest" comparisons: readers.started_at, as the training scripts use it."""
+        """When the run first started, as the training scripts reckon it (readers.started_at: POSIX seconds, so
+        machines in other time zones agree), the folder name breaking ties: for "newest" comparisons."""
         return readers.started_at(self.config, self.dir), self.name
 
     @functools.cached_property
     def settings(self):
-        """The run's flags as an argparse Namespace from its script's parser (readers.run_namespace): a flag added
-        to the script since the run was made has its default."""
-        parser = importlib.import_module(SCRIPTS[self.script].removesuffix(".py")).build_parser()
-        return readers.run_namespace(self.dir, self.script, parser)
-
-    @property
-    def epochs_done(self) -> int:
-        return int(self.metrics[-1]["epoch"]) if self.metrics else 0
+        """The run's flags as a Namespace; a flag added to the script since the run was made has its default."""
+        return readers.run_namespace(self.dir, self.script, script_parser(self.script))
 
     @property
     def finished(self) -> bool:
-        """export.json says the model files were written after the last planned epoch, and they are there (the
-        training scripts' rule: readers.finished_models)."""
+        """export.json names the last planned epoch and its model files are there (readers.finished_models)."""
         return readers.finished_models(self.dir, self.args, MODEL_FILES[self.script]) is not None
 
     def status(self) -> str:
@@ -126,15 +110,10 @@ def read_run(path, script: str | None = None) -> RunInfo | None:
 
 
 def collect_runs(paths: list, script: str, log=print) -> list[RunInfo]:
-    """The runs among command-line paths (a shell glob such as runs/* may also match other folders).
-
-    One path: it must be a run of `script` (readers.read_run_config says what is wrong). Several: folders that are
-    not runs of `script` are skipped with a one-line note each, and so is a second path to the same run (a
-    latest-* link); a UserError when none is left.
-    """
+    """The runs among command-line paths. One path must be a run of `script` (the UserError says what is wrong);
+    of several (a shell glob such as runs/* matches other folders too), the others are skipped with a note each."""
     if len(paths) == 1:
-        config = readers.read_run_config(paths[0], script)
-        return [RunInfo(Path(paths[0]), config)]
+        return [RunInfo(Path(paths[0]), readers.read_run_config(paths[0], script))]
     runs, seen = [], {}
     for path in map(Path, paths):
         run = read_run(path, script)
@@ -163,11 +142,8 @@ def find_runs(runs_root, script: str | None = None) -> list[RunInfo]:
 
 
 def sweep_runs(runs_root, script: str, sweep: str, log=print) -> list[RunInfo]:
-    """The runs of sweep `sweep` in runs_root: the newest run per setting, sorted by label; notes on the others.
-
-    A sweep run again (the same settings twice) keeps its newest run of each setting; a run with no finished
-    epoch yet is left out (nothing to plot); an unfinished one is kept, and a note says so.
-    """
+    """The runs of sweep `sweep` in runs_root: the newest run per setting (a sweep may be run again), sorted by
+    label; a run with no finished epoch yet is left out (nothing to plot), with a note, and so is an older one."""
     members = [run for run in find_runs(runs_root, script) if run.sweep == sweep]
     newest = {}
     for run in members:  # oldest first, so a later run of the same settings replaces an earlier one
@@ -197,10 +173,15 @@ def _label_sort_key(run: RunInfo, label: str):
 # Labels from the settings that differ
 
 
+def script_parser(script: str):
+    """The argument parser of a training script ("vae" or "dcgan")."""
+    return importlib.import_module(SCRIPTS[script].removesuffix(".py")).build_parser()
+
+
 @functools.lru_cache(maxsize=None)
 def script_flags(script: str) -> tuple[dict, frozenset]:
     """(default of every flag, the flags that are bookkeeping) of a training script's parser."""
-    parser = importlib.import_module(SCRIPTS[script].removesuffix(".py")).build_parser()
+    parser = script_parser(script)
     defaults = {action.dest: action.default for action in parser._actions}
     resumable = parser.resumable_flags() if hasattr(parser, "resumable_flags") else set()
     return defaults, frozenset(BOOKKEEPING | (set(resumable) - {"epochs"}))
@@ -275,15 +256,11 @@ def x_axis(runs: list[RunInfo]) -> tuple[str, list[list[float]]]:
 
 
 def counted_run(runs_root, script: str, explicit=None, how_to_name: str = "", log=print) -> tuple[RunInfo, str]:
-    """The run a report or a submission uses, and why (a few words, which the caller prints after its name).
-
-    Named explicitly (`explicit`, a folder): that run, whatever it is; a sweep member or an unfinished run gets a
-    warning. Otherwise: the longest finished run of `script` in runs_root that is not a sweep member (the most
-    training images seen; the newest among equals). So a sweep's last run, a run still training, or a one-epoch
-    check made after the main run never becomes the submitted model unnoticed; a newer run passed over is named
-    in one line with how to choose it (`how_to_name`, e.g. "--vae-run RUN_DIR"). UserError when there is none.
-    The runs/latest* links keep meaning the newest run, for the commands that take the run just made.
-    """
+    """The run a report or a submission uses, and why (a few words to print after its name): the one named
+    (`explicit`, with a warning when it is a sweep member or unfinished), else the longest finished run of `script`
+    that is not a sweep member, the newest among equals. So a sweep's last run, a run still training or a one-epoch
+    check made after the main run never becomes the submitted model unnoticed; a newer run passed over is named with
+    how to choose it (`how_to_name`, e.g. "--vae-run"). The runs/latest* links keep meaning the newest run."""
     how_to_name = how_to_name or "name it"
     finished = [r for r in find_runs(runs_root, script) if r.finished and not r.sweep]
     if explicit:
@@ -339,34 +316,14 @@ def default_compare_dir(runs: list[RunInfo], script: str) -> Path:
     return compare_dir(runs[0].dir.parent, name)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# What the comparison figures of both analysis scripts share
-
-
-def label_x_axis(ax, x_name: str) -> None:
-    """The x label, and ticks a reader can match to the points: at the points themselves when there are few of
-    them (call it after plotting), else evenly spaced; image counts with thousands separators (600,000, not 6e5)."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
-    ax.set_xlabel(x_name)
-    points = sorted({float(x) for line in ax.get_lines() if line.get_transform() is ax.transData  # not axhline's
-                     for x in line.get_xdata() if math.isfinite(float(x))})
-    if 0 < len(points) <= 8:
-        ax.xaxis.set_major_locator(FixedLocator(points))
-    elif x_name == "epoch":
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    else:
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}" if value == int(value) else
-                                               f"{value:,.2f}"))
-
-
-def legend_below(fig, n_columns: int = 2) -> None:
-    """One legend for the whole figure, under its panels: the runs' labels (often long) cover no curve, and a
-    colour means the same run in every panel."""
-    seen = {}
-    for ax in fig.axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            seen.setdefault(label, handle)
-    if seen:
-        fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=min(n_columns, len(seen)),
-                   fontsize=9, frameon=False)
+def analysis_parser(doc: str, script: str, out_also: str = "") -> ArgumentParser:
+    """The parser of an analysis script, with the flags both share: the run folders, --out and --device."""
+    parser = ArgumentParser(doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help=f"run folders made by {SCRIPTS[script]} (runs/latest-{script} works)")
+    parser.add_argument("--out", default=None,
+                        help=f"with several runs: the comparison folder (default: RUNS_ROOT/compare/<sweep name>, or "
+                             f"compare/{script}-<time> for runs of no one sweep){out_also}")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="auto (the default) picks CUDA, then MPS, then CPU")
+    return parser

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid
 from matplotlib.figure import Figure  # no pyplot: Figure.savefig draws PNGs with Agg and sets no global backend
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
 from PIL import Image
 
 from .files import atomic_path, atomic_write_text, write_csv
@@ -78,6 +78,38 @@ def epoch_axis(ax, legend: bool = True) -> None:
         ax.legend(fontsize=9)
 
 
+def label_x_axis(ax, x_name: str) -> None:
+    """The x label, and ticks a reader can match to the points: at the points themselves when there are few of
+    them (call it after plotting), else evenly spaced; image counts with thousands separators (600,000, not 6e5)."""
+    ax.set_xlabel(x_name)
+    points = sorted({float(x) for line in ax.get_lines() if line.get_transform() is ax.transData  # not axhline's
+                     for x in line.get_xdata() if math.isfinite(float(x))})
+    if 0 < len(points) <= 8:
+        ax.xaxis.set_major_locator(FixedLocator(points))
+    elif x_name == "epoch":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}" if value == int(value) else
+                                               f"{value:,.2f}"))
+
+
+def finish_panels(fig: Figure, title: str = "", n_columns: int = 2) -> Figure:
+    """A light grid in every panel, the title over them all, and one legend under them: the runs' labels (often
+    long) cover no curve, and a colour means the same run in every panel."""
+    seen = {}
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    if title:
+        fig.suptitle(title)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="outside lower center", ncols=min(n_columns, len(seen)),
+                   fontsize=9, frameon=False)
+    return fig
+
+
 def grid_cells(path: Path, image_size: int) -> np.ndarray:
     """The images of a saved grid, as floats in [0, 1], shape [n, size, size, 3]."""
     grid = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
@@ -118,9 +150,9 @@ def sample_grids(run_dir: Path) -> dict[int, Path]:
     return {int(p.stem.split("_")[1]): p for p in sorted((run_dir / "samples").glob("epoch_*.png"))}
 
 
-def image_grid(images: torch.Tensor, nrow: int) -> np.ndarray:
-    """[N, 1, H, W] in [0, 1] -> an H x W array for imshow, white lines between images."""
-    return make_grid(images.cpu(), nrow=nrow, padding=2, pad_value=1.0)[0].numpy()
+def image_grid(images: torch.Tensor, nrow: int, gap: int = 2) -> np.ndarray:
+    """[N, 1 or 3, H, W] in [0, 1] -> an [H', W', 3] array for imshow, `gap` white pixels between images."""
+    return make_grid(images.cpu(), nrow=nrow, padding=gap, pad_value=1.0).permute(1, 2, 0).numpy()
 
 
 def image_rows(rows: list[tuple[str, torch.Tensor]], title: str) -> Figure:
@@ -128,7 +160,7 @@ def image_rows(rows: list[tuple[str, torch.Tensor]], title: str) -> Figure:
     n_cols = max(len(images) for _, images in rows)
     fig = Figure(figsize=(n_cols * 0.8 + 1.7, len(rows) * 0.9 + 0.6), layout="constrained")
     for ax, (label, images) in zip(fig.subplots(len(rows), 1, squeeze=False)[:, 0], rows):
-        ax.imshow(image_grid(images, n_cols), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(image_grid(images, n_cols))
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=11)
@@ -136,11 +168,12 @@ def image_rows(rows: list[tuple[str, torch.Tensor]], title: str) -> Figure:
     return fig
 
 
-def image_panels(panels: list[tuple[str, torch.Tensor]], nrow: int, title: str, inches: float = 2.3) -> Figure:
-    """Side by side, one square panel of grey images in rows of nrow per (label, images)."""
+def image_panels(panels: list[tuple[str, torch.Tensor]], nrow: int, title: str, inches: float = 2.3,
+                 gap: int = 2) -> Figure:
+    """Side by side, one square panel of images in rows of nrow per (label, images)."""
     fig = Figure(figsize=(inches * len(panels) + 0.4, inches + 0.6), layout="constrained")
     for ax, (label, images) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        ax.imshow(image_grid(images, nrow), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(image_grid(images, nrow, gap))
         ax.axis("off")
         ax.set_title(label, fontsize=11)
     fig.suptitle(title)
@@ -170,7 +203,33 @@ def reusable_summary(fig_dir: Path, key: str, log=print) -> dict | None:
     return summary
 
 
+def save_or_skip(record: dict, out_dir: Path, fig: Figure | None, name: str, why_not: str = "", log=None) -> None:
+    """Write `fig` as out_dir/name and list it in record["figures"]; when there was nothing to draw (None), say why
+    in record["skipped"] (and in a note, given `log`)."""
+    if fig is None:
+        record["skipped"][name] = why_not
+        if log:
+            log(f"note: {name} not made: {why_not}")
+        return
+    save_figure(fig, out_dir / name)
+    record["figures"].append(name)
+
+
 def write_table(out_dir: Path, rows: list[dict], as_json) -> None:
     """A comparison's summary.csv (a column per key of the rows) and summary.json (`as_json`)."""
     write_csv(out_dir / "summary.csv", list(rows[0]), rows)
     atomic_write_text(out_dir / "summary.json", json.dumps(as_json, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]], note: str, log=print) -> None:
+    """The rows as aligned text after a blank line, a column per (heading, key, format spec), text to the left and
+    numbers to the right; then `note` (units, what the columns mean)."""
+    lines = [[heading for heading, _, _ in columns]]
+    lines += [[format(row[key], spec) for _, key, spec in columns] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    numbers = [isinstance(rows[0][key], (int, float)) for _, key, _ in columns]
+    log("")
+    for line in lines:
+        log("  ".join(cell.rjust(w) if right else cell.ljust(w) for cell, w, right in zip(line, widths, numbers))
+            .rstrip())
+    log(note)

@@ -36,12 +36,9 @@ def plot_comparison_curves(infos: list[experiments.RunInfo], labels: list[str], 
                           for r in info.metrics]
                 ax.plot(x, values, marker="o", markersize=3, color=f"C{i}", label=label)
             ax.set(title=f"{split}: {VAE_PANELS[key]}", ylabel="nats per image")
-            ax.grid(alpha=0.3)
             if row == 1:
-                experiments.label_x_axis(ax, x_name)
-    fig.suptitle(title)
-    experiments.legend_below(fig, n_columns=4)
-    return fig
+                figures.label_x_axis(ax, x_name)
+    return figures.finish_panels(fig, title, n_columns=4)
 
 
 def epochs_to_images(run: experiments.RunInfo, x_name: str) -> dict[int, float]:
@@ -65,12 +62,8 @@ def compare_losses(runs, labels, x_name, xs, title: str) -> Figure:
         g_name = "-log D(G(z))" if loss == "bce" else "-D(G(z))"
         axes[0, col].set(title=f"D loss ({loss})", ylabel=f"{loss} loss, epoch mean")
         axes[1, col].set(title=f"G loss ({loss}: {g_name})", ylabel=f"{loss} loss, epoch mean")
-        experiments.label_x_axis(axes[1, col], x_name)
-        for ax in axes[:, col]:
-            ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    experiments.legend_below(fig)
-    return fig
+        figures.label_x_axis(axes[1, col], x_name)
+    return figures.finish_panels(fig, title)
 
 
 def compare_d_outputs(runs, labels, x_name, xs, title: str) -> Figure | None:
@@ -85,12 +78,9 @@ def compare_d_outputs(runs, labels, x_name, xs, title: str) -> Figure | None:
             ax.plot(xs[i], figures.column(runs[i].metrics, key), "o-", markersize=3, color=f"C{i}", label=labels[i])
         ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
         ax.set(title=name, ylim=(-0.02, 1.02))
-        experiments.label_x_axis(ax, x_name)
-        ax.grid(alpha=0.3)
+        figures.label_x_axis(ax, x_name)
     axes[0].set_ylabel("mean D probability, epoch mean")
-    fig.suptitle(title)
-    experiments.legend_below(fig)
-    return fig
+    return figures.finish_panels(fig, title)
 
 
 def grid_panels(runs, labels, title: str, panel_size: tuple[float, float]) -> tuple[Figure | None, list[tuple]]:
@@ -124,12 +114,13 @@ def compare_samples(runs, labels, title: str, rows: int = 4, cols: int = 6) -> F
 
 
 def compare_progression(runs, labels, title: str, n_epochs: int = 4, n_noise: int = 5) -> Figure | None:
-    """Per run, one panel: rows are evenly spaced epochs, columns the first n_noise fixed noise vectors."""
+    """Per run, one panel: rows are evenly spaced epochs, columns the first n_noise fixed noise vectors (the same
+    in every row: identical rows late in a run mean mode collapse)."""
     shown = max([min(n_epochs, len(figures.sample_grids(run.dir))) for run in runs])  # rows of the tallest panel
-    fig, panels = grid_panels(runs, labels, title, (4.2, 0.7 * shown + 0.6))
+    fig, panels = grid_panels(runs, labels, title, (0.6 * n_noise + 1.2, 0.7 * shown + 0.6))
     for run, label, grids, ax in panels:
         chosen = figures.spread(sorted(grids), n_epochs)
-        size = run.args["image_size"]
+        size = experiments.setting(run, "image_size")  # the script's default for runs made before the flag
         ax.imshow(figures.mosaic([figures.grid_cells(grids[e], size)[:n_noise] for e in chosen]))
         figures.label_rows(ax, [f"epoch {e}" for e in chosen], size, fontsize=9)
         ax.set_title(textwrap.fill(label, 34), fontsize=10)
@@ -150,10 +141,8 @@ def compare_diversity(runs, labels, summaries, x_name, title: str) -> Figure:
         ax.axhline(value, color="gray", linestyle="--", linewidth=1, label=f"64 {dataset} training images")
     values = [v for line in ax.get_lines() for v in line.get_ydata()] + list(references.values())
     ax.set(ylabel="mean pairwise RMS distance", ylim=(0, figures.top_with_room(values)), title=title)
-    experiments.label_x_axis(ax, x_name)
-    ax.grid(alpha=0.3)
-    experiments.legend_below(fig)
-    return fig
+    figures.label_x_axis(ax, x_name)
+    return figures.finish_panels(fig)
 
 
 def compare_quality(runs, labels, summaries, x_name) -> Figure | None:
@@ -181,9 +170,6 @@ def compare_quality(runs, labels, summaries, x_name) -> Figure | None:
             if points:
                 ax.plot(*zip(*points), "o-", markersize=4, color=f"C{i}", label=labels[i])
         ax.set(title=name, ylabel=ylabel)
-        experiments.label_x_axis(ax, x_name)
-        ax.grid(alpha=0.3)
-    if len(panels) > 1:  # one panel's title is the figure's
-        fig.suptitle(" and ".join(name for _, name, _ in panels))
-    experiments.legend_below(fig)
-    return fig
+        figures.label_x_axis(ax, x_name)
+    # One panel's title is the figure's.
+    return figures.finish_panels(fig, " and ".join(name for _, name, _ in panels) if len(panels) > 1 else "")

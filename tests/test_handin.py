@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 import analyze_gan
 import analyze_vae
 import check_submission
-from common import experiments, gan_metrics, progress, testcell
+from common import experiments, figures, gan_metrics, progress, testcell
 from common.data import load_images
 from common.errors import run_main, UserError
 import dcgan_train
@@ -165,7 +165,7 @@ def test_sweep_ticks_sit_where_the_points_are():
     ax = fig.subplots()
     ax.plot([500, 1000], [1, 2])
     ax.axhline(0.5)  # a reference line: its x data (0, 1) are not points
-    experiments.label_x_axis(ax, "training images seen")
+    figures.label_x_axis(ax, "training images seen")
     assert list(ax.get_xticks()) == [500, 1000]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["500", "1,000"]
 
