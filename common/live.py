@@ -79,11 +79,13 @@ class LiveView:
         """PNG grids (tag -> file) at `step`, as saved (the same pixels as samples/)."""
         if self.writer is None:
             return
-        from torchvision.io import ImageReadMode, read_image
+        import numpy as np
+        from PIL import Image  # not torchvision.io: its image decoding is deprecated since torchvision 0.29
         try:
             for tag, path in paths.items():
                 if path.exists():
-                    self.writer.add_image(f"{self.group}/samples/{tag}", read_image(str(path), ImageReadMode.RGB), step)
+                    pixels = np.asarray(Image.open(path).convert("RGB"))
+                    self.writer.add_image(f"{self.group}/samples/{tag}", pixels, step, dataformats="HWC")
             self.writer.flush()  # once per epoch: a watcher sees the epoch's points and grids now
         except Exception as err:  # noqa: BLE001
             self._give_up(err)
