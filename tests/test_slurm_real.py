@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.errors import EXIT_PREEMPTED, EXIT_STOPPED_AT_STARTUP
 from conftest import REPO, script_env
 
 
@@ -306,7 +307,7 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes_bit_for_bit(cluster
     [record] = cluster.wait_until_done(job)
     out = cluster.out_text(job)
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", out
-    assert f"exited with {common.EXIT_PREEMPTED}" in out and f"requeueing job {job}" in out
+    assert f"exited with {EXIT_PREEMPTED}" in out and f"requeueing job {job}" in out
     run_dir = cluster.runs / f"slurm-{job}"
     assert f"restart 1 run {run_dir} (checkpoint at start: step-" in out
     assert_same_run(run_dir, reference, ["VAE_model.pth"])
@@ -320,7 +321,7 @@ def test_scancel_stops_without_requeue_and_the_printed_command_continues_bit_for
     out = cluster.wait_for_output(job, "to continue the run in a new job:")
     [record] = cluster.wait_until_done(job)
     assert record["JobState"] == "CANCELLED" and record["Restarts"] == "0", out
-    assert f"exited with {common.EXIT_PREEMPTED}" in out and "requeueing" not in out
+    assert f"exited with {EXIT_PREEMPTED}" in out and "requeueing" not in out
     run_dir = cluster.runs / f"slurm-{job}"
 
     command = continue_command(out)
@@ -347,7 +348,7 @@ def test_outside_requeue_resumes_the_gan_bit_for_bit(cluster, mnist_dir):
     [record] = cluster.wait_until_done(job)
     out = cluster.out_text(job)
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", out
-    assert "stopped by SIGTERM" in out and f"exited with {common.EXIT_PREEMPTED}" in out
+    assert "stopped by SIGTERM" in out and f"exited with {EXIT_PREEMPTED}" in out
     assert f"SLURM is requeueing job {job}" in out and "to continue the run in a new job" not in out, out
     assert "[launch] requeueing" not in out, "SLURM requeued this job itself; launch.sh must not requeue it again"
     assert_same_run(cluster.runs / f"slurm-{job}", reference, ["DCGAN_model_G.pth", "DCGAN_model_D.pth"])
@@ -361,7 +362,7 @@ def test_warning_during_start_up_requeues_instead_of_giving_up(cluster, mnist_di
     cluster.command("scancel", "--signal=USR1", "--batch", job)
     [record] = cluster.wait_until_done(job)
     out = cluster.out_text(job)
-    assert f"exited with {common.EXIT_STOPPED_AT_STARTUP}" in out and "no progress" not in out, out
+    assert f"exited with {EXIT_STOPPED_AT_STARTUP}" in out and "no progress" not in out, out
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", out
     assert (cluster.runs / f"slurm-{job}" / "VAE_model.pth").exists()
 
