@@ -342,6 +342,10 @@ class ClassifierFID:
         return {"cfid": frechet_distance(*self.reference_stats, *feature_statistics(features)),
                 "class_min": float(shares.min()), "class_max": float(shares.max()), "class_shares": shares.tolist()}
 
+    def sample(self, generator: nn.Module, nz: int, n_samples: int = 5000, seed: int = 0) -> torch.Tensor:
+        """n_samples uint8 images of `generator` from noise of their own (sample()): the same at every call."""
+        return to_uint8(sample(generator, nz, n_samples, seed, BATCH))
+
     def __call__(self, generator: nn.Module, nz: int, n_samples: int = 5000, seed: int = 0) -> dict:
-        """score_images of n_samples images of `generator` (sample(): its own noise, the same at every call)."""
-        return self.score_images(to_uint8(sample(generator, nz, n_samples, seed, BATCH)))
+        """{"cfid", "class_min", "class_max", "class_shares"} for n_samples images of `generator`."""
+        return self.score_images(self.sample(generator, nz, n_samples, seed))
