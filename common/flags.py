@@ -99,7 +99,8 @@ def add_run_args(parser: ArgumentParser, *, epochs: int, batch_size: int, datase
     g.add_argument("--train-limit", type=at_least(0), default=0, help="train on the first N training images (0: all)")
 
     g = parser.group("run", resumable=True)
-    g.add_argument("--epochs", type=at_least(1), default=epochs, help="total epochs (raise it on resume to train longer)")
+    g.add_argument("--epochs", type=at_least(1), default=epochs,
+                   help="total epochs (raise it on resume to train longer)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                    help="auto picks CUDA, then MPS, then CPU; never the CPU when the job was given a GPU that "
                         "PyTorch cannot use (it says why): --device cpu trains on the CPU on purpose")

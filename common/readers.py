@@ -129,7 +129,8 @@ def read_metrics_csv(path) -> list[dict]:
 
 
 def read_step_rows(path: Path, up_to_step: int) -> list[dict]:
-    """The rows of steps.csv up to a global step: on resume, later rows would be written again (raw strings, as csv reads them)."""
+    """The rows of steps.csv up to a global step (raw strings, as csv reads them): on resume, later rows would be
+    written again."""
     if not path.exists():
         return []
     with open(path, newline="") as f:

@@ -258,7 +258,8 @@ def _check_fresh_start_allowed(run_dir: Path, args, parser: ArgumentParser, scri
         except UserError as err:
             raise UserError(f"{err}; add --restart to start this folder afresh") from None
         fixed = parser.resumable_flags()
-        differing = settings_differ({k: v for k, v in saved.items() if k not in fixed}, experiment_settings(args, parser))
+        saved_experiment = {k: v for k, v in saved.items() if k not in fixed}
+        differing = settings_differ(saved_experiment, experiment_settings(args, parser))
         if differing:
             raise UserError(f"{run_dir} holds another {script} run with no checkpoint ({'; '.join(differing)}); "
                             f"use a new folder, or add --restart to replace it")
